@@ -1,0 +1,147 @@
+"""Reading the agent's stdout and stderr concurrently, in one thread, with no waiting on consumers."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from collections.abc import Callable
+
+from .events import STDERR, STDOUT, Output, StreamClosed
+from .lines import DEFAULT_MAX_LINE_BYTES, LineSplitter
+
+READ_SIZE = 1 << 16
+Sink = Callable[[Output | StreamClosed], None]
+Filter = Callable[[str, bytes, bool], bytes]
+
+
+class PipeReader:
+    """Polls both pipes, splits what arrives into records and hands them to ``sink``.
+
+    ``sink`` is called from the reader thread; it may block (back-pressure), in which case
+    the agent blocks on its next write once the pipe buffer is full. ``on_quiet`` is called
+    whenever a read drained a pipe, so a consumer can ship a lone line at once.
+    ``echo`` maps a stream name to a file descriptor that receives the bytes unchanged
+    (after ``filter``, if any). ``filter(stream, chunk, final)`` may rewrite bytes before
+    splitting, and may hold some back until the next call (for example a redactor that
+    must see across read boundaries).
+    """
+
+    def __init__(
+        self,
+        fds: dict[str, int],
+        sink: Sink,
+        *,
+        on_quiet: Callable[[], None] | None = None,
+        echo: dict[str, int] | None = None,
+        filter: Filter | None = None,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    ) -> None:
+        self._fds = dict(fds)
+        self._sink = sink
+        self._on_quiet = on_quiet
+        self._echo = echo or {}
+        self._filter = filter
+        self._splitters = {name: LineSplitter(max_line_bytes) for name in fds}
+        self._deadline: float | None = None
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.thread = threading.Thread(target=self.run, name="pipe-reader", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop_after(self, grace_s: float) -> None:
+        """Stop reading ``grace_s`` from now even if a pipe is still open (a grandchild holds it)."""
+        with self._lock:
+            self._deadline = time.monotonic() + grace_s
+
+    def join(self, timeout: float | None = None) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    def run(self) -> None:
+        poller = select.poll()
+        by_fd: dict[int, str] = {}
+        for name, fd in self._fds.items():
+            poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            by_fd[fd] = name
+        try:
+            while by_fd:
+                with self._lock:
+                    deadline = self._deadline
+                timeout_ms = 100 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+                ready = poller.poll(min(timeout_ms, 100))
+                if not ready:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        for fd, name in list(by_fd.items()):
+                            self._close(poller, by_fd, fd, name, forced=True)
+                    continue
+                quiet = True
+                for fd, _ev in ready:
+                    name = by_fd.get(fd)
+                    if name is None:
+                        continue
+                    try:
+                        chunk = os.read(fd, READ_SIZE)
+                    except OSError:
+                        chunk = b""
+                    if not chunk:
+                        self._close(poller, by_fd, fd, name, forced=False)
+                        continue
+                    if len(chunk) == READ_SIZE:
+                        quiet = False
+                    self._handle(name, chunk, time.time())
+                if quiet and self._on_quiet is not None:
+                    self._on_quiet()
+        finally:
+            for fd in list(by_fd):
+                os.close(fd)
+
+    def _handle(self, name: str, chunk: bytes, ts: float) -> None:
+        self.bytes_read += len(chunk)
+        if self._filter is not None:
+            chunk = self._filter(name, chunk, False)
+        if not chunk:
+            return
+        echo_fd = self._echo.get(name)
+        if echo_fd is not None:
+            _write_all(echo_fd, chunk)
+        records, partial = self._splitters[name].feed(chunk)
+        if records:
+            self._sink(Output(name, ts, records, partial, len(chunk)))
+
+    def _close(self, poller: select.poll, by_fd: dict[int, str], fd: int, name: str, *, forced: bool) -> None:
+        poller.unregister(fd)
+        del by_fd[fd]
+        os.close(fd)
+        ts = time.time()
+        if self._filter is not None:
+            tail = self._filter(name, b"", True)
+            if tail:
+                echo_fd = self._echo.get(name)
+                if echo_fd is not None:
+                    _write_all(echo_fd, tail)
+                records, partial = self._splitters[name].feed(tail)
+                if records:
+                    self._sink(Output(name, ts, records, partial, len(tail)))
+        records, partial = self._splitters[name].flush()
+        if records:
+            self._sink(Output(name, ts, records, partial, len(records[0])))
+        self._sink(StreamClosed(name, forced))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+    except OSError:
+        # The container's own stdout going away must not stop the capture.
+        pass
+
+
+def default_streams(stdout_fd: int, stderr_fd: int) -> dict[str, int]:
+    return {STDOUT: stdout_fd, STDERR: stderr_fd}

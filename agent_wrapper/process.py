@@ -1,0 +1,77 @@
+"""Spawning the agent in its own session and process group, and signalling that group."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .events import SpawnFailed, Started
+from .exitcodes import NOT_EXECUTABLE, NOT_FOUND
+
+# Signals Python sets to SIG_IGN or handles itself; the agent must start with the defaults.
+_RESET_SIGNALS = tuple(
+    s for s in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if s
+)
+
+
+@dataclass(slots=True)
+class Agent:
+    pid: int
+    stdout_fd: int
+    stderr_fd: int
+    started: Started
+
+    def signal_group(self, sig: int) -> bool:
+        """Send ``sig`` to the agent's process group. False when the group is gone."""
+        try:
+            os.killpg(self.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return False
+
+
+def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Agent | SpawnFailed:
+    """Start ``argv`` with stdout and stderr on fresh pipes, stdin inherited.
+
+    The agent leads a new session (so its group can be signalled as a whole), with an
+    empty signal mask and default dispositions, whatever this process had.
+    """
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    actions = [
+        (os.POSIX_SPAWN_DUP2, out_w, 1),
+        (os.POSIX_SPAWN_DUP2, err_w, 2),
+        (os.POSIX_SPAWN_CLOSE, out_r),
+        (os.POSIX_SPAWN_CLOSE, err_r),
+    ]
+    try:
+        pid = os.posix_spawnp(
+            argv[0],
+            list(argv),
+            dict(os.environ if env is None else env),
+            file_actions=actions,
+            setsid=True,
+            setsigmask=(),
+            setsigdef=_RESET_SIGNALS,
+        )
+    except OSError as exc:
+        for fd in (out_r, out_w, err_r, err_w):
+            os.close(fd)
+        return _failure(argv[0], exc)
+    os.close(out_w)
+    os.close(err_w)
+    return Agent(pid=pid, stdout_fd=out_r, stderr_fd=err_r, started=Started(pid=pid, ts=time.time()))
+
+
+def _failure(cmd: str, exc: OSError) -> SpawnFailed:
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return SpawnFailed(NOT_FOUND, f"{cmd}: command not found")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.EISDIR):
+        return SpawnFailed(NOT_EXECUTABLE, f"{cmd}: not executable ({os.strerror(exc.errno)})")
+    return SpawnFailed(NOT_EXECUTABLE, f"{cmd}: cannot start ({exc.strerror or exc})")

@@ -1,0 +1,220 @@
+"""The run command: start the agent, ship its output, report its lifecycle, exit with its code."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import time
+from typing import Any
+
+from agent_wrapper import signals
+from agent_wrapper.events import STDERR, STDOUT, Exited, Output, SpawnFailed, StreamClosed
+from agent_wrapper.exitcodes import signal_name
+from agent_wrapper.pipes import PipeReader
+from agent_wrapper.process import spawn
+
+from . import log, protocol
+from .batcher import Batcher, Channel
+from .config import Settings, mask_url
+from .items import Item
+from .outbox import Outbox
+from .spool import Spool, SpoolError
+from .transport import Sender
+
+
+class Runtime:
+    """Everything one run owns, wired together."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.producer = f"{s.agent_id}.{os.getpid()}.{int(time.time() * 1000)}.{secrets.token_hex(3)}"
+        self.status_key = s.channel(s.status_channel)
+        self.status_seq = 0
+        self.base: dict[str, Any] = {
+            "v": protocol.VERSION,
+            "run_id": s.run_id,
+            "variation_id": s.variation_id,
+            "agent_id": s.agent_id,
+            "producer": self.producer,
+        }
+        self.spool = self._open_spool()
+        self.outbox = Outbox(s.buffer_max_bytes, self.spool, s.when_full, self.gap_item)
+        self.channels = {
+            STDOUT: self._channel(s.output_channel, STDOUT, structured=True),
+            STDERR: self._channel(s.logs_channel, STDERR, structured=False),
+        }
+        self.batcher = Batcher(
+            self.outbox,
+            self.channels,
+            max_records=s.batch_max_records,
+            max_bytes=s.batch_max_bytes,
+            linger_s=s.linger_ms / 1000.0,
+            compress_threshold=s.compress_threshold,
+            per_line_json=s.wire == "per-line-json",
+            variation_id=s.variation_id,
+            producer=self.producer,
+        )
+        self.sender = Sender(s, self.outbox, self.batcher, on_degraded=self.degraded, on_recovered=self.recovered)
+        self.started_at = time.time()
+
+    def _open_spool(self) -> Spool | None:
+        if self.s.spool_max_bytes <= 0:
+            return None
+        spool = Spool(self.s.spool_dir, self.producer, self.s.spool_max_bytes)
+        try:
+            spool.open()
+        except (OSError, SpoolError) as exc:
+            log.warning("disk spool unavailable; waiting output is held in memory only", error=str(exc))
+            return None
+        return spool
+
+    def _channel(self, template: str, stream: str, *, structured: bool) -> Channel:
+        key = self.s.channel(template)
+        header = dict(self.base, type=protocol.BATCH, channel=key, stream=stream)
+        return Channel(key, stream, header, structured)
+
+    # -- control-plane messages ----------------------------------------------------------
+    def gap_item(self, key: str, first: int, last: int) -> Item:
+        stream = next((c.stream for c in self.channels.values() if c.key == key), "")
+        msg = dict(self.base, type=protocol.GAP, channel=key, stream=stream, seq=first, n=last - first + 1,
+                   timestamp=protocol.iso_utc(time.time()))
+        msg["from"] = first
+        msg["to"] = last
+        return Item(key, self.producer, first, last, protocol.encode_object(msg), kind="gap")
+
+    def status(self, status: str, **metadata: Any) -> None:
+        self.status_seq += 1
+        msg = dict(self.base, type=protocol.STATUS, channel=self.status_key, seq=self.status_seq, status=status,
+                   timestamp=protocol.iso_utc(time.time()), metadata=metadata)
+        item = Item(self.status_key, self.producer, self.status_seq, self.status_seq,
+                    protocol.encode_object(msg), kind="status")
+        self.outbox.put(item, force=True)
+
+    def degraded(self, since: float, error: str) -> None:
+        self.status("degraded", since=protocol.iso_utc(since), error=error,
+                    waiting_records=self.outbox.waiting_records, waiting_bytes=self.outbox.waiting_bytes,
+                    spool_bytes=self.outbox.spool_bytes)
+
+    def recovered(self, down_s: float, waiting_records: int, waiting_bytes: int) -> None:
+        self.status("recovered", down_s=round(down_s, 3), delivered_late_records=waiting_records,
+                    delivered_late_bytes=waiting_bytes)
+
+    def sink(self, ev: Output | StreamClosed) -> None:
+        if isinstance(ev, Output):
+            self.batcher.add(ev)
+        elif ev.forced:
+            log.warning(f"{ev.stream} still held open by a process after the agent exited; stopped reading",
+                        pipe_grace_s=self.s.pipe_grace_s)
+
+    def on_quiet(self) -> None:
+        # The pipe is drained: if nothing is on its way to Redis, ship the open batch now.
+        if self.outbox.empty():
+            self.batcher.seal_all(blocking=False)
+        else:
+            self.outbox.notify()
+
+
+def run(s: Settings) -> int:
+    log.configure(s.log_format, s.log_level)
+    signals.block()  # before any thread starts, so all inherit the mask
+    signals.become_subreaper()
+    if s.run_id_generated:
+        log.info("generated run id", run_id=s.run_id)
+    rt = Runtime(s)
+    if rt.spool is not None:
+        orphans = rt.spool.adopt_orphans()
+        if orphans:
+            log.info("delivering output left in the spool by an earlier sidecar first", items=len(orphans))
+            rt.outbox.adopt(orphans)
+    rt.sender.start()
+    log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id)
+    rt.status("starting", command=os.path.basename(s.command[0]))
+
+    result = spawn(s.command)
+    if isinstance(result, SpawnFailed):
+        log.error(result.reason)
+        rt.status("failed", exit_code=result.code, reason=result.reason)
+        return finish(rt, result.code)
+
+    agent = result
+    rt.status("running", pid=agent.pid)
+    echo = {STDOUT: sys.stdout.fileno(), STDERR: sys.stderr.fileno()} if s.echo else None
+    reader = PipeReader(
+        {STDOUT: agent.stdout_fd, STDERR: agent.stderr_fd},
+        rt.sink,
+        on_quiet=rt.on_quiet,
+        echo=echo,
+        max_line_bytes=s.max_line_bytes,
+    )
+    reader.start()
+
+    def on_signal(sig: int) -> None:
+        log.info("forwarding signal to the agent", signal=signal_name(sig))
+
+    def on_kill() -> None:
+        log.warning("agent still running after the kill grace; sending SIGKILL", kill_grace_s=s.kill_grace_s)
+
+    sup = signals.Supervisor(agent, s.kill_grace_s, on_signal=on_signal, on_kill=on_kill)
+    exited: Exited = sup.wait()
+    reader.stop_after(s.pipe_grace_s)
+    while not reader.join(0.1):
+        sig = signals.next_signal(0)
+        if sig is not None:
+            log.info("agent has exited; still reading its pipes", pipe_grace_s=s.pipe_grace_s)
+    meta: dict[str, Any] = {
+        "exit_code": exited.code,
+        "duration_s": round(exited.ts - agent.started.ts, 3),
+        "records": rt.batcher.records_in,
+        "bytes": rt.batcher.bytes_in,
+    }
+    if exited.signal is not None:
+        rt.status("killed", signal=signal_name(exited.signal), **meta)
+    else:
+        rt.status("exited", **meta)
+    return finish(rt, exited.code)
+
+
+def finish(rt: Runtime, code: int) -> int:
+    """Flush, deliver within --drain-timeout, leave the rest in the spool, return ``code``."""
+    s = rt.s
+    rt.batcher.seal_all()
+    rt.sender.finish()
+    deadline = time.monotonic() + s.drain_timeout_s
+    told = 0
+    while not rt.sender.join(0.05):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        sig = signals.next_signal(0)
+        if sig in (signal.SIGINT, signal.SIGTERM):
+            told += 1
+            log.warning(
+                "agent has exited; waiting for its output to reach Redis",
+                waiting_records=rt.outbox.waiting_records,
+                waiting_bytes=rt.outbox.waiting_bytes,
+                redis=mask_url(s.redis_url),
+                seconds_left=round(left, 1),
+            )
+            if told >= 2:
+                log.warning("second stop signal during drain: leaving the rest in the spool")
+                break
+    rt.sender.abandon()
+    rt.sender.join(2.0)
+    rt.outbox.close()
+    if not rt.outbox.empty():
+        lost_records, _ = rt.outbox.spill_all()
+        where = s.spool_dir if rt.spool is not None else "nowhere (no spool)"
+        log.warning(
+            "Redis did not take all output before the drain timeout; it stays in the spool",
+            waiting_records=rt.outbox.waiting_records,
+            spool=where,
+            replay=f"python -m sidecar replay --spool-dir {s.spool_dir}",
+        )
+        if lost_records:
+            log.error("records that fit in no spool were lost", records=lost_records)
+    if rt.spool is not None:
+        rt.spool.close()
+    rt.sender.close()
+    return code

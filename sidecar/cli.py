@@ -1,0 +1,87 @@
+"""Command line: `agent-sidecar [OPTIONS] -- CMD`, `agent-sidecar tail RUN_ID`, `agent-sidecar replay`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from .config import OPTIONS, Option, UsageError
+
+USAGE = "python -m sidecar [OPTIONS] -- CMD [ARG...]\n       python -m sidecar tail RUN_ID [...]\n" \
+        "       python -m sidecar replay [--spool-dir DIR] [...]"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        usage_error(message)
+
+
+def usage_error(message: str) -> NoReturn:
+    sys.stderr.write(f"agent-sidecar: error: {message} (see --help)\n")
+    raise SystemExit(2)
+
+
+def _help_for(opt: Option) -> str:
+    env = f"env {opt.env}" if opt.env else "no env"
+    default = "on" if opt.kind == "negbool" else opt.default
+    return f"{opt.help} [{env}; default: {default}]"
+
+
+def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
+    for opt in options:
+        if opt.kind == "negbool":
+            parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="0", default=None,
+                                help=_help_for(opt))
+        elif opt.kind == "choice":
+            parser.add_argument(opt.flag, dest=opt.dest, choices=opt.choices, default=None, help=_help_for(opt))
+        else:
+            parser.add_argument(opt.flag, dest=opt.dest, default=None, metavar=opt.dest.upper().removesuffix("_S"),
+                                help=_help_for(opt))
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="agent-sidecar",
+        usage=USAGE,
+        description="Runs CMD as the agent, captures its stdout and stderr byte for byte, and ships them to "
+        "Redis as batched, compressed records (streams and pub/sub). Exits with the agent's exit code. "
+        "Every option can also be set by the environment variable shown; a flag wins. "
+        "REDIS_PASSWORD supplies the Redis password (preferred to putting it in the URL).",
+    )
+    add_options(parser, OPTIONS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "tail":
+        from .tail import main as tail_main
+
+        return tail_main(args[1:])
+    if args and args[0] == "replay":
+        from .replay import main as replay_main
+
+        return replay_main(args[1:])
+    if "--" in args:
+        i = args.index("--")
+        opts, command = args[:i], args[i + 1 :]
+    else:
+        opts, command = args, []
+    parser = run_parser()
+    ns = parser.parse_args(opts)
+    if not command:
+        usage_error("no agent command given: put it after --, e.g. python -m sidecar -- python agent.py")
+    from . import config
+
+    try:
+        settings = config.build(vars(ns), dict(os.environ), tuple(command))
+    except UsageError as exc:
+        usage_error(str(exc))
+    from .app import run
+
+    return run(settings)

@@ -1,0 +1,291 @@
+"""Settings: one frozen dataclass, built from flags with the environment as fallback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_OUTPUT = "run:{run_id}:output:{variation_id}"
+DEFAULT_LOGS = "run:{run_id}:logs:{variation_id}"
+DEFAULT_STATUS = "run:{run_id}:status"
+TEMPLATE_FIELDS = ("run_id", "variation_id", "agent_id")
+
+
+class UsageError(ValueError):
+    """A bad flag, value or URL: reported in one line, exit 2, agent not started."""
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    dest: str
+    flag: str
+    env: str | None
+    default: Any
+    help: str
+    kind: str = "str"  # str, int, float, bool, choice, bytes
+    choices: tuple[str, ...] = ()
+
+
+def _default_spool_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "agent-sidecar-spool")
+
+
+# Every option of the run command. Used for argparse, --help and the README table.
+OPTIONS: tuple[Option, ...] = (
+    Option("redis_url", "--redis-url", "REDIS_URL", "redis://localhost:6379/0",
+           "Redis URL (redis://, rediss:// or unix://); the password is better given by REDIS_PASSWORD"),
+    Option("run_id", "--run-id", "RUN_ID", None, "run id; generated and printed to stderr when absent"),
+    Option("variation_id", "--variation-id", "VARIATION_ID", "0", "variation id within the run"),
+    Option("agent_id", "--agent-id", "AGENT_ID", None, "agent id (default: POD_NAME, else hostname-pid)"),
+    Option("echo", "--no-echo", "SIDECAR_NO_ECHO", True,
+           "do not copy the agent's output to the sidecar's own stdout/stderr", kind="negbool"),
+    Option("log_format", "--log-format", "SIDECAR_LOG_FORMAT", "text", "format of the sidecar's own diagnostics",
+           kind="choice", choices=("text", "json")),
+    Option("log_level", "--log-level", "SIDECAR_LOG_LEVEL", "info", "level of the sidecar's own diagnostics",
+           kind="choice", choices=("debug", "info", "warning", "error")),
+    Option("transport", "--transport", "SIDECAR_TRANSPORT", "both",
+           "stream: XADD only; pubsub: PUBLISH only (at-most-once); both", kind="choice",
+           choices=("stream", "pubsub", "both")),
+    Option("wire", "--wire", "SIDECAR_WIRE", "batch",
+           "batch: v1 batches; per-line-json: one JSON object per line on pub/sub (streams keep batches)",
+           kind="choice", choices=("batch", "per-line-json")),
+    Option("output_channel", "--output-channel", "SIDECAR_OUTPUT_CHANNEL", DEFAULT_OUTPUT,
+           "stream key and pub/sub channel for stdout"),
+    Option("logs_channel", "--logs-channel", "SIDECAR_LOGS_CHANNEL", DEFAULT_LOGS,
+           "stream key and pub/sub channel for stderr"),
+    Option("status_channel", "--status-channel", "SIDECAR_STATUS_CHANNEL", DEFAULT_STATUS,
+           "stream key and pub/sub channel for lifecycle status"),
+    Option("batch_max_records", "--batch-max-records", "SIDECAR_BATCH_MAX_RECORDS", 1000,
+           "a batch is sealed at this many records", kind="int"),
+    Option("batch_max_bytes", "--batch-max-bytes", "SIDECAR_BATCH_MAX_BYTES", 256 * 1024,
+           "... or at this many bytes of output", kind="bytes"),
+    Option("linger_ms", "--linger-ms", "SIDECAR_LINGER_MS", 5.0,
+           "... or this long after its first record while the pipe keeps delivering", kind="float"),
+    Option("compress_threshold", "--compress-threshold", "SIDECAR_COMPRESS_THRESHOLD", 1024,
+           "payloads larger than this many bytes are zstd-compressed (-1: never)", kind="int"),
+    Option("max_line_bytes", "--max-line-bytes", "SIDECAR_MAX_LINE_BYTES", 1 << 20,
+           "longer lines are cut into continuation chunks", kind="bytes"),
+    Option("buffer_max_bytes", "--buffer-max-bytes", "SIDECAR_BUFFER_MAX_BYTES", 64 << 20,
+           "memory buffer for records waiting for Redis", kind="bytes"),
+    Option("spool_dir", "--spool-dir", "SIDECAR_SPOOL_DIR", None,
+           "disk spool for records waiting for Redis (default: <tmp>/agent-sidecar-spool)"),
+    Option("spool_max_bytes", "--spool-max-bytes", "SIDECAR_SPOOL_MAX_BYTES", 1 << 30,
+           "size limit of this sidecar's spool (0: no spool)", kind="bytes"),
+    Option("when_full", "--when-full", "SIDECAR_WHEN_FULL", "block",
+           "block: stop reading the agent's pipes; drop: drop the oldest waiting records, write a gap marker",
+           kind="choice", choices=("block", "drop")),
+    Option("drain_timeout_s", "--drain-timeout", "SIDECAR_DRAIN_TIMEOUT", 10.0,
+           "seconds to deliver what is waiting after the agent exits; the rest stays in the spool",
+           kind="float"),
+    Option("kill_grace_s", "--kill-grace", "SIDECAR_KILL_GRACE", 10.0,
+           "seconds between SIGTERM/SIGINT to the agent and SIGKILL", kind="float"),
+    Option("pipe_grace_s", "--pipe-grace", "SIDECAR_PIPE_GRACE", 2.0,
+           "seconds to keep reading after the agent exits when a grandchild holds its pipes", kind="float"),
+    Option("socket_timeout_s", "--socket-timeout", "SIDECAR_SOCKET_TIMEOUT", 5.0,
+           "seconds before a silent Redis counts as down", kind="float"),
+    Option("retry_max_s", "--retry-max-backoff", "SIDECAR_RETRY_MAX_BACKOFF", 5.0,
+           "cap of the exponential reconnect backoff, seconds", kind="float"),
+    Option("retention_s", "--retention", "SIDECAR_RETENTION", 86400.0,
+           "TTL of every key written, refreshed on write (s, or with m/h/d suffix; 0: none)", kind="duration"),
+    Option("max_stream_len", "--max-stream-len", "SIDECAR_MAX_STREAM_LEN", 1_000_000,
+           "approximate cap on entries per stream (0: none)", kind="int"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis_url: str
+    redis_password: str | None
+    run_id: str
+    run_id_generated: bool
+    variation_id: str
+    agent_id: str
+    echo: bool
+    log_format: str
+    log_level: str
+    transport: str
+    wire: str
+    output_channel: str
+    logs_channel: str
+    status_channel: str
+    batch_max_records: int
+    batch_max_bytes: int
+    linger_ms: float
+    compress_threshold: int
+    max_line_bytes: int
+    buffer_max_bytes: int
+    spool_dir: str
+    spool_max_bytes: int
+    when_full: str
+    drain_timeout_s: float
+    kill_grace_s: float
+    pipe_grace_s: float
+    socket_timeout_s: float
+    retry_max_s: float
+    retention_s: float
+    max_stream_len: int
+    command: tuple[str, ...] = ()
+
+    def channel(self, template: str) -> str:
+        return template.format(run_id=self.run_id, variation_id=self.variation_id, agent_id=self.agent_id)
+
+    @property
+    def use_stream(self) -> bool:
+        return self.transport in ("stream", "both")
+
+    @property
+    def use_pubsub(self) -> bool:
+        return self.transport in ("pubsub", "both")
+
+
+_SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+           "kb": 1000, "mb": 1000**2, "gb": 1000**3, "b": 1}
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_bytes(text: str) -> int:
+    t = text.strip().lower()
+    for suffix in sorted(_SUFFIX, key=len, reverse=True):
+        if t.endswith(suffix) and t[: -len(suffix)].strip():
+            num = t[: -len(suffix)].strip()
+            return int(float(num) * _SUFFIX[suffix])
+    return int(t)
+
+
+def parse_duration(text: str) -> float:
+    t = text.strip().lower()
+    if t and t[-1] in _DURATION:
+        return float(t[:-1]) * _DURATION[t[-1]]
+    return float(t)
+
+
+def convert(opt: Option, raw: Any) -> Any:
+    """Turn a flag or environment string into the option's type; UsageError when it cannot."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if opt.kind == "int":
+            return int(raw)
+        if opt.kind == "float":
+            value = float(raw)
+            if value < 0:
+                raise ValueError("must not be negative")
+            return value
+        if opt.kind == "bytes":
+            value_b = parse_bytes(raw)
+            if value_b < 0:
+                raise ValueError("must not be negative")
+            return value_b
+        if opt.kind == "duration":
+            value_d = parse_duration(raw)
+            if value_d < 0:
+                raise ValueError("must not be negative")
+            return value_d
+        if opt.kind == "negbool":
+            return raw.strip().lower() not in ("1", "true", "yes", "on")
+    except ValueError as exc:
+        src = opt.flag if opt.env is None else f"{opt.flag} / {opt.env}"
+        raise UsageError(f"invalid value {raw!r} for {src}: {exc}") from None
+    if opt.kind == "choice" and raw not in opt.choices:
+        raise UsageError(f"invalid value {raw!r} for {opt.flag}: choose from {', '.join(opt.choices)}")
+    return raw
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***, safe to print."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{user}:***@{host}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is not None:
+        netloc += f":{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def validate_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: {exc}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: scheme must be redis://, rediss:// or unix://")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise UsageError(f"invalid Redis URL {mask_url(url)!r}: unix:// needs a socket path")
+        return
+    if not parts.hostname:
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no host")
+    if port is not None and not 0 < port < 65536:
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: bad port")
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number, not {db!r}")
+
+
+def validate_template(name: str, template: str) -> None:
+    try:
+        template.format(**{f: "x" for f in TEMPLATE_FIELDS})
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UsageError(
+            f"invalid channel template {template!r} for {name}: use only {{run_id}}, {{variation_id}}, "
+            f"{{agent_id}} ({exc})"
+        ) from None
+
+
+def default_agent_id(env: dict[str, str]) -> str:
+    return env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...]) -> Settings:
+    """Settings from parsed flag values (None where not given) and the environment."""
+    merged: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = values.get(opt.dest)
+        if raw is None and opt.env is not None and env.get(opt.env, "") != "":
+            raw = env[opt.env]
+        merged[opt.dest] = opt.default if raw is None else convert(opt, raw)
+    validate_url(merged["redis_url"])
+    for key in ("output_channel", "logs_channel", "status_channel"):
+        validate_template(key, merged[key])
+    if merged["batch_max_records"] < 1:
+        raise UsageError("--batch-max-records must be at least 1")
+    if merged["batch_max_bytes"] < 1 or merged["max_line_bytes"] < 1:
+        raise UsageError("--batch-max-bytes and --max-line-bytes must be at least 1")
+    run_id = merged["run_id"]
+    generated = False
+    if not run_id:
+        import uuid
+
+        run_id = uuid.uuid4().hex[:16]
+        generated = True
+    merged["run_id"] = str(run_id)
+    merged["run_id_generated"] = generated
+    merged["variation_id"] = str(merged["variation_id"])
+    merged["agent_id"] = merged["agent_id"] or default_agent_id(env)
+    merged["spool_dir"] = merged["spool_dir"] or _default_spool_dir()
+    merged["redis_password"] = env.get("REDIS_PASSWORD") or None
+    for name in ("run_id", "variation_id", "agent_id"):
+        if any(c in merged[name] for c in "{}\n\r\0 "):
+            raise UsageError(f"invalid {name} {merged[name]!r}: no spaces, braces or control characters")
+    return Settings(command=command, **merged)
+
+
+def build_connection(values: dict[str, Any], env: dict[str, str]) -> Settings:
+    """Settings for the read and replay commands: the same options and environment, no agent."""
+    return build(values, env, ())

@@ -1,0 +1,136 @@
+"""The read side: decode payloads, read a run's streams from any offset, in order, with gaps visible.
+
+Sequence numbers are per (channel, producer). A record whose sequence number is not above
+the last one seen for its producer is a repeat (pub/sub after a retry) and is dropped; a
+jump is reported as a ``Gap``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from . import protocol
+from .config import DEFAULT_LOGS, DEFAULT_OUTPUT, DEFAULT_STATUS
+from .protocol import ProtocolError, Record
+
+
+@dataclass(slots=True, frozen=True)
+class Gap:
+    """Records ``first``..``last`` of ``producer`` on ``channel`` will never arrive."""
+
+    channel: str
+    stream: str
+    producer: str
+    first: int
+    last: int
+    reason: str  # "dropped" (the sidecar dropped them under --when-full drop) or "missing"
+
+
+@dataclass(slots=True, frozen=True)
+class Status:
+    channel: str
+    status: str
+    seq: int
+    producer: str
+    msg: dict[str, Any]
+
+
+Event = Record | Gap | Status
+
+
+@dataclass
+class Deduper:
+    """Tracks the last sequence number per (channel, producer)."""
+
+    last: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def feed(self, msg: dict[str, Any]) -> Iterator[Event]:
+        kind = msg.get("type")
+        channel = str(msg.get("channel", ""))
+        producer = str(msg.get("producer", ""))
+        key = (channel, producer)
+        prev = self.last.get(key, 0)
+        if kind == protocol.BATCH:
+            first = int(msg.get("seq", 0))
+            n = int(msg.get("n", len(msg.get("lines") or ())))
+            if first > prev + 1 and prev > 0:
+                yield Gap(channel, str(msg.get("stream", "")), producer, prev + 1, first - 1, "missing")
+            for rec in protocol.iter_records(msg):
+                if rec.seq > prev:
+                    yield rec
+            self.last[key] = max(prev, first + n - 1)
+        elif kind == protocol.GAP:
+            first, last = int(msg["from"]), int(msg["to"])
+            if last > prev:
+                yield Gap(channel, str(msg.get("stream", "")), producer, max(first, prev + 1), last, "dropped")
+                self.last[key] = last
+        elif kind == protocol.STATUS:
+            seq = int(msg.get("seq", 0))
+            if seq > prev:
+                self.last[key] = seq
+                yield Status(channel, str(msg.get("status", "")), seq, producer, msg)
+
+
+def channel_names(run_id: str, variation_id: str = "0", agent_id: str = "",
+                  output: str = DEFAULT_OUTPUT, logs: str = DEFAULT_LOGS,
+                  status: str = DEFAULT_STATUS) -> dict[str, str]:
+    fmt = {"run_id": run_id, "variation_id": variation_id, "agent_id": agent_id}
+    return {"stdout": output.format(**fmt), "stderr": logs.format(**fmt), "status": status.format(**fmt)}
+
+
+class RunReader:
+    """Reads the streams of one variation of a run, from stored entries onward."""
+
+    def __init__(self, client: redis.Redis, keys: Iterable[str], *, start_id: str = "0-0", page: int = 500) -> None:
+        self.client = client
+        self.ids = {k: start_id for k in keys}
+        self.page = page
+        self.dedupe = Deduper()
+        self.errors = 0
+
+    def _decode_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]], key: str) -> Iterator[Event]:
+        for entry_id, fields in entries:
+            self.ids[key] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            payload = fields.get(b"d")
+            if payload is None:
+                continue
+            try:
+                msg = protocol.decode(payload)
+                yield from self.dedupe.feed(msg)
+            except (ProtocolError, KeyError, TypeError, ValueError):
+                self.errors += 1
+
+    def stored(self) -> Iterator[Event]:
+        """Everything stored now, key by key, each in order."""
+        for key in list(self.ids):
+            while True:
+                start = self.ids[key]
+                entries = self.client.xrange(key, min=f"({start}" if start != "0-0" else "-", max="+", count=self.page)
+                if not entries:
+                    break
+                yield from self._decode_entries(entries, key)
+                if len(entries) < self.page:
+                    break
+
+    def follow(self, block_ms: int = 1000) -> Iterator[Event | None]:
+        """New entries as they come (XREAD BLOCK); yields None on each idle timeout."""
+        while True:
+            resp = self.client.xread(dict(self.ids), count=self.page, block=block_ms)  # type: ignore[arg-type]
+            if not resp:
+                yield None
+                continue
+            batches: list[Event] = []
+            for key, entries in resp:
+                k = key.decode() if isinstance(key, bytes) else key
+                batches.extend(self._decode_entries(entries, k))
+            batches.sort(key=lambda e: e.ts if isinstance(e, Record) else 0.0)
+            yield from batches
+
+
+def decode_message(payload: bytes) -> dict[str, Any]:
+    """Decode one pub/sub message or stream entry payload."""
+    return protocol.decode(payload)

@@ -1,0 +1,22 @@
+"""The unit that waits in the buffer, the spool and the transport: one encoded batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Item:
+    key: str  # stream key, also the pub/sub channel
+    producer: str  # unique per sidecar process: sequence numbers are per (key, producer)
+    first: int  # sequence number of the first record
+    last: int  # sequence number of the last record
+    payload: bytes  # appended to the stream, and published unless ``pubs`` is set
+    records: int = 0  # agent output records in the payload (0 for status and gap messages)
+    raw_bytes: int = 0  # agent output bytes they stand for
+    pubs: list[bytes] | None = None  # per-line-json: published instead of the payload
+    kind: str = "batch"  # batch, status, gap
+
+    @property
+    def size(self) -> int:
+        return len(self.payload) + (sum(len(p) for p in self.pubs) if self.pubs else 0) + 64

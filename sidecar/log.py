@@ -1,0 +1,53 @@
+"""The sidecar's own diagnostics: stderr only, marked, never mixed into published records."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+PREFIX = "[agent-sidecar]"
+_format = "text"
+_levels = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_min_level = 20
+
+
+def configure(fmt: str = "text", level: str = "info") -> None:
+    global _format, _min_level
+    _format = fmt
+    _min_level = _levels.get(level, 20)
+
+
+def _emit(level: str, msg: str, fields: dict[str, Any]) -> None:
+    if _levels[level] < _min_level:
+        return
+    if _format == "json":
+        import orjson
+
+        rec: dict[str, Any] = {"ts": time.time(), "logger": "agent-sidecar", "level": level, "msg": msg}
+        rec.update(fields)
+        line = orjson.dumps(rec, default=str) + b"\n"
+    else:
+        extra = "".join(f" {k}={v}" for k, v in fields.items())
+        line = f"{PREFIX} {level.upper()} {msg}{extra}\n".encode("utf-8", "replace")
+    try:
+        os.write(sys.stderr.fileno(), line)
+    except (OSError, ValueError):
+        pass
+
+
+def debug(msg: str, **fields: Any) -> None:
+    _emit("debug", msg, fields)
+
+
+def info(msg: str, **fields: Any) -> None:
+    _emit("info", msg, fields)
+
+
+def warning(msg: str, **fields: Any) -> None:
+    _emit("warning", msg, fields)
+
+
+def error(msg: str, **fields: Any) -> None:
+    _emit("error", msg, fields)

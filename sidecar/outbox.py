@@ -1,0 +1,237 @@
+"""What waits for Redis: one FIFO, a disk prefix (the spool) followed by a memory suffix.
+
+New items join the memory tail. When memory passes its limit, the oldest memory item moves
+to the spool tail, which keeps the order (disk items are always the oldest). While Redis
+is unreachable every item goes to disk at once (``set_durable``), so a sidecar killed
+during an outage leaves its backlog in the spool. When both are full, ``block`` makes
+``put`` wait (the reader stops, the agent blocks on write) and ``drop`` replaces the
+oldest waiting batch in memory by a gap marker.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from . import log
+from .items import Item
+from .spool import DiskRef, Spool, SpoolError
+
+GapFactory = Callable[[str, int, int], Item]
+
+
+class Outbox:
+    def __init__(
+        self,
+        mem_max: int,
+        spool: Spool | None,
+        when_full: str,
+        gap_factory: GapFactory,
+    ) -> None:
+        self.mem_max = mem_max
+        self.spool = spool
+        self.when_full = when_full
+        self._gap = gap_factory
+        self.cond = threading.Condition()
+        self._q: deque[Item | DiskRef] = deque()
+        self._ndisk = 0  # length of the disk prefix of _q
+        self._inflight = 0  # head entries handed to the sender and not yet acknowledged
+        self._durable = False
+        self._closing = False
+        self.mem_bytes = 0
+        self.waiting_records = 0
+        self.waiting_bytes = 0
+        self.dropped_records = 0
+        self.blocked_since: float | None = None
+
+    # -- producer side -------------------------------------------------------------------
+    def put(self, item: Item, *, force: bool = False) -> None:
+        """Queue ``item``. Blocks while full under ``block`` unless ``force`` (control messages)."""
+        with self.cond:
+            if not force:
+                if self.when_full == "block":
+                    while self._full(item.size) and not self._closing:
+                        if self.blocked_since is None:
+                            self.blocked_since = time.monotonic()
+                            log.warning("buffer and spool are full: pausing reads, the agent will block on write")
+                        self.cond.wait(0.5)
+                    self.blocked_since = None
+                else:
+                    while self._full(item.size) and self._drop_oldest():
+                        pass
+                    if self._full(item.size):
+                        self._append(self._gap(item.key, item.first, item.last))
+                        self.dropped_records += item.records
+                        self.cond.notify_all()
+                        return
+            self._append(item)
+            self.cond.notify_all()
+
+    def _full(self, size: int) -> bool:
+        if self.mem_bytes + size <= self.mem_max:
+            return False
+        return self.spool is None or not self.spool.has_room(size)
+
+    def _append(self, item: Item) -> None:
+        self.waiting_records += item.records
+        self.waiting_bytes += item.raw_bytes
+        if self._durable and self.spool is not None and len(self._q) == self._ndisk and self.spool.has_room(item.size):
+            ref = self._to_disk(item)
+            if ref is not None:
+                self._q.append(ref)
+                self._ndisk += 1
+                return
+        self._q.append(item)
+        self.mem_bytes += item.size
+        while self.mem_bytes > self.mem_max and self._spill_one():
+            pass
+
+    def _to_disk(self, item: Item) -> DiskRef | None:
+        assert self.spool is not None
+        try:
+            return self.spool.write(item)
+        except OSError as exc:
+            log.error("spool write failed; keeping the item in memory", error=str(exc))
+            return None
+
+    def _spill_one(self) -> bool:
+        """Move the oldest memory item to the spool tail. False when that is not possible."""
+        if self.spool is None or self._ndisk >= len(self._q):
+            return False
+        item = self._q[self._ndisk]
+        assert isinstance(item, Item)
+        if not self.spool.has_room(item.size):
+            return False
+        ref = self._to_disk(item)
+        if ref is None:
+            return False
+        self._q[self._ndisk] = ref
+        self._ndisk += 1
+        self.mem_bytes -= item.size
+        return True
+
+    def _drop_oldest(self) -> bool:
+        """Replace the oldest waiting output batch in memory by a gap marker."""
+        for i in range(max(self._inflight, self._ndisk), len(self._q)):
+            entry = self._q[i]
+            assert isinstance(entry, Item)
+            if entry.kind != "batch":
+                continue
+            gap = self._gap(entry.key, entry.first, entry.last)
+            self.mem_bytes += gap.size - entry.size
+            self.waiting_records -= entry.records
+            self.waiting_bytes -= entry.raw_bytes
+            self.dropped_records += entry.records
+            prev = self._q[i - 1] if i > max(self._inflight, self._ndisk) else None
+            if isinstance(prev, Item) and prev.kind == "gap" and prev.key == gap.key and prev.last + 1 == gap.first:
+                merged = self._gap(gap.key, prev.first, gap.last)
+                self.mem_bytes += merged.size - prev.size - gap.size
+                self._q[i - 1] = merged
+                del self._q[i]
+            else:
+                self._q[i] = gap
+            return True
+        return False
+
+    def set_durable(self, durable: bool) -> None:
+        """While Redis is down, move everything waiting to disk and send new items there."""
+        with self.cond:
+            self._durable = durable
+            if durable:
+                while self._spill_one():
+                    pass
+
+    def spill_all(self) -> tuple[int, int]:
+        """Move what is in memory to the spool. Returns (records, items) that did not fit."""
+        with self.cond:
+            while self._spill_one():
+                pass
+            lost = [e for e in list(self._q)[self._ndisk :] if isinstance(e, Item)]
+            return sum(e.records for e in lost), len(lost)
+
+    # -- sender side ---------------------------------------------------------------------
+    def take(self, max_items: int, max_bytes: int) -> list[Item]:
+        """The next items not yet handed out, without removing them (see ``ack``)."""
+        out: list[Item] = []
+        with self.cond:
+            size = 0
+            i = self._inflight
+            while i < len(self._q) and len(out) < max_items and size < max_bytes:
+                entry = self._q[i]
+                if isinstance(entry, DiskRef):
+                    assert self.spool is not None
+                    try:
+                        item = self.spool.read(entry)
+                    except (OSError, SpoolError, ValueError) as exc:
+                        log.error("spool frame unreadable, skipped", error=str(exc))
+                        self._remove_at(i)
+                        continue
+                else:
+                    item = entry
+                out.append(item)
+                size += item.size
+                i += 1
+            self._inflight = i
+        return out
+
+    def _remove_at(self, i: int) -> None:
+        entry = self._q[i]
+        del self._q[i]
+        self.waiting_records -= entry.records
+        self.waiting_bytes -= entry.raw_bytes
+        if isinstance(entry, DiskRef):
+            self._ndisk -= 1
+            assert self.spool is not None
+            self.spool.release(entry)
+        else:
+            self.mem_bytes -= entry.size
+
+    def ack(self, n: int) -> None:
+        """The first ``n`` handed-out items are delivered."""
+        with self.cond:
+            for _ in range(n):
+                self._remove_at(0)
+            self._inflight -= n
+            self.cond.notify_all()
+
+    def release_inflight(self) -> None:
+        with self.cond:
+            self._inflight = 0
+
+    def wait(self, timeout: float) -> None:
+        with self.cond:
+            if len(self._q) <= self._inflight:
+                self.cond.wait(timeout)
+
+    def notify(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self._closing = True
+            self.cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def empty(self) -> bool:
+        with self.cond:
+            return not self._q
+
+    @property
+    def spool_bytes(self) -> int:
+        return self.spool.bytes if self.spool is not None else 0
+
+    def adopt(self, refs: list[DiskRef]) -> None:
+        """Items of an earlier sidecar's spool go first, before anything of ours."""
+        with self.cond:
+            assert self._inflight == 0 or not refs
+            for ref in reversed(refs):
+                self._q.appendleft(ref)
+                self.waiting_records += ref.records
+                self.waiting_bytes += ref.raw_bytes
+            self._ndisk += len(refs)
+            self.cond.notify_all()

@@ -1,0 +1,213 @@
+"""Wire format v1: one self-describing payload per batch, JSON by orjson, zstd above a threshold.
+
+The encoding is recognisable from the first bytes: a zstd frame starts with the magic
+28 B5 2F FD, an uncompressed payload with ``{``. See docs/PROTOCOL.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import zstandard
+
+VERSION = 1
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+DEFAULT_COMPRESS_THRESHOLD = 1024
+ZSTD_LEVEL = 1
+
+# Payload types
+BATCH = "batch"
+STATUS = "status"
+GAP = "gap"
+
+_compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+_decompressor = zstandard.ZstdDecompressor()
+
+
+class ProtocolError(ValueError):
+    """A payload that is not a valid v1 message."""
+
+
+def iso_utc(ts: float) -> str:
+    """ISO 8601 UTC with microseconds and a Z suffix."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def compress_if_large(raw: bytes, threshold: int) -> bytes:
+    if threshold >= 0 and len(raw) > threshold:
+        return _compressor.compress(raw)
+    return raw
+
+
+def decompress(payload: bytes) -> bytes:
+    if payload[:4] == ZSTD_MAGIC:
+        try:
+            # Frames written by ZstdCompressor.compress carry their content size.
+            return _decompressor.decompress(payload, max_output_size=1 << 31)
+        except zstandard.ZstdError as exc:
+            raise ProtocolError(f"corrupt zstd payload: {exc}") from exc
+    return payload
+
+
+def decode(payload: bytes) -> dict[str, Any]:
+    """Decode any v1 payload (batch, status, gap) into a dict."""
+    try:
+        obj = orjson.loads(decompress(payload))
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"payload is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("payload is not a JSON object")
+    return obj
+
+
+@dataclass(slots=True)
+class Lines:
+    """Records of one stream captured together, before encoding.
+
+    ``lines`` are raw bytes without the trailing LF; ``partial`` holds the indices of
+    records not followed by a LF (a continuation chunk of a long line, or the end of the
+    stream without a newline). ``ts`` holds (index, unix time) runs: record i has the time
+    of the last run starting at or before i.
+    """
+
+    lines: list[bytes] = field(default_factory=list)
+    ts: list[tuple[int, float]] = field(default_factory=list)
+    partial: list[int] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def encode_batch(
+    header: dict[str, Any],
+    seq: int,
+    batch: Lines,
+    *,
+    structured: bool,
+    threshold: int,
+) -> bytes:
+    """Encode one batch. ``header`` holds the constant fields (v, type, ids, channel, stream)."""
+    raw = batch.lines
+    try:
+        # Fast path: the whole batch is valid UTF-8 (the common case).
+        texts: list[str] = b"\n".join(raw).decode("utf-8").split("\n") if raw else []
+        if len(texts) != len(raw):  # cannot happen: lines never contain LF
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "line count mismatch")
+        b64: list[int] = []
+    except UnicodeDecodeError:
+        texts = []
+        b64 = []
+        for i, line in enumerate(raw):
+            try:
+                texts.append(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                texts.append(base64.b64encode(line).decode("ascii"))
+                b64.append(i)
+    msg = dict(header)
+    msg["seq"] = seq
+    msg["n"] = len(raw)
+    msg["lines"] = texts
+    msg["ts"] = batch.ts
+    if batch.partial:
+        msg["partial"] = batch.partial
+    if b64:
+        msg["b64"] = b64
+    if structured:
+        objs = _json_objects(raw, b64)
+        if objs:
+            msg["json"] = objs
+    return compress_if_large(orjson.dumps(msg), threshold)
+
+
+def _json_objects(raw: Sequence[bytes], b64: list[int]) -> list[list[Any]]:
+    """[index, object] for each line that is a JSON object. Parsed, then spliced back raw."""
+    out: list[list[Any]] = []
+    skip = set(b64)
+    for i, line in enumerate(raw):
+        stripped = line.rstrip(b"\r")
+        if stripped[:1] != b"{" or stripped[-1:] != b"}" or i in skip:
+            continue
+        try:
+            obj = orjson.loads(stripped)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            out.append([i, orjson.Fragment(stripped)])
+    return out
+
+
+def encode_object(obj: dict[str, Any]) -> bytes:
+    """Small control-plane messages (status, gap): never compressed."""
+    return orjson.dumps(obj)
+
+
+@dataclass(slots=True, frozen=True)
+class Record:
+    """One decoded output record."""
+
+    channel: str
+    stream: str
+    seq: int
+    ts: float
+    data: bytes  # exact bytes the agent wrote, including the LF unless partial
+    partial: bool
+    json: dict[str, Any] | None
+    producer: str
+    agent_id: str
+    variation_id: str
+
+    @property
+    def text(self) -> str:
+        """The line without its LF, decoded leniently (for display)."""
+        body = self.data if self.partial else self.data[:-1]
+        return body.decode("utf-8", "replace")
+
+
+def iter_records(msg: dict[str, Any]) -> Iterator[Record]:
+    """Records of a decoded batch payload, in order."""
+    if msg.get("type") != BATCH:
+        return
+    try:
+        lines: list[str] = msg["lines"]
+        seq0 = int(msg["seq"])
+        ts_runs: list[list[float]] = msg.get("ts") or []
+        partial = set(msg.get("partial") or ())
+        b64 = set(msg.get("b64") or ())
+        objs = {int(i): o for i, o in (msg.get("json") or ())}
+        channel = str(msg.get("channel", ""))
+        stream = str(msg.get("stream", ""))
+        producer = str(msg.get("producer", ""))
+        agent_id = str(msg.get("agent_id", ""))
+        variation_id = str(msg.get("variation_id", ""))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed batch: {exc}") from exc
+    run = 0
+    ts = float(ts_runs[0][1]) if ts_runs else 0.0
+    for i, text in enumerate(lines):
+        while run + 1 < len(ts_runs) and ts_runs[run + 1][0] <= i:
+            run += 1
+            ts = float(ts_runs[run][1])
+        if i in b64:
+            try:
+                body = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise ProtocolError(f"bad base64 in record {i}: {exc}") from exc
+        else:
+            body = text.encode("utf-8", "surrogatepass")
+        is_partial = i in partial
+        yield Record(
+            channel=channel,
+            stream=stream,
+            seq=seq0 + i,
+            ts=ts,
+            data=body if is_partial else body + b"\n",
+            partial=is_partial,
+            json=objs.get(i),
+            producer=producer,
+            agent_id=agent_id,
+            variation_id=variation_id,
+        )

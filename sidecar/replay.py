@@ -1,0 +1,72 @@
+"""`python -m sidecar replay --spool-dir DIR`: deliver what sidecars left in a spool."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from . import log
+from .cli import _Parser
+from .config import OPTIONS, UsageError, build_connection, mask_url
+from .outbox import Outbox
+from .spool import Spool
+from .transport import Sender
+
+_OPTS = {"redis_url", "spool_dir", "transport", "socket_timeout_s", "retry_max_s", "retention_s",
+         "max_stream_len", "log_format", "log_level"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="agent-sidecar replay",
+                description="Deliver the output that sidecars left in a spool directory (Redis was down when "
+                "they exited, or they were killed). Safe to run more than once: nothing is written twice.")
+    for opt in OPTIONS:
+        if opt.dest in _OPTS:
+            p.add_argument(opt.flag, dest=opt.dest, default=None, help=f"{opt.help} [env {opt.env}]")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="give up after this many seconds of trying (default 60); what is left stays in the spool")
+    return p
+
+
+def _gap_unused(key: str, first: int, last: int):  # type: ignore[no-untyped-def]
+    raise AssertionError("replay never drops")
+
+
+def main(argv: Sequence[str]) -> int:
+    ns = parser().parse_args(list(argv))
+    try:
+        s = build_connection(vars(ns), dict(os.environ))
+    except UsageError as exc:
+        sys.stderr.write(f"agent-sidecar replay: error: {exc}\n")
+        return 2
+    log.configure(s.log_format, s.log_level)
+    if not os.path.isdir(s.spool_dir):
+        log.info("nothing to replay: no spool directory", spool_dir=s.spool_dir)
+        return 0
+    spool = Spool(s.spool_dir, None, 0)
+    spool.open()
+    refs = spool.adopt_orphans()
+    outbox = Outbox(0, spool, "block", _gap_unused)
+    outbox.adopt(refs)
+    records = outbox.waiting_records
+    sender = Sender(s, outbox, None)
+    sender.start()
+    sender.finish()
+    deadline = time.monotonic() + ns.timeout
+    while not sender.join(0.1):
+        if time.monotonic() > deadline:
+            break
+    sender.abandon()
+    sender.join(5)
+    left = outbox.waiting_records
+    spool.close()
+    sender.close()
+    if not outbox.empty():
+        log.error("replay incomplete: Redis did not take everything; the rest stays in the spool",
+                  redis=mask_url(s.redis_url), records_left=left, items_left=len(outbox))
+        return 1
+    log.info("replay complete", items=len(refs), records=records, redis=mask_url(s.redis_url))
+    return 0

@@ -1,0 +1,304 @@
+"""Crash-safe disk spool: append-only segment files of CRC-framed items.
+
+Layout: ``SPOOL_DIR/<producer>/<n>.seg`` plus a ``lock`` file held (flock) while the
+producer lives. A directory whose lock is free belongs to a sidecar that is gone: its
+items are delivered first by the next sidecar or by ``replay``. Every frame carries its
+length and CRC32, so a tail torn by SIGKILL or a full disk is detected and skipped.
+Delivery is idempotent on the Redis side, so a frame delivered before a crash and sent
+again is not duplicated in the stream.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import orjson
+
+from . import log
+from .items import Item
+
+MAGIC = b"ASP1"
+_HEAD = struct.Struct("<4sII")  # magic, body length, crc32 of body
+_U32 = struct.Struct("<I")
+SEGMENT_BYTES = 16 << 20
+MAX_FRAME = 1 << 30
+
+
+class SpoolError(OSError):
+    pass
+
+
+@dataclass(eq=False)
+class Segment:
+    path: str
+    live: int = 0
+    size: int = 0
+    sealed: bool = False
+    owner: ProducerDir | None = None
+
+
+@dataclass(slots=True, eq=False)
+class DiskRef:
+    """Where an item lies on disk, with the figures needed for accounting."""
+
+    segment: Segment
+    offset: int
+    length: int
+    key: str
+    first: int
+    last: int
+    records: int
+    raw_bytes: int
+    kind: str
+
+
+@dataclass(eq=False)
+class ProducerDir:
+    path: str
+    lock_fd: int
+    segments: list[Segment] = field(default_factory=list)
+    foreign: bool = False
+
+
+def encode_frame(item: Item) -> bytes:
+    header = orjson.dumps(
+        {"k": item.key, "p": item.producer, "f": item.first, "l": item.last, "r": item.records,
+         "b": item.raw_bytes, "t": item.kind, "n": -1 if item.pubs is None else len(item.pubs)}
+    )
+    parts = [_U32.pack(len(header)), header, _U32.pack(len(item.payload)), item.payload]
+    for pub in item.pubs or ():
+        parts += [_U32.pack(len(pub)), pub]
+    body = b"".join(parts)
+    return _HEAD.pack(MAGIC, len(body), zlib.crc32(body)) + body
+
+
+def decode_body(body: bytes) -> Item:
+    (hlen,) = _U32.unpack_from(body, 0)
+    h = orjson.loads(body[4 : 4 + hlen])
+    pos = 4 + hlen
+    (plen,) = _U32.unpack_from(body, pos)
+    payload = body[pos + 4 : pos + 4 + plen]
+    pos += 4 + plen
+    pubs: list[bytes] | None = None
+    if h["n"] >= 0:
+        pubs = []
+        for _ in range(h["n"]):
+            (n,) = _U32.unpack_from(body, pos)
+            pubs.append(body[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+    return Item(h["k"], h["p"], h["f"], h["l"], payload, h["r"], h["b"], pubs, h["t"])
+
+
+def scan(path: str) -> Iterator[tuple[int, int, Item]]:
+    """(offset, frame length, item) for each valid frame; stops at the first torn or corrupt one."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    pos = 0
+    while pos < len(data):
+        if len(data) - pos < _HEAD.size:
+            log.warning("spool: torn frame at end of file skipped", file=path, offset=pos)
+            return
+        magic, blen, crc = _HEAD.unpack_from(data, pos)
+        end = pos + _HEAD.size + blen
+        if magic != MAGIC or blen > MAX_FRAME or end > len(data):
+            log.warning("spool: torn or corrupt frame skipped with the rest of the file", file=path, offset=pos)
+            return
+        body = data[pos + _HEAD.size : end]
+        if zlib.crc32(body) != crc:
+            log.warning("spool: frame with bad checksum skipped with the rest of the file", file=path, offset=pos)
+            return
+        try:
+            item = decode_body(body)
+        except (ValueError, KeyError, TypeError, struct.error) as exc:
+            log.warning("spool: undecodable frame skipped", file=path, offset=pos, error=str(exc))
+            pos = end
+            continue
+        yield pos, end - pos, item
+        pos = end
+
+
+def _try_lock(path: str) -> int | None:
+    fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class Spool:
+    """One producer's spool directory plus the orphaned directories it adopted."""
+
+    def __init__(self, root: str, producer: str | None, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self.bytes = 0  # bytes of frames not yet delivered, own and adopted
+        self._own: ProducerDir | None = None
+        self._producer = producer
+        self._write_seg: Segment | None = None
+        self._write_fh: int | None = None
+        self._seq = 0
+        self._adopted: list[ProducerDir] = []
+
+    def open(self) -> None:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        if self._producer is not None:
+            path = os.path.join(self.root, _safe(self._producer))
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            fd = _try_lock(path)
+            if fd is None:
+                raise SpoolError(f"spool directory {path} is locked by another process")
+            self._own = ProducerDir(path, fd)
+
+    def adopt_orphans(self) -> list[DiskRef]:
+        """Lock every directory left by a sidecar that is gone; return its items in order."""
+        refs: list[DiskRef] = []
+        try:
+            names = sorted(os.listdir(self.root), key=lambda n: _mtime(os.path.join(self.root, n)))
+        except OSError:
+            return refs
+        for name in names:
+            path = os.path.join(self.root, name)
+            if self._own is not None and path == self._own.path or not os.path.isdir(path):
+                continue
+            try:
+                fd = _try_lock(path)
+            except OSError:
+                continue
+            if fd is None:
+                continue  # a live sidecar or a running replay owns it
+            pdir = ProducerDir(path, fd, foreign=True)
+            segs = sorted((s for s in os.listdir(path) if s.endswith(".seg")), key=lambda s: int(s.split(".")[0]))
+            for seg_name in segs:
+                seg = Segment(os.path.join(path, seg_name), sealed=True, owner=pdir)
+                pdir.segments.append(seg)
+                for off, length, item in scan(seg.path):
+                    refs.append(_ref(seg, off, length, item))
+                    seg.live += 1
+                    self.bytes += length
+                if seg.live == 0:
+                    self._unlink(seg)
+            self._adopted.append(pdir)
+            self._maybe_remove_dir(pdir)
+        return refs
+
+    def has_room(self, nbytes: int) -> bool:
+        return self._own is not None and self.bytes + nbytes <= self.max_bytes
+
+    def write(self, item: Item) -> DiskRef:
+        assert self._own is not None
+        frame = encode_frame(item)
+        seg = self._write_seg
+        if seg is None or seg.size >= SEGMENT_BYTES:
+            self._rotate()
+            seg = self._write_seg
+            assert seg is not None
+        assert self._write_fh is not None
+        offset = seg.size
+        try:
+            os.write(self._write_fh, frame)
+        except OSError:
+            # Leave no half frame behind for the next frame to be appended after.
+            os.ftruncate(self._write_fh, offset)
+            raise
+        seg.size += len(frame)
+        seg.live += 1
+        self.bytes += len(frame)
+        return _ref(seg, offset, len(frame), item)
+
+    def read(self, ref: DiskRef) -> Item:
+        with open(ref.segment.path, "rb") as fh:
+            fh.seek(ref.offset)
+            frame = fh.read(ref.length)
+        magic, blen, crc = _HEAD.unpack_from(frame, 0)
+        body = frame[_HEAD.size :]
+        if magic != MAGIC or zlib.crc32(body) != crc:
+            raise SpoolError(f"spool frame at {ref.segment.path}:{ref.offset} changed on disk")
+        return decode_body(body)
+
+    def release(self, ref: DiskRef) -> None:
+        """The item is delivered (or given up): forget it, delete its segment when empty."""
+        seg = ref.segment
+        seg.live -= 1
+        self.bytes -= ref.length
+        if seg.live <= 0 and seg.sealed:
+            self._unlink(seg)
+            if seg.owner is not None and seg.owner.foreign:
+                self._maybe_remove_dir(seg.owner)
+
+    def close(self, *, remove_if_empty: bool = True) -> None:
+        if self._write_fh is not None:
+            os.close(self._write_fh)
+            self._write_fh = None
+        if self._write_seg is not None:
+            self._write_seg.sealed = True
+            if self._write_seg.live <= 0:
+                self._unlink(self._write_seg)
+        if self._own is not None:
+            if remove_if_empty:
+                self._maybe_remove_dir(self._own, force_check=True)
+            os.close(self._own.lock_fd)
+            self._own = None
+        for pdir in self._adopted:
+            try:
+                os.close(pdir.lock_fd)
+            except OSError:
+                pass
+        self._adopted = []
+
+    def _rotate(self) -> None:
+        assert self._own is not None
+        if self._write_fh is not None:
+            os.close(self._write_fh)
+        if self._write_seg is not None:
+            self._write_seg.sealed = True
+            if self._write_seg.live <= 0:
+                self._unlink(self._write_seg)
+        self._seq += 1
+        path = os.path.join(self._own.path, f"{self._seq:08d}.seg")
+        self._write_fh = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        self._write_seg = Segment(path, owner=self._own)
+        self._own.segments.append(self._write_seg)
+
+    def _unlink(self, seg: Segment) -> None:
+        try:
+            os.unlink(seg.path)
+        except FileNotFoundError:
+            pass
+        if seg.owner is not None and seg in seg.owner.segments:
+            seg.owner.segments.remove(seg)
+
+    def _maybe_remove_dir(self, pdir: ProducerDir, force_check: bool = False) -> None:
+        if pdir.segments and not force_check:
+            return
+        try:
+            leftover = [n for n in os.listdir(pdir.path) if n != "lock"]
+        except OSError:
+            return
+        if not leftover:
+            try:
+                os.unlink(os.path.join(pdir.path, "lock"))
+                os.rmdir(pdir.path)
+            except OSError:
+                pass
+
+
+def _ref(seg: Segment, offset: int, length: int, item: Item) -> DiskRef:
+    return DiskRef(seg, offset, length, item.key, item.first, item.last, item.records, item.raw_bytes, item.kind)
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0

@@ -1,0 +1,146 @@
+"""`python -m sidecar tail RUN_ID`: how a person reads a run (payloads are compressed in Redis)."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, BinaryIO
+
+import orjson
+
+from . import protocol
+from .cli import _Parser
+from .config import OPTIONS, UsageError, build_connection, mask_url
+from .consumer import Event, Gap, RunReader, Status, channel_names
+from .protocol import Record
+
+_CONN_OPTS = {"redis_url", "output_channel", "logs_channel", "status_channel"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="agent-sidecar tail", description="Print a run's output from Redis.")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--variation", default="0", help="variation id (default 0)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new output, like tail -f")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--raw", action="store_true",
+                      help="the agent's bytes exactly: stdout records to stdout, stderr records to stderr")
+    mode.add_argument("--json", action="store_true", help="one decoded record per line (JSON)")
+    p.add_argument("--stream", choices=("stdout", "stderr"), help="only this stream")
+    p.add_argument("--no-status", action="store_true", help="leave status messages out (--json and text modes)")
+    for opt in OPTIONS:
+        if opt.dest in _CONN_OPTS:
+            p.add_argument(opt.flag, dest=opt.dest, default=None, help=f"{opt.help} [env {opt.env}]")
+    return p
+
+
+def _record_json(rec: Record) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "channel": rec.channel, "stream": rec.stream, "seq": rec.seq, "ts": rec.ts,
+        "agent_id": rec.agent_id, "producer": rec.producer,
+    }
+    body = rec.data if rec.partial else rec.data[:-1]
+    try:
+        out["text"] = body.decode("utf-8")
+    except UnicodeDecodeError:
+        out["b64"] = base64.b64encode(body).decode("ascii")
+    if rec.partial:
+        out["partial"] = True
+    if rec.json is not None:
+        out["json"] = rec.json
+    return out
+
+
+class Printer:
+    def __init__(self, mode: str, stream: str | None, show_status: bool, variation: str) -> None:
+        self.mode = mode
+        self.stream = stream
+        self.show_status = show_status and mode != "raw"
+        self.variation = variation
+        self.out: BinaryIO = sys.stdout.buffer
+        self.err: BinaryIO = sys.stderr.buffer
+        self.final: str | None = None
+
+    def emit(self, ev: Event) -> None:
+        if isinstance(ev, Record):
+            if self.stream and ev.stream != self.stream:
+                return
+            if self.mode == "raw":
+                (self.out if ev.stream == "stdout" else self.err).write(ev.data)
+            elif self.mode == "json":
+                self.out.write(orjson.dumps(_record_json(ev)) + b"\n")
+            else:
+                tag = "out" if ev.stream == "stdout" else "err"
+                self.out.write(f"{protocol.iso_utc(ev.ts)[11:23]} {tag} | ".encode() + ev.text.encode() + b"\n")
+        elif isinstance(ev, Status):
+            if str(ev.msg.get("variation_id")) != self.variation:
+                return
+            if ev.status in ("exited", "killed", "failed", "cancelled"):
+                self.final = ev.status
+            if not self.show_status:
+                return
+            if self.mode == "json":
+                self.out.write(orjson.dumps(ev.msg) + b"\n")
+            else:
+                meta = " ".join(f"{k}={v}" for k, v in (ev.msg.get("metadata") or {}).items())
+                self.out.write(f"{str(ev.msg.get('timestamp', ''))[11:23]} --- {ev.status} {meta}\n".encode())
+        elif isinstance(ev, Gap):
+            note = f"[agent-sidecar] gap: records {ev.first}..{ev.last} of {ev.channel} {ev.reason}\n"
+            if self.mode == "json":
+                self.out.write(orjson.dumps({"type": "gap", "channel": ev.channel, "stream": ev.stream,
+                                             "from": ev.first, "to": ev.last, "reason": ev.reason}) + b"\n")
+            else:
+                self.err.write(note.encode())
+
+    def flush(self) -> None:
+        self.out.flush()
+        self.err.flush()
+
+
+def main(argv: Sequence[str]) -> int:
+    ns = parser().parse_args(list(argv))
+    try:
+        settings = build_connection(vars(ns), dict(os.environ))
+    except UsageError as exc:
+        sys.stderr.write(f"agent-sidecar tail: error: {exc}\n")
+        return 2
+    import redis
+
+    from .transport import connect
+
+    names = channel_names(ns.run_id, ns.variation, output=settings.output_channel, logs=settings.logs_channel,
+                          status=settings.status_channel)
+    keys = [names["stdout"], names["stderr"]]
+    if ns.stream:
+        keys = [names[ns.stream]]
+    mode = "raw" if ns.raw else "json" if ns.json else "text"
+    if mode != "raw" and not ns.no_status:
+        keys.append(names["status"])
+    printer = Printer(mode, ns.stream, not ns.no_status, ns.variation)
+    client = connect(settings, socket_timeout=None)
+    reader = RunReader(client, keys)
+    try:
+        for ev in reader.stored():
+            printer.emit(ev)
+        printer.flush()
+        if ns.follow:
+            for ev in reader.follow():
+                if ev is not None:
+                    printer.emit(ev)
+                printer.flush()
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except redis.RedisError as exc:
+        sys.stderr.write(f"agent-sidecar tail: error: cannot read from Redis at {mask_url(settings.redis_url)}: "
+                         f"{type(exc).__name__}: {exc}\n")
+        return 1
+    finally:
+        client.close()
+    if reader.errors:
+        sys.stderr.write(f"[agent-sidecar] {reader.errors} undecodable entries skipped\n")
+    return 0

@@ -1,0 +1,244 @@
+"""The Redis side: one sender thread pipelines queued items, retrying with backoff until they land.
+
+Each item is appended by a Lua script that keeps, per stream, the highest sequence number
+each producer has written (hash ``<stream>:idem``). A batch whose reply was lost is sent
+again on retry, and the script skips it if it was applied: no duplicate in the stream.
+Producers are unique per sidecar process, so a restarted pod never has its new data taken
+for a repeat. Publishing happens inside the same script, so a retry does not repeat the
+pub/sub message either (except with --transport pubsub or --wire per-line-json).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from . import log
+from .batcher import Batcher
+from .config import Settings, mask_url
+from .items import Item
+from .outbox import Outbox
+
+APPEND_SCRIPT = """
+local hwm = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if hwm >= tonumber(ARGV[2]) then return 0 end
+if ARGV[5] ~= '0' then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
+else
+  redis.call('XADD', KEYS[1], '*', 'd', ARGV[4])
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+if ARGV[6] == '1' then redis.call('PUBLISH', KEYS[1], ARGV[4]) end
+local ttl = tonumber(ARGV[7])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+
+# Failures worth waiting out: the server is away, restarting, loading, read-only after a
+# failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
+RETRYABLE: tuple[type[BaseException], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.ResponseError,
+    OSError,
+)
+
+MAX_PIPELINE_ITEMS = 64
+MAX_PIPELINE_BYTES = 8 << 20
+
+
+def idem_key(stream_key: str) -> str:
+    return f"{stream_key}:idem"
+
+
+def connect(settings: Settings, **overrides: Any) -> redis.Redis:
+    """A client with our timeouts and without redis-py's own retries (we retry whole batches)."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": settings.socket_timeout_s,
+        "socket_connect_timeout": min(settings.socket_timeout_s, 5.0),
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
+    if settings.redis_password:
+        kwargs["password"] = settings.redis_password
+    kwargs.update(overrides)
+    return redis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+def describe_error(exc: BaseException, url: str) -> str:
+    """One line, no secrets."""
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text} ({mask_url(url)})"
+
+
+@dataclass
+class Stats:
+    records_shipped: int = 0
+    bytes_shipped: int = 0
+    items_shipped: int = 0
+    last_ok: float = 0.0
+    connected: bool = False
+    down_since: float | None = None
+
+
+class Sender:
+    def __init__(
+        self,
+        settings: Settings,
+        outbox: Outbox,
+        batcher: Batcher | None,
+        *,
+        on_degraded: Callable[[float, str], None] | None = None,
+        on_recovered: Callable[[float, int, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.batcher = batcher
+        self.on_degraded = on_degraded
+        self.on_recovered = on_recovered
+        self.stats = Stats()
+        self._stop = threading.Event()  # deliver what is queued, then stop
+        self._abandon = threading.Event()  # stop now, even mid-retry
+        self._client: redis.Redis | None = None
+        self._script: Any = None
+        self._last_error = ""
+        self.thread = threading.Thread(target=self._run, name="redis-sender", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def finish(self) -> None:
+        """No more input will come: deliver everything, then end."""
+        self._stop.set()
+        self.outbox.notify()
+
+    def abandon(self) -> None:
+        self._abandon.set()
+        self._stop.set()
+        self.outbox.notify()
+
+    def join(self, timeout: float | None) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    # -- loop ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._abandon.is_set():
+                items = self.outbox.take(MAX_PIPELINE_ITEMS, MAX_PIPELINE_BYTES)
+                if not items:
+                    if self.batcher is not None and self.batcher.pending():
+                        # Idle sender and open records: ship them now rather than lingering,
+                        # unless the reader holds the lock (it is adding; it will come back).
+                        if self.batcher.seal_all(blocking=False):
+                            continue
+                    if self._stop.is_set() and self.outbox.empty():
+                        if self.batcher is None or not self.batcher.pending():
+                            return
+                    due = self.batcher.next_due() if self.batcher is not None else None
+                    self.outbox.wait(0.2 if due is None else max(0.0005, due))
+                    continue
+                if not self._deliver(items):
+                    self.outbox.release_inflight()
+                    return
+                self.outbox.ack(len(items))
+        except Exception as exc:  # a bug must not take the agent down; what waits stays queued
+            log.error("sender stopped by an unexpected error", error=repr(exc))
+            self.outbox.release_inflight()
+
+    def _deliver(self, items: list[Item]) -> bool:
+        """Send until it lands. False only when abandoned."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(RETRYABLE),
+            wait=wait_exponential_jitter(initial=0.05, max=self.settings.retry_max_s, jitter=0.2),
+            stop=lambda _state: self._abandon.is_set(),
+            sleep=self._abandon.wait,
+            before_sleep=self._on_failure,
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._send(items)
+        except RETRYABLE:
+            return False
+        now = time.time()
+        down = self.stats.down_since
+        if down is not None:
+            self.stats.down_since = None
+            self.outbox.set_durable(False)
+            log.info("Redis is back; delivering what waited", after_s=round(now - down, 3))
+            if self.on_recovered is not None:
+                self.on_recovered(now - down, self.outbox.waiting_records, self.outbox.waiting_bytes)
+        self.stats.connected = True
+        self.stats.last_ok = now
+        self.stats.items_shipped += len(items)
+        for it in items:
+            self.stats.records_shipped += it.records
+            self.stats.bytes_shipped += it.raw_bytes
+        return True
+
+    def _on_failure(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome is not None else None
+        msg = describe_error(exc, self.settings.redis_url) if exc is not None else "unknown error"
+        self.stats.connected = False
+        self._drop_client()
+        if self.stats.down_since is None:
+            self.stats.down_since = time.time()
+            self.outbox.set_durable(True)
+            log.warning("Redis unreachable; output waits in buffer and spool, agent keeps running", error=msg)
+            if self.on_degraded is not None:
+                self.on_degraded(self.stats.down_since, msg)
+        elif msg != self._last_error:
+            log.warning("Redis still unreachable", error=msg)
+        self._last_error = msg
+
+    # -- I/O -----------------------------------------------------------------------------
+    def _client_for(self) -> tuple[redis.Redis, Any]:
+        if self._client is None:
+            self._client = connect(self.settings)
+            self._script = self._client.register_script(APPEND_SCRIPT)
+        return self._client, self._script
+
+    def _drop_client(self) -> None:
+        if self._client is not None:
+            try:
+                self._client.close()
+            except Exception:
+                pass
+            self._client = None
+
+    def _send(self, items: list[Item]) -> None:
+        client, script = self._client_for()
+        s = self.settings
+        pipe = client.pipeline(transaction=False)
+        ttl = str(int(s.retention_s))
+        maxlen = str(s.max_stream_len)
+        for it in items:
+            publish_inline = s.use_pubsub and it.pubs is None
+            if s.use_stream:
+                script(
+                    keys=[it.key, idem_key(it.key)],
+                    args=[it.producer, it.first, it.last, it.payload, maxlen, "1" if publish_inline else "0", ttl],
+                    client=pipe,
+                )
+            elif publish_inline:
+                pipe.publish(it.key, it.payload)
+            if s.use_pubsub and it.pubs is not None:
+                for msg in it.pubs:
+                    pipe.publish(it.key, msg)
+        pipe.execute()
+
+    def close(self) -> None:
+        self._drop_client()
