@@ -35,7 +35,7 @@ def _help_for(opt: Option) -> str:
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
     for opt in options:
         if opt.kind == "negbool":
-            parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="0", default=None,
+            parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="1", default=None,
                                 help=_help_for(opt))
         elif opt.kind == "choice":
             parser.add_argument(opt.flag, dest=opt.dest, choices=opt.choices, default=None, help=_help_for(opt))
