@@ -1,0 +1,327 @@
+"""Fault injection with real redis-server processes: every test counts what arrived and in which order."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from tests.helpers import REPO_ROOT, run_process, run_sidecar, wait_until
+from tests.integration import runs
+from tests.integration.faults import ReplyDroppingProxy, counter_bytes, raw_seqs
+from tests.redis_harness import RedisServer, find_free_port
+
+COUNTER = str(REPO_ROOT / "tests" / "agents" / "counter.py")
+SIGNALS = str(REPO_ROOT / "tests" / "agents" / "signals.py")
+AOF = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+def counter(lines: int, rate: float, *extra: str) -> list[str]:
+    return [sys.executable, COUNTER, "--lines", str(lines), "--rate", str(rate), *extra]
+
+
+def sidecar_args(url: str, run_id: str, spool: Path, *extra: str) -> list[str]:
+    return ["--redis-url", url, "--run-id", run_id, "--no-echo", "--socket-timeout", "1",
+            "--retry-max-backoff", "0.5", "--spool-dir", str(spool), *extra]
+
+
+def assert_exactly_once(client: redis.Redis, key: str, n: int) -> None:
+    seqs = raw_seqs(client, key)
+    assert len(seqs) == n, f"{len(seqs)} records in the stream, {n} written"
+    assert seqs == list(range(1, n + 1)), "records out of order or repeated"
+    assert runs.stream_bytes(client, key) == counter_bytes(1, n)
+
+
+def replay(url: str, spool: Path) -> Any:
+    return run_process([sys.executable, "-m", "sidecar", "replay", "--spool-dir", str(spool), "--redis-url", url,
+                        "--timeout", "30"], timeout=60)
+
+
+def test_redis_killed_and_restarted_mid_run(redis_factory: Any, start_sidecar: Any, tmp_path: Path) -> None:
+    srv: RedisServer = redis_factory(AOF)
+    client = srv.client()
+    n = 6000
+    proc = start_sidecar([*sidecar_args(srv.url, "kill", tmp_path / "spool"), "--", *counter(n, 2000)])
+    key = runs.keys("kill")["stdout"]
+    wait_until(lambda: client.exists(key) == 1, timeout=10)
+    srv.kill()
+    time.sleep(1.0)
+    srv.restart()
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    client = srv.client()
+    assert_exactly_once(client, key, n)
+    states = [m["status"] for m in runs.statuses(client, "kill")]
+    assert states[:2] == ["starting", "running"] and states[-1] == "exited"
+    assert "degraded" in states and "recovered" in states
+    degraded = next(m for m in runs.statuses(client, "kill") if m["status"] == "degraded")
+    assert {"since", "waiting_records", "waiting_bytes"} <= set(degraded["metadata"])
+    recovered = next(m for m in runs.statuses(client, "kill") if m["status"] == "recovered")
+    assert recovered["metadata"]["down_s"] > 0.5
+
+
+def test_redis_down_at_start_then_started(redis_factory: Any, start_sidecar: Any, tmp_path: Path) -> None:
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    n = 3000
+    proc = start_sidecar([*sidecar_args(url, "late", tmp_path / "spool"), "--", *counter(n, 1500)])
+    time.sleep(1.5)
+    srv: RedisServer = redis_factory(port=port)
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    client = srv.client()
+    assert_exactly_once(client, runs.keys("late")["stdout"], n)
+    states = [m["status"] for m in runs.statuses(client, "late")]
+    assert states[0] == "starting" and states[-1] == "exited" and "degraded" in states
+
+
+def test_redis_stalled_by_sigstop(redis_server: RedisServer, start_sidecar: Any, tmp_path: Path) -> None:
+    n = 6000
+    key = runs.keys("stall")["stdout"]
+    client = redis_server.client()
+    proc = start_sidecar([*sidecar_args(redis_server.url, "stall", tmp_path / "spool"), "--", *counter(n, 1500)])
+    wait_until(lambda: client.exists(key) == 1, timeout=10)
+    redis_server.stop()
+    time.sleep(3.0)
+    assert proc.poll() is None  # the agent kept running; nothing crashed
+    redis_server.cont()
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert_exactly_once(redis_server.client(), key, n)
+    assert "degraded" in [m["status"] for m in runs.statuses(redis_server.client(), "stall")]
+
+
+def test_reply_lost_after_write_is_not_duplicated(redis_server: RedisServer, tmp_path: Path) -> None:
+    with ReplyDroppingProxy(redis_server.port) as proxy:
+        cp = run_sidecar([*sidecar_args(proxy.url, "dup", tmp_path / "spool"), "--", *counter(2000, 0)])
+        assert proxy.fired.is_set()
+    assert cp.returncode == 0, cp.stderr
+    assert_exactly_once(redis_server.client(), runs.keys("dup")["stdout"], 2000)
+    statuses = runs.statuses(redis_server.client(), "dup")
+    seqs = [m["seq"] for m in statuses]
+    assert seqs == sorted(set(seqs))
+
+
+def test_client_kill_storm(redis_server: RedisServer, start_sidecar: Any, tmp_path: Path) -> None:
+    n = 8000
+    admin = redis_server.client()
+    proc = start_sidecar([*sidecar_args(redis_server.url, "ck", tmp_path / "spool"), "--", *counter(n, 4000)])
+    kills = 0
+    deadline = time.monotonic() + 1.8
+    while time.monotonic() < deadline and proc.poll() is None:
+        for c in admin.client_list():
+            if c.get("cmd") in ("evalsha", "eval", "exec", "xadd") or c.get("name") == "":
+                if int(c["id"]) != admin.client_id():
+                    try:
+                        admin.client_kill_filter(_id=c["id"])
+                        kills += 1
+                    except redis.ResponseError:
+                        pass
+        time.sleep(0.02)
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert kills > 0
+    assert_exactly_once(redis_server.client(), runs.keys("ck")["stdout"], n)
+
+
+def test_down_for_whole_run_then_replay(redis_factory: Any, tmp_path: Path) -> None:
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    spool = tmp_path / "spool"
+    n = 5000
+    cp = run_sidecar([*sidecar_args(url, "down", spool), "--drain-timeout", "1", "--", *counter(n, 0)])
+    assert cp.returncode == 0
+    assert b"stays in the spool" in cp.stderr
+    assert any(spool.rglob("*.seg"))
+    srv: RedisServer = redis_factory(port=port)
+    rp = replay(url, spool)
+    assert rp.returncode == 0, rp.stderr
+    client = srv.client()
+    assert_exactly_once(client, runs.keys("down")["stdout"], n)
+    states = [m["status"] for m in runs.statuses(client, "down")]
+    assert states[0] == "starting" and states[-1] == "exited"
+    # a second replay finds nothing and writes nothing twice
+    rp = replay(url, spool)
+    assert rp.returncode == 0
+    assert_exactly_once(client, runs.keys("down")["stdout"], n)
+    assert not any(spool.rglob("*.seg"))
+
+
+def test_next_sidecar_delivers_old_spool_first(redis_factory: Any, tmp_path: Path) -> None:
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    spool = tmp_path / "spool"
+    cp = run_sidecar([*sidecar_args(url, "first", spool), "--drain-timeout", "0.5", "--", *counter(1000, 0)])
+    assert cp.returncode == 0
+    srv: RedisServer = redis_factory(port=port)
+    cp = run_sidecar([*sidecar_args(url, "second", spool), "--", *counter(10, 0)])
+    assert cp.returncode == 0, cp.stderr
+    client = srv.client()
+    assert_exactly_once(client, runs.keys("first")["stdout"], 1000)
+    assert_exactly_once(client, runs.keys("second")["stdout"], 10)
+    last_old = client.xrevrange(runs.keys("first")["stdout"], count=1)[0][0]
+    first_new = client.xrange(runs.keys("second")["stdout"], count=1)[0][0]
+    as_tuple = lambda i: tuple(int(x) for x in i.split(b"-"))  # noqa: E731
+    assert as_tuple(last_old) < as_tuple(first_new)
+    assert not any(spool.rglob("*.seg"))
+
+
+def test_sidecar_sigkilled_with_spool_then_replay(redis_factory: Any, start_sidecar: Any, tmp_path: Path) -> None:
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    spool = tmp_path / "spool"
+    proc = start_sidecar([*sidecar_args(url, "crash", spool), "--", *counter(100_000, 2000)])
+    time.sleep(2.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.kill_tree()
+    segs = sorted(spool.rglob("*.seg"))
+    assert segs
+    # a torn tail, as a crash in the middle of an append leaves it
+    with open(segs[-1], "ab") as fh:
+        fh.write(b"ASP1\x00\x10\x00\x00garbage")
+    srv: RedisServer = redis_factory(port=port)
+    rp = replay(url, spool)
+    assert rp.returncode == 0, rp.stderr
+    assert b"torn" in rp.stderr or b"corrupt" in rp.stderr
+    assert b"Traceback" not in rp.stderr
+    client = srv.client()
+    seqs = raw_seqs(client, runs.keys("crash")["stdout"])
+    assert len(seqs) >= 1000, "most of what was written before the kill was spooled"
+    assert seqs == list(range(1, len(seqs) + 1)), "a prefix, in order, each once"
+    assert runs.stream_bytes(client, runs.keys("crash")["stdout"]) == counter_bytes(1, len(seqs))
+    assert replay(url, spool).returncode == 0
+    assert raw_seqs(client, runs.keys("crash")["stdout"]) == seqs
+
+
+def test_when_full_block_pauses_the_agent_and_loses_nothing(
+    redis_factory: Any, start_sidecar: Any, tmp_path: Path
+) -> None:
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    marker = tmp_path / "agent-done"
+    n = 100_000
+    cmd = ["sh", "-c", f"{sys.executable} {COUNTER} --lines {n} --rate 0 && touch {marker}"]
+    proc = start_sidecar([*sidecar_args(url, "block", tmp_path / "spool"), "--buffer-max-bytes", "256KiB",
+                          "--spool-max-bytes", "0", "--compress-threshold", "-1", "--", *cmd])
+    time.sleep(3.0)
+    assert not marker.exists(), "the agent should be blocked on write while everything is full"
+    assert proc.poll() is None
+    srv: RedisServer = redis_factory(port=port)
+    cp = proc.finish(timeout=90)
+    assert cp.returncode == 0, cp.stderr
+    assert marker.exists()
+    assert_exactly_once(srv.client(), runs.keys("block")["stdout"], n)
+
+
+def test_when_full_drop_never_blocks_and_marks_gaps(redis_factory: Any, start_sidecar: Any, tmp_path: Path) -> None:
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    marker = tmp_path / "agent-done"
+    n = 100_000
+    cmd = ["sh", "-c", f"{sys.executable} {COUNTER} --lines {n} --rate 0 && touch {marker}"]
+    proc = start_sidecar([*sidecar_args(url, "drop", tmp_path / "spool"), "--buffer-max-bytes", "256KiB",
+                          "--spool-max-bytes", "0", "--compress-threshold", "-1", "--when-full", "drop",
+                          "--drain-timeout", "30", "--", *cmd])
+    wait_until(marker.exists, timeout=30, message="the agent must never block under --when-full drop")
+    srv: RedisServer = redis_factory(port=port)
+    cp = proc.finish(timeout=90)
+    assert cp.returncode == 0, cp.stderr
+    client = srv.client()
+    key = runs.keys("drop")["stdout"]
+    recs = runs.records(client, key)
+    gaps = runs.gaps(client, key)
+    assert gaps, "something must have been dropped"
+    covered = sorted([r.seq for r in recs] + [s for g in gaps for s in range(g.first, g.last + 1)])
+    assert covered == list(range(1, n + 1)), "records and gap markers account for every sequence number once"
+    for r in recs:
+        assert r.data == b"line %d\n" % r.seq
+    assert all(g.reason == "dropped" for g in gaps)
+
+
+def test_sigterm_to_sidecar_with_agent_that_traps_it(redis_server: RedisServer, start_sidecar: Any,
+                                                     tmp_path: Path) -> None:
+    proc = start_sidecar([*sidecar_args(redis_server.url, "trap", tmp_path / "spool"), "--", sys.executable,
+                          SIGNALS, "--on-term", "exit"])
+    wait_until(lambda: b"ready" in runs.stream_bytes(redis_server.client(), runs.keys("trap")["stdout"]), timeout=10)
+    proc.send_signal(signal.SIGTERM)
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    out = runs.stream_bytes(redis_server.client(), runs.keys("trap")["stdout"])
+    assert out == b"ready\ngot SIGTERM\ncleaning up\n"
+    assert runs.statuses(redis_server.client(), "trap")[-1]["status"] == "exited"
+
+
+def test_sigterm_to_sidecar_with_agent_that_ignores_it(redis_server: RedisServer, start_sidecar: Any,
+                                                       tmp_path: Path) -> None:
+    proc = start_sidecar([*sidecar_args(redis_server.url, "ign", tmp_path / "spool"), "--kill-grace", "1", "--",
+                          sys.executable, SIGNALS, "--on-term", "ignore"])
+    wait_until(lambda: b"ready" in runs.stream_bytes(redis_server.client(), runs.keys("ign")["stdout"]), timeout=10)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 137
+    assert 0.9 <= time.monotonic() - t0 < 10
+    final = runs.statuses(redis_server.client(), "ign")[-1]
+    assert final["status"] == "killed" and final["metadata"]["signal"] == "SIGKILL"
+    assert b"SIGKILL" in cp.stderr
+
+
+def test_signals_are_forwarded_to_the_agent(redis_server: RedisServer, start_sidecar: Any, tmp_path: Path) -> None:
+    client = redis_server.client()
+    key = runs.keys("fwd")["stdout"]
+    proc = start_sidecar([*sidecar_args(redis_server.url, "fwd", tmp_path / "spool"), "--", sys.executable, SIGNALS])
+    wait_until(lambda: b"ready" in runs.stream_bytes(client, key), timeout=10)
+    sent = [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH, signal.SIGQUIT, signal.SIGINT]
+    for sig in sent:
+        proc.send_signal(sig)
+        name = signal.Signals(sig).name
+        wait_until(lambda n=name: f"got {n}".encode() in runs.stream_bytes(client, key), timeout=10)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.finish(timeout=30).returncode == 0
+    expected = b"ready\n" + b"".join(b"got %s\n" % signal.Signals(s).name.encode() for s in sent)
+    assert runs.stream_bytes(client, key) == expected + b"got SIGTERM\ncleaning up\n"
+
+
+def test_second_sigterm_during_drain_says_what_it_waits_for(free_port: int, start_sidecar: Any,
+                                                            tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port}/0"
+    proc = start_sidecar([*sidecar_args(url, "drain", tmp_path / "spool"), "--drain-timeout", "20", "--",
+                          "echo", "x"])
+    wait_until(lambda: b"unreachable" in proc.read_stderr(), timeout=10)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    wait_until(lambda: b"waiting for its output to reach Redis" in proc.read_stderr(), timeout=10)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    cp = proc.finish(timeout=10)
+    assert cp.returncode == 0
+    assert b"leaving the rest in the spool" in cp.stderr
+    assert any((tmp_path / "spool").rglob("*.seg"))
+
+
+def test_grandchild_holding_the_pipe_does_not_hang(redis_server: RedisServer, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    cp = run_sidecar([*sidecar_args(redis_server.url, "held", tmp_path / "spool"), "--pipe-grace", "0.5", "--",
+                      "sh", "-c", "sleep 60 & echo done"], timeout=30)
+    assert cp.returncode == 0
+    assert time.monotonic() - t0 < 15
+    assert runs.stream_bytes(redis_server.client(), runs.keys("held")["stdout"]) == b"done\n"
+    assert b"held open" in cp.stderr
+
+
+def test_orphans_are_reaped(redis_server: RedisServer, start_sidecar: Any, tmp_path: Path) -> None:
+    import psutil
+
+    proc = start_sidecar([*sidecar_args(redis_server.url, "orph", tmp_path / "spool"), "--", "sh", "-c",
+                          "(sleep 0.2 >/dev/null 2>&1 &); sleep 2; echo end"])
+    time.sleep(1.2)
+    me = psutil.Process(proc.pid)
+    zombies = [c for c in me.children(recursive=True) if c.status() == psutil.STATUS_ZOMBIE]
+    assert zombies == []
+    assert proc.finish(timeout=30).returncode == 0
