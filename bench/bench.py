@@ -1,0 +1,1022 @@
+"""Benchmark of the sidecar: throughput, latency, startup, overhead, Redis memory, footprint.
+
+    python bench/bench.py                    # full run, a couple of minutes
+    python bench/bench.py --quick            # small sizes, under a minute (CI smoke check)
+    python bench/bench.py --redis-url redis://127.0.0.1:6379/0 --json /tmp/b.json
+
+Starts a throwaway redis-server on a free loopback port unless --redis-url is given.
+Prints a table (figure | value | target | baseline | ratio) and writes the same as JSON.
+Exit status: 0 when every measurement ran and every count was right (targets missed or
+not); 1 when the sidecar failed, timed out or delivered a wrong number of lines or wrong
+bytes, or a measurement could not be made; 2 with --strict when a target was missed.
+See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+import orjson
+import psutil
+import redis
+import zstandard
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+import agent_text  # noqa: E402
+import naive  # noqa: E402
+
+# The interpreter running this file, not `python` from PATH: a version-manager shim there
+# can add a few hundred milliseconds to every start.
+PY = sys.executable
+WRITER = os.path.join(HERE, "writer.py")
+NAIVE = os.path.join(HERE, "naive.py")
+DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+PRINT_PROG = "for i in range(10000): print('line', i)"
+MB = 1_000_000
+
+StreamReply = list[tuple[bytes, list[tuple[bytes, dict[bytes, bytes]]]]] | None
+
+
+@dataclass(frozen=True)
+class Sizes:
+    bulk_lines: int
+    flush_lines: int
+    naive_lines: int
+    latency_rate: int
+    latency_seconds: float
+    startup_runs: int
+    wrap_runs: int
+    run_timeout: float  # one sidecar run moving data
+    short_timeout: float  # one startup or wrap run
+
+
+FULL = Sizes(2_000_000, 1_000_000, 200_000, 100, 10.0, 10, 5, 300.0, 30.0)
+QUICK = Sizes(50_000, 50_000, 20_000, 100, 2.0, 3, 3, 20.0, 10.0)
+
+
+# figure (without the .consumer suffix) -> unit, how the value must compare, target
+SPEC: dict[str, tuple[str, str, float | None]] = {
+    "bulk_lines_per_s": ("lines/s", ">=", 1_500_000),
+    "naive_publish_lines_per_s": ("lines/s", "", None),
+    "bulk_vs_naive_ratio": ("x", ">=", 100),
+    "flush_lines_per_s": ("lines/s", ">=", 700_000),
+    "latency_p50_ms": ("ms", "<=", 1.0),
+    "latency_p99_ms": ("ms", "<=", 5.0),
+    "startup_ms": ("ms", "<=", 250),
+    "wrap_overhead_ratio": ("x", "<=", 1.3),
+    "redis_lines_per_mb": ("lines/MB", ">=", 10_000),
+    "sidecar_cpu_pct": ("% of a core", "<=", 2.0),
+    "sidecar_rss_mb": ("MB", "<=", 60),
+}
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float | None
+    unit: str
+    target: float | None = None
+    op: str = ""  # ">=" or "<=": how value must compare to target
+    baseline: float | None = None
+    baseline_label: str = ""
+    ratio: float | None = None
+    note: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None or self.value is None:
+            return None
+        return self.value >= self.target if self.op == ">=" else self.value <= self.target
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["met"] = self.met
+        return out
+
+
+class SidecarFailure(Exception):
+    """The sidecar exited badly, timed out, or delivered the wrong lines."""
+
+
+class Skipped(Exception):
+    """A figure that could not be measured because an earlier step failed."""
+
+
+# ---------------------------------------------------------------- wire format
+
+
+def decode(payload: bytes, dctx: zstandard.ZstdDecompressor) -> dict[str, Any]:
+    if payload[:4] == ZSTD_MAGIC:
+        payload = dctx.decompress(payload, max_output_size=1 << 31)
+    obj = orjson.loads(payload)
+    if not isinstance(obj, dict):
+        raise ValueError("payload is not a JSON object")
+    return obj
+
+
+def record_texts(batch: dict[str, Any]) -> list[str]:
+    lines: list[str] = batch.get("lines") or []
+    b64 = batch.get("b64")
+    if b64:
+        lines = list(lines)
+        for i in b64:
+            lines[i] = base64.b64decode(lines[i]).decode("utf-8", "replace")
+    return lines
+
+
+def record_bytes(batch: dict[str, Any]) -> bytes:
+    """The exact bytes the agent wrote for the records of one batch."""
+    lines: list[str] = batch.get("lines") or []
+    partial = set(batch.get("partial") or ())
+    b64 = set(batch.get("b64") or ())
+    if not partial and not b64:
+        return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
+    out: list[bytes] = []
+    for i, text in enumerate(lines):
+        out.append(base64.b64decode(text) if i in b64 else text.encode("utf-8"))
+        if i not in partial:
+            out.append(b"\n")
+    return b"".join(out)
+
+
+@dataclass
+class StreamCount:
+    entries: int = 0
+    batches: int = 0
+    lines: int = 0
+    other_types: dict[str, int] = field(default_factory=dict)
+    seq_breaks: int = 0
+    malformed: int = 0
+    sha256: str = ""
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.seq_breaks:
+            out.append(f"{self.seq_breaks} breaks in the seq numbering (lost or repeated batches)")
+        if self.malformed:
+            out.append(f"{self.malformed} malformed entries")
+        for kind, k in self.other_types.items():
+            if kind != "status":
+                out.append(f"{k} entries of type {kind!r}")
+        return out
+
+
+def xrange_pages(r: redis.Redis, key: str, page: int = 1000) -> Iterator[tuple[bytes, dict[bytes, bytes]]]:
+    start: bytes | str = "-"
+    while True:
+        chunk = cast(list[tuple[bytes, dict[bytes, bytes]]], r.xrange(key, min=start, max="+", count=page))
+        yield from chunk
+        if len(chunk) < page:
+            return
+        start = b"(" + chunk[-1][0]
+
+
+def count_stream(r: redis.Redis, key: str, *, digest: bool = False) -> StreamCount:
+    """Sum of n over the batch entries of a stream, with seq continuity and optional sha256."""
+    dctx = zstandard.ZstdDecompressor()
+    sha = hashlib.sha256() if digest else None
+    c = StreamCount()
+    expected_seq: int | None = None
+    for _eid, fields in xrange_pages(r, key):
+        c.entries += 1
+        payload = fields.get(b"d")
+        try:
+            obj = decode(payload, dctx) if payload is not None else None
+        except (ValueError, zstandard.ZstdError):
+            obj = None
+        if obj is None:
+            c.malformed += 1
+            continue
+        kind = obj.get("type")
+        if kind != "batch":
+            c.other_types[str(kind)] = c.other_types.get(str(kind), 0) + 1
+            continue
+        n = obj.get("n")
+        if not isinstance(n, int) or n != len(obj.get("lines") or []):
+            c.malformed += 1
+            n = len(obj.get("lines") or [])
+        c.batches += 1
+        c.lines += n
+        seq = obj.get("seq")
+        if expected_seq is not None and seq != expected_seq:
+            c.seq_breaks += 1
+        expected_seq = seq + n if isinstance(seq, int) else None
+        if sha is not None:
+            sha.update(record_bytes(obj))
+    if sha is not None:
+        c.sha256 = sha.hexdigest()
+    return c
+
+
+# ---------------------------------------------------------------- redis server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ThrowawayRedis:
+    """redis-server on a free loopback port, no persistence, removed on exit."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir = ""
+        self.url = ""
+
+    def __enter__(self) -> ThrowawayRedis:
+        exe = shutil.which("redis-server")
+        if not exe:
+            raise RuntimeError("redis-server not found on PATH (install it or pass --redis-url)")
+        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        for _attempt in range(3):
+            port = free_port()
+            self.proc = subprocess.Popen(
+                [
+                    exe,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    self.dir,
+                    "--logfile",
+                    os.path.join(self.dir, "redis.log"),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            self.url = f"redis://127.0.0.1:{port}/0"
+            client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    client.ping()
+                    client.close()
+                    return self
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+            self._stop()  # port taken in the meantime, or a slow start: try another
+        raise RuntimeError("could not start redis-server")
+
+    def _stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def subscribe_confirmed(client: redis.Redis, channel: str) -> Any:
+    """A pubsub object whose subscription the server has acknowledged."""
+    ps = client.pubsub()  # type: ignore[no-untyped-call]
+    ps.subscribe(channel)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        msg = ps.get_message(timeout=0.5)
+        if msg and msg["type"] == "subscribe":
+            return ps
+    raise RuntimeError(f"no subscribe confirmation for {channel}")
+
+
+class LatencyConsumer(threading.Thread):
+    """Receives batches and records receipt_time - write_time for each line, in ms."""
+
+    kind = ""
+
+    def __init__(self, url: str, key: str) -> None:
+        super().__init__(daemon=True)
+        self.client = redis.Redis.from_url(url)
+        self.key = key
+        self.stop_event = threading.Event()
+        self.latencies_ms: list[float] = []
+        self.lines = 0
+        self.unparsed = 0
+        self.first_at: float | None = None
+        self.error = ""
+        self.dctx = zstandard.ZstdDecompressor()
+
+    def handle(self, payload: bytes, received: float) -> None:
+        obj = decode(payload, self.dctx)
+        if obj.get("type") != "batch":
+            return
+        if self.first_at is None:
+            self.first_at = received
+        texts = record_texts(obj)
+        self.lines += len(texts)
+        out = self.latencies_ms
+        for text in texts:
+            try:
+                written = float(text.split(" ", 1)[0])
+            except ValueError:
+                self.unparsed += 1
+                continue
+            out.append((received - written) * 1000.0)
+
+    def receive(self) -> None:
+        raise NotImplementedError
+
+    def run(self) -> None:
+        try:
+            self.receive()
+        except Exception as exc:  # reported with the figure instead of killing the run
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def finish(self) -> None:
+        self.stop_event.set()
+        self.join(3)
+        self.client.close()
+
+
+class PubSubConsumer(LatencyConsumer):
+    kind = "pubsub"
+
+    def __init__(self, url: str, key: str) -> None:
+        super().__init__(url, key)
+        self.ps = subscribe_confirmed(self.client, key)
+
+    def receive(self) -> None:
+        get = self.ps.get_message
+        while not self.stop_event.is_set():
+            msg = get(timeout=0.05)
+            if msg is None or msg["type"] != "message":
+                continue
+            self.handle(msg["data"], time.time())
+        self.ps.close()
+
+
+class StreamConsumer(LatencyConsumer):
+    kind = "stream"
+
+    def receive(self) -> None:
+        last: bytes | str = "0-0"
+        while not self.stop_event.is_set():
+            resp = cast(StreamReply, self.client.xread({self.key: last}, count=1000, block=50))
+            received = time.time()
+            for _key, entries in resp or ():
+                for eid, fields in entries:
+                    last = eid
+                    payload = fields.get(b"d")
+                    if payload is not None:
+                        self.handle(payload, received)
+
+
+class ProcSampler:
+    """CPU and RSS of the sidecar process and its children, the agent (writer.py) excluded.
+
+    Listing children scans all of /proc, which takes milliseconds and holds the GIL the
+    latency consumers need, so the process tree is refreshed rarely and cached between
+    samples.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.procs: list[psutil.Process] = [self.root]
+        self.writers: list[psutil.Process] = []
+        self.refreshed_at = -1e9
+        self.peak_rss = 0
+        self.cpu_first: dict[int, float] = {}
+        self.cpu_last: dict[int, float] = {}
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+
+    def _refresh(self) -> None:
+        kids = self.root.children(recursive=True)
+        parent: dict[int, int] = {}
+        writer_pids: set[int] = set()
+        for kid in kids:
+            try:
+                parent[kid.pid] = kid.ppid()
+                if WRITER in kid.cmdline():
+                    writer_pids.add(kid.pid)
+            except psutil.Error:
+                continue
+
+        def under_writer(pid: int) -> bool:
+            while pid in parent:
+                if pid in writer_pids:
+                    return True
+                pid = parent[pid]
+            return False
+
+        self.writers = [k for k in kids if k.pid in writer_pids]
+        self.procs = [self.root] + [k for k in kids if k.pid in parent and not under_writer(k.pid)]
+        self.refreshed_at = time.monotonic()
+
+    def writer_running(self) -> bool:
+        for w in self.writers:
+            try:
+                if w.status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.Error:
+                continue
+        return False
+
+    def sample(self, in_window: bool) -> None:
+        now = time.monotonic()
+        if now - self.refreshed_at > (2.0 if self.writers else 0.3):
+            try:
+                self._refresh()
+            except psutil.Error:
+                return
+        rss = 0
+        cpu: dict[int, float] = {}
+        for p in self.procs:
+            try:
+                with p.oneshot():
+                    rss += p.memory_info().rss
+                    t = p.cpu_times()
+                    cpu[p.pid] = t.user + t.system
+            except psutil.Error:
+                continue
+        self.peak_rss = max(self.peak_rss, rss)
+        # Only while the agent runs: start-up imports and the final drain are not steady state.
+        if in_window and self.writer_running():
+            if self.t_first is None:
+                self.t_first = now
+            self.t_last = now
+            for pid, c in cpu.items():
+                self.cpu_first.setdefault(pid, c)
+                self.cpu_last[pid] = c
+
+    def cpu_pct(self) -> float | None:
+        if self.t_first is None or self.t_last is None or self.t_last - self.t_first < 0.2:
+            return None
+        used = sum(self.cpu_last[p] - self.cpu_first[p] for p in self.cpu_last)
+        return 100.0 * used / (self.t_last - self.t_first)
+
+
+class Bench:
+    def __init__(self, url: str, sizes: Sizes, sidecar_args: list[str], log: Callable[[str], None]) -> None:
+        self.url = url
+        self.sizes = sizes
+        self.sidecar_args = sidecar_args
+        self.log = log
+        self.r = redis.Redis.from_url(url)
+        self.figures: dict[str, Figure] = {}
+        self.failures: list[str] = []
+        self.context: dict[str, Any] = {}
+        self.sidecar_broken = ""
+        self._runs = 0
+
+    # -- helpers
+
+    def run_id(self, tag: str) -> str:
+        self._runs += 1
+        return f"bench-{os.getpid()}-{int(time.time())}-{self._runs}-{tag}"
+
+    def keys(self, run_id: str) -> tuple[str, str, str]:
+        return f"run:{run_id}:output:0", f"run:{run_id}:logs:0", f"run:{run_id}:status"
+
+    def cleanup(self, run_id: str) -> None:
+        keys = list(self.r.scan_iter(match=f"run:{run_id}:*", count=1000))
+        if keys:
+            self.r.delete(*keys)
+
+    def sidecar_cmd(self, run_id: str, agent: list[str]) -> list[str]:
+        return [
+            PY,
+            "-m",
+            "sidecar",
+            "--no-echo",
+            "--run-id",
+            run_id,
+            "--redis-url",
+            self.url,
+            *self.sidecar_args,
+            "--",
+            *agent,
+        ]
+
+    def add(
+        self,
+        name: str,
+        value: float | None,
+        *,
+        baseline: float | None = None,
+        label: str = "",
+        ratio: float | None = None,
+        note: str = "",
+    ) -> None:
+        """Records a figure; the ratio defaults to value / baseline."""
+        unit, op, target = SPEC[name.split(".")[0]]
+        if ratio is None and baseline and value is not None and unit != "x":
+            ratio = value / baseline
+        self.figures[name] = Figure(name, value, unit, target, op, baseline, label, ratio, note)
+
+    def fail(self, msg: str) -> None:
+        self.failures.append(msg)
+        self.log(f"!!! {msg}")
+
+    def check_sidecar(self) -> None:
+        try:
+            p = subprocess.run([PY, "-m", "sidecar", "--help"], cwd=REPO, capture_output=True, timeout=20)
+        except subprocess.TimeoutExpired:
+            self.sidecar_broken = "`python -m sidecar --help` timed out"
+        else:
+            if p.returncode != 0:
+                tail = p.stderr.decode(errors="replace").strip().splitlines()[-3:]
+                self.sidecar_broken = f"`python -m sidecar --help` exited {p.returncode}: {' | '.join(tail)}"
+        if self.sidecar_broken:
+            self.fail(self.sidecar_broken)
+
+    def run_sidecar(self, run_id: str, agent: list[str], timeout: float) -> float:
+        """Runs the sidecar to completion; returns wall seconds. Raises SidecarFailure."""
+        if self.sidecar_broken:
+            raise Skipped(self.sidecar_broken)
+        with tempfile.TemporaryFile() as err:
+            t0 = time.perf_counter()
+            try:
+                rc = subprocess.run(
+                    self.sidecar_cmd(run_id, agent),
+                    cwd=REPO,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    timeout=timeout,
+                ).returncode
+            except subprocess.TimeoutExpired:
+                self.sidecar_broken = f"sidecar timed out after {timeout:.0f} s (run {run_id})"
+                raise SidecarFailure(self.sidecar_broken) from None
+            seconds = time.perf_counter() - t0
+            if rc != 0:
+                err.seek(0)
+                tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+                raise SidecarFailure(f"sidecar exited {rc} (run {run_id}): {' | '.join(tail)}")
+        return seconds
+
+    def measure(self, label: str, fn: Callable[[], None]) -> None:
+        self.log(f"-- {label}")
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Skipped as exc:
+            self.log(f"   skipped: {exc}")
+        except SidecarFailure as exc:
+            self.fail(f"{label}: {exc}")
+        except (OSError, subprocess.SubprocessError, redis.RedisError, RuntimeError, ValueError) as exc:
+            self.fail(f"{label}: measurement error: {type(exc).__name__}: {exc}")
+        self.log(f"   ({time.perf_counter() - t0:.1f} s)")
+
+    # -- figures
+
+    def writer_alone(self) -> None:
+        """How fast the writer itself is, into /dev/null: a ceiling for the sidecar figures."""
+        for mode, n in (("bulk", self.sizes.bulk_lines), ("flush", self.sizes.flush_lines)):
+            agent_text.warm(n)
+            t0 = time.perf_counter()
+            cmd = [PY, WRITER, "--lines", str(n), "--mode", mode]
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
+            self.context[f"writer_{mode}_devnull_lines_per_s"] = round(n / (time.perf_counter() - t0))
+
+    def throughput(self, mode: str, n: int) -> tuple[float, StreamCount, int | None]:
+        """One sidecar run of writer.py; returns (seconds, what Redis holds, MEMORY USAGE)."""
+        agent_text.warm(n)
+        run_id = self.run_id(mode)
+        out_key = self.keys(run_id)[0]
+        agent = [PY, WRITER, "--lines", str(n), "--mode", mode]
+        try:
+            seconds = self.run_sidecar(run_id, agent, self.sizes.run_timeout)
+            count = count_stream(self.r, out_key, digest=True)
+            mem = self.r.memory_usage(out_key, samples=0) if mode == "bulk" else None
+        finally:
+            self.cleanup(run_id)
+        expected = hashlib.sha256(agent_text.make_block(n)).hexdigest()
+        if count.lines != n:
+            self.fail(
+                f"LINE COUNT MISMATCH ({mode}): writer wrote {n:,} lines, "
+                f"Redis holds {count.lines:,} in {count.batches} batches"
+            )
+        elif count.sha256 != expected:
+            self.fail(
+                f"CONTENT MISMATCH ({mode}): {n:,} lines arrived but their bytes differ from the written"
+            )
+        for problem in count.problems():
+            self.fail(f"{mode} run: {problem}")
+        return seconds, count, mem
+
+    def bulk(self) -> None:
+        n = self.sizes.bulk_lines
+        seconds, count, mem = self.throughput("bulk", n)
+        note = f"{count.lines:,} of {n:,} lines counted in Redis, {count.batches} batches, {seconds:.2f} s"
+        self.add("bulk_lines_per_s", count.lines / seconds, note=note)
+        if mem:
+            raw_per_mb = n / (len(agent_text.make_block(n)) / MB)
+            value = count.lines / (mem / MB)
+            note = f"MEMORY USAGE {mem:,} bytes for {count.entries} entries"
+            self.add("redis_lines_per_mb", value, baseline=raw_per_mb, label="raw text", note=note)
+
+    def flush(self) -> None:
+        n = self.sizes.flush_lines
+        seconds, count, _ = self.throughput("flush", n)
+        note = f"{count.lines:,} of {n:,} lines counted in Redis, {count.batches} batches, {seconds:.2f} s"
+        self.add("flush_lines_per_s", count.lines / seconds, note=note)
+
+    def naive(self) -> None:
+        n = self.sizes.naive_lines
+        agent_text.warm(n)
+        channel = f"naive:{os.getpid()}-{time.time_ns()}"
+        counter = naive.Counter(self.url, channel)
+        counter.start()
+        cmd = [PY, NAIVE, "--lines", str(n), "--redis-url", self.url, "--channel", channel]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, timeout=max(self.sizes.run_timeout, n / 1000))
+        seconds = time.perf_counter() - t0
+        received = counter.settle(n)
+        note = f"{received:,} of {n:,} lines received by a subscriber, {seconds:.2f} s"
+        if proc.returncode != 0 or received != n:
+            note += f" (naive.py exit {proc.returncode}; lines lost)"
+        self.add("naive_publish_lines_per_s", received / seconds, note=note)
+
+    def latency(self) -> None:
+        s = self.sizes
+        n = int(s.latency_rate * s.latency_seconds)
+        if self.sidecar_broken:
+            raise Skipped(self.sidecar_broken)
+        agent_text.warm(n)
+        run_id = self.run_id("latency")
+        out_key = self.keys(run_id)[0]
+        consumers: list[LatencyConsumer] = [
+            PubSubConsumer(self.url, out_key),
+            StreamConsumer(self.url, out_key),
+        ]
+        for c in consumers:
+            c.start()
+        agent = [PY, WRITER, "--lines", str(n), "--rate", str(s.latency_rate)]
+        timeout = s.latency_seconds + s.run_timeout
+        try:
+            with tempfile.TemporaryFile() as err:
+                proc = subprocess.Popen(
+                    self.sidecar_cmd(run_id, agent),
+                    cwd=REPO,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                )
+                sampler = ProcSampler(proc.pid)
+                t0 = time.monotonic()
+                while proc.poll() is None:
+                    if time.monotonic() - t0 > timeout:
+                        proc.kill()
+                        proc.wait()
+                        self.sidecar_broken = f"sidecar timed out after {timeout:.0f} s (run {run_id})"
+                        raise SidecarFailure(self.sidecar_broken)
+                    first = consumers[1].first_at or consumers[0].first_at
+                    sampler.sample(in_window=first is not None and time.time() > first + 0.5)
+                    time.sleep(0.25)
+                if proc.returncode != 0:
+                    err.seek(0)
+                    tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+                    raise SidecarFailure(
+                        f"sidecar exited {proc.returncode} (run {run_id}): {' | '.join(tail)}"
+                    )
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(c.lines < n and not c.error for c in consumers):
+                time.sleep(0.05)
+        finally:
+            for c in consumers:
+                c.finish()
+            self.cleanup(run_id)
+
+        for c in consumers:
+            note = f"{len(c.latencies_ms):,} lines timed, {c.lines:,} of {n:,} received"
+            if c.error:
+                note += f"; consumer error: {c.error}"
+            if c.unparsed:
+                note += f"; {c.unparsed} lines without a timestamp"
+            if c.lines != n and c.kind == "stream":
+                self.fail(
+                    f"LINE COUNT MISMATCH (latency run): {n} lines written, {c.lines} read from the stream"
+                )
+            for q in (50, 99):
+                self.add(f"latency_p{q}_ms.{c.kind}", percentile(c.latencies_ms, q), note=note)
+        window = (sampler.t_last or 0) - (sampler.t_first or 0)
+        note = f"at {s.latency_rate} lines/s over {window:.1f} s, writer excluded"
+        self.add("sidecar_cpu_pct", sampler.cpu_pct(), note=note)
+        note = "peak RSS of the sidecar and its helpers, writer excluded"
+        self.add("sidecar_rss_mb", sampler.peak_rss / MB, note=note)
+
+    def latency_floor(self) -> None:
+        """The same consumers behind the smallest possible relay (naive.py --as-batch)."""
+        s = self.sizes
+        n = int(s.latency_rate * min(s.latency_seconds, 5.0))
+        agent_text.warm(n)
+        key = f"bench-floor:{os.getpid()}-{time.time_ns()}"
+        consumers: list[LatencyConsumer] = [PubSubConsumer(self.url, key), StreamConsumer(self.url, key)]
+        for c in consumers:
+            c.start()
+        cmd = [PY, NAIVE, "--lines", str(n), "--rate", str(s.latency_rate), "--as-batch"]
+        cmd += ["--redis-url", self.url, "--channel", key]
+        try:
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=n / s.latency_rate + s.run_timeout)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and any(c.lines < n and not c.error for c in consumers):
+                time.sleep(0.05)
+        finally:
+            for c in consumers:
+                c.finish()
+            self.r.delete(key)
+        floor: dict[str, dict[str, float | None]] = {}
+        for c in consumers:
+            p50, p99 = percentile(c.latencies_ms, 50), percentile(c.latencies_ms, 99)
+            floor[c.kind] = {"p50": p50 and round(p50, 3), "p99": p99 and round(p99, 3), "lines": c.lines}
+        self.context["latency_floor_ms"] = floor
+
+    def startup(self) -> None:
+        base: list[float] = []
+        wrapped: list[float] = []
+        for _ in range(self.sizes.startup_runs):
+            t0 = time.perf_counter()
+            subprocess.run([PY, "-c", "pass"], check=True)
+            base.append(time.perf_counter() - t0)
+            run_id = self.run_id("startup")
+            try:
+                wrapped.append(self.run_sidecar(run_id, ["true"], self.sizes.short_timeout))
+            finally:
+                self.cleanup(run_id)
+        b = statistics.median(base) * 1000
+        v = statistics.median(wrapped) * 1000
+        note = f"median of {len(wrapped)} runs of `-- true`"
+        self.add("startup_ms", v, baseline=b, label="python -c pass", note=note)
+
+    def wrap_overhead(self) -> None:
+        bare: list[float] = []
+        wrapped: list[float] = []
+        counts: list[int] = []
+        prog = [PY, "-c", PRINT_PROG]
+        for _ in range(self.sizes.wrap_runs):
+            t0 = time.perf_counter()
+            subprocess.run(prog, stdout=subprocess.DEVNULL, check=True)
+            bare.append(time.perf_counter() - t0)
+            run_id = self.run_id("wrap")
+            try:
+                wrapped.append(self.run_sidecar(run_id, prog, self.sizes.short_timeout))
+                counts.append(count_stream(self.r, self.keys(run_id)[0]).lines)
+            finally:
+                self.cleanup(run_id)
+        if any(c != 10_000 for c in counts):
+            self.fail(f"LINE COUNT MISMATCH (wrap runs): 10,000 lines printed per run, Redis held {counts}")
+        b = statistics.median(bare) * 1000
+        w = statistics.median(wrapped) * 1000
+        note = f"median of {len(wrapped)}: {w:.0f} ms wrapped vs {b:.0f} ms bare"
+        self.add("wrap_overhead_ratio", w / b, baseline=b, label="bare run, ms", ratio=None, note=note)
+
+    def run_all(self) -> None:
+        s = self.sizes
+        self.check_sidecar()
+        self.measure("writer alone", self.writer_alone)
+        self.measure("startup", self.startup)
+        self.measure("wrap overhead", self.wrap_overhead)
+        self.measure(f"bulk, {s.bulk_lines:,} lines", self.bulk)
+        self.measure(f"flush, {s.flush_lines:,} lines", self.flush)
+        self.measure(f"naive PUBLISH per line, {s.naive_lines:,} lines", self.naive)
+        self.measure(f"latency at {s.latency_rate} lines/s for {s.latency_seconds:g} s", self.latency)
+        self.measure("latency floor (naive relay)", self.latency_floor)
+        self.relate()
+
+    def relate(self) -> None:
+        """Fills the baseline columns that compare the sidecar with the naive publisher."""
+        naive_fig = self.figures.get("naive_publish_lines_per_s")
+        if not naive_fig or not naive_fig.value:
+            return
+        label = f"naive PUBLISH, {self.sizes.naive_lines:,} lines"
+        for name in ("bulk_lines_per_s", "flush_lines_per_s"):
+            fig = self.figures.get(name)
+            if fig and fig.value is not None:
+                fig.baseline = naive_fig.value
+                fig.baseline_label = label
+                fig.ratio = fig.value / naive_fig.value
+        bulk = self.figures.get("bulk_lines_per_s")
+        if bulk and bulk.ratio is not None:
+            self.add("bulk_vs_naive_ratio", bulk.ratio, note="bulk_lines_per_s / naive_publish_lines_per_s")
+
+
+# ---------------------------------------------------------------- report
+
+ORDER = (
+    "bulk_lines_per_s",
+    "naive_publish_lines_per_s",
+    "bulk_vs_naive_ratio",
+    "flush_lines_per_s",
+    "latency_p50_ms.pubsub",
+    "latency_p99_ms.pubsub",
+    "latency_p50_ms.stream",
+    "latency_p99_ms.stream",
+    "startup_ms",
+    "wrap_overhead_ratio",
+    "redis_lines_per_mb",
+    "sidecar_cpu_pct",
+    "sidecar_rss_mb",
+)
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}" if a >= 1 else f"{v:.3f}"
+
+
+def ordered(figures: dict[str, Figure]) -> list[str]:
+    return [n for n in ORDER if n in figures] + [n for n in figures if n not in ORDER]
+
+
+def table(figures: dict[str, Figure]) -> str:
+    rows = [("figure", "value", "target", "baseline", "ratio")]
+    for name in ordered(figures):
+        f = figures[name]
+        target = "" if f.target is None else f"{f.op} {fmt(f.target)}"
+        if f.met is not None:
+            target += "  ok" if f.met else "  MISS"
+        baseline = "" if f.baseline is None else fmt(f.baseline)
+        if f.baseline_label:
+            baseline += f" ({f.baseline_label})"
+        ratio = "" if f.ratio is None else f"{f.ratio:.2f}x" if f.ratio < 10 else f"{f.ratio:.0f}x"
+        value = "n/a" if f.value is None else f"{fmt(f.value)} {f.unit}"
+        rows.append((name, value, target, baseline, ratio))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def public_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username + ':***@' if parts.username else ':***@'}{host}"
+        if parts.port:
+            netloc += f":{parts.port}"
+        parts = parts._replace(netloc=netloc)
+    return urllib.parse.urlunsplit(parts)
+
+
+def environment(r: redis.Redis, url: str, sidecar_args: list[str]) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        commit = ""
+    try:
+        redis_version = r.info("server").get("redis_version", "")
+    except redis.RedisError:
+        redis_version = ""
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "redis_version": redis_version,
+        "redis_url": public_url(url),
+        "git_commit": commit,
+        "sidecar_args": sidecar_args,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes, a smoke check (< 60 s)")
+    ap.add_argument("--redis-url", help="use this Redis instead of starting a throwaway redis-server")
+    ap.add_argument(
+        "--json", default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON})"
+    )
+    ap.add_argument(
+        "--sidecar-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="extra argument for every sidecar run, e.g. --sidecar-arg=--linger-ms=1 (repeatable)",
+    )
+    ap.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
+    args = ap.parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    started = time.perf_counter()
+    server = None if args.redis_url else ThrowawayRedis()
+    try:
+        if server:
+            server.__enter__()
+        url = args.redis_url or server.url  # type: ignore[union-attr]
+        log(f"redis: {public_url(url)}{' (throwaway)' if server else ''}; python: {PY}")
+        bench = Bench(url, sizes, args.sidecar_arg, log)
+        bench.r.ping()
+        env = environment(bench.r, url, args.sidecar_arg)
+        bench.run_all()
+    except (RuntimeError, redis.RedisError) as exc:
+        log(f"!!! cannot run the benchmark: {exc}")
+        return 1
+    finally:
+        if server:
+            server.__exit__(None, None, None)
+
+    elapsed = time.perf_counter() - started
+    report = table(bench.figures)
+    print(report)
+    writer = [(k.split("_")[1], v) for k, v in bench.context.items() if k.startswith("writer_")]
+    if writer:
+        print("context: writer alone into /dev/null: " + ", ".join(f"{m} {v:,} lines/s" for m, v in writer))
+    floor = bench.context.get("latency_floor_ms")
+    if floor:
+        parts = [f"{kind} p50 {fmt(v['p50'])} ms p99 {fmt(v['p99'])} ms" for kind, v in floor.items()]
+        print("context: latency floor, one XADD+PUBLISH per line by naive.py: " + ", ".join(parts))
+    print(
+        f"note: the naive baseline uses {sizes.naive_lines:,} lines (one PUBLISH per line is slow); "
+        f"the sidecar runs use {sizes.bulk_lines:,} (bulk) and {sizes.flush_lines:,} (flush)."
+    )
+    for name in ordered(bench.figures):
+        if bench.figures[name].note:
+            print(f"  {name}: {bench.figures[name].note}")
+    missed = [f.name for f in bench.figures.values() if f.met is False]
+    if bench.failures:
+        print("\nFAILURES:")
+        for msg in bench.failures:
+            print(f"  - {msg}")
+    print(
+        f"\n{len(bench.figures)} figures, {len(missed)} targets missed, {len(bench.failures)} failures, "
+        f"{elapsed:.1f} s"
+    )
+
+    result = {
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "ok": not bench.failures,
+        "failures": bench.failures,
+        "targets_missed": missed,
+        "elapsed_s": round(elapsed, 2),
+        "sizes": asdict(sizes),
+        "environment": env,
+        "context": bench.context,
+        "figures": {name: bench.figures[name].as_json() for name in ordered(bench.figures)},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as fh:
+        json.dump(result, fh, indent=2)
+        fh.write("\n")
+    log(f"wrote {args.json}")
+
+    if bench.failures:
+        return 1
+    if args.strict and missed:
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
