@@ -32,7 +32,7 @@ class Agent:
             return True
         except ProcessLookupError:
             return False
-        except PermissionError:
+        except (PermissionError, OSError):
             return False
 
 

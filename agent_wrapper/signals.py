@@ -94,6 +94,8 @@ class Supervisor:
             if self._kill_at is not None:
                 timeout = max(0.0, min(timeout, self._kill_at - time.monotonic()))
             info = signal.sigtimedwait(WAITED, timeout)
+            if info is not None and info.si_signo not in WAITED:
+                info = None  # a debugger attaching (ptrace) can wake us with no signal of ours
             if info is not None:
                 if info.si_signo == signal.SIGCHLD:
                     status = reap(self.agent.pid)
@@ -120,7 +122,7 @@ class Supervisor:
 def next_signal(timeout_s: float) -> int | None:
     """After the agent is gone: the next stopping signal within ``timeout_s`` (reaping on the way)."""
     info = signal.sigtimedwait(WAITED, max(0.0, timeout_s))
-    if info is None:
+    if info is None or info.si_signo not in WAITED:
         return None
     if info.si_signo == signal.SIGCHLD:
         reap(-1)
