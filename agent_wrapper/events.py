@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .lines import Segment
+
 STDOUT = "stdout"
 STDERR = "stderr"
 
@@ -16,12 +18,15 @@ class Started:
 
 @dataclass(slots=True)
 class Output:
-    """Records of one stream read in one go: ``ts`` is the capture time of the read."""
+    """Records of one stream read in one go: ``ts`` is the capture time of the read.
+
+    ``segments`` are runs of records as LineSplitter returns them (see lines.Segment).
+    """
 
     stream: str
     ts: float
-    records: list[bytes]
-    partial: list[int]
+    segments: list[Segment]
+    records: int
     nbytes: int
 
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 DEFAULT_MAX_LINE_BYTES = 1 << 20
 
+# A run of records: (data, count, partial). Complete records: ``data`` holds ``count`` lines,
+# each ending with LF. A partial record: ``data`` is one chunk not followed by LF (a piece
+# of a line longer than the limit, or the end of the stream without a newline), count 1.
+Segment = tuple[bytes, int, bool]
+
 
 class LineSplitter:
-    """Feeds chunks of a pipe, returns complete records.
+    """Feeds chunks of a pipe, returns complete records in runs (no per-line objects).
 
-    A record is the bytes up to (not including) an LF. ``\\r``, NUL and invalid UTF-8 are
-    kept as they are. A line longer than ``max_line_bytes`` is cut into chunks that are
-    marked partial (no LF follows them), so a 100 MB line never sits whole in memory.
+    ``\\r``, NUL and invalid UTF-8 are kept as they are. A line longer than
+    ``max_line_bytes`` is cut into partial chunks, so a 100 MB line never sits whole in
+    memory.
     """
 
     __slots__ = ("max_line_bytes", "_pending")
@@ -25,48 +30,77 @@ class LineSplitter:
     def pending(self) -> int:
         return len(self._pending)
 
-    def feed(self, chunk: bytes) -> tuple[list[bytes], list[int]]:
-        """Returns (records, indices of partial records)."""
+    def feed(self, chunk: bytes) -> list[Segment]:
         data = self._pending + chunk if self._pending else chunk
+        limit = self.max_line_bytes
         last_nl = data.rfind(b"\n")
-        partial: list[int] = []
-        if last_nl < 0:
-            records: list[bytes] = []
-            rest = data
-        else:
-            records = data[:last_nl].split(b"\n")
+        out: list[Segment] = []
+        if last_nl >= 0:
+            body = data[: last_nl + 1]
             rest = data[last_nl + 1 :]
-            limit = self.max_line_bytes
-            if len(data) > limit and any(len(r) > limit for r in records):
-                records, partial = _cut_long(records, limit)
-        if len(rest) >= self.max_line_bytes:
-            limit = self.max_line_bytes
+            if last_nl < limit or body.find(b"\n") <= limit and _longest_line(body) <= limit:
+                out.append((body, body.count(b"\n"), False))
+            else:
+                _cut_long(body, limit, out)
+        else:
+            rest = data
+        if len(rest) >= limit:
             cut = len(rest) - len(rest) % limit
             for i in range(0, cut, limit):
-                partial.append(len(records))
-                records.append(rest[i : i + limit])
+                out.append((rest[i : i + limit], 1, True))
             rest = rest[cut:]
         self._pending = rest
-        return records, partial
+        return out
 
-    def flush(self) -> tuple[list[bytes], list[int]]:
+    def flush(self) -> list[Segment]:
         """At end of stream: the unterminated tail as a partial record, if any."""
         if not self._pending:
-            return [], []
+            return []
         tail, self._pending = self._pending, b""
-        return [tail], [0]
+        return [(tail, 1, True)]
 
 
-def _cut_long(records: list[bytes], limit: int) -> tuple[list[bytes], list[int]]:
-    out: list[bytes] = []
-    partial: list[int] = []
-    for rec in records:
-        if len(rec) <= limit:
-            out.append(rec)
+def _longest_line(body: bytes) -> int:
+    longest = 0
+    start = 0
+    while True:
+        nl = body.find(b"\n", start)
+        if nl < 0:
+            return longest
+        longest = max(longest, nl - start)
+        start = nl + 1
+
+
+def _cut_long(body: bytes, limit: int, out: list[Segment]) -> None:
+    """Complete lines in runs; lines over the limit as partial chunks plus their LF-ended tail."""
+    start = 0
+    run_start = 0
+    run_count = 0
+    while start < len(body):
+        nl = body.find(b"\n", start)
+        if nl - start <= limit:
+            run_count += 1
+            start = nl + 1
             continue
-        for i in range(0, len(rec), limit):
-            piece = rec[i : i + limit]
-            if i + limit < len(rec):
-                partial.append(len(out))
-            out.append(piece)
-    return out, partial
+        if run_count:
+            out.append((body[run_start:start], run_count, False))
+        pos = start
+        while nl - pos > limit:
+            out.append((body[pos : pos + limit], 1, True))
+            pos += limit
+        out.append((body[pos : nl + 1], 1, False))
+        start = run_start = nl + 1
+        run_count = 0
+    if run_count:
+        out.append((body[run_start:start], run_count, False))
+
+
+def records_of(segments: list[Segment]) -> list[tuple[bytes, bool]]:
+    """(record without LF, partial) for each record: the unbatched view, for tests and tools."""
+    out: list[tuple[bytes, bool]] = []
+    for data, _count, partial in segments:
+        if partial:
+            out.append((data, True))
+        else:
+            out.extend((line, False) for line in data.split(b"\n")[:-1])
+    return out

@@ -9,10 +9,11 @@ import time
 from collections.abc import Callable
 
 from .events import STDERR, STDOUT, Output, StreamClosed
-from .lines import DEFAULT_MAX_LINE_BYTES, LineSplitter
+from .lines import DEFAULT_MAX_LINE_BYTES, LineSplitter, Segment
 
 READ_SIZE = 1 << 16
 Sink = Callable[[Output | StreamClosed], None]
+Quiet = Callable[[bool], None]
 Filter = Callable[[str, bytes, bool], bytes]
 
 
@@ -20,8 +21,9 @@ class PipeReader:
     """Polls both pipes, splits what arrives into records and hands them to ``sink``.
 
     ``sink`` is called from the reader thread; it may block (back-pressure), in which case
-    the agent blocks on its next write once the pipe buffer is full. ``on_quiet`` is called
-    whenever a read drained a pipe, so a consumer can ship a lone line at once.
+    the agent blocks on its next write once the pipe buffer is full. ``on_quiet(True)`` is
+    called whenever reads drained the pipes, so a consumer can ship a lone line at once, and
+    ``on_quiet(False)`` when more is known to be waiting.
     ``echo`` maps a stream name to a file descriptor that receives the bytes unchanged
     (after ``filter``, if any). ``filter(stream, chunk, final)`` may rewrite bytes before
     splitting, and may hold some back until the next call (for example a redactor that
@@ -33,7 +35,7 @@ class PipeReader:
         fds: dict[str, int],
         sink: Sink,
         *,
-        on_quiet: Callable[[], None] | None = None,
+        on_quiet: Quiet | None = None,
         echo: dict[str, int] | None = None,
         filter: Filter | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
@@ -93,8 +95,8 @@ class PipeReader:
                     if len(chunk) == READ_SIZE:
                         quiet = False
                     self._handle(name, chunk, time.time())
-                if quiet and self._on_quiet is not None:
-                    self._on_quiet()
+                if self._on_quiet is not None:
+                    self._on_quiet(quiet)
         finally:
             for fd in list(by_fd):
                 os.close(fd)
@@ -108,9 +110,14 @@ class PipeReader:
         echo_fd = self._echo.get(name)
         if echo_fd is not None:
             _write_all(echo_fd, chunk)
-        records, partial = self._splitters[name].feed(chunk)
-        if records:
-            self._sink(Output(name, ts, records, partial, len(chunk)))
+        self._emit(name, ts, self._splitters[name].feed(chunk))
+
+    def _emit(self, name: str, ts: float, segments: list[Segment]) -> None:
+        if len(segments) == 1:
+            data, count, _p = segments[0]
+            self._sink(Output(name, ts, segments, count, len(data)))
+        elif segments:
+            self._sink(Output(name, ts, segments, sum(s[1] for s in segments), sum(len(s[0]) for s in segments)))
 
     def _close(self, poller: select.poll, by_fd: dict[int, str], fd: int, name: str, *, forced: bool) -> None:
         poller.unregister(fd)
@@ -123,12 +130,8 @@ class PipeReader:
                 echo_fd = self._echo.get(name)
                 if echo_fd is not None:
                     _write_all(echo_fd, tail)
-                records, partial = self._splitters[name].feed(tail)
-                if records:
-                    self._sink(Output(name, ts, records, partial, len(tail)))
-        records, partial = self._splitters[name].flush()
-        if records:
-            self._sink(Output(name, ts, records, partial, len(records[0])))
+                self._emit(name, ts, self._splitters[name].feed(tail))
+        self._emit(name, ts, self._splitters[name].flush())
         self._sink(StreamClosed(name, forced))
 
 

@@ -56,6 +56,8 @@ class Runtime:
             variation_id=s.variation_id,
             producer=self.producer,
         )
+        # Raw batches waiting for the encoder count against the memory budget too.
+        self.batcher.sealed_max_bytes = min(self.batcher.sealed_max_bytes, max(s.buffer_max_bytes, 1))
         self.sender = Sender(s, self.outbox, self.batcher, on_degraded=self.degraded, on_recovered=self.recovered)
         self.started_at = time.time()
 
@@ -108,12 +110,6 @@ class Runtime:
             log.warning(f"{ev.stream} still held open by a process after the agent exited; stopped reading",
                         pipe_grace_s=self.s.pipe_grace_s)
 
-    def on_quiet(self) -> None:
-        # The pipe is drained: if nothing is on its way to Redis, ship the open batch now.
-        if self.outbox.empty():
-            self.batcher.seal_all(blocking=False)
-        else:
-            self.outbox.notify()
 
 
 def run(s: Settings) -> int:
@@ -129,14 +125,14 @@ def run(s: Settings) -> int:
             log.info("delivering output left in the spool by an earlier sidecar first", items=len(orphans))
             rt.outbox.adopt(orphans)
     rt.sender.start()
+    rt.batcher.start()
     log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id)
     rt.status("starting", command=os.path.basename(s.command[0]))
 
     result = spawn(s.command)
     if isinstance(result, SpawnFailed):
         log.error(result.reason)
-        rt.status("failed", exit_code=result.code, reason=result.reason)
-        return finish(rt, result.code)
+        return finish(rt, result.code, "failed", {"exit_code": result.code, "reason": result.reason})
 
     agent = result
     rt.status("running", pid=agent.pid)
@@ -144,7 +140,7 @@ def run(s: Settings) -> int:
     reader = PipeReader(
         {STDOUT: agent.stdout_fd, STDERR: agent.stderr_fd},
         rt.sink,
-        on_quiet=rt.on_quiet,
+        on_quiet=rt.batcher.on_quiet,
         echo=echo,
         max_line_bytes=s.max_line_bytes,
     )
@@ -170,18 +166,19 @@ def run(s: Settings) -> int:
         "bytes": rt.batcher.bytes_in,
     }
     if exited.signal is not None:
-        rt.status("killed", signal=signal_name(exited.signal), **meta)
-    else:
-        rt.status("exited", **meta)
-    return finish(rt, exited.code)
+        return finish(rt, exited.code, "killed", {"signal": signal_name(exited.signal), **meta})
+    return finish(rt, exited.code, "exited", meta)
 
 
-def finish(rt: Runtime, code: int) -> int:
-    """Flush, deliver within --drain-timeout, leave the rest in the spool, return ``code``."""
+def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
+    """Flush, report ``final``, deliver within --drain-timeout, leave the rest in the spool."""
     s = rt.s
-    rt.batcher.seal_all()
-    rt.sender.finish()
     deadline = time.monotonic() + s.drain_timeout_s
+    if not rt.batcher.close(timeout=s.drain_timeout_s):
+        rt.outbox.close()  # full and Redis away: let the last batches in over the limit
+        rt.batcher.close(timeout=5.0)
+    rt.status(final, **meta)  # after the last output batch, so consumers see all output first
+    rt.sender.finish()
     told = 0
     while not rt.sender.join(0.05):
         left = deadline - time.monotonic()

@@ -1,20 +1,27 @@
-"""Per-channel batching: records collect in an open batch until a size limit, a quiet pipe or the linger.
+"""Per-channel batching and the encoder thread.
 
-Sealing encodes the batch and queues it in the outbox under one lock, so batches of a
-channel are queued in sequence order whichever thread seals them.
+The reader thread only appends runs of records to an open batch (no per-line work, no
+encoding), so it gets back to the pipe at once. An encoder thread seals batches, turns them
+into payloads (orjson, zstd) and queues them in the outbox, in order; zstd and the socket
+writes release the GIL, so encoding, reading and sending overlap on two cores.
+
+A batch is sealed when it reaches the record or byte limit; when the pipe is quiet and
+nothing is waiting for Redis (a lone line goes out at once); or when its linger expires.
+While a pipeline is in flight, records keep collecting, so batches grow with the load.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import orjson
 
 from agent_wrapper.events import Output
 
-from . import protocol
+from . import log, protocol
 from .items import Item
 from .outbox import Outbox
 
@@ -55,79 +62,155 @@ class Batcher:
         self.per_line_json = per_line_json
         self.variation_id = variation_id
         self.producer = producer
-        self.lock = threading.Lock()
+        self.cond = threading.Condition()
+        self._sealed: deque[tuple[Channel, int, protocol.Lines]] = deque()
+        self._sealed_bytes = 0
+        # Raw batches waiting for the encoder; past this the reader waits (the encoder is
+        # itself waiting on a full outbox under --when-full block).
+        self.sealed_max_bytes = 4 << 20
+        self._quiet = False
+        self._encoding = False  # the encoder holds taken batches not yet in the outbox
+        self._closing = False
         self.records_in = 0
         self.bytes_in = 0
+        self.thread = threading.Thread(target=self._run, name="encoder", daemon=True)
 
+    def start(self) -> None:
+        self.thread.start()
+
+    # -- reader side ---------------------------------------------------------------------
     def add(self, ev: Output) -> None:
-        """Called by the reader thread for every read. May block when the outbox is full (block policy)."""
-        with self.lock:
+        with self.cond:
             ch = self.channels[ev.stream]
             batch = ch.open
-            base = len(batch.lines)
-            if base == 0:
+            if batch.n == 0:
                 ch.opened_at = time.monotonic()
-            batch.lines.extend(ev.records)
-            batch.ts.append((base, ev.ts))
-            if ev.partial:
-                batch.partial.extend(base + i for i in ev.partial)
+            batch.ts.append((batch.n, ev.ts))
+            batch.segments.extend(ev.segments)
+            batch.n += ev.records
             batch.nbytes += ev.nbytes
-            self.records_in += len(ev.records)
+            self.records_in += ev.records
             self.bytes_in += ev.nbytes
-            if len(batch.lines) >= self.max_records or batch.nbytes >= self.max_bytes:
+            if batch.n >= self.max_records or batch.nbytes >= self.max_bytes:
                 self._seal(ch)
+                self.cond.notify_all()
+                while self._sealed_bytes > self.sealed_max_bytes and not self._closing:
+                    self.cond.wait(0.5)
 
-    def seal_all(self, *, blocking: bool = True, only_due: bool = False) -> bool:
-        """Seal open batches (all, or those past their linger). False if the lock was busy."""
-        if not self.lock.acquire(blocking=blocking):
-            return False
-        try:
-            now = time.monotonic()
-            sealed = False
+    def on_quiet(self, quiet: bool) -> None:
+        """The reader drained the pipes (or not). On a quiet pipe with nothing on its way to
+        Redis, the reader encodes the open batch itself: one thread hop less per lone line."""
+        work: list[tuple[Channel, int, protocol.Lines]] = []
+        with self.cond:
+            self._quiet = quiet
+            if not quiet:
+                return
+            if not self._sealed and not self._encoding and self.outbox.idle() and not self._closing:
+                for ch in self.channels.values():
+                    if ch.open.n:
+                        self._seal(ch)
+                work = list(self._sealed)
+                self._sealed.clear()
+            else:
+                self.cond.notify_all()
+        self._ship(work)
+
+    def notify_idle(self) -> None:
+        """The sender has nothing in flight: a good moment to ship what is open."""
+        with self.cond:
+            if self._sealed or any(ch.open.n for ch in self.channels.values()):
+                self.cond.notify_all()
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Seal what is open, encode everything, stop the encoder. False if it did not finish."""
+        with self.cond:
             for ch in self.channels.values():
-                if ch.open.lines and (not only_due or now - ch.opened_at >= self.linger_s):
+                if ch.open.n:
                     self._seal(ch)
-                    sealed = True
-            return sealed
-        finally:
-            self.lock.release()
+            self._closing = True
+            self.cond.notify_all()
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        return not self.thread.is_alive()
 
-    def pending(self) -> bool:
-        return any(ch.open.lines for ch in self.channels.values())
-
-    def next_due(self) -> float | None:
-        """Seconds until the oldest open batch reaches its linger, None if nothing is open."""
-        opened = [ch.opened_at for ch in self.channels.values() if ch.open.lines]
-        if not opened:
-            return None
-        return max(0.0, min(opened) + self.linger_s - time.monotonic())
-
+    # -- encoder -------------------------------------------------------------------------
     def _seal(self, ch: Channel) -> None:
         batch = ch.open
         ch.open = protocol.Lines()
         first = ch.next_seq
-        n = len(batch.lines)
-        ch.next_seq += n
-        payload = protocol.encode_batch(ch.header, first, batch, structured=ch.structured, threshold=self.threshold)
-        pubs = self._per_line(batch) if self.per_line_json else None
-        item = Item(ch.key, self.producer, first, first + n - 1, payload, n, batch.nbytes, pubs)
-        self.outbox.put(item)
+        ch.next_seq += batch.n
+        self._sealed.append((ch, first, batch))
+        self._sealed_bytes += batch.nbytes
 
-    def _per_line(self, batch: protocol.Lines) -> list[bytes]:
+    def _due(self, now: float) -> float | None:
+        """Seconds until an open batch must be sealed; 0 when one should go now."""
+        opened = [ch.opened_at for ch in self.channels.values() if ch.open.n]
+        if not opened:
+            return None
+        if self._quiet and self.outbox.idle():
+            return 0.0
+        return max(0.0, min(opened) + self.linger_s - now)
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while not self._sealed:
+                        due = self._due(time.monotonic())
+                        if due == 0.0:
+                            for ch in self.channels.values():
+                                if ch.open.n:
+                                    self._seal(ch)
+                            break
+                        if self._closing:
+                            return
+                        self.cond.wait(1.0 if due is None else due)
+                    work = list(self._sealed)
+                    self._sealed.clear()
+                    self._encoding = True
+                try:
+                    self._ship(work)
+                finally:
+                    with self.cond:
+                        self._encoding = False
+        except Exception as exc:  # a bug must not hang the agent: let the reader go on
+            log.error("encoder stopped by an unexpected error", error=repr(exc))
+            with self.cond:
+                self._closing = True
+                self.cond.notify_all()
+
+    def _ship(self, work: list[tuple[Channel, int, protocol.Lines]]) -> None:
+        for ch, first, batch in work:
+            self.outbox.put(self._encode(ch, first, batch))
+            with self.cond:
+                waiting = self._sealed_bytes > self.sealed_max_bytes
+                self._sealed_bytes -= batch.nbytes
+                if waiting:
+                    self.cond.notify_all()  # the reader may be waiting for room
+
+    def _encode(self, ch: Channel, first: int, batch: protocol.Lines) -> Item:
+        texts = protocol.texts_of(batch)
+        payload = protocol.encode_batch(ch.header, first, batch, structured=ch.structured,
+                                        threshold=self.threshold, texts=texts)
+        pubs = self._per_line(batch, texts) if self.per_line_json else None
+        return Item(ch.key, self.producer, first, first + batch.n - 1, payload, batch.n, batch.nbytes, pubs)
+
+    def _per_line(self, batch: protocol.Lines, texts: protocol.Texts) -> list[bytes]:
         out: list[bytes] = []
         runs = batch.ts
         run = 0
         stamp = protocol.iso_utc(runs[0][1]) if runs else ""
-        partial = set(batch.partial)
-        for i, line in enumerate(batch.lines):
+        partial = set(texts.partial)
+        b64 = set(texts.b64)
+        for i, text in enumerate(texts.lines):
             while run + 1 < len(runs) and runs[run + 1][0] <= i:
                 run += 1
                 stamp = protocol.iso_utc(runs[run][1])
-            msg: dict[str, Any] = {
-                "content": line.decode("utf-8", "replace"),
-                "timestamp": stamp,
-                "variation_id": self.variation_id,
-            }
+            if i in b64:
+                import base64
+
+                text = base64.b64decode(text).decode("utf-8", "replace")
+            msg: dict[str, Any] = {"content": text, "timestamp": stamp, "variation_id": self.variation_id}
             if i in partial:
                 msg["partial"] = True
             out.append(orjson.dumps(msg))

@@ -217,6 +217,10 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._q)
 
+    def idle(self) -> bool:
+        """Nothing waiting and nothing in flight (read without the lock: a hint)."""
+        return not self._q
+
     def empty(self) -> bool:
         with self.cond:
             return not self._q

@@ -68,18 +68,53 @@ def decode(payload: bytes) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class Lines:
-    """Records of one stream captured together, before encoding.
+    """Records of one stream collected for a batch, before encoding.
 
-    ``lines`` are raw bytes without the trailing LF; ``partial`` holds the indices of
-    records not followed by a LF (a continuation chunk of a long line, or the end of the
-    stream without a newline). ``ts`` holds (index, unix time) runs: record i has the time
-    of the last run starting at or before i.
+    ``segments`` are runs of records as the splitter produced them (data, count, partial);
+    ``ts`` holds (record index, unix time) runs: record i has the time of the last run
+    starting at or before i. ``n`` counts records, ``nbytes`` the agent's bytes.
     """
 
-    lines: list[bytes] = field(default_factory=list)
+    segments: list[tuple[bytes, int, bool]] = field(default_factory=list)
     ts: list[tuple[int, float]] = field(default_factory=list)
-    partial: list[int] = field(default_factory=list)
+    n: int = 0
     nbytes: int = 0
+
+
+@dataclass(slots=True)
+class Texts:
+    """A batch turned into JSON-ready strings."""
+
+    lines: list[str]
+    partial: list[int]
+    b64: list[int]
+
+
+def texts_of(batch: Lines) -> Texts:
+    lines: list[str] = []
+    partial: list[int] = []
+    b64: list[int] = []
+    for data, _count, is_partial in batch.segments:
+        if is_partial:
+            try:
+                lines.append(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                b64.append(len(lines))
+                lines.append(base64.b64encode(data).decode("ascii"))
+            partial.append(len(lines) - 1)
+            continue
+        try:
+            parts = data.decode("utf-8").split("\n")
+            parts.pop()  # the run ends with LF: nothing after it
+            lines.extend(parts)
+        except UnicodeDecodeError:
+            for raw in data.split(b"\n")[:-1]:
+                try:
+                    lines.append(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    b64.append(len(lines))
+                    lines.append(base64.b64encode(raw).decode("ascii"))
+    return Texts(lines, partial, b64)
 
 
 def encode_batch(
@@ -89,54 +124,43 @@ def encode_batch(
     *,
     structured: bool,
     threshold: int,
+    texts: Texts | None = None,
 ) -> bytes:
     """Encode one batch. ``header`` holds the constant fields (v, type, ids, channel, stream)."""
-    raw = batch.lines
-    try:
-        # Fast path: the whole batch is valid UTF-8 (the common case).
-        texts: list[str] = b"\n".join(raw).decode("utf-8").split("\n") if raw else []
-        if len(texts) != len(raw):  # cannot happen: lines never contain LF
-            raise UnicodeDecodeError("utf-8", b"", 0, 1, "line count mismatch")
-        b64: list[int] = []
-    except UnicodeDecodeError:
-        texts = []
-        b64 = []
-        for i, line in enumerate(raw):
-            try:
-                texts.append(line.decode("utf-8"))
-            except UnicodeDecodeError:
-                texts.append(base64.b64encode(line).decode("ascii"))
-                b64.append(i)
+    t = texts if texts is not None else texts_of(batch)
     msg = dict(header)
     msg["seq"] = seq
-    msg["n"] = len(raw)
-    msg["lines"] = texts
+    msg["n"] = len(t.lines)
+    msg["lines"] = t.lines
     msg["ts"] = batch.ts
-    if batch.partial:
-        msg["partial"] = batch.partial
-    if b64:
-        msg["b64"] = b64
+    if t.partial:
+        msg["partial"] = t.partial
+    if t.b64:
+        msg["b64"] = t.b64
     if structured:
-        objs = _json_objects(raw, b64)
+        objs = _json_objects(t.lines, t.b64)
         if objs:
             msg["json"] = objs
     return compress_if_large(orjson.dumps(msg), threshold)
 
 
-def _json_objects(raw: Sequence[bytes], b64: list[int]) -> list[list[Any]]:
-    """[index, object] for each line that is a JSON object. Parsed, then spliced back raw."""
+def _json_objects(lines: Sequence[str], b64: list[int]) -> list[list[Any]]:
+    """[index, object] for each line that is a JSON object: validated, then spliced in as it was."""
     out: list[list[Any]] = []
+    candidates = [i for i, line in enumerate(lines) if line[:1] == "{"]
+    if not candidates:
+        return out
     skip = set(b64)
-    for i, line in enumerate(raw):
-        stripped = line.rstrip(b"\r")
-        if stripped[:1] != b"{" or stripped[-1:] != b"}" or i in skip:
+    for i in candidates:
+        text = lines[i].rstrip("\r")
+        if text[-1:] != "}" or i in skip:
             continue
         try:
-            obj = orjson.loads(stripped)
+            obj = orjson.loads(text)
         except orjson.JSONDecodeError:
             continue
         if isinstance(obj, dict):
-            out.append([i, orjson.Fragment(stripped)])
+            out.append([i, orjson.Fragment(text)])
     return out
 
 

@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+import hashlib
+
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from . import log
@@ -26,6 +25,7 @@ from .batcher import Batcher
 from .config import Settings, mask_url
 from .items import Item
 from .outbox import Outbox
+from .resp import Connection, ReplyError, parse_url
 
 APPEND_SCRIPT = """
 local hwm = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
@@ -47,12 +47,8 @@ return 1
 
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
-RETRYABLE: tuple[type[BaseException], ...] = (
-    redis.ConnectionError,
-    redis.TimeoutError,
-    redis.ResponseError,
-    OSError,
-)
+RETRYABLE: tuple[type[BaseException], ...] = (OSError, ReplyError)
+APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest()
 
 MAX_PIPELINE_ITEMS = 64
 MAX_PIPELINE_BYTES = 8 << 20
@@ -62,8 +58,12 @@ def idem_key(stream_key: str) -> str:
     return f"{stream_key}:idem"
 
 
-def connect(settings: Settings, **overrides: Any) -> redis.Redis:
-    """A client with our timeouts and without redis-py's own retries (we retry whole batches)."""
+def connect(settings: Settings, **overrides: Any) -> Any:
+    """A redis-py client for the read side, with our timeouts and without redis-py's own retries."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
     kwargs: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": min(settings.socket_timeout_s, 5.0),
@@ -74,6 +74,16 @@ def connect(settings: Settings, **overrides: Any) -> redis.Redis:
         kwargs["password"] = settings.redis_password
     kwargs.update(overrides)
     return redis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+def open_connection(settings: Settings, name: str = "agent-sidecar") -> Connection:
+    endpoint = parse_url(settings.redis_url, password=settings.redis_password)
+    return Connection(
+        endpoint,
+        socket_timeout=settings.socket_timeout_s,
+        connect_timeout=min(settings.socket_timeout_s, 5.0),
+        client_name=name,
+    )
 
 
 def describe_error(exc: BaseException, url: str) -> str:
@@ -110,8 +120,7 @@ class Sender:
         self.stats = Stats()
         self._stop = threading.Event()  # deliver what is queued, then stop
         self._abandon = threading.Event()  # stop now, even mid-retry
-        self._client: redis.Redis | None = None
-        self._script: Any = None
+        self._client: Connection | None = None
         self._last_error = ""
         self.thread = threading.Thread(target=self._run, name="redis-sender", daemon=True)
 
@@ -138,41 +147,27 @@ class Sender:
             while not self._abandon.is_set():
                 items = self.outbox.take(MAX_PIPELINE_ITEMS, MAX_PIPELINE_BYTES)
                 if not items:
-                    if self.batcher is not None and self.batcher.pending():
-                        # Idle sender and open records: ship them now rather than lingering,
-                        # unless the reader holds the lock (it is adding; it will come back).
-                        if self.batcher.seal_all(blocking=False):
-                            continue
                     if self._stop.is_set() and self.outbox.empty():
-                        if self.batcher is None or not self.batcher.pending():
-                            return
-                    due = self.batcher.next_due() if self.batcher is not None else None
-                    self.outbox.wait(0.2 if due is None else max(0.0005, due))
+                        return
+                    self.outbox.wait(1.0)
                     continue
                 if not self._deliver(items):
                     self.outbox.release_inflight()
                     return
                 self.outbox.ack(len(items))
+                if self.batcher is not None and self.outbox.idle():
+                    self.batcher.notify_idle()
         except Exception as exc:  # a bug must not take the agent down; what waits stays queued
             log.error("sender stopped by an unexpected error", error=repr(exc))
             self.outbox.release_inflight()
 
     def _deliver(self, items: list[Item]) -> bool:
         """Send until it lands. False only when abandoned."""
-        retrying = Retrying(
-            retry=retry_if_exception_type(RETRYABLE),
-            wait=wait_exponential_jitter(initial=0.05, max=self.settings.retry_max_s, jitter=0.2),
-            stop=lambda _state: self._abandon.is_set(),
-            sleep=self._abandon.wait,
-            before_sleep=self._on_failure,
-            reraise=True,
-        )
         try:
-            for attempt in retrying:
-                with attempt:
-                    self._send(items)
-        except RETRYABLE:
-            return False
+            self._send(items)  # the common case, without building a retry loop
+        except RETRYABLE as first_error:
+            if not self._retry(items, first_error):
+                return False
         now = time.time()
         down = self.stats.down_since
         if down is not None:
@@ -189,8 +184,32 @@ class Sender:
             self.stats.bytes_shipped += it.raw_bytes
         return True
 
+    def _retry(self, items: list[Item], first_error: BaseException) -> bool:
+        retrying = Retrying(
+            retry=retry_if_exception_type(RETRYABLE),
+            wait=wait_exponential_jitter(initial=0.05, max=self.settings.retry_max_s, jitter=0.2),
+            stop=lambda _state: self._abandon.is_set(),
+            sleep=self._abandon.wait,
+            before_sleep=self._on_failure,
+            reraise=True,
+        )
+        # One lost connection is routine (a restart, an idle timeout, CLIENT KILL): reconnect
+        # and try again at once; only a second failure counts as an outage.
+        log.debug("write failed; reconnecting", error=describe_error(first_error, self.settings.redis_url))
+        self._drop_client()
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._send(items)
+        except RETRYABLE:
+            return False
+        return True
+
     def _on_failure(self, state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
+        self._note_failure(exc)
+
+    def _note_failure(self, exc: BaseException | None) -> None:
         msg = describe_error(exc, self.settings.redis_url) if exc is not None else "unknown error"
         self.stats.connected = False
         self._drop_client()
@@ -205,40 +224,42 @@ class Sender:
         self._last_error = msg
 
     # -- I/O -----------------------------------------------------------------------------
-    def _client_for(self) -> tuple[redis.Redis, Any]:
+    def _conn(self) -> Connection:
         if self._client is None:
-            self._client = connect(self.settings)
-            self._script = self._client.register_script(APPEND_SCRIPT)
-        return self._client, self._script
+            conn = open_connection(self.settings, f"agent-sidecar:{self.settings.agent_id}")
+            conn.connect()
+            if self.settings.use_stream:
+                sha = conn.call("SCRIPT", "LOAD", APPEND_SCRIPT)
+                if sha.decode() != APPEND_SHA:
+                    raise ReplyError(f"unexpected script digest {sha!r}")
+            self._client = conn
+        return self._client
 
     def _drop_client(self) -> None:
         if self._client is not None:
-            try:
-                self._client.close()
-            except Exception:
-                pass
+            self._client.close()
             self._client = None
 
     def _send(self, items: list[Item]) -> None:
-        client, script = self._client_for()
+        conn = self._conn()
         s = self.settings
-        pipe = client.pipeline(transaction=False)
-        ttl = str(int(s.retention_s))
-        maxlen = str(s.max_stream_len)
+        ttl = int(s.retention_s)
+        maxlen = s.max_stream_len
+        cmds: list[tuple[Any, ...]] = []
         for it in items:
             publish_inline = s.use_pubsub and it.pubs is None
             if s.use_stream:
-                script(
-                    keys=[it.key, idem_key(it.key)],
-                    args=[it.producer, it.first, it.last, it.payload, maxlen, "1" if publish_inline else "0", ttl],
-                    client=pipe,
-                )
+                cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key), it.producer, it.first, it.last,
+                             it.payload, maxlen, 1 if publish_inline else 0, ttl))
             elif publish_inline:
-                pipe.publish(it.key, it.payload)
+                cmds.append(("PUBLISH", it.key, it.payload))
             if s.use_pubsub and it.pubs is not None:
-                for msg in it.pubs:
-                    pipe.publish(it.key, msg)
-        pipe.execute()
+                cmds.extend(("PUBLISH", it.key, msg) for msg in it.pubs)
+        for reply in conn.pipeline(cmds):
+            if isinstance(reply, ReplyError):
+                if reply.code == "NOSCRIPT":
+                    self._drop_client()  # reconnecting loads it again
+                raise reply
 
     def close(self) -> None:
         self._drop_client()

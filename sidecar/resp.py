@@ -1,0 +1,226 @@
+"""A small RESP2 client for the sidecar's write path: one connection, pipelined commands, hiredis parsing.
+
+Why not redis-py here: importing it pulls in asyncio (about 150 ms of start-up, paid by every
+agent), and its pipelines re-check scripts with an extra round trip on every execute. The
+write path needs exactly: connect (TCP, Unix socket or TLS), AUTH, SELECT, SCRIPT LOAD, and
+pipelines of EVALSHA/PUBLISH. The read side (`tail`, the consumer module) uses redis-py.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+
+class ReplyError(Exception):
+    """An error reply from the server (returned inside a pipeline's replies, raised by ``call``)."""
+
+    @property
+    def code(self) -> str:
+        return str(self.args[0]).split(" ", 1)[0] if self.args else ""
+
+
+class ProtocolViolation(OSError):
+    pass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str = "localhost"
+    port: int = 6379
+    unix_path: str | None = None
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+    def describe(self) -> str:
+        where = self.unix_path or f"{self.host}:{self.port}"
+        return f"{'rediss' if self.tls else 'redis'}://{where}/{self.db}"
+
+
+def parse_url(url: str, password: str | None = None, username: str | None = None) -> Endpoint:
+    """redis://[user[:password]@]host[:port][/db], rediss://..., unix:///path[?db=N]."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    url_user = unquote(parts.username) if parts.username else None
+    url_pass = unquote(parts.password) if parts.password is not None else None
+    db_text = parts.path.lstrip("/") if parts.scheme != "unix" else (query.get("db") or ["0"])[0]
+    db = int(db_text) if db_text else 0
+    if parts.scheme == "unix":
+        return Endpoint(unix_path=parts.path, db=db, username=username or url_user,
+                        password=password or url_pass)
+    return Endpoint(
+        host=parts.hostname or "localhost",
+        port=parts.port or 6379,
+        db=db,
+        username=username or url_user,
+        password=password or url_pass,
+        tls=parts.scheme == "rediss",
+    )
+
+
+def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if isinstance(a, bytes):
+            b = a
+        elif isinstance(a, str):
+            b = a.encode()
+        else:
+            b = str(a).encode()
+        out.append(b"$%d\r\n" % len(b))
+        out.append(b)
+        out.append(b"\r\n")
+    return b"".join(out)
+
+
+class Connection:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        socket_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
+        ssl_context: ssl.SSLContext | None = None,
+        client_name: str | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.socket_timeout = socket_timeout
+        self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
+        self.client_name = client_name
+        self._sock: socket.socket | None = None
+        self._reader = hiredis.Reader(replyError=ReplyError)
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def connect(self) -> None:
+        ep = self.endpoint
+        if ep.unix_path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.connect_timeout)
+            try:
+                sock.connect(ep.unix_path)
+            except OSError:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection((ep.host, ep.port), timeout=self.connect_timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if ep.tls:
+                ctx = self.ssl_context or ssl.create_default_context()
+                try:
+                    sock = ctx.wrap_socket(sock, server_hostname=ep.host)
+                except OSError:
+                    sock.close()
+                    raise
+        sock.settimeout(self.socket_timeout)
+        self._sock = sock
+        self._reader = hiredis.Reader(replyError=ReplyError)
+        hello: list[tuple[Any, ...]] = []
+        if ep.password is not None:
+            hello.append(("AUTH", ep.username, ep.password) if ep.username else ("AUTH", ep.password))
+        if ep.db:
+            hello.append(("SELECT", ep.db))
+        if self.client_name:
+            hello.append(("CLIENT", "SETNAME", self.client_name))
+        if hello:
+            try:
+                for reply in self.pipeline(hello):
+                    if isinstance(reply, ReplyError):
+                        raise reply
+            except BaseException:
+                self.close()
+                raise
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+            self._sock = None
+
+    def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send all commands, read all replies. Error replies come back as ReplyError objects.
+
+        A socket error or timeout closes the connection and propagates (OSError): whether the
+        server applied some of the commands is then unknown, which callers must tolerate.
+        """
+        if self._sock is None:
+            self.connect()
+        sock = self._sock
+        assert sock is not None
+        try:
+            sock.sendall(b"".join(pack(c) for c in commands))
+            replies: list[Any] = []
+            reader = self._reader
+            while len(replies) < len(commands):
+                reply = reader.gets()
+                if reply is False:
+                    data = sock.recv(1 << 16)
+                    if not data:
+                        raise ConnectionResetError("connection closed by Redis")
+                    reader.feed(data)
+                    continue
+                replies.append(reply)
+            return replies
+        except (OSError, hiredis.ProtocolError) as exc:
+            self.close()
+            if isinstance(exc, hiredis.ProtocolError):
+                raise ProtocolViolation(str(exc)) from exc
+            raise
+
+    def send(self, *commands: tuple[Any, ...]) -> None:
+        """Write commands without reading replies (pub/sub: SUBSCRIBE, then ``read``)."""
+        if self._sock is None:
+            self.connect()
+        assert self._sock is not None
+        try:
+            self._sock.sendall(b"".join(pack(c) for c in commands))
+        except OSError:
+            self.close()
+            raise
+
+    def read(self, timeout: float | None) -> Any:
+        """The next reply or push message; None when nothing arrives within ``timeout``.
+
+        A timeout here leaves the connection usable (unlike a timeout inside ``pipeline``).
+        """
+        if self._sock is None:
+            raise ConnectionResetError("not connected")
+        sock = self._sock
+        while True:
+            reply = self._reader.gets()
+            if reply is not False:
+                return reply
+            sock.settimeout(timeout)
+            try:
+                data = sock.recv(1 << 16)
+            except TimeoutError:
+                return None
+            except OSError:
+                self.close()
+                raise
+            finally:
+                if self._sock is not None:
+                    self._sock.settimeout(self.socket_timeout)
+            if not data:
+                self.close()
+                raise ConnectionResetError("connection closed by Redis")
+            self._reader.feed(data)
+
+    def call(self, *args: Any) -> Any:
+        reply = self.pipeline([args])[0]
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
