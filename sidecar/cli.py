@@ -54,6 +54,9 @@ def run_parser() -> argparse.ArgumentParser:
         "REDIS_PASSWORD supplies the Redis password (preferred to putting it in the URL).",
     )
     add_options(parser, OPTIONS)
+    parser.add_argument("--redact-pattern", dest="redact_patterns", action="append", default=None,
+                        metavar="REGEX", help="also mask what this regular expression matches (repeatable) "
+                        "[env SIDECAR_REDACT_PATTERNS, one per line]")
     return parser
 
 
@@ -79,7 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import config
 
     try:
-        settings = config.build(vars(ns), dict(os.environ), tuple(command))
+        values = vars(ns)
+        if values.get("redact_patterns"):
+            values["redact_patterns"] = tuple(values["redact_patterns"])
+        settings = config.build(values, dict(os.environ), tuple(command))
     except UsageError as exc:
         usage_error(str(exc))
     from .app import run

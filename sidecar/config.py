@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -93,6 +93,19 @@ OPTIONS: tuple[Option, ...] = (
            "TTL of every key written, refreshed on write (s, or with m/h/d suffix; 0: none)", kind="duration"),
     Option("max_stream_len", "--max-stream-len", "SIDECAR_MAX_STREAM_LEN", 1_000_000,
            "approximate cap on entries per stream (0: none)", kind="int"),
+    Option("heartbeat_interval_s", "--heartbeat-interval", "SIDECAR_HEARTBEAT_INTERVAL", 5.0,
+           "seconds between heartbeats on agent:{agent_id}:heartbeat (0: none)", kind="float"),
+    Option("redis_username", "--redis-username", "REDIS_USERNAME", None, "ACL user name"),
+    Option("redis_password_file", "--redis-password-file", "REDIS_PASSWORD_FILE", None,
+           "file holding the Redis password (a mounted Kubernetes Secret)"),
+    Option("redis_ca_file", "--redis-ca-file", "REDIS_CA_FILE", None,
+           "CA bundle to verify the Redis server's TLS certificate (rediss://)"),
+    Option("redis_cert_file", "--redis-cert-file", "REDIS_CERT_FILE", None, "TLS client certificate (PEM)"),
+    Option("redis_key_file", "--redis-key-file", "REDIS_KEY_FILE", None, "TLS client private key (PEM)"),
+    Option("control_secret_file", "--control-secret-file", "SIDECAR_CONTROL_SECRET_FILE", None,
+           "file holding the HMAC secret that control commands must be signed with"),
+    Option("redact", "--no-redact", "SIDECAR_NO_REDACT", True,
+           "publish and echo secrets unmasked (redaction is on by default)", kind="negbool"),
 )
 
 
@@ -128,6 +141,16 @@ class Settings:
     retry_max_s: float
     retention_s: float
     max_stream_len: int
+    heartbeat_interval_s: float
+    redis_username: str | None
+    redis_password_file: str | None
+    redis_ca_file: str | None
+    redis_cert_file: str | None
+    redis_key_file: str | None
+    control_secret_file: str | None
+    redact: bool
+    control_secret: bytes | None = field(default=None, repr=False)
+    redact_patterns: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
 
     def channel(self, template: str) -> str:
@@ -280,10 +303,45 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     merged["agent_id"] = merged["agent_id"] or default_agent_id(env)
     merged["spool_dir"] = merged["spool_dir"] or _default_spool_dir()
     merged["redis_password"] = env.get("REDIS_PASSWORD") or None
+    if merged["redis_password_file"]:
+        merged["redis_password"] = _read_secret(merged["redis_password_file"], "--redis-password-file").decode()
+    secret: bytes | None = None
+    if merged["control_secret_file"]:
+        secret = _read_secret(merged["control_secret_file"], "--control-secret-file")
+    elif env.get("SIDECAR_CONTROL_SECRET"):
+        secret = env["SIDECAR_CONTROL_SECRET"].encode()
+    merged["control_secret"] = secret
+    patterns = values.get("redact_patterns") or ()
+    if not patterns and env.get("SIDECAR_REDACT_PATTERNS"):
+        patterns = tuple(p for p in env["SIDECAR_REDACT_PATTERNS"].split("\n") if p)
+    import re
+
+    for pat in patterns:
+        try:
+            re.compile(pat.encode())
+        except re.error as exc:
+            raise UsageError(f"invalid --redact-pattern {pat!r}: {exc}") from None
+    merged["redact_patterns"] = tuple(patterns)
+    for opt in ("redis_ca_file", "redis_cert_file", "redis_key_file"):
+        path = merged[opt]
+        if path and not os.path.isfile(path):
+            raise UsageError(f"--{opt.replace('_', '-')} {path}: no such file")
     for name in ("run_id", "variation_id", "agent_id"):
         if any(c in merged[name] for c in "{}\n\r\0 "):
             raise UsageError(f"invalid {name} {merged[name]!r}: no spaces, braces or control characters")
     return Settings(command=command, **merged)
+
+
+def _read_secret(path: str, flag: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror}") from None
+    data = data.rstrip(b"\r\n")
+    if not data:
+        raise UsageError(f"{flag} {path} is empty")
+    return data
 
 
 def build_connection(values: dict[str, Any], env: dict[str, str]) -> Settings:

@@ -72,16 +72,36 @@ def connect(settings: Settings, **overrides: Any) -> Any:
     }
     if settings.redis_password:
         kwargs["password"] = settings.redis_password
+    if settings.redis_username:
+        kwargs["username"] = settings.redis_username
+    if settings.redis_url.startswith("rediss://"):
+        kwargs["ssl_cert_reqs"] = "required"
+        if settings.redis_ca_file:
+            kwargs["ssl_ca_certs"] = settings.redis_ca_file
+        if settings.redis_cert_file:
+            kwargs["ssl_certfile"] = settings.redis_cert_file
+            kwargs["ssl_keyfile"] = settings.redis_key_file
     kwargs.update(overrides)
     return redis.Redis.from_url(settings.redis_url, **kwargs)
 
 
+def tls_context(settings: Settings) -> Any:
+    """Verification on, always: a CA file adds trust, it never turns checking off."""
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=settings.redis_ca_file)
+    if settings.redis_cert_file:
+        ctx.load_cert_chain(settings.redis_cert_file, settings.redis_key_file)
+    return ctx
+
+
 def open_connection(settings: Settings, name: str = "agent-sidecar") -> Connection:
-    endpoint = parse_url(settings.redis_url, password=settings.redis_password)
+    endpoint = parse_url(settings.redis_url, password=settings.redis_password, username=settings.redis_username)
     return Connection(
         endpoint,
         socket_timeout=settings.socket_timeout_s,
         connect_timeout=min(settings.socket_timeout_s, 5.0),
+        ssl_context=tls_context(settings) if endpoint.tls else None,
         client_name=name,
     )
 
