@@ -6,6 +6,7 @@ import os
 import secrets
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ from agent_wrapper.exitcodes import signal_name
 from agent_wrapper.pipes import PipeReader
 from agent_wrapper.process import spawn
 
-from . import log, protocol
+from . import events, log, protocol
 from .batcher import Batcher, Channel
 from .config import Settings, mask_url
 from .items import Item
@@ -32,6 +33,9 @@ class Runtime:
         self.producer = f"{s.agent_id}.{os.getpid()}.{int(time.time() * 1000)}.{secrets.token_hex(3)}"
         self.status_key = s.channel(s.status_channel)
         self.status_seq = 0
+        self.tokens_key = f"run:{s.run_id}:tokens"
+        self.tokens_seq = 0
+        self._seq_lock = threading.Lock()  # status comes from several threads
         self.base: dict[str, Any] = {
             "v": protocol.VERSION,
             "run_id": s.run_id,
@@ -55,6 +59,7 @@ class Runtime:
             per_line_json=s.wire == "per-line-json",
             variation_id=s.variation_id,
             producer=self.producer,
+            on_object=self.on_object,
         )
         # Raw batches waiting for the encoder count against the memory budget too.
         self.batcher.sealed_max_bytes = min(self.batcher.sealed_max_bytes, max(s.buffer_max_bytes, 1))
@@ -87,12 +92,32 @@ class Runtime:
         return Item(key, self.producer, first, last, protocol.encode_object(msg), kind="gap")
 
     def status(self, status: str, **metadata: Any) -> None:
-        self.status_seq += 1
-        msg = dict(self.base, type=protocol.STATUS, channel=self.status_key, seq=self.status_seq, status=status,
-                   timestamp=protocol.iso_utc(time.time()), metadata=metadata)
-        item = Item(self.status_key, self.producer, self.status_seq, self.status_seq,
-                    protocol.encode_object(msg), kind="status")
-        self.outbox.put(item, force=True)
+        with self._seq_lock:
+            self.status_seq += 1
+            msg = dict(self.base, type=protocol.STATUS, channel=self.status_key, seq=self.status_seq,
+                       status=status, timestamp=protocol.iso_utc(time.time()), metadata=metadata)
+            item = Item(self.status_key, self.producer, self.status_seq, self.status_seq,
+                        protocol.encode_object(msg), kind="status")
+            self.outbox.put(item, force=True)
+
+    def on_object(self, obj: dict[str, Any]) -> None:
+        """A stdout JSON object (encoder thread): route the event it carries, if any."""
+        event = events.classify(obj)
+        if isinstance(event, events.AgentStatus):
+            self.status("agent", state=event.state, **event.metadata)
+        elif isinstance(event, events.TokenReport):
+            with self._seq_lock:
+                self.tokens_seq += 1
+                msg: dict[str, Any] = dict(self.base, type="tokens", channel=self.tokens_key, seq=self.tokens_seq,
+                                           timestamp=protocol.iso_utc(time.time()), source=event.source,
+                                           **event.counts)
+                if event.cost_usd is not None:
+                    msg["cost_usd"] = event.cost_usd
+                if event.model is not None:
+                    msg["model"] = event.model
+                item = Item(self.tokens_key, self.producer, self.tokens_seq, self.tokens_seq,
+                            protocol.encode_object(msg), kind="tokens")
+                self.outbox.put(item, force=True)
 
     def degraded(self, since: float, error: str) -> None:
         self.status("degraded", since=protocol.iso_utc(since), error=error,

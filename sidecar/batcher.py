@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -52,6 +53,7 @@ class Batcher:
         per_line_json: bool,
         variation_id: str,
         producer: str,
+        on_object: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.outbox = outbox
         self.channels = channels
@@ -62,6 +64,7 @@ class Batcher:
         self.per_line_json = per_line_json
         self.variation_id = variation_id
         self.producer = producer
+        self.on_object = on_object  # each stdout JSON object, after its batch is queued
         self.cond = threading.Condition()
         self._sealed: deque[tuple[Channel, int, protocol.Lines]] = deque()
         self._sealed_bytes = 0
@@ -181,17 +184,22 @@ class Batcher:
 
     def _ship(self, work: list[tuple[Channel, int, protocol.Lines]]) -> None:
         for ch, first, batch in work:
-            self.outbox.put(self._encode(ch, first, batch))
+            objects: list[dict[str, Any]] | None = [] if ch.structured and self.on_object else None
+            self.outbox.put(self._encode(ch, first, batch, objects))
+            if objects and self.on_object is not None:
+                for obj in objects:
+                    self.on_object(obj)
             with self.cond:
                 waiting = self._sealed_bytes > self.sealed_max_bytes
                 self._sealed_bytes -= batch.nbytes
                 if waiting:
                     self.cond.notify_all()  # the reader may be waiting for room
 
-    def _encode(self, ch: Channel, first: int, batch: protocol.Lines) -> Item:
+    def _encode(self, ch: Channel, first: int, batch: protocol.Lines,
+                objects: list[dict[str, Any]] | None = None) -> Item:
         texts = protocol.texts_of(batch)
         payload = protocol.encode_batch(ch.header, first, batch, structured=ch.structured,
-                                        threshold=self.threshold, texts=texts)
+                                        threshold=self.threshold, texts=texts, objects=objects)
         pubs = self._per_line(batch, texts) if self.per_line_json else None
         return Item(ch.key, self.producer, first, first + batch.n - 1, payload, batch.n, batch.nbytes, pubs)
 

@@ -210,7 +210,7 @@ def convert(opt: Option, raw: Any) -> Any:
             return value_d
         if opt.kind == "negbool":
             return raw.strip().lower() not in ("1", "true", "yes", "on")
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         src = opt.flag if opt.env is None else f"{opt.flag} / {opt.env}"
         raise UsageError(f"invalid value {raw!r} for {src}: {exc}") from None
     if opt.kind == "choice" and raw not in opt.choices:

@@ -125,6 +125,7 @@ def encode_batch(
     structured: bool,
     threshold: int,
     texts: Texts | None = None,
+    objects: list[dict[str, Any]] | None = None,
 ) -> bytes:
     """Encode one batch. ``header`` holds the constant fields (v, type, ids, channel, stream)."""
     t = texts if texts is not None else texts_of(batch)
@@ -138,14 +139,15 @@ def encode_batch(
     if t.b64:
         msg["b64"] = t.b64
     if structured:
-        objs = _json_objects(t.lines, t.b64)
+        objs = _json_objects(t.lines, t.b64, objects)
         if objs:
             msg["json"] = objs
     return compress_if_large(orjson.dumps(msg), threshold)
 
 
-def _json_objects(lines: Sequence[str], b64: list[int]) -> list[list[Any]]:
-    """[index, object] for each line that is a JSON object: validated, then spliced in as it was."""
+def _json_objects(lines: Sequence[str], b64: list[int], parsed: list[dict[str, Any]] | None = None) -> list[list[Any]]:
+    """[index, object] for each line that is a JSON object: validated, then spliced in as it was.
+    The parsed objects are appended to ``parsed`` when given (for event detection)."""
     out: list[list[Any]] = []
     candidates = [i for i, line in enumerate(lines) if line[:1] == "{"]
     if not candidates:
@@ -161,6 +163,8 @@ def _json_objects(lines: Sequence[str], b64: list[int]) -> list[list[Any]]:
             continue
         if isinstance(obj, dict):
             out.append([i, orjson.Fragment(text)])
+            if parsed is not None:
+                parsed.append(obj)
     return out
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import hashlib
 
+import orjson
+
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from . import log
@@ -44,6 +46,65 @@ if ttl > 0 then
 end
 return 1
 """
+
+# Token usage: added to per-run totals once per report (same idempotency rule as appends),
+# then announced on the metrics channel.
+TOKENS_SCRIPT = """
+local hwm = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if hwm >= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+local prefix = 'variation:' .. ARGV[5] .. ':'
+for i = 6, #ARGV - 1, 2 do
+  local f, v = ARGV[i], ARGV[i + 1]
+  if f == 'cost_usd' then
+    redis.call('HINCRBYFLOAT', KEYS[1], f, v)
+    redis.call('HINCRBYFLOAT', KEYS[1], prefix .. f, v)
+  else
+    redis.call('HINCRBY', KEYS[1], f, v)
+    redis.call('HINCRBY', KEYS[1], prefix .. f, v)
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'reports', 1)
+redis.call('HINCRBY', KEYS[1], prefix .. 'reports', 1)
+redis.call('PUBLISH', 'metrics:agent:tokens', ARGV[3])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
+TOKENS_SHA = hashlib.sha1(TOKENS_SCRIPT.encode()).hexdigest()
+TOKEN_TOTAL_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
+                      "cost_usd")
+# Lifecycle states that set `status` in the variation hash (agent-reported states set `agent_state`).
+_FINAL = ("exited", "killed", "failed", "cancelled")
+
+
+def variation_key(run_id: str, variation_id: str) -> str:
+    return f"run:{run_id}:variation:{variation_id}"
+
+
+def status_hash_fields(msg: dict[str, Any]) -> list[Any]:
+    """HSET field/value pairs for the variation hash from a status message."""
+    meta = msg.get("metadata") or {}
+    status = str(msg.get("status", ""))
+    fields: list[Any] = ["agent_id", msg.get("agent_id", ""), "updated_at", msg.get("timestamp", ""),
+                         "producer", msg.get("producer", "")]
+    if status == "agent":
+        fields += ["agent_state", str(meta.get("state", ""))]
+    elif status not in ("degraded", "recovered", "control_rejected"):
+        fields += ["status", status]
+    if "pid" in meta:
+        fields += ["pid", meta["pid"]]
+    if status in _FINAL and "exit_code" in meta:
+        fields += ["exit_code", meta["exit_code"]]
+    if status == "killed" and "signal" in meta:
+        fields += ["signal", meta["signal"]]
+    if status == "running":
+        fields += ["started_at", msg.get("timestamp", "")]
+    return fields
+
 
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
@@ -248,9 +309,9 @@ class Sender:
         if self._client is None:
             conn = open_connection(self.settings, f"agent-sidecar:{self.settings.agent_id}")
             conn.connect()
-            if self.settings.use_stream:
-                sha = conn.call("SCRIPT", "LOAD", APPEND_SCRIPT)
-                if sha.decode() != APPEND_SHA:
+            for script, digest in ((APPEND_SCRIPT, APPEND_SHA), (TOKENS_SCRIPT, TOKENS_SHA)):
+                sha = conn.call("SCRIPT", "LOAD", script)
+                if sha.decode() != digest:
                     raise ReplyError(f"unexpected script digest {sha!r}")
             self._client = conn
         return self._client
@@ -267,7 +328,16 @@ class Sender:
         maxlen = s.max_stream_len
         cmds: list[tuple[Any, ...]] = []
         for it in items:
+            if it.kind == "tokens":
+                cmds.append(self._tokens_command(it, ttl))
+                continue
             publish_inline = s.use_pubsub and it.pubs is None
+            if it.kind == "status":
+                msg = orjson.loads(it.payload)
+                vkey = variation_key(str(msg.get("run_id", "")), str(msg.get("variation_id", "")))
+                cmds.append(("HSET", vkey, *status_hash_fields(msg)))
+                if ttl > 0:
+                    cmds.append(("EXPIRE", vkey, ttl))
             if s.use_stream:
                 cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key), it.producer, it.first, it.last,
                              it.payload, maxlen, 1 if publish_inline else 0, ttl))
@@ -280,6 +350,17 @@ class Sender:
                 if reply.code == "NOSCRIPT":
                     self._drop_client()  # reconnecting loads it again
                 raise reply
+
+    @staticmethod
+    def _tokens_command(it: Item, ttl: int) -> tuple[Any, ...]:
+        msg = orjson.loads(it.payload)
+        pairs: list[Any] = []
+        for f in TOKEN_TOTAL_FIELDS:
+            v = msg.get(f)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                pairs += [f, repr(float(v)) if f == "cost_usd" else int(v)]
+        return ("EVALSHA", TOKENS_SHA, 2, it.key, idem_key(it.key), it.producer, it.first, it.payload, ttl,
+                str(msg.get("variation_id", "")), *pairs)
 
     def close(self) -> None:
         self._drop_client()
