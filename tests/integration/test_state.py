@@ -1,0 +1,134 @@
+"""Agent events, token totals, the variation hash, retention and stream caps, against a real redis-server."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from tests.helpers import REPO_ROOT, run_sidecar
+from tests.integration import runs
+from tests.redis_harness import RedisServer
+
+TRANSCRIPT = [
+    {"type": "system", "subtype": "init", "session_id": "s1", "model": "claude-sonnet-4-5"},
+    {"type": "assistant", "message": {"usage": {"input_tokens": 900, "output_tokens": 40}}},
+    {"type": "user", "message": {"content": [{"type": "tool_result", "content": "ok"}]}},
+    {"type": "assistant", "message": {"usage": {"input_tokens": 950, "output_tokens": 60}}},
+    {"type": "result", "subtype": "success", "num_turns": 2,
+     "usage": {"input_tokens": 1850, "output_tokens": 100, "cache_read_input_tokens": 300},
+     "total_cost_usd": 0.0123},
+]
+
+
+def _file(tmp_path: Path, lines: list[bytes]) -> str:
+    p = tmp_path / "out.jsonl"
+    p.write_bytes(b"".join(line + b"\n" for line in lines))
+    return str(p)
+
+
+def test_token_totals_from_a_claude_code_transcript(redis_server: RedisServer, tmp_path: Path) -> None:
+    client = redis_server.client()
+    sub = redis_server.client().pubsub()
+    sub.subscribe("metrics:agent:tokens")
+    sub.get_message(timeout=1)
+    path = _file(tmp_path, [orjson.dumps(o) for o in TRANSCRIPT])
+    for variation in ("0", "1"):
+        cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "cc", "--variation-id", variation,
+                          "--no-echo", "--", "cat", path])
+        assert cp.returncode == 0, cp.stderr
+    totals = {k.decode(): v.decode() for k, v in client.hgetall("run:cc:tokens").items()}
+    # only the final result counts (the per-message usage is part of it), once per variation
+    assert int(totals["input_tokens"]) == 2 * 1850
+    assert int(totals["output_tokens"]) == 2 * 100
+    assert int(totals["cache_read_input_tokens"]) == 2 * 300
+    assert abs(float(totals["cost_usd"]) - 2 * 0.0123) < 1e-9
+    assert int(totals["reports"]) == 2
+    assert int(totals["variation:1:input_tokens"]) == 1850
+    msgs = []
+    deadline = time.monotonic() + 5
+    while len(msgs) < 2 and time.monotonic() < deadline:
+        m = sub.get_message(timeout=0.2)
+        if m and m["type"] in ("message", b"message"):
+            msgs.append(orjson.loads(m["data"]))
+    sub.close()
+    assert [(m["run_id"], m["variation_id"], m["input_tokens"], m["source"]) for m in msgs] == [
+        ("cc", "0", 1850, "claude_result"), ("cc", "1", 1850, "claude_result")]
+    assert all(m["agent_id"] for m in msgs)
+    # the transcript itself stays in the output stream, byte for byte
+    assert runs.stream_bytes(client, "run:cc:output:0") == Path(path).read_bytes()
+
+
+def test_openai_usage_and_routed_events(redis_server: RedisServer, tmp_path: Path) -> None:
+    client = redis_server.client()
+    lines = [
+        b'{"sidecar_event":"status","state":"planning","step":1}',
+        b'{"id":"c1","object":"chat.completion","usage":{"prompt_tokens":12,"completion_tokens":5}}',
+        b'{"sidecar_event":"tokens","input_tokens":7,"output_tokens":3,"cost_usd":0.5,"model":"m"}',
+        b'{"sidecar_event":"bogus"}',
+        b'not json {"usage":{"prompt_tokens":99}}',
+    ]
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "oa", "--no-echo", "--", "cat",
+                      _file(tmp_path, lines)])
+    assert cp.returncode == 0
+    totals = {k.decode(): v.decode() for k, v in client.hgetall("run:oa:tokens").items()}
+    assert int(totals["input_tokens"]) == 19 and int(totals["output_tokens"]) == 8
+    assert float(totals["cost_usd"]) == 0.5 and int(totals["reports"]) == 2
+    agent = [m for m in runs.statuses(client, "oa") if m["status"] == "agent"]
+    assert len(agent) == 1 and agent[0]["metadata"] == {"state": "planning", "step": 1}
+    assert client.hget("run:oa:variation:0", "agent_state") == b"planning"
+    assert runs.stream_bytes(client, "run:oa:output:0") == b"".join(x + b"\n" for x in lines)
+
+
+def test_variation_hash_across_the_lifecycle(redis_server: RedisServer, start_sidecar: object) -> None:
+    client = redis_server.client()
+    key = "run:life:variation:3"
+    proc = start_sidecar(["--redis-url", redis_server.url, "--run-id", "life", "--variation-id", "3",  # type: ignore[operator]
+                          "--agent-id", "pod-7", "--no-echo", "--", "sh", "-c", "sleep 1; exit 4"])
+    deadline = time.monotonic() + 10
+    while client.hget(key, "status") != b"running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    state = client.hgetall(key)
+    assert state[b"status"] == b"running" and state[b"agent_id"] == b"pod-7"
+    assert b"exit_code" not in state and int(state[b"pid"]) > 0
+    assert proc.finish(timeout=30).returncode == 4  # type: ignore[attr-defined]
+    state = client.hgetall(key)
+    assert state[b"status"] == b"exited" and state[b"exit_code"] == b"4"
+    assert state[b"updated_at"].endswith(b"Z")
+    assert 0 < client.ttl(key) <= 86400
+
+
+def test_every_key_gets_the_retention_ttl_and_streams_are_capped(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    n = 20_000
+    cmd = [sys.executable, "-c", f"import os\nfor i in range({n}): os.write(1, b'line %d\\n' % i)"]
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "ret", "--no-echo", "--retention", "2h",
+                      "--max-stream-len", "50", "--batch-max-records", "10", "--", *cmd])
+    assert cp.returncode == 0
+    keys = sorted(k.decode() for k in client.keys("*"))
+    assert "run:ret:output:0" in keys and "run:ret:status" in keys and "run:ret:variation:0" in keys
+    for k in keys:
+        ttl = client.ttl(k)
+        assert 7000 < ttl <= 7200, (k, ttl)
+    length = client.xlen("run:ret:output:0")
+    assert 50 <= length < 200, length  # approximate trimming keeps about the cap
+
+
+def test_retention_zero_means_no_ttl(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "keep", "--no-echo", "--retention", "0",
+                      "--", "echo", "x"])
+    assert cp.returncode == 0
+    assert client.ttl("run:keep:output:0") == -1
+
+
+def test_late_joiner_reads_state_then_replays(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "late", "--no-echo", "--", sys.executable,
+                      str(REPO_ROOT / "examples" / "llm_agent.py"), "--fast", "--lines", "20"])
+    assert cp.returncode == 0
+    assert client.hget("run:late:variation:0", "status") == b"exited"
+    out, _err, rc = runs.tail(redis_server.url, "late", "--raw")
+    assert rc == 0 and out == runs.stream_bytes(client, "run:late:output:0") and out.count(b"\n") >= 20
