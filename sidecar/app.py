@@ -33,7 +33,7 @@ class Runtime:
         self.producer = f"{s.agent_id}.{os.getpid()}.{int(time.time() * 1000)}.{secrets.token_hex(3)}"
         self.status_key = s.channel(s.status_channel)
         self.status_seq = 0
-        self.tokens_key = f"run:{s.run_id}:tokens"
+        self.tokens_key = f"run:{s.run_key}:tokens"
         self.tokens_seq = 0
         self._seq_lock = threading.Lock()  # status comes from several threads
         self.base: dict[str, Any] = {

@@ -28,13 +28,13 @@ def usage_error(message: str) -> NoReturn:
 
 def _help_for(opt: Option) -> str:
     env = f"env {opt.env}" if opt.env else "no env"
-    default = "on" if opt.kind == "negbool" else opt.default
+    default = {"negbool": "on", "bool": "off"}.get(opt.kind, opt.default)
     return f"{opt.help} [{env}; default: {default}]"
 
 
 def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
     for opt in options:
-        if opt.kind == "negbool":
+        if opt.kind in ("negbool", "bool"):
             parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="1", default=None,
                                 help=_help_for(opt))
         elif opt.kind == "choice":

@@ -104,6 +104,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis_key_file", "--redis-key-file", "REDIS_KEY_FILE", None, "TLS client private key (PEM)"),
     Option("control_secret_file", "--control-secret-file", "SIDECAR_CONTROL_SECRET_FILE", None,
            "file holding the HMAC secret that control commands must be signed with"),
+    Option("redis_mode", "--redis-mode", "SIDECAR_REDIS_MODE", "auto",
+           "auto: detect a cluster (redis+sentinel:// URLs use Sentinel); or force standalone, cluster, sentinel",
+           kind="choice", choices=("auto", "standalone", "cluster", "sentinel")),
+    Option("pubsub", "--pubsub", "SIDECAR_PUBSUB", "classic",
+           "classic: PUBLISH; sharded: SPUBLISH (Redis 7 cluster: the message stays on the key's shard)",
+           kind="choice", choices=("classic", "sharded")),
+    Option("cluster_hash_tag", "--cluster-hash-tag", "SIDECAR_CLUSTER_HASH_TAG", False,
+           "wrap the run id in a hash tag in key names (run:{RUN}:output:0): all keys of a run on one shard",
+           kind="bool"),
+    Option("min_replicas_ack", "--min-replicas-ack", "SIDECAR_MIN_REPLICAS_ACK", 0,
+           "count a batch delivered only once this many replicas hold it (WAIT)", kind="int"),
     Option("redact", "--no-redact", "SIDECAR_NO_REDACT", True,
            "publish and echo secrets unmasked (redaction is on by default)", kind="negbool"),
 )
@@ -148,13 +159,22 @@ class Settings:
     redis_cert_file: str | None
     redis_key_file: str | None
     control_secret_file: str | None
+    redis_mode: str
+    pubsub: str
+    cluster_hash_tag: bool
+    min_replicas_ack: int
     redact: bool
     control_secret: bytes | None = field(default=None, repr=False)
     redact_patterns: tuple[str, ...] = ()
     command: tuple[str, ...] = ()
 
+    @property
+    def run_key(self) -> str:
+        """The run id as it appears in key names: in braces with --cluster-hash-tag."""
+        return f"{{{self.run_id}}}" if self.cluster_hash_tag else self.run_id
+
     def channel(self, template: str) -> str:
-        return template.format(run_id=self.run_id, variation_id=self.variation_id, agent_id=self.agent_id)
+        return template.format(run_id=self.run_key, variation_id=self.variation_id, agent_id=self.agent_id)
 
     @property
     def use_stream(self) -> bool:
@@ -210,6 +230,8 @@ def convert(opt: Option, raw: Any) -> Any:
             return value_d
         if opt.kind == "negbool":
             return raw.strip().lower() not in ("1", "true", "yes", "on")
+        if opt.kind == "bool":
+            return raw.strip().lower() in ("1", "true", "yes", "on")
     except (ValueError, OverflowError) as exc:
         src = opt.flag if opt.env is None else f"{opt.flag} / {opt.env}"
         raise UsageError(f"invalid value {raw!r} for {src}: {exc}") from None
@@ -220,6 +242,12 @@ def convert(opt: Option, raw: Any) -> Any:
 
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ***, safe to print."""
+    if "+sentinel://" in url:
+        scheme, rest = url.split("://", 1)
+        auth, at, hosts = rest.rpartition("@")
+        if at and ":" in auth:
+            auth = auth.split(":", 1)[0] + ":***"
+        return f"{scheme}://{auth}{at}{hosts}"
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -241,13 +269,22 @@ def mask_url(url: str) -> str:
 
 
 def validate_url(url: str) -> None:
+    if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
+        from .topology import parse_sentinel_url
+
+        try:
+            parse_sentinel_url(url)
+        except ValueError as exc:
+            raise UsageError(f"invalid Sentinel URL {mask_url(url)!r}: {exc}") from None
+        return
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: {exc}") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: scheme must be redis://, rediss:// or unix://")
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: scheme must be redis://, rediss://, unix:// "
+                         "or redis+sentinel://")
     if parts.scheme == "unix":
         if not parts.path:
             raise UsageError(f"invalid Redis URL {mask_url(url)!r}: unix:// needs a socket path")
@@ -286,6 +323,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     validate_url(merged["redis_url"])
     for key in ("output_channel", "logs_channel", "status_channel"):
         validate_template(key, merged[key])
+    if merged["min_replicas_ack"] < 0:
+        raise UsageError("--min-replicas-ack must not be negative")
     if merged["batch_max_records"] < 1:
         raise UsageError("--batch-max-records must be at least 1")
     if merged["batch_max_bytes"] < 1 or merged["max_line_bytes"] < 1:
@@ -342,6 +381,12 @@ def _read_secret(path: str, flag: str) -> bytes:
     if not data:
         raise UsageError(f"{flag} {path} is empty")
     return data
+
+
+# Options that say how to reach Redis: shared by the run, tail and replay commands.
+CONNECTION_OPTIONS = ("redis_url", "redis_username", "redis_password_file", "redis_ca_file", "redis_cert_file",
+                      "redis_key_file", "redis_mode", "cluster_hash_tag", "socket_timeout_s", "log_format",
+                      "log_level")
 
 
 def build_connection(values: dict[str, Any], env: dict[str, str]) -> Settings:

@@ -117,9 +117,22 @@ class RunReader:
                     break
 
     def follow(self, block_ms: int = 1000) -> Iterator[Event | None]:
-        """New entries as they come (XREAD BLOCK); yields None on each idle timeout."""
+        """New entries as they come (XREAD BLOCK); yields None on each idle timeout.
+
+        On a cluster, keys on different slots cannot share one XREAD: each is read in turn
+        with a short block (use --cluster-hash-tag to keep a run on one slot)."""
+        from .topology import key_slot
+
+        split = is_cluster(self.client) and len({key_slot(k) for k in self.ids}) > 1
         while True:
-            resp = self.client.xread(dict(self.ids), count=self.page, block=block_ms)  # type: ignore[arg-type]
+            if split:
+                resp = []
+                for key in list(self.ids):
+                    part = self.client.xread({key: self.ids[key]}, count=self.page,
+                                             block=max(1, block_ms // (4 * len(self.ids))))
+                    resp.extend(part or [])
+            else:
+                resp = self.client.xread(dict(self.ids), count=self.page, block=block_ms)  # type: ignore[arg-type]
             if not resp:
                 yield None
                 continue
@@ -129,6 +142,21 @@ class RunReader:
                 batches.extend(self._decode_entries(entries, k))
             batches.sort(key=lambda e: e.ts if isinstance(e, Record) else 0.0)
             yield from batches
+
+
+def is_cluster(client: Any) -> bool:
+    return type(client).__name__ == "RedisCluster"
+
+
+def subscribe(client: Any, channels: Iterable[str], *, sharded: bool = False) -> Any:
+    """A pub/sub object subscribed to ``channels`` (SSUBSCRIBE with ``sharded``, for --pubsub sharded).
+    Decode each message's data with ``decode_message``; drop repeats with a ``Deduper``."""
+    ps = client.pubsub()
+    if sharded:
+        ps.ssubscribe(*channels)
+    else:
+        ps.subscribe(*channels)
+    return ps
 
 
 def decode_message(payload: bytes) -> dict[str, Any]:

@@ -9,23 +9,21 @@ import time
 from collections.abc import Sequence
 
 from . import log
-from .cli import _Parser
-from .config import OPTIONS, UsageError, build_connection, mask_url
+from .cli import _Parser, add_options
+from .config import CONNECTION_OPTIONS, OPTIONS, UsageError, build_connection, mask_url
 from .outbox import Outbox
 from .spool import Spool
 from .transport import Sender
 
-_OPTS = {"redis_url", "spool_dir", "transport", "socket_timeout_s", "retry_max_s", "retention_s",
-         "max_stream_len", "log_format", "log_level"}
+_OPTS = {*CONNECTION_OPTIONS, "spool_dir", "transport", "retry_max_s", "retention_s", "max_stream_len", "pubsub",
+         "min_replicas_ack"}
 
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="agent-sidecar replay",
                 description="Deliver the output that sidecars left in a spool directory (Redis was down when "
                 "they exited, or they were killed). Safe to run more than once: nothing is written twice.")
-    for opt in OPTIONS:
-        if opt.dest in _OPTS:
-            p.add_argument(opt.flag, dest=opt.dest, default=None, help=f"{opt.help} [env {opt.env}]")
+    add_options(p, [opt for opt in OPTIONS if opt.dest in _OPTS])
     p.add_argument("--timeout", type=float, default=60.0,
                    help="give up after this many seconds of trying (default 60); what is left stays in the spool")
     return p

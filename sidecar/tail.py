@@ -12,12 +12,12 @@ from typing import Any, BinaryIO
 import orjson
 
 from . import protocol
-from .cli import _Parser
-from .config import OPTIONS, UsageError, build_connection, mask_url
+from .cli import _Parser, add_options
+from .config import CONNECTION_OPTIONS, OPTIONS, UsageError, build_connection, mask_url
 from .consumer import Event, Gap, RunReader, Status, channel_names
 from .protocol import Record
 
-_CONN_OPTS = {"redis_url", "output_channel", "logs_channel", "status_channel"}
+_CONN_OPTS = {*CONNECTION_OPTIONS, "output_channel", "logs_channel", "status_channel"}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,9 +31,7 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--json", action="store_true", help="one decoded record per line (JSON)")
     p.add_argument("--stream", choices=("stdout", "stderr"), help="only this stream")
     p.add_argument("--no-status", action="store_true", help="leave status messages out (--json and text modes)")
-    for opt in OPTIONS:
-        if opt.dest in _CONN_OPTS:
-            p.add_argument(opt.flag, dest=opt.dest, default=None, help=f"{opt.help} [env {opt.env}]")
+    add_options(p, [opt for opt in OPTIONS if opt.dest in _CONN_OPTS])
     return p
 
 
@@ -111,7 +109,8 @@ def main(argv: Sequence[str]) -> int:
 
     from .transport import connect
 
-    names = channel_names(ns.run_id, ns.variation, output=settings.output_channel, logs=settings.logs_channel,
+    run_key = f"{{{ns.run_id}}}" if settings.cluster_hash_tag else ns.run_id
+    names = channel_names(run_key, ns.variation, output=settings.output_channel, logs=settings.logs_channel,
                           status=settings.status_channel)
     keys = [names["stdout"], names["stderr"]]
     if ns.stream:

@@ -27,7 +27,8 @@ from .batcher import Batcher
 from .config import Settings, mask_url
 from .items import Item
 from .outbox import Outbox
-from .resp import Connection, ReplyError, parse_url
+from .resp import Connection, Endpoint, ReplyError, parse_url
+from .topology import ClusterTarget, SentinelTarget, Target, has_hash_tag, parse_sentinel_url
 
 APPEND_SCRIPT = """
 local hwm = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
@@ -38,7 +39,11 @@ else
   redis.call('XADD', KEYS[1], '*', 'd', ARGV[4])
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-if ARGV[6] == '1' then redis.call('PUBLISH', KEYS[1], ARGV[4]) end
+if ARGV[6] == '1' then
+  redis.call('PUBLISH', KEYS[1], ARGV[4])
+elseif ARGV[6] == '2' then
+  redis.call('SPUBLISH', KEYS[1], ARGV[4])
+end
 local ttl = tonumber(ARGV[7])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
@@ -115,12 +120,17 @@ MAX_PIPELINE_ITEMS = 64
 MAX_PIPELINE_BYTES = 8 << 20
 
 
-def idem_key(stream_key: str) -> str:
+def idem_key(stream_key: str, cluster: bool = False) -> str:
+    """The idempotency hash of a stream. On a cluster it must share the stream's slot: the
+    stream key becomes the hash tag unless it already has one."""
+    if cluster and not has_hash_tag(stream_key):
+        return f"{{{stream_key}}}:idem"
     return f"{stream_key}:idem"
 
 
 def connect(settings: Settings, **overrides: Any) -> Any:
-    """A redis-py client for the read side, with our timeouts and without redis-py's own retries."""
+    """A redis-py client for the read side (tail, consumers): standalone, Sentinel master or Cluster,
+    with our timeouts and without redis-py's own retries."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
@@ -128,14 +138,13 @@ def connect(settings: Settings, **overrides: Any) -> Any:
     kwargs: dict[str, Any] = {
         "socket_timeout": settings.socket_timeout_s,
         "socket_connect_timeout": min(settings.socket_timeout_s, 5.0),
-        "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 0,
     }
     if settings.redis_password:
         kwargs["password"] = settings.redis_password
     if settings.redis_username:
         kwargs["username"] = settings.redis_username
-    if settings.redis_url.startswith("rediss://"):
+    tls = settings.redis_url.startswith("rediss")
+    if tls:
         kwargs["ssl_cert_reqs"] = "required"
         if settings.redis_ca_file:
             kwargs["ssl_ca_certs"] = settings.redis_ca_file
@@ -143,7 +152,32 @@ def connect(settings: Settings, **overrides: Any) -> Any:
             kwargs["ssl_certfile"] = settings.redis_cert_file
             kwargs["ssl_keyfile"] = settings.redis_key_file
     kwargs.update(overrides)
-    return redis.Redis.from_url(settings.redis_url, **kwargs)
+    url = settings.redis_url
+    if "+sentinel://" in url or settings.redis_mode == "sentinel":
+        from redis.sentinel import Sentinel
+
+        spec = parse_sentinel_url(url, settings.redis_password, settings.redis_username)
+        if tls:
+            kwargs["ssl"] = True
+        sentinel = Sentinel(list(spec.sentinels), socket_timeout=settings.socket_timeout_s)
+        kwargs.pop("password", None)
+        kwargs.pop("username", None)
+        return sentinel.master_for(spec.master_name, db=spec.db, password=spec.password, username=spec.username,
+                                   **kwargs)
+    cluster = settings.redis_mode == "cluster"
+    if settings.redis_mode == "auto":
+        probe = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), health_check_interval=0, **kwargs)
+        try:
+            cluster = probe.info("cluster").get("cluster_enabled") == 1
+        except redis.RedisError:
+            cluster = False
+        finally:
+            probe.close()
+    if cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **kwargs)
+    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), health_check_interval=0, **kwargs)
 
 
 def tls_context(settings: Settings) -> Any:
@@ -154,6 +188,28 @@ def tls_context(settings: Settings) -> Any:
     if settings.redis_cert_file:
         ctx.load_cert_chain(settings.redis_cert_file, settings.redis_key_file)
     return ctx
+
+
+def make_target(settings: Settings, on_connect: Any, name: str = "agent-sidecar") -> Target:
+    """Standalone, Sentinel or Cluster, from the URL and --redis-mode."""
+    ctx = None
+
+    def factory(ep: Endpoint) -> Connection:
+        nonlocal ctx
+        if ep.tls and ctx is None:
+            ctx = tls_context(settings)
+        return Connection(ep, socket_timeout=settings.socket_timeout_s,
+                          connect_timeout=min(settings.socket_timeout_s, 5.0),
+                          ssl_context=ctx if ep.tls else None, client_name=name)
+
+    url = settings.redis_url
+    if "+sentinel://" in url or settings.redis_mode == "sentinel":
+        spec = parse_sentinel_url(url, settings.redis_password, settings.redis_username)
+        return SentinelTarget(spec, factory, on_connect, tls=url.startswith("rediss+"))
+    endpoint = parse_url(url, password=settings.redis_password, username=settings.redis_username)
+    if settings.redis_mode == "cluster":
+        return ClusterTarget(endpoint, factory, on_connect)
+    return Target(endpoint, factory, on_connect)
 
 
 def open_connection(settings: Settings, name: str = "agent-sidecar") -> Connection:
@@ -201,7 +257,7 @@ class Sender:
         self.stats = Stats()
         self._stop = threading.Event()  # deliver what is queued, then stop
         self._abandon = threading.Event()  # stop now, even mid-retry
-        self._client: Connection | None = None
+        self._target: Target | None = None
         self._last_error = ""
         self.thread = threading.Thread(target=self._run, name="redis-sender", daemon=True)
 
@@ -305,62 +361,88 @@ class Sender:
         self._last_error = msg
 
     # -- I/O -----------------------------------------------------------------------------
-    def _conn(self) -> Connection:
-        if self._client is None:
-            conn = open_connection(self.settings, f"agent-sidecar:{self.settings.agent_id}")
-            conn.connect()
-            for script, digest in ((APPEND_SCRIPT, APPEND_SHA), (TOKENS_SCRIPT, TOKENS_SHA)):
-                sha = conn.call("SCRIPT", "LOAD", script)
-                if sha.decode() != digest:
-                    raise ReplyError(f"unexpected script digest {sha!r}")
-            self._client = conn
-        return self._client
+    def _on_connect(self, conn: Connection) -> None:
+        """Load our scripts on every new connection (and, in auto mode, notice a cluster)."""
+        cmds: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", APPEND_SCRIPT), ("SCRIPT", "LOAD", TOKENS_SCRIPT)]
+        probe = self.settings.redis_mode == "auto" and type(self._target) is Target
+        if probe:
+            cmds.append(("INFO", "cluster"))
+        replies = conn.pipeline(cmds)
+        for reply, digest in zip(replies[:2], (APPEND_SHA, TOKENS_SHA), strict=True):
+            if isinstance(reply, ReplyError):
+                raise reply
+            if reply.decode() != digest:
+                raise ReplyError(f"unexpected script digest {reply!r}")
+        if probe and isinstance(replies[2], bytes) and b"cluster_enabled:1" in replies[2]:
+            assert self._target is not None
+            self._target.cluster_seen = True
+
+    def _target_for(self) -> Target:
+        if self._target is None:
+            self._target = make_target(self.settings, self._on_connect, f"agent-sidecar:{self.settings.agent_id}")
+        target = self._target
+        if type(target) is Target:
+            target._connection()
+            if target.cluster_seen:
+                log.info("Redis Cluster detected; routing by slot")
+                seed = target.endpoint
+                target.close()
+                self._target = target = ClusterTarget(seed, target.factory, self._on_connect)
+        return target
 
     def _drop_client(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        if self._target is not None and type(self._target) is not ClusterTarget:
+            self._target.close()
+        elif self._target is not None:
+            # A cluster keeps its healthy nodes; the failed one was dropped already.
+            pass
 
     def _send(self, items: list[Item]) -> None:
-        conn = self._conn()
+        target = self._target_for()
+        cluster = isinstance(target, ClusterTarget)
         s = self.settings
         ttl = int(s.retention_s)
         maxlen = s.max_stream_len
+        publish_mode = 2 if s.pubsub == "sharded" else 1
+        publish_cmd = "SPUBLISH" if s.pubsub == "sharded" else "PUBLISH"
         cmds: list[tuple[Any, ...]] = []
         for it in items:
             if it.kind == "tokens":
-                cmds.append(self._tokens_command(it, ttl))
+                cmds.append(self._tokens_command(it, ttl, cluster))
                 continue
             publish_inline = s.use_pubsub and it.pubs is None
             if it.kind == "status":
                 msg = orjson.loads(it.payload)
-                vkey = variation_key(str(msg.get("run_id", "")), str(msg.get("variation_id", "")))
+                run = str(msg.get("run_id", ""))
+                vkey = variation_key(f"{{{run}}}" if s.cluster_hash_tag else run, str(msg.get("variation_id", "")))
                 cmds.append(("HSET", vkey, *status_hash_fields(msg)))
                 if ttl > 0:
                     cmds.append(("EXPIRE", vkey, ttl))
             if s.use_stream:
-                cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key), it.producer, it.first, it.last,
-                             it.payload, maxlen, 1 if publish_inline else 0, ttl))
+                cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key, cluster), it.producer, it.first,
+                             it.last, it.payload, maxlen, publish_mode if publish_inline else 0, ttl))
             elif publish_inline:
-                cmds.append(("PUBLISH", it.key, it.payload))
+                cmds.append((publish_cmd, it.key, it.payload))
             if s.use_pubsub and it.pubs is not None:
-                cmds.extend(("PUBLISH", it.key, msg) for msg in it.pubs)
-        for reply in conn.pipeline(cmds):
+                cmds.extend((publish_cmd, it.key, msg) for msg in it.pubs)
+        for reply in target.execute(cmds, s.min_replicas_ack):
             if isinstance(reply, ReplyError):
                 if reply.code == "NOSCRIPT":
-                    self._drop_client()  # reconnecting loads it again
+                    target.close()  # reconnecting loads the scripts again
                 raise reply
 
     @staticmethod
-    def _tokens_command(it: Item, ttl: int) -> tuple[Any, ...]:
+    def _tokens_command(it: Item, ttl: int, cluster: bool) -> tuple[Any, ...]:
         msg = orjson.loads(it.payload)
         pairs: list[Any] = []
         for f in TOKEN_TOTAL_FIELDS:
             v = msg.get(f)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 pairs += [f, repr(float(v)) if f == "cost_usd" else int(v)]
-        return ("EVALSHA", TOKENS_SHA, 2, it.key, idem_key(it.key), it.producer, it.first, it.payload, ttl,
+        return ("EVALSHA", TOKENS_SHA, 2, it.key, idem_key(it.key, cluster), it.producer, it.first, it.payload, ttl,
                 str(msg.get("variation_id", "")), *pairs)
 
     def close(self) -> None:
-        self._drop_client()
+        if self._target is not None:
+            self._target.close()
+            self._target = None

@@ -1,0 +1,309 @@
+"""Where commands go: one server, the master that Sentinel names, or the right node of a Redis Cluster.
+
+Every target takes a list of commands and returns the replies in the same order, error replies
+as ReplyError objects, so the sender is the same whatever the deployment. Connection errors
+propagate (OSError) and the sender retries the whole list; appends are idempotent.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .resp import Connection, Endpoint, ReplyError
+
+ConnFactory = Callable[[Endpoint], Connection]
+
+# -- cluster slots ---------------------------------------------------------------------------
+
+_CRC16_TABLE: list[int] = []
+for _i in range(256):
+    _crc = _i << 8
+    for _ in range(8):
+        _crc = ((_crc << 1) ^ 0x1021) if _crc & 0x8000 else (_crc << 1)
+    _CRC16_TABLE.append(_crc & 0xFFFF)
+
+
+def crc16(data: bytes) -> int:
+    """CRC16-CCITT (XMODEM), the checksum Redis Cluster uses for key slots."""
+    crc = 0
+    for b in data:
+        crc = ((crc << 8) & 0xFFFF) ^ _CRC16_TABLE[((crc >> 8) ^ b) & 0xFF]
+    return crc
+
+
+def hash_tag(key: bytes) -> bytes:
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+def key_slot(key: str | bytes) -> int:
+    k = key.encode() if isinstance(key, str) else key
+    return crc16(hash_tag(k)) % 16384
+
+
+def has_hash_tag(key: str) -> bool:
+    return hash_tag(key.encode()) != key.encode()
+
+
+def command_key(cmd: tuple[Any, ...]) -> Any | None:
+    """The key (or sharded channel) a command is routed by; None if any node will do."""
+    name = str(cmd[0]).upper()
+    if name in ("EVALSHA", "EVAL"):
+        return cmd[3] if int(cmd[2]) > 0 else None
+    if name in ("PUBLISH", "SCRIPT", "WAIT", "PING", "CLIENT", "INFO"):
+        return None
+    return cmd[1] if len(cmd) > 1 else None
+
+
+# -- targets ---------------------------------------------------------------------------------
+
+
+class Target:
+    """One server (standalone)."""
+
+    def __init__(self, endpoint: Endpoint, factory: ConnFactory, on_connect: Callable[[Connection], None]) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.on_connect = on_connect
+        self.conn: Connection | None = None
+        self.cluster_seen = False
+
+    def _connection(self) -> Connection:
+        if self.conn is None:
+            conn = self.factory(self.endpoint)
+            conn.connect()
+            try:
+                self.on_connect(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self.conn = conn
+        return self.conn
+
+    def execute(self, cmds: list[tuple[Any, ...]], wait_replicas: int = 0, wait_ms: int = 1000) -> list[Any]:
+        conn = self._connection()
+        send = list(cmds)
+        if wait_replicas:
+            send.append(("WAIT", wait_replicas, wait_ms))
+        replies = conn.pipeline(send)
+        if wait_replicas:
+            check_wait(replies.pop(), wait_replicas)
+        return replies
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def check_wait(reply: Any, wanted: int) -> None:
+    if isinstance(reply, ReplyError):
+        raise reply
+    if int(reply) < wanted:
+        raise ReplyError(f"NOREPLICAS only {int(reply)} of {wanted} replicas acknowledged the batch in time")
+
+
+@dataclass(frozen=True)
+class SentinelSpec:
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def parse_sentinel_url(url: str, password: str | None = None, username: str | None = None) -> SentinelSpec:
+    """redis+sentinel://[user[:password]@]host:port[,host:port...]/master_name[/db]"""
+    from urllib.parse import unquote
+
+    rest = url.split("://", 1)[1]
+    auth, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    parts = [p for p in path.split("/") if p]
+    if not hosts or not parts:
+        raise ValueError("expected redis+sentinel://host:port[,host:port...]/master_name[/db]")
+    sentinels = []
+    for h in hosts.split(","):
+        host, _, port = h.strip().rpartition(":")
+        if not host:
+            host, port = port, "26379"
+        sentinels.append((host.strip("[]"), int(port)))
+    db = int(parts[1]) if len(parts) > 1 else 0
+    url_user, _, url_pass = auth.partition(":") if auth else ("", "", "")
+    return SentinelSpec(
+        tuple(sentinels), parts[0], db,
+        username or (unquote(url_user) if url_user else None),
+        password or (unquote(url_pass) if url_pass else None),
+    )
+
+
+class SentinelTarget(Target):
+    """The master that the sentinels name, looked up again after every failure."""
+
+    def __init__(self, spec: SentinelSpec, factory: ConnFactory, on_connect: Callable[[Connection], None],
+                 tls: bool = False) -> None:
+        super().__init__(Endpoint(), factory, on_connect)
+        self.spec = spec
+        self.tls = tls
+
+    def _connection(self) -> Connection:
+        if self.conn is None:
+            self.endpoint = self._resolve()
+            conn = super()._connection()
+            role = conn.call("ROLE")
+            if not role or role[0] != b"master":
+                self.close()
+                raise ReplyError(f"READONLY {self.endpoint.host}:{self.endpoint.port} is not the master (yet)")
+        return self.conn  # type: ignore[return-value]
+
+    def _resolve(self) -> Endpoint:
+        errors = []
+        order = list(self.spec.sentinels)
+        random.shuffle(order)
+        for host, port in order:
+            probe = self.factory(Endpoint(host=host, port=port))
+            try:
+                probe.connect()
+                addr = probe.call("SENTINEL", "get-master-addr-by-name", self.spec.master_name)
+            except (OSError, ReplyError) as exc:
+                errors.append(f"{host}:{port}: {exc}")
+                continue
+            finally:
+                probe.close()
+            if addr:
+                return Endpoint(host=addr[0].decode(), port=int(addr[1]), db=self.spec.db,
+                                username=self.spec.username, password=self.spec.password, tls=self.tls)
+            errors.append(f"{host}:{port}: does not know master {self.spec.master_name!r}")
+        raise ConnectionError("no sentinel named a master: " + "; ".join(errors))
+
+
+class ClusterTarget(Target):
+    """Routes each command to the master of its key's slot; follows MOVED and ASK."""
+
+    MAX_REDIRECTS = 5
+
+    def __init__(self, seed: Endpoint, factory: ConnFactory, on_connect: Callable[[Connection], None]) -> None:
+        super().__init__(seed, factory, on_connect)
+        self.seeds: list[tuple[str, int]] = [(seed.host, seed.port)]
+        self.slots: list[tuple[str, int] | None] = [None] * 16384
+        self.nodes: dict[tuple[str, int], Connection] = {}
+
+    def _node(self, addr: tuple[str, int]) -> Connection:
+        conn = self.nodes.get(addr)
+        if conn is None:
+            conn = self.factory(replace(self.endpoint, host=addr[0], port=addr[1], db=0))
+            conn.connect()
+            try:
+                self.on_connect(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self.nodes[addr] = conn
+        return conn
+
+    def refresh(self) -> None:
+        """Read the slot map from any node that answers."""
+        errors = []
+        candidates = list(dict.fromkeys([*self.nodes.keys(), *self.seeds]))
+        random.shuffle(candidates)
+        for addr in candidates:
+            try:
+                conn = self._node(addr)
+                shards = conn.call("CLUSTER", "SLOTS")
+            except (OSError, ReplyError) as exc:
+                self._forget(addr)
+                errors.append(f"{addr[0]}:{addr[1]}: {exc}")
+                continue
+            slots: list[tuple[str, int] | None] = [None] * 16384
+            for entry in shards:
+                start, end, master = int(entry[0]), int(entry[1]), entry[2]
+                host = master[0].decode() or addr[0]
+                node = (host, int(master[1]))
+                for s in range(start, end + 1):
+                    slots[s] = node
+                for replica in entry[3:]:
+                    self.seeds.append((replica[0].decode() or addr[0], int(replica[1])))
+                self.seeds.append(node)
+            self.seeds = list(dict.fromkeys(self.seeds))[-64:]
+            self.slots = slots
+            return
+        raise ConnectionError("no cluster node answered CLUSTER SLOTS: " + "; ".join(errors))
+
+    def _forget(self, addr: tuple[str, int]) -> None:
+        conn = self.nodes.pop(addr, None)
+        if conn is not None:
+            conn.close()
+
+    def _addr_for(self, cmd: tuple[Any, ...]) -> tuple[str, int]:
+        key = command_key(cmd)
+        if key is None:
+            for addr in self.slots:
+                if addr is not None:
+                    return addr
+            raise ConnectionError("cluster has no known master")
+        addr = self.slots[key_slot(key if isinstance(key, (str, bytes)) else str(key))]
+        if addr is None:
+            raise ReplyError("CLUSTERDOWN slot not served")
+        return addr
+
+    def execute(self, cmds: list[tuple[Any, ...]], wait_replicas: int = 0, wait_ms: int = 1000) -> list[Any]:
+        if all(a is None for a in self.slots):
+            self.refresh()
+        replies: list[Any] = [None] * len(cmds)
+        pending = list(range(len(cmds)))
+        asking: dict[int, tuple[str, int]] = {}
+        for _round in range(self.MAX_REDIRECTS):
+            groups: dict[tuple[str, int], list[int]] = {}
+            for i in pending:
+                addr = asking.get(i) or self._addr_for(cmds[i])
+                groups.setdefault(addr, []).append(i)
+            retry: list[int] = []
+            moved = False
+            for addr, idxs in groups.items():
+                try:
+                    conn = self._node(addr)
+                    send: list[tuple[Any, ...]] = []
+                    for i in idxs:
+                        if i in asking:
+                            send.append(("ASKING",))
+                        send.append(cmds[i])
+                    if wait_replicas:
+                        send.append(("WAIT", wait_replicas, wait_ms))
+                    out = conn.pipeline(send)
+                except OSError:
+                    self._forget(addr)
+                    self.slots = [None] * 16384  # the node is gone: learn the new map next time
+                    raise
+                if wait_replicas:
+                    check_wait(out.pop(), wait_replicas)
+                out = [r for r, c in zip(out, send, strict=True) if c[0] != "ASKING"]
+                for i, reply in zip(idxs, out, strict=True):
+                    if isinstance(reply, ReplyError) and reply.code in ("MOVED", "ASK"):
+                        target = str(reply.args[0]).split()[2]
+                        host, _, port = target.rpartition(":")
+                        dest = (host or addr[0], int(port))
+                        if reply.code == "MOVED":
+                            moved = True
+                            asking.pop(i, None)
+                        else:
+                            asking[i] = dest
+                        retry.append(i)
+                    else:
+                        replies[i] = reply
+            if moved:
+                self.refresh()
+            if not retry:
+                return replies
+            pending = retry
+        raise ReplyError("TRYAGAIN too many cluster redirections")
+
+    def close(self) -> None:
+        for addr in list(self.nodes):
+            self._forget(addr)
