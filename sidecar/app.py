@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import sys
 import threading
@@ -30,7 +29,7 @@ class Runtime:
 
     def __init__(self, s: Settings) -> None:
         self.s = s
-        self.producer = f"{s.agent_id}.{os.getpid()}.{int(time.time() * 1000)}.{secrets.token_hex(3)}"
+        self.producer = f"{s.agent_id}.{os.getpid()}.{int(time.time() * 1000)}.{os.urandom(3).hex()}"
         self.status_key = s.channel(s.status_channel)
         self.status_seq = 0
         self.tokens_key = f"run:{s.run_key}:tokens"

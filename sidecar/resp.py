@@ -9,12 +9,14 @@ pipelines of EVALSHA/PUBLISH. The read side (`tail`, the consumer module) uses r
 from __future__ import annotations
 
 import socket
-import ssl
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
+
+if TYPE_CHECKING:
+    import ssl
 
 
 class ReplyError(Exception):
@@ -117,6 +119,8 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             if ep.tls:
+                import ssl
+
                 ctx = self.ssl_context or ssl.create_default_context()
                 try:
                     sock = ctx.wrap_socket(sock, server_hostname=ep.host)

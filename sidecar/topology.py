@@ -19,18 +19,24 @@ ConnFactory = Callable[[Endpoint], Connection]
 # -- cluster slots ---------------------------------------------------------------------------
 
 _CRC16_TABLE: list[int] = []
-for _i in range(256):
-    _crc = _i << 8
-    for _ in range(8):
-        _crc = ((_crc << 1) ^ 0x1021) if _crc & 0x8000 else (_crc << 1)
-    _CRC16_TABLE.append(_crc & 0xFFFF)
+
+
+def _crc16_table() -> list[int]:
+    if not _CRC16_TABLE:
+        for i in range(256):
+            crc = i << 8
+            for _ in range(8):
+                crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
+            _CRC16_TABLE.append(crc & 0xFFFF)
+    return _CRC16_TABLE
 
 
 def crc16(data: bytes) -> int:
     """CRC16-CCITT (XMODEM), the checksum Redis Cluster uses for key slots."""
+    table = _crc16_table()
     crc = 0
     for b in data:
-        crc = ((crc << 8) & 0xFFFF) ^ _CRC16_TABLE[((crc >> 8) ^ b) & 0xFF]
+        crc = ((crc << 8) & 0xFFFF) ^ table[((crc >> 8) ^ b) & 0xFF]
     return crc
 
 

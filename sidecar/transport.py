@@ -20,7 +20,6 @@ import hashlib
 
 import orjson
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
 from . import log
 from .batcher import Batcher
@@ -322,6 +321,8 @@ class Sender:
         return True
 
     def _retry(self, items: list[Item], first_error: BaseException) -> bool:
+        from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
         retrying = Retrying(
             retry=retry_if_exception_type(RETRYABLE),
             wait=wait_exponential_jitter(initial=0.05, max=self.settings.retry_max_s, jitter=0.2),
@@ -342,7 +343,7 @@ class Sender:
             return False
         return True
 
-    def _on_failure(self, state: RetryCallState) -> None:
+    def _on_failure(self, state: Any) -> None:
         exc = state.outcome.exception() if state.outcome is not None else None
         self._note_failure(exc)
 
