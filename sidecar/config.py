@@ -48,7 +48,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("log_level", "--log-level", "SIDECAR_LOG_LEVEL", "info", "level of the sidecar's own diagnostics",
            kind="choice", choices=("debug", "info", "warning", "error")),
     Option("transport", "--transport", "SIDECAR_TRANSPORT", "both",
-           "stream: XADD only; pubsub: PUBLISH only (at-most-once); both", kind="choice",
+           "stream: XADD only; pubsub: PUBLISH only (live subscribers only, no replay); both", kind="choice",
            choices=("stream", "pubsub", "both")),
     Option("wire", "--wire", "SIDECAR_WIRE", "batch",
            "batch: v1 batches; per-line-json: one JSON object per line on pub/sub (streams keep batches)",
@@ -301,7 +301,7 @@ def validate_url(url: str) -> None:
 def validate_template(name: str, template: str) -> None:
     try:
         template.format(**{f: "x" for f in TEMPLATE_FIELDS})
-    except (KeyError, IndexError, ValueError) as exc:
+    except (KeyError, IndexError, ValueError, AttributeError) as exc:
         raise UsageError(
             f"invalid channel template {template!r} for {name}: use only {{run_id}}, {{variation_id}}, "
             f"{{agent_id}} ({exc})"

@@ -65,6 +65,8 @@ class Deduper:
             self.last[key] = max(prev, first + n - 1)
         elif kind == protocol.GAP:
             first, last = int(msg["from"]), int(msg["to"])
+            if first > prev + 1 and prev > 0:
+                yield Gap(channel, str(msg.get("stream", "")), producer, prev + 1, first - 1, "missing")
             if last > prev:
                 yield Gap(channel, str(msg.get("stream", "")), producer, max(first, prev + 1), last, "dropped")
                 self.last[key] = last

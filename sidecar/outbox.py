@@ -10,6 +10,7 @@ oldest waiting batch in memory by a gap marker.
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 from collections import deque
@@ -70,8 +71,8 @@ class Outbox:
             self.cond.notify_all()
 
     def _full(self, size: int) -> bool:
-        if self.mem_bytes + size <= self.mem_max:
-            return False
+        if not self._q or self.mem_bytes + size <= self.mem_max:
+            return False  # an item larger than the whole buffer still goes in when nothing waits
         return self.spool is None or not self.spool.has_room(size)
 
     def _append(self, item: Item) -> None:
@@ -164,7 +165,7 @@ class Outbox:
                     assert self.spool is not None
                     try:
                         item = self.spool.read(entry)
-                    except (OSError, SpoolError, ValueError) as exc:
+                    except (OSError, SpoolError, ValueError, struct.error) as exc:
                         log.error("spool frame unreadable, skipped", error=str(exc))
                         self._remove_at(i)
                         continue

@@ -213,12 +213,16 @@ def iter_records(msg: dict[str, Any]) -> Iterator[Record]:
         variation_id = str(msg.get("variation_id", ""))
     except (KeyError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed batch: {exc}") from exc
+    try:
+        runs = [(int(r[0]), float(r[1])) for r in ts_runs]
+    except (IndexError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed ts runs: {exc}") from exc
     run = 0
-    ts = float(ts_runs[0][1]) if ts_runs else 0.0
+    ts = runs[0][1] if runs else 0.0
     for i, text in enumerate(lines):
-        while run + 1 < len(ts_runs) and ts_runs[run + 1][0] <= i:
+        while run + 1 < len(runs) and runs[run + 1][0] <= i:
             run += 1
-            ts = float(ts_runs[run][1])
+            ts = runs[run][1]
         if i in b64:
             try:
                 body = base64.b64decode(text, validate=True)

@@ -1,0 +1,491 @@
+"""Settings: flag > environment > default, conversions, validation, URL masking."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tempfile
+from typing import Any
+
+import pytest
+
+from sidecar import config
+from sidecar.config import OPTIONS, Settings, UsageError, build, mask_url
+
+ALL_DESTS = [o.dest for o in OPTIONS]
+
+
+def mk(
+    values: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    command: tuple[str, ...] = ("agent",),
+) -> Settings:
+    vals: dict[str, Any] = {d: None for d in ALL_DESTS}
+    vals.update(values or {})
+    return build(vals, dict(env or {}), command)
+
+
+def option(dest: str) -> config.Option:
+    return next(o for o in OPTIONS if o.dest == dest)
+
+
+# -- defaults and precedence -------------------------------------------------------------
+
+
+def test_defaults() -> None:
+    s = mk(env={"POD_NAME": "pod-a", "RUN_ID": "run1"})
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.redis_password is None
+    assert s.run_id == "run1"
+    assert s.run_id_generated is False
+    assert s.variation_id == "0"
+    assert s.agent_id == "pod-a"
+    assert s.echo is True
+    assert s.log_format == "text"
+    assert s.log_level == "info"
+    assert s.transport == "both"
+    assert s.wire == "batch"
+    assert s.output_channel == "run:{run_id}:output:{variation_id}"
+    assert s.batch_max_records == 1000
+    assert s.batch_max_bytes == 256 * 1024
+    assert s.linger_ms == 5.0
+    assert s.compress_threshold == 1024
+    assert s.max_line_bytes == 1 << 20
+    assert s.buffer_max_bytes == 64 << 20
+    assert s.spool_dir == os.path.join(tempfile.gettempdir(), "agent-sidecar-spool")
+    assert s.spool_max_bytes == 1 << 30
+    assert s.when_full == "block"
+    assert s.drain_timeout_s == 10.0
+    assert s.retention_s == 86400.0
+    assert s.max_stream_len == 1_000_000
+    assert s.command == ("agent",)
+
+
+def test_values_dict_may_omit_options() -> None:
+    s = build({}, {"RUN_ID": "r"}, ("x", "y"))
+    assert s.run_id == "r"
+    assert s.command == ("x", "y")
+    assert s.transport == "both"
+
+
+@pytest.mark.parametrize(
+    ("dest", "env_name", "flag_value", "env_value", "default", "flag_expect", "env_expect"),
+    [
+        ("transport", "SIDECAR_TRANSPORT", "stream", "pubsub", "both", "stream", "pubsub"),
+        ("variation_id", "VARIATION_ID", "v-flag", "v-env", "0", "v-flag", "v-env"),
+        ("batch_max_records", "SIDECAR_BATCH_MAX_RECORDS", "7", "9", 1000, 7, 9),
+        ("buffer_max_bytes", "SIDECAR_BUFFER_MAX_BYTES", "1k", "2k", 64 << 20, 1024, 2048),
+        ("linger_ms", "SIDECAR_LINGER_MS", "1.5", "2.5", 5.0, 1.5, 2.5),
+        ("retention_s", "SIDECAR_RETENTION", "1h", "2m", 86400.0, 3600.0, 120.0),
+        (
+            "redis_url",
+            "REDIS_URL",
+            "redis://flag:1/1",
+            "redis://env:2/2",
+            "redis://localhost:6379/0",
+            "redis://flag:1/1",
+            "redis://env:2/2",
+        ),
+        (
+            "output_channel",
+            "SIDECAR_OUTPUT_CHANNEL",
+            "f:{run_id}",
+            "e:{run_id}",
+            "run:{run_id}:output:{variation_id}",
+            "f:{run_id}",
+            "e:{run_id}",
+        ),
+    ],
+)
+def test_flag_beats_env_beats_default(
+    dest: str, env_name: str, flag_value: str, env_value: str, default: Any, flag_expect: Any, env_expect: Any
+) -> None:
+    assert getattr(mk(), dest) == default
+    assert getattr(mk(env={env_name: env_value}), dest) == env_expect
+    assert getattr(mk({dest: flag_value}), dest) == flag_expect
+    assert getattr(mk({dest: flag_value}, {env_name: env_value}), dest) == flag_expect
+
+
+def test_empty_env_value_is_ignored() -> None:
+    s = mk(env={"SIDECAR_TRANSPORT": "", "SIDECAR_BATCH_MAX_RECORDS": "", "RUN_ID": ""})
+    assert s.transport == "both"
+    assert s.batch_max_records == 1000
+    assert s.run_id_generated is True
+
+
+def test_unrelated_env_is_ignored() -> None:
+    s = mk(env={"TRANSPORT": "stream", "BATCH_MAX_RECORDS": "3"})
+    assert s.transport == "both"
+    assert s.batch_max_records == 1000
+
+
+# -- conversions -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("512", 512),
+        ("512b", 512),
+        ("1k", 1024),
+        ("1K", 1024),
+        ("1kib", 1024),
+        ("1KiB", 1024),
+        ("1kb", 1000),
+        ("64MiB", 64 << 20),
+        ("64m", 64 << 20),
+        ("2MB", 2_000_000),
+        ("1g", 1 << 30),
+        ("1GiB", 1 << 30),
+        ("3gb", 3_000_000_000),
+        (" 8 kib ", 8192),
+        ("1.5k", 1536),
+        ("0", 0),
+    ],
+)
+def test_bytes_conversion(text: str, expected: int) -> None:
+    assert config.parse_bytes(text) == expected
+    assert mk({"buffer_max_bytes": text}).buffer_max_bytes == expected
+    assert mk(env={"SIDECAR_SPOOL_MAX_BYTES": text}).spool_max_bytes == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("24h", 86400.0),
+        ("30m", 1800.0),
+        ("90s", 90.0),
+        ("2d", 172800.0),
+        ("45", 45.0),
+        ("0.5h", 1800.0),
+        ("0", 0.0),
+        ("1.25", 1.25),
+        ("10M", 600.0),
+    ],
+)
+def test_duration_conversion(text: str, expected: float) -> None:
+    assert config.parse_duration(text) == expected
+    assert mk({"retention_s": text}).retention_s == expected
+
+
+def test_int_and_float_conversion() -> None:
+    s = mk(
+        {
+            "batch_max_records": "17",
+            "compress_threshold": "-1",
+            "max_stream_len": "0",
+            "linger_ms": "0.25",
+            "kill_grace_s": "3",
+            "socket_timeout_s": "0",
+        }
+    )
+    assert s.batch_max_records == 17
+    assert isinstance(s.batch_max_records, int)
+    assert s.compress_threshold == -1
+    assert s.max_stream_len == 0
+    assert s.linger_ms == 0.25
+    assert s.kill_grace_s == 3.0
+    assert isinstance(s.kill_grace_s, float)
+    assert s.socket_timeout_s == 0.0
+
+
+def test_non_string_values_pass_through() -> None:
+    s = mk({"batch_max_records": 5, "linger_ms": 1.0})
+    assert s.batch_max_records == 5
+    assert s.linger_ms == 1.0
+
+
+def test_negbool_no_echo() -> None:
+    assert mk().echo is True
+    assert mk({"echo": "1"}).echo is False  # --no-echo given
+    assert mk(env={"SIDECAR_NO_ECHO": "1"}).echo is False
+    for truthy in ("true", "TRUE", "yes", "on", " 1 "):
+        assert mk(env={"SIDECAR_NO_ECHO": truthy}).echo is False, truthy
+    for falsy in ("0", "false", "no", "off"):
+        assert mk(env={"SIDECAR_NO_ECHO": falsy}).echo is True, falsy
+    assert mk({"echo": "1"}, {"SIDECAR_NO_ECHO": "0"}).echo is False
+
+
+@pytest.mark.parametrize(
+    ("dest", "value"),
+    [
+        ("batch_max_records", "ten"),
+        ("batch_max_records", "1.5"),
+        ("batch_max_records", "1k"),
+        ("compress_threshold", "big"),
+        ("linger_ms", "abc"),
+        ("linger_ms", "-1"),
+        ("drain_timeout_s", "-0.5"),
+        ("buffer_max_bytes", "lots"),
+        ("buffer_max_bytes", "-1k"),
+        ("buffer_max_bytes", "k"),
+        ("buffer_max_bytes", "1x"),
+        ("spool_max_bytes", "-5"),
+        ("retention_s", "-5m"),
+        ("retention_s", "xh"),
+        ("retention_s", "1w"),
+    ],
+)
+def test_bad_numbers(dest: str, value: str) -> None:
+    opt = option(dest)
+    with pytest.raises(UsageError) as exc_info:
+        mk({dest: value})
+    msg = str(exc_info.value)
+    assert opt.flag in msg
+    assert repr(value) in msg
+    assert opt.env is not None and opt.env in msg
+    # The same through the environment.
+    with pytest.raises(UsageError):
+        mk(env={opt.env: value})
+
+
+@pytest.mark.parametrize("value", ["1e400k", "infk", "1e400"])
+def test_overflowing_byte_sizes_are_usage_errors(value: str) -> None:
+    with pytest.raises(UsageError):
+        mk({"buffer_max_bytes": value})
+
+
+@pytest.mark.parametrize(
+    ("dest", "value"),
+    [
+        ("batch_max_records", "0"),
+        ("batch_max_records", "-3"),
+        ("batch_max_bytes", "0"),
+        ("max_line_bytes", "0"),
+    ],
+)
+def test_limits_below_one(dest: str, value: str) -> None:
+    with pytest.raises(UsageError):
+        mk({dest: value})
+
+
+@pytest.mark.parametrize(
+    ("dest", "value"),
+    [
+        ("transport", "tcp"),
+        ("transport", "BOTH"),
+        ("log_level", "verbose"),
+        ("log_format", "xml"),
+        ("wire", "jsonl"),
+        ("when_full", "DROP"),
+        ("when_full", ""),
+    ],
+)
+def test_bad_choice(dest: str, value: str) -> None:
+    with pytest.raises(UsageError) as exc_info:
+        config.convert(option(dest), value)
+    assert option(dest).flag in str(exc_info.value)
+    if value:
+        with pytest.raises(UsageError):
+            mk({dest: value})
+
+
+@pytest.mark.parametrize(
+    ("dest", "value"),
+    [
+        ("transport", "pubsub"),
+        ("log_level", "debug"),
+        ("wire", "per-line-json"),
+        ("when_full", "drop"),
+        ("log_format", "json"),
+    ],
+)
+def test_good_choice(dest: str, value: str) -> None:
+    assert getattr(mk({dest: value}), dest) == value
+
+
+@pytest.mark.parametrize(
+    ("transport", "stream", "pubsub"),
+    [("both", True, True), ("stream", True, False), ("pubsub", False, True)],
+)
+def test_transport_properties(transport: str, stream: bool, pubsub: bool) -> None:
+    s = mk({"transport": transport})
+    assert s.use_stream is stream
+    assert s.use_pubsub is pubsub
+
+
+# -- URLs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://localhost:6379/0",
+        "redis://h",
+        "redis://h/",
+        "rediss://cache.example.com:6380/2",
+        "redis://user:pw@h:1/15",
+        "redis://[::1]:6379/0",
+        "unix:///tmp/redis.sock",
+        "unix:///tmp/redis.sock?db=1",
+    ],
+)
+def test_valid_urls(url: str) -> None:
+    assert mk({"redis_url": url}).redis_url == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "foo://x",
+        "http://h:6379",
+        "localhost:6379",
+        "redis://host:99999",
+        "redis://h:0",
+        "redis://h:port",
+        "redis://:pw@/",
+        "redis:///0",
+        "redis://",
+        "redis://h/abc",
+        "redis://h/-1",
+        "redis://h/0/1",
+        "unix://",
+    ],
+)
+def test_invalid_urls(url: str) -> None:
+    with pytest.raises(UsageError):
+        mk({"redis_url": url})
+    with pytest.raises(UsageError):
+        mk(env={"REDIS_URL": url})
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://user:s3cr3tPW@h:99999/0",
+        "redis://:s3cr3tPW@/",
+        "redis://u:s3cr3tPW@h/abc",
+        "foo://u:s3cr3tPW@h",
+    ],
+)
+def test_url_errors_do_not_leak_password(url: str) -> None:
+    with pytest.raises(UsageError) as exc_info:
+        mk({"redis_url": url})
+    assert "s3cr3tPW" not in str(exc_info.value)
+
+
+def test_mask_url_hides_password() -> None:
+    masked = mask_url("redis://user:secret@h:6379/0")
+    assert masked == "redis://user:***@h:6379/0"
+    assert "secret" not in masked
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:secret@h", "redis://:***@h"),
+        (
+            "rediss://admin:secret@cache:6380/3?ssl_cert_reqs=none",
+            "rediss://admin:***@cache:6380/3?ssl_cert_reqs=none",
+        ),
+        ("redis://u:sec@ret@h:1/0", "redis://u:***@h:1/0"),
+        ("redis://u:secret@[::1]:6379/0", "redis://u:***@[::1]:6379/0"),
+    ],
+)
+def test_mask_url_variants(url: str, expected: str) -> None:
+    masked = mask_url(url)
+    assert masked == expected
+    assert "secret" not in masked
+    assert "ret@" not in masked
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://localhost:6379/0", "redis://user@h:6379", "unix:///tmp/r.sock", "rediss://h/1", "garbage"],
+)
+def test_mask_url_without_password_is_unchanged(url: str) -> None:
+    assert mask_url(url) == url
+
+
+def test_redis_password_from_env() -> None:
+    assert mk(env={"REDIS_PASSWORD": "hunter2"}).redis_password == "hunter2"
+    assert mk().redis_password is None
+    assert mk(env={"REDIS_PASSWORD": ""}).redis_password is None
+
+
+# -- channel templates -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "template", ["run:{nope}", "run:{0}", "run:{}", "run:{", "run:}", "{run_id!x}", "{run_id:d}"]
+)
+@pytest.mark.parametrize("dest", ["output_channel", "logs_channel", "status_channel"])
+def test_bad_channel_template(dest: str, template: str) -> None:
+    with pytest.raises(UsageError) as exc_info:
+        mk({dest: template})
+    assert dest in str(exc_info.value)
+
+
+def test_template_with_attribute_lookup_is_usage_error() -> None:
+    with pytest.raises(UsageError) as exc_info:
+        mk({"output_channel": "run:{run_id.nope}"})
+    assert "output_channel" in str(exc_info.value)
+
+
+def test_channel_substitution() -> None:
+    s = mk(
+        {
+            "run_id": "R",
+            "variation_id": "V",
+            "agent_id": "A",
+            "output_channel": "o:{agent_id}:{run_id}:{variation_id}",
+        }
+    )
+    assert s.channel(s.output_channel) == "o:A:R:V"
+    assert s.channel(s.logs_channel) == "run:R:logs:V"
+    assert s.channel(s.status_channel) == "run:R:status"
+    assert s.channel("{{literal}}:{run_id}") == "{literal}:R"
+
+
+# -- ids ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dest", ["run_id", "variation_id", "agent_id"])
+@pytest.mark.parametrize("bad", ["a b", "a{b", "a}b", "{run_id}", "a\nb", "a\rb", "a\0b", " "])
+def test_ids_with_spaces_braces_or_controls(dest: str, bad: str) -> None:
+    with pytest.raises(UsageError) as exc_info:
+        mk({dest: bad})
+    assert dest in str(exc_info.value)
+
+
+def test_bad_pod_name_is_rejected_as_agent_id() -> None:
+    with pytest.raises(UsageError):
+        mk(env={"POD_NAME": "my pod"})
+
+
+def test_generated_run_id() -> None:
+    a = mk()
+    b = mk()
+    assert a.run_id_generated is True
+    assert re.fullmatch(r"[0-9a-f]{16}", a.run_id)
+    assert re.fullmatch(r"[0-9a-f]{16}", b.run_id)
+    assert a.run_id != b.run_id
+
+
+def test_given_run_id_not_generated() -> None:
+    assert mk(env={"RUN_ID": "from-env"}).run_id_generated is False
+    s = mk({"run_id": "from-flag"}, {"RUN_ID": "from-env"})
+    assert (s.run_id, s.run_id_generated) == ("from-flag", False)
+
+
+def test_agent_id_sources() -> None:
+    assert mk(env={"POD_NAME": "pod-xyz-1"}).agent_id == "pod-xyz-1"
+    assert mk(env={"POD_NAME": "pod", "AGENT_ID": "env-agent"}).agent_id == "env-agent"
+    assert (
+        mk({"agent_id": "flag-agent"}, {"POD_NAME": "pod", "AGENT_ID": "env-agent"}).agent_id == "flag-agent"
+    )
+    assert mk().agent_id == f"{socket.gethostname()}-{os.getpid()}"
+    assert mk(env={"POD_NAME": ""}).agent_id == f"{socket.gethostname()}-{os.getpid()}"
+
+
+def test_build_connection_has_no_command() -> None:
+    s = config.build_connection({"run_id": "r"}, {})
+    assert s.command == ()
+    assert s.run_id == "r"
+
+
+def test_settings_are_frozen() -> None:
+    s = mk()
+    with pytest.raises(AttributeError):
+        s.run_id = "other"  # type: ignore[misc]
