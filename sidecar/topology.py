@@ -79,7 +79,6 @@ class Target:
         self.factory = factory
         self.on_connect = on_connect
         self.conn: Connection | None = None
-        self.cluster_seen = False
 
     def _connection(self) -> Connection:
         if self.conn is None:

@@ -363,33 +363,28 @@ class Sender:
 
     # -- I/O -----------------------------------------------------------------------------
     def _on_connect(self, conn: Connection) -> None:
-        """Load our scripts on every new connection (and, in auto mode, notice a cluster)."""
+        """Load our scripts on every new connection."""
         cmds: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", APPEND_SCRIPT), ("SCRIPT", "LOAD", TOKENS_SCRIPT)]
-        probe = self.settings.redis_mode == "auto" and type(self._target) is Target
-        if probe:
-            cmds.append(("INFO", "cluster"))
         replies = conn.pipeline(cmds)
         for reply, digest in zip(replies[:2], (APPEND_SHA, TOKENS_SHA), strict=True):
             if isinstance(reply, ReplyError):
                 raise reply
             if reply.decode() != digest:
                 raise ReplyError(f"unexpected script digest {reply!r}")
-        if probe and isinstance(replies[2], bytes) and b"cluster_enabled:1" in replies[2]:
-            assert self._target is not None
-            self._target.cluster_seen = True
 
     def _target_for(self) -> Target:
         if self._target is None:
             self._target = make_target(self.settings, self._on_connect, f"agent-sidecar:{self.settings.agent_id}")
-        target = self._target
-        if type(target) is Target:
-            target._connection()
-            if target.cluster_seen:
-                log.info("Redis Cluster detected; routing by slot")
-                seed = target.endpoint
-                target.close()
-                self._target = target = ClusterTarget(seed, target.factory, self._on_connect)
-        return target
+        return self._target
+
+    def _to_cluster(self) -> Target:
+        """A MOVED reply from a server we took for standalone: it is a cluster node."""
+        assert self._target is not None
+        log.info("Redis Cluster detected; routing by slot")
+        old = self._target
+        old.close()
+        self._target = ClusterTarget(old.endpoint, old.factory, self._on_connect)
+        return self._target
 
     def _drop_client(self) -> None:
         if self._target is not None and type(self._target) is not ClusterTarget:
@@ -426,7 +421,12 @@ class Sender:
                 cmds.append((publish_cmd, it.key, it.payload))
             if s.use_pubsub and it.pubs is not None:
                 cmds.extend((publish_cmd, it.key, msg) for msg in it.pubs)
-        for reply in target.execute(cmds, s.min_replicas_ack):
+        replies = target.execute(cmds, s.min_replicas_ack)
+        if (s.redis_mode == "auto" and type(target) is Target
+                and any(isinstance(r, ReplyError) and r.code in ("MOVED", "ASK") for r in replies)):
+            # Appends are idempotent, so sending the whole list again through the slot map is safe.
+            replies = self._to_cluster().execute(cmds, s.min_replicas_ack)
+        for reply in replies:
             if isinstance(reply, ReplyError):
                 if reply.code == "NOSCRIPT":
                     target.close()  # reconnecting loads the scripts again

@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1
+# agent-sidecar: the image's entrypoint is the sidecar, the agent is the command.
+#
+#   docker build -t agent-sidecar:dev .
+#   docker run --rm -e REDIS_URL=redis://host:6379/0 agent-sidecar:dev python my_agent.py
+#
+# In Kubernetes the agent's command is the Job container's `args` (see k8s/base/agent/job.yaml);
+# every sidecar option is set through its environment variable (see README, Configuration).
+
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# --- builder: the project's wheel plus wheels of all its dependencies, from pyproject.toml ----
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY agent_wrapper/ agent_wrapper/
+COPY sidecar/ sidecar/
+# Only wheels leave this stage; the build environment (setuptools, pip's cache) stays behind.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# --- runtime -----------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE}
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    SIDECAR_SPOOL_DIR=/var/spool/agent-sidecar
+
+# Install from the builder's wheels only (no index, no compiler, no cache left in the image),
+# then the unprivileged user and the spool directory it owns.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/agent_sidecar-*.whl \
+    && groupadd --system --gid 10001 agent \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/agent \
+        --shell /usr/sbin/nologin agent \
+    && mkdir -p /var/spool/agent-sidecar \
+    && chown 10001:10001 /var/spool/agent-sidecar \
+    && chmod 0750 /var/spool/agent-sidecar
+
+WORKDIR /home/agent
+# Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 10001:10001
+
+# The sidecar runs as PID 1: it forwards signals to the agent and reaps orphans, so no init
+# process is needed. Everything after "--" is the agent's command.
+ENTRYPOINT ["python", "-m", "sidecar", "--"]
+CMD ["python", "-c", "print('no agent command given')"]
