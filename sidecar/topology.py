@@ -287,6 +287,7 @@ class ClusterTarget(Target):
                     self.slots = [None] * 16384  # the node is gone: learn the new map next time
                     raise
                 if wait_replicas:
+                    send.pop()
                     check_wait(out.pop(), wait_replicas)
                 out = [r for r, c in zip(out, send, strict=True) if c[0] != "ASKING"]
                 for i, reply in zip(idxs, out, strict=True):

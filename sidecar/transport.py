@@ -279,8 +279,9 @@ class Sender:
 
     # -- loop ----------------------------------------------------------------------------
     def _run(self) -> None:
-        try:
-            while not self._abandon.is_set():
+        failures = 0
+        while not self._abandon.is_set():
+            try:
                 items = self.outbox.take(MAX_PIPELINE_ITEMS, MAX_PIPELINE_BYTES)
                 if not items:
                     if self._stop.is_set() and self.outbox.empty():
@@ -291,11 +292,18 @@ class Sender:
                     self.outbox.release_inflight()
                     return
                 self.outbox.ack(len(items))
+                failures = 0
                 if self.batcher is not None and self.outbox.idle():
                     self.batcher.notify_idle()
-        except Exception as exc:  # a bug must not take the agent down; what waits stays queued
-            log.error("sender stopped by an unexpected error", error=repr(exc))
-            self.outbox.release_inflight()
+            except Exception as exc:
+                # A bug must neither take the agent down nor lose output: keep what waits
+                # queued, say so once, and try again after a pause.
+                self.outbox.release_inflight()
+                self._drop_client()
+                if failures == 0:
+                    log.error("unexpected error while sending; retrying", error=repr(exc))
+                failures += 1
+                self._abandon.wait(min(5.0, 0.1 * 2**failures))
 
     def _deliver(self, items: list[Item]) -> bool:
         """Send until it lands. False only when abandoned."""

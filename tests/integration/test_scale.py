@@ -1,0 +1,148 @@
+"""Redis Cluster and Sentinel: real topologies on loopback ports, a master killed mid-run, counted."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar import protocol
+from sidecar.consumer import RunReader
+from sidecar.protocol import Record
+from tests.helpers import REPO_ROOT, run_process, wait_until
+from tests.integration.faults import counter_bytes
+
+COUNTER = str(REPO_ROOT / "tests" / "agents" / "counter.py")
+
+
+def _args(url: str, run_id: str, tmp_path: Path, *extra: str) -> list[str]:
+    return ["--redis-url", url, "--run-id", run_id, "--no-echo", "--socket-timeout", "1", "--retry-max-backoff",
+            "0.5", "--spool-dir", str(tmp_path / "spool"), "--drain-timeout", "60", *extra]
+
+
+def _counter(n: int, rate: float) -> list[str]:
+    return [sys.executable, COUNTER, "--lines", str(n), "--rate", str(rate)]
+
+
+def _seqs(client: Any, key: str) -> list[int]:
+    out: list[int] = []
+    for _id, fields in client.xrange(key, "-", "+"):
+        msg = protocol.decode(fields[b"d"])
+        if msg.get("type") == "batch":
+            out.extend(range(msg["seq"], msg["seq"] + msg["n"]))
+    return out
+
+
+def _assert_exactly_once(client: Any, key: str, n: int) -> None:
+    seqs = _seqs(client, key)
+    assert len(seqs) == n, f"{len(seqs)} of {n} records in the stream"
+    assert seqs == list(range(1, n + 1))
+    data = b"".join(r.data for r in RunReader(client, [key]).stored() if isinstance(r, Record))
+    assert data == counter_bytes(1, n)
+
+
+def test_cluster_master_killed_mid_run(redis_cluster: Any, start_sidecar: Any, tmp_path: Path) -> None:
+    n = 8000
+    key = "run:clf:output:0"
+    proc = start_sidecar([*_args(redis_cluster.url, "clf", tmp_path, "--min-replicas-ack", "1"), "--",
+                          *_counter(n, 2000)])
+    client = redis_cluster.client()
+    wait_until(lambda: client.exists(key) == 1, timeout=15)
+    old = redis_cluster.kill_master_of(key)
+    redis_cluster.wait_for_failover(key, old)
+    # the old master comes back as a replica of the promoted one, so WAIT 1 can succeed again
+    old.restart()
+    cp = proc.finish(timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    client = redis_cluster.client()
+    _assert_exactly_once(client, key, n)
+    assert b"Cluster detected" in cp.stderr
+
+
+def test_cluster_tail_and_consumer_read_a_run(redis_cluster: Any, tmp_path: Path) -> None:
+    for extra, run_id in (((), "cl-plain"), (("--cluster-hash-tag", "--pubsub", "sharded"), "cl-tag")):
+        cmd = ["sh", "-c", "for i in $(seq 1 300); do echo out $i; echo err $i >&2; done"]
+        cp = run_process([sys.executable, "-m", "sidecar", *_args(redis_cluster.url, run_id, tmp_path, *extra),
+                          "--", *cmd], timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        out = run_process([sys.executable, "-m", "sidecar", "tail", run_id, "--redis-url", redis_cluster.url,
+                           "--raw", *extra[:1]], timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == b"".join(b"out %d\n" % i for i in range(1, 301))
+        assert out.stderr == b"".join(b"err %d\n" % i for i in range(1, 301))
+    client = redis_cluster.client()
+    # with the hash tag every key of the run is on one slot
+    slots = {client.keyslot(k) for k in ("run:{cl-tag}:output:0", "run:{cl-tag}:logs:0", "run:{cl-tag}:status",
+                                          "run:{cl-tag}:variation:0")}
+    assert len(slots) == 1
+    assert client.hget("run:{cl-tag}:variation:0", "status") == b"exited"
+    recs = [r for r in RunReader(client, ["run:cl-plain:output:0", "run:cl-plain:logs:0"]).stored()
+            if isinstance(r, Record)]
+    assert len(recs) == 600
+
+
+def test_cluster_sharded_pubsub_reaches_ssubscribers(redis_cluster: Any, tmp_path: Path) -> None:
+    from sidecar.consumer import subscribe
+
+    client = redis_cluster.client()
+    channel = "run:{shp}:output:0"
+    node = redis_cluster.node_for_key(channel)
+    direct = node.client()
+    ps = subscribe(direct, [channel], sharded=True)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        m = ps.get_sharded_message(timeout=0.2)
+        if m and m["type"] in ("ssubscribe", b"ssubscribe"):
+            break
+    cp = run_process([sys.executable, "-m", "sidecar", *_args(redis_cluster.url, "shp", tmp_path,
+                      "--cluster-hash-tag", "--pubsub", "sharded"), "--", "sh", "-c", "echo one; echo two"],
+                     timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    data = b""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and data.count(b"\n") < 2:
+        m = ps.get_sharded_message(timeout=0.2)
+        if m and m["type"] in ("smessage", b"smessage"):
+            data += b"".join(r.data for r in protocol.iter_records(protocol.decode(m["data"])))
+    ps.close()
+    assert data == b"one\ntwo\n"
+    assert client.exists(channel) == 1
+
+
+def test_sentinel_failover_loses_nothing_acknowledged(redis_sentinel: Any, start_sidecar: Any,
+                                                      tmp_path: Path) -> None:
+    n = 8000
+    key = "run:snt:output:0"
+    proc = start_sidecar([*_args(redis_sentinel.url, "snt", tmp_path, "--min-replicas-ack", "1"), "--",
+                          *_counter(n, 2000)])
+    master = redis_sentinel.master
+    wait_until(lambda: master.client().exists(key) == 1, timeout=15)
+    old_addr = redis_sentinel.current_master_addr()
+    redis_sentinel.kill_master()
+    redis_sentinel.wait_for_failover(old_addr)
+    master.restart()  # sentinels turn it into a replica of the new master; WAIT 1 works again
+    cp = proc.finish(timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    new = redis_sentinel.current_master()
+    assert (new.host, new.port) != tuple(old_addr) if hasattr(new, "host") else True
+    _assert_exactly_once(new.client(), key, n)
+
+
+def test_sentinel_url_for_tail(redis_sentinel: Any, tmp_path: Path) -> None:
+    cp = run_process([sys.executable, "-m", "sidecar", *_args(redis_sentinel.url, "snt-tail", tmp_path), "--",
+                      "echo", "via sentinel"], timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    out = run_process([sys.executable, "-m", "sidecar", "tail", "snt-tail", "--redis-url", redis_sentinel.url,
+                       "--raw"], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"via sentinel\n"
+
+
+@pytest.mark.parametrize("url", ["redis+sentinel://127.0.0.1:1", "redis+sentinel:///mymaster"])
+def test_bad_sentinel_url_is_usage_error(url: str) -> None:
+    cp = run_process([sys.executable, "-m", "sidecar", "--redis-url", url, "--", "true"], timeout=30)
+    assert cp.returncode == 2
+    assert len(cp.stderr.decode().strip().splitlines()) == 1
