@@ -362,11 +362,11 @@ class Sender:
         if self.stats.down_since is None:
             self.stats.down_since = time.time()
             self.outbox.set_durable(True)
-            log.warning("Redis unreachable; output waits in buffer and spool, agent keeps running", error=msg)
+            log.warning("cannot write to Redis; output waits in buffer and spool, the agent keeps running", error=msg)
             if self.on_degraded is not None:
                 self.on_degraded(self.stats.down_since, msg)
         elif msg != self._last_error:
-            log.warning("Redis still unreachable", error=msg)
+            log.warning("still cannot write to Redis", error=msg)
         self._last_error = msg
 
     # -- I/O -----------------------------------------------------------------------------

@@ -293,7 +293,7 @@ def test_second_sigterm_during_drain_says_what_it_waits_for(free_port: int, star
     url = f"redis://127.0.0.1:{free_port}/0"
     proc = start_sidecar([*sidecar_args(url, "drain", tmp_path / "spool"), "--drain-timeout", "20", "--",
                           "echo", "x"])
-    wait_until(lambda: b"unreachable" in proc.read_stderr(), timeout=10)
+    wait_until(lambda: b"cannot write to Redis" in proc.read_stderr(), timeout=10)
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     wait_until(lambda: b"waiting for its output to reach Redis" in proc.read_stderr(), timeout=10)

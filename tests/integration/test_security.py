@@ -1,0 +1,151 @@
+"""Authentication, ACL users, TLS and secrecy of the password, against real redis-server processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import run_process, run_sidecar
+from tests.integration import runs
+from tests.redis_harness import RedisServer, find_free_port
+
+SECRET = "s3cret-Pa55word-xyz"
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _ca(d: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name}",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", cwd=d)
+
+
+def _cert(d: Path, ca: str, name: str) -> None:
+    (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", f"{name}.key",
+             "-out", f"{name}.csr", cwd=d)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.pem", cwd=d)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    d = tmp_path / "pki"
+    d.mkdir()
+    _ca(d, "ca")
+    _ca(d, "other-ca")
+    _cert(d, "ca", "server")
+    _cert(d, "ca", "client")
+    return d
+
+
+def _tls_server(redis_factory: Any, pki: Path, *, require_client_cert: bool = False) -> tuple[RedisServer, int]:
+    port = find_free_port()
+    srv = redis_factory(["--tls-port", str(port), "--tls-cert-file", str(pki / "server.pem"),
+                         "--tls-key-file", str(pki / "server.key"), "--tls-ca-cert-file", str(pki / "ca.pem"),
+                         "--tls-auth-clients", "yes" if require_client_cert else "no"])
+    return srv, port
+
+
+def test_tls_with_verification_and_client_certificate(redis_factory: Any, pki: Path, tmp_path: Path) -> None:
+    srv, port = _tls_server(redis_factory, pki, require_client_cert=True)
+    url = f"rediss://127.0.0.1:{port}/0"
+    tls = ["--redis-ca-file", str(pki / "ca.pem"), "--redis-cert-file", str(pki / "client.pem"),
+           "--redis-key-file", str(pki / "client.key")]
+    cp = run_sidecar(["--redis-url", url, *tls, "--run-id", "tls", "--no-echo", "--", "echo", "over tls"])
+    assert cp.returncode == 0, cp.stderr
+    assert runs.stream_bytes(srv.client(), "run:tls:output:0") == b"over tls\n"
+    out = run_process([sys.executable, "-m", "sidecar", "tail", "tls", "--redis-url", url, *tls, "--raw"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"over tls\n"
+
+
+def test_tls_server_certificate_from_another_ca_is_refused(redis_factory: Any, pki: Path, tmp_path: Path) -> None:
+    srv, port = _tls_server(redis_factory, pki)
+    marker = tmp_path / "agent-ran"
+    cp = run_sidecar(["--redis-url", f"rediss://127.0.0.1:{port}/0", "--redis-ca-file", str(pki / "other-ca.pem"),
+                      "--run-id", "badca", "--no-echo", "--drain-timeout", "1", "--spool-dir", str(tmp_path / "sp"),
+                      "--", "sh", "-c", f"touch {marker}; echo waiting"])
+    assert cp.returncode == 0
+    assert marker.exists(), "the agent runs even when Redis refuses us"
+    err = cp.stderr.decode()
+    assert "CERTIFICATE_VERIFY_FAILED" in err or "certificate verify failed" in err
+    assert "Traceback" not in err
+    assert any((tmp_path / "sp").rglob("*.seg")), "the output waits in the spool"
+    assert srv.client().exists("run:badca:output:0") == 0
+
+
+@pytest.fixture
+def acl_server(redis_factory: Any) -> RedisServer:
+    srv: RedisServer = redis_factory()
+    c = srv.client()
+    c.execute_command("ACL", "SETUSER", "writer", "on", f">{SECRET}", "~run:*", "&run:*", "+@all", "-@dangerous")
+    c.config_set("requirepass", SECRET)  # after start: the harness pings without a password
+    return srv
+
+
+def test_password_from_file_and_env_never_printed(acl_server: RedisServer, tmp_path: Path) -> None:
+    pw_file = tmp_path / "password"
+    pw_file.write_text(SECRET + "\n")
+    cp = run_sidecar(["--redis-url", acl_server.url, "--redis-password-file", str(pw_file), "--run-id", "pwf",
+                      "--no-echo", "--log-level", "debug", "--", "sh", "-c", "echo from-file"])
+    assert cp.returncode == 0, cp.stderr
+    cp2 = run_sidecar(["--redis-url", acl_server.url, "--run-id", "pwe", "--no-echo", "--", "echo", "from-env"],
+                      env={"REDIS_PASSWORD": SECRET})
+    assert cp2.returncode == 0, cp2.stderr
+    client = acl_server.client(password=SECRET)
+    assert runs.stream_bytes(client, "run:pwf:output:0") == b"from-file\n"
+    assert runs.stream_bytes(client, "run:pwe:output:0") == b"from-env\n"
+    for key in client.keys("run:*"):
+        if client.type(key) == b"stream":
+            for p in runs.raw_payloads(client, key.decode()):
+                assert SECRET.encode() not in p
+    assert SECRET.encode() not in cp.stderr + cp2.stderr
+
+
+def test_acl_user_from_url_and_flag(acl_server: RedisServer) -> None:
+    host = f"127.0.0.1:{acl_server.port}"
+    cp = run_sidecar(["--redis-url", f"redis://writer:{SECRET}@{host}/0", "--run-id", "u1", "--no-echo", "--",
+                      "echo", "via url"])
+    assert cp.returncode == 0, cp.stderr
+    cp = run_sidecar(["--redis-url", f"redis://{host}/0", "--redis-username", "writer", "--run-id", "u2",
+                      "--no-echo", "--", "echo", "via flag"], env={"REDIS_PASSWORD": SECRET})
+    assert cp.returncode == 0, cp.stderr
+    client = acl_server.client(password=SECRET)
+    assert runs.stream_bytes(client, "run:u1:output:0") == b"via url\n"
+    assert runs.stream_bytes(client, "run:u2:output:0") == b"via flag\n"
+
+
+def test_wrong_password_is_one_clear_line_and_masked(acl_server: RedisServer, tmp_path: Path) -> None:
+    wrong = "not-the-password-123"
+    url = f"redis://writer:{wrong}@127.0.0.1:{acl_server.port}/0"
+    cp = run_sidecar(["--redis-url", url, "--run-id", "wp", "--no-echo", "--drain-timeout", "1",
+                      "--spool-dir", str(tmp_path / "sp"), "--", "echo", "still runs"])
+    assert cp.returncode == 0
+    err = cp.stderr.decode()
+    assert wrong not in err and "***" in err
+    assert "WRONGPASS" in err or "invalid username-password" in err
+    assert "Traceback" not in err
+    warnings = [line for line in err.splitlines() if "cannot write to Redis" in line]
+    assert len(warnings) == 1
+    # once the credentials work, what waited is delivered (replay with the right password)
+    rp = run_process([sys.executable, "-m", "sidecar", "replay", "--spool-dir", str(tmp_path / "sp"),
+                      "--redis-url", f"redis://writer:{SECRET}@127.0.0.1:{acl_server.port}/0"])
+    assert rp.returncode == 0, rp.stderr
+    client = acl_server.client(password=SECRET)
+    assert runs.stream_bytes(client, "run:wp:output:0") == b"still runs\n"
+    degraded = [m for m in runs.statuses(client, "wp") if m["status"] == "degraded"]
+    assert degraded and wrong not in degraded[0]["metadata"]["error"]
+
+
+def test_missing_files_are_usage_errors(tmp_path: Path) -> None:
+    for args in (["--redis-password-file", str(tmp_path / "nope")], ["--redis-ca-file", str(tmp_path / "nope")],
+                 ["--control-secret-file", str(tmp_path / "nope")]):
+        cp = run_sidecar([*args, "--", "true"])
+        assert cp.returncode == 2, args
+        assert len(cp.stderr.decode().strip().splitlines()) == 1
