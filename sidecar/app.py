@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import sys
 import threading
@@ -15,13 +16,13 @@ from agent_wrapper.exitcodes import signal_name
 from agent_wrapper.pipes import PipeReader
 from agent_wrapper.process import spawn
 
-from . import events, log, protocol
+from . import control, events, heartbeat, log, protocol
 from .batcher import Batcher, Channel
 from .config import Settings, mask_url
 from .items import Item
 from .outbox import Outbox
 from .spool import Spool, SpoolError
-from .transport import Sender
+from .transport import Sender, TargetPipe, subscriber_connection
 
 
 class Runtime:
@@ -64,6 +65,23 @@ class Runtime:
         self.batcher.sealed_max_bytes = min(self.batcher.sealed_max_bytes, max(s.buffer_max_bytes, 1))
         self.sender = Sender(s, self.outbox, self.batcher, on_degraded=self.degraded, on_recovered=self.recovered)
         self.started_at = time.time()
+        self.agent_pid: int | None = None
+        self.commands: queue.SimpleQueue[control.Command] = queue.SimpleQueue()
+        self.cancelled = False
+        self.paused = False
+        self.heartbeat = heartbeat.Heartbeat(
+            s,
+            connect=lambda: TargetPipe(s, f"agent-sidecar-heartbeat:{s.agent_id}"),  # type: ignore[arg-type, return-value]
+            pid=lambda: self.agent_pid,
+            stats=self.heartbeat_stats,
+            started_at=self.started_at,
+        )
+        self.control = control.Control(
+            s,
+            connect=lambda: subscriber_connection(s, f"agent-sidecar-control:{s.agent_id}"),
+            on_command=self.commands.put,
+            on_reject=self.rejected,
+        )
 
     def _open_spool(self) -> Spool | None:
         if self.s.spool_max_bytes <= 0:
@@ -127,6 +145,49 @@ class Runtime:
         self.status("recovered", down_s=round(down_s, 3), delivered_late_records=waiting_records,
                     delivered_late_bytes=waiting_bytes)
 
+    def heartbeat_stats(self) -> dict[str, Any]:
+        st = self.sender.stats
+        return {
+            "records_shipped": st.records_shipped,
+            "bytes_shipped": st.bytes_shipped,
+            "records_waiting": self.outbox.waiting_records,
+            "spool_bytes": self.outbox.spool_bytes,
+            "redis_connected": st.connected,
+            "last_write_age_s": round(time.time() - st.last_ok, 3) if st.last_ok else None,
+            "paused": self.paused,
+        }
+
+    def rejected(self, rej: control.Rejection) -> None:
+        log.warning("control command rejected", reason=rej.reason)
+        meta: dict[str, Any] = {"reason": rej.reason}
+        if rej.raw is not None:
+            meta["command"] = {k: v for k, v in rej.raw.items() if k != "sig"}
+        self.status("control_rejected", **meta)
+
+    def apply_commands(self, sup: signals.Supervisor) -> None:
+        """Main thread, every supervisor tick: carry out what the control channel asked."""
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            agent = sup.agent
+            log.info("control command", cmd=cmd.cmd, signal=signal_name(cmd.signal) if cmd.signal else None)
+            if cmd.cmd == "cancel":
+                self.cancelled = True
+                sup.stop(signal.SIGTERM)
+                agent.signal_group(signal.SIGCONT)  # a paused agent must wake to see SIGTERM
+            elif cmd.cmd == "signal" and cmd.signal is not None:
+                agent.signal_group(cmd.signal)
+            elif cmd.cmd == "pause" and not self.paused:
+                agent.signal_group(signal.SIGSTOP)
+                self.paused = True
+                self.status("paused", pid=agent.pid)
+            elif cmd.cmd == "resume" and self.paused:
+                agent.signal_group(signal.SIGCONT)
+                self.paused = False
+                self.status("running", pid=agent.pid)
+
     def sink(self, ev: Output | StreamClosed) -> None:
         if isinstance(ev, Output):
             self.batcher.add(ev)
@@ -150,6 +211,9 @@ def run(s: Settings) -> int:
             rt.outbox.adopt(orphans)
     rt.sender.start()
     rt.batcher.start()
+    warning = control.insecure_warning(s)
+    if warning:
+        log.warning(warning)
     log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id)
     rt.status("starting", command=os.path.basename(s.command[0]))
 
@@ -159,7 +223,10 @@ def run(s: Settings) -> int:
         return finish(rt, result.code, "failed", {"exit_code": result.code, "reason": result.reason})
 
     agent = result
+    rt.agent_pid = agent.pid
     rt.status("running", pid=agent.pid)
+    rt.heartbeat.start()
+    rt.control.start()
     echo = {STDOUT: sys.stdout.fileno(), STDERR: sys.stderr.fileno()} if s.echo else None
     reader = PipeReader(
         {STDOUT: agent.stdout_fd, STDERR: agent.stderr_fd},
@@ -177,7 +244,8 @@ def run(s: Settings) -> int:
         log.warning("agent still running after the kill grace; sending SIGKILL", kill_grace_s=s.kill_grace_s)
 
     sup = signals.Supervisor(agent, s.kill_grace_s, on_signal=on_signal, on_kill=on_kill)
-    exited: Exited = sup.wait()
+    exited: Exited = sup.wait(tick=lambda: rt.apply_commands(sup))
+    rt.control.stop()
     reader.stop_after(s.pipe_grace_s)
     while not reader.join(0.1):
         sig = signals.next_signal(0)
@@ -190,7 +258,11 @@ def run(s: Settings) -> int:
         "bytes": rt.batcher.bytes_in,
     }
     if exited.signal is not None:
-        return finish(rt, exited.code, "killed", {"signal": signal_name(exited.signal), **meta})
+        meta["signal"] = signal_name(exited.signal)
+    if rt.cancelled:
+        return finish(rt, exited.code, "cancelled", meta)
+    if exited.signal is not None:
+        return finish(rt, exited.code, "killed", meta)
     return finish(rt, exited.code, "exited", meta)
 
 
@@ -223,6 +295,8 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
                 break
     rt.sender.abandon()
     rt.sender.join(2.0)
+    rt.heartbeat.stop()
+    rt.control.stop()
     rt.outbox.close()
     if not rt.outbox.empty():
         lost_records, _ = rt.outbox.spill_all()

@@ -211,6 +211,44 @@ def make_target(settings: Settings, on_connect: Any, name: str = "agent-sidecar"
     return Target(endpoint, factory, on_connect)
 
 
+class TargetPipe:
+    """A Connection-like face (connect, pipeline, close) over a Target, for side paths such as the
+    heartbeat: it follows Sentinel and Cluster like the data path, and turns into a cluster
+    client on the first MOVED reply in auto mode."""
+
+    def __init__(self, settings: Settings, name: str) -> None:
+        self.settings = settings
+        self.target = make_target(settings, lambda _conn: None, name)
+        self.connected = True  # connects lazily
+
+    def connect(self) -> None:
+        pass
+
+    def pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        replies = self.target.execute(cmds)
+        if (self.settings.redis_mode == "auto" and type(self.target) is Target
+                and any(isinstance(r, ReplyError) and r.code in ("MOVED", "ASK") for r in replies)):
+            old = self.target
+            old.close()
+            self.target = ClusterTarget(old.endpoint, old.factory, old.on_connect)
+            replies = self.target.execute(cmds)
+        return replies
+
+    def close(self) -> None:
+        self.target.close()
+
+
+def subscriber_connection(settings: Settings, name: str) -> Connection:
+    """A plain connection for SUBSCRIBE: to the master the sentinels name, or the URL's node (on a
+    cluster, classic pub/sub messages reach every node)."""
+    if "+sentinel://" in settings.redis_url or settings.redis_mode == "sentinel":
+        target = make_target(settings, lambda _conn: None, name)
+        assert isinstance(target, SentinelTarget)
+        endpoint = target._resolve()
+        return target.factory(endpoint)
+    return open_connection(settings, name)
+
+
 def open_connection(settings: Settings, name: str = "agent-sidecar") -> Connection:
     endpoint = parse_url(settings.redis_url, password=settings.redis_password, username=settings.redis_username)
     return Connection(
