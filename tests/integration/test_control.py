@@ -1,0 +1,195 @@
+"""Heartbeat and control channel through `python -m sidecar` against a real redis-server and real agents."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+from sidecar.control import sign
+from tests.helpers import REPO_ROOT, wait_until
+from tests.integration import runs
+from tests.redis_harness import RedisServer
+
+SIGNALS = str(REPO_ROOT / "tests" / "agents" / "signals.py")
+COUNTER = str(REPO_ROOT / "tests" / "agents" / "counter.py")
+BUSY = "import time\nend = time.time() + 3\nwhile time.time() < end: pass\n"
+
+
+def _start(start_sidecar: Any, url: str, run_id: str, *extra: str, agent: list[str]) -> Any:
+    return start_sidecar(["--redis-url", url, "--run-id", run_id, "--agent-id", f"agent-{run_id}", "--no-echo",
+                          "--kill-grace", "2", *extra, "--", *agent])
+
+
+def _out(client: Any, run_id: str) -> bytes:
+    return runs.stream_bytes(client, f"run:{run_id}:output:0")
+
+
+def _states(client: Any, run_id: str) -> list[str]:
+    return [m["status"] for m in runs.statuses(client, run_id)]
+
+
+def test_heartbeat_cadence_and_fields_while_the_agent_is_cpu_bound(redis_server: RedisServer,
+                                                                     start_sidecar: Any) -> None:
+    sub = redis_server.client().pubsub()
+    sub.subscribe("agent:agent-hb:heartbeat")
+    sub.get_message(timeout=1)
+    # a CPU-bound agent and, at the same time, a flood to ship
+    agent = ["sh", "-c", f"{sys.executable} -c '{BUSY}' & {sys.executable} {COUNTER} --lines 300000 --rate 0; wait"]
+    proc = _start(start_sidecar, redis_server.url, "hb", "--heartbeat-interval", "0.25", agent=agent)
+    beats: list[tuple[float, dict[str, Any]]] = []
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        m = sub.get_message(timeout=0.1)
+        if m and m["type"] in ("message", b"message"):
+            beats.append((time.monotonic(), orjson.loads(m["data"])))
+    assert proc.finish(timeout=60).returncode == 0
+    sub.close()
+    assert len(beats) >= 7, f"{len(beats)} beats in 2.5 s at 0.25 s"
+    gaps = [b[0] - a[0] for a, b in zip(beats, beats[1:], strict=False)]
+    assert max(gaps) < 0.75, f"heartbeat lost its rhythm: gaps {gaps}"
+    msg = beats[-1][1]
+    for field in ("agent_id", "run_id", "variation_id", "timestamp", "pid", "uptime_s", "cpu_percent", "rss_bytes",
+                  "num_procs", "records_shipped", "bytes_shipped", "records_waiting", "redis_connected",
+                  "last_write_age_s"):
+        assert field in msg, field
+    assert msg["agent_id"] == "agent-hb" and msg["run_id"] == "hb"
+    assert msg["num_procs"] >= 2 and msg["rss_bytes"] > 1_000_000
+    assert any(b[1]["cpu_percent"] > 30 for b in beats), "the busy child's CPU shows in the tree's figure"
+    assert msg["redis_connected"] is True
+
+
+def test_alive_key_expires_after_the_sidecar_is_sigkilled(redis_server: RedisServer, start_sidecar: Any) -> None:
+    client = redis_server.client()
+    proc = _start(start_sidecar, redis_server.url, "alive", "--heartbeat-interval", "0.3",
+                  agent=["sleep", "30"])
+    wait_until(lambda: client.exists("agent:agent-alive:alive") == 1, timeout=10)
+    ttl = client.pttl("agent:agent-alive:alive")
+    assert 0 < ttl <= 1000
+    assert client.hget("run:alive:variation:0", "last_heartbeat")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    wait_until(lambda: client.exists("agent:agent-alive:alive") == 0, timeout=5)
+    proc.kill_tree()
+
+
+def test_heartbeat_stops_when_the_sidecar_exits(redis_server: RedisServer, start_sidecar: Any) -> None:
+    sub = redis_server.client().pubsub()
+    sub.subscribe("agent:agent-end:heartbeat")
+    sub.get_message(timeout=1)
+    proc = _start(start_sidecar, redis_server.url, "end", "--heartbeat-interval", "0.2", agent=["sleep", "0.7"])
+    assert proc.finish(timeout=30).returncode == 0
+    time.sleep(0.1)
+    while sub.get_message(timeout=0.05):
+        pass
+    late = sub.get_message(timeout=0.8)
+    sub.close()
+    assert late is None
+
+
+def test_cancel_pause_resume_and_signal(redis_server: RedisServer, start_sidecar: Any) -> None:
+    client = redis_server.client()
+    proc = _start(start_sidecar, redis_server.url, "ctl", agent=[sys.executable, SIGNALS])
+    wait_until(lambda: b"ready" in _out(client, "ctl"), timeout=10)
+    agent_pid = int(client.hget("run:ctl:variation:0", "pid"))
+
+    client.publish("run:ctl:control", json.dumps({"cmd": "pause"}))
+    wait_until(lambda: psutil.Process(agent_pid).status() == psutil.STATUS_STOPPED, timeout=5)
+    assert client.hget("run:ctl:variation:0", "status") == b"paused"
+    client.publish("run:ctl:control", json.dumps({"cmd": "resume"}))
+    wait_until(lambda: psutil.Process(agent_pid).status() != psutil.STATUS_STOPPED, timeout=5)
+    client.publish("run:ctl:control", json.dumps({"cmd": "signal", "signal": "SIGUSR1"}))
+    wait_until(lambda: b"got SIGUSR1" in _out(client, "ctl"), timeout=5)
+    client.publish("run:ctl:control", json.dumps({"cmd": "cancel"}))
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 0  # the agent handles SIGTERM and exits 0
+    assert _out(client, "ctl") == b"ready\ngot SIGUSR1\ngot SIGTERM\ncleaning up\n"
+    states = _states(client, "ctl")
+    assert states == ["starting", "running", "paused", "running", "cancelled"]
+    assert client.hget("run:ctl:variation:0", "status") == b"cancelled"
+
+
+def test_cancel_escalates_to_sigkill_and_reaches_a_paused_agent(redis_server: RedisServer,
+                                                                start_sidecar: Any) -> None:
+    client = redis_server.client()
+    proc = _start(start_sidecar, redis_server.url, "stub", agent=[sys.executable, SIGNALS, "--on-term", "ignore"])
+    wait_until(lambda: b"ready" in _out(client, "stub"), timeout=10)
+    client.publish("run:stub:control", json.dumps({"cmd": "pause"}))
+    wait_until(lambda: "paused" in _states(client, "stub"), timeout=5)
+    t0 = time.monotonic()
+    client.publish("run:stub:control", json.dumps({"cmd": "cancel"}))
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 137
+    assert 1.5 < time.monotonic() - t0 < 10  # --kill-grace 2, then SIGKILL
+    final = runs.statuses(client, "stub")[-1]
+    assert final["status"] == "cancelled" and final["metadata"]["signal"] == "SIGKILL"
+
+
+def test_commands_for_other_agents_are_ignored_and_bad_ones_rejected(redis_server: RedisServer,
+                                                                    start_sidecar: Any) -> None:
+    client = redis_server.client()
+    proc = _start(start_sidecar, redis_server.url, "tgt", agent=[sys.executable, SIGNALS])
+    wait_until(lambda: b"ready" in _out(client, "tgt"), timeout=10)
+    for bad in (b"not json", b"[1,2]", json.dumps({"cmd": "explode"}).encode(),
+                json.dumps({"cmd": "signal", "signal": "SIGKILL"}).encode(),
+                json.dumps({"cmd": "signal", "signal": 9}).encode(), json.dumps({"cmd": "signal"}).encode()):
+        client.publish("run:tgt:control", bad)
+    client.publish("run:tgt:control", json.dumps({"cmd": "signal", "signal": "SIGUSR2", "variation_id": "9"}))
+    client.publish("run:tgt:control", json.dumps({"cmd": "signal", "signal": "SIGUSR2", "agent_id": "someone"}))
+    client.publish("run:tgt:control", json.dumps({"cmd": "signal", "signal": "SIGHUP", "agent_id": "agent-tgt"}))
+    wait_until(lambda: b"got SIGHUP" in _out(client, "tgt"), timeout=5)
+    client.publish("run:tgt:control", json.dumps({"cmd": "cancel", "variation_id": "0"}))
+    assert proc.finish(timeout=30).returncode == 0
+    assert b"SIGUSR2" not in _out(client, "tgt")
+    rejected = [m for m in runs.statuses(client, "tgt") if m["status"] == "control_rejected"]
+    assert len(rejected) == 6
+    assert all(m["metadata"]["reason"] for m in rejected)
+
+
+def test_signed_control_commands(redis_server: RedisServer, start_sidecar: Any, tmp_path: Path) -> None:
+    secret = b"control-secret-for-tests"
+    (tmp_path / "secret").write_bytes(secret + b"\n")
+    client = redis_server.client()
+    proc = _start(start_sidecar, redis_server.url, "sig", "--control-secret-file", str(tmp_path / "secret"),
+                  agent=[sys.executable, SIGNALS])
+    wait_until(lambda: b"ready" in _out(client, "sig"), timeout=10)
+    now = int(time.time())
+    good = sign({"cmd": "signal", "signal": "SIGUSR1", "ts": now}, secret)
+    client.publish("run:sig:control", json.dumps(good))
+    wait_until(lambda: b"got SIGUSR1" in _out(client, "sig"), timeout=5)
+    client.publish("run:sig:control", json.dumps(good))  # replayed
+    client.publish("run:sig:control", json.dumps({"cmd": "signal", "signal": "SIGUSR2", "ts": now}))  # unsigned
+    client.publish("run:sig:control", json.dumps(sign({"cmd": "signal", "signal": "SIGUSR2", "ts": now}, b"wrong")))
+    client.publish("run:sig:control", json.dumps(sign({"cmd": "signal", "signal": "SIGUSR2", "ts": now - 300},
+                                                      secret)))  # stale
+    client.publish("run:sig:control", json.dumps(sign({"cmd": "cancel", "ts": int(time.time())}, secret)))
+    assert proc.finish(timeout=30).returncode == 0
+    assert _out(client, "sig") == b"ready\ngot SIGUSR1\ngot SIGTERM\ncleaning up\n"
+    rejected = [m for m in runs.statuses(client, "sig") if m["status"] == "control_rejected"]
+    assert len(rejected) == 4
+    assert b"not authenticated" not in proc.read_stderr()
+
+
+def test_control_subscription_survives_a_redis_restart(redis_factory: Any, start_sidecar: Any) -> None:
+    srv: RedisServer = redis_factory(("--appendonly", "yes", "--appendfsync", "always"))
+    proc = _start(start_sidecar, srv.url, "rs", "--socket-timeout", "1", agent=[sys.executable, SIGNALS])
+    wait_until(lambda: b"ready" in _out(srv.client(), "rs"), timeout=10)
+    srv.kill()
+    time.sleep(0.5)
+    srv.restart()
+
+    def signalled() -> bool:
+        client = srv.client()
+        client.publish("run:rs:control", json.dumps({"cmd": "signal", "signal": "SIGWINCH"}))
+        return b"got SIGWINCH" in _out(client, "rs")
+
+    wait_until(signalled, timeout=20, interval=0.5)
+    srv.client().publish("run:rs:control", json.dumps({"cmd": "cancel"}))
+    assert proc.finish(timeout=30).returncode == 0
