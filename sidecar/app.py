@@ -69,6 +69,8 @@ class Runtime:
         self.commands: queue.SimpleQueue[control.Command] = queue.SimpleQueue()
         self.cancelled = False
         self.paused = False
+        self._reject_window = 0.0
+        self._rejects = 0
         self.heartbeat = heartbeat.Heartbeat(
             s,
             connect=lambda: TargetPipe(s, f"agent-sidecar-heartbeat:{s.agent_id}"),  # type: ignore[arg-type, return-value]
@@ -158,6 +160,15 @@ class Runtime:
         }
 
     def rejected(self, rej: control.Rejection) -> None:
+        # A flood of garbage on the control channel must not flood the status stream.
+        now = time.monotonic()
+        if now - self._reject_window > 60:
+            self._reject_window, self._rejects = now, 0
+        self._rejects += 1
+        if self._rejects > 20:
+            if self._rejects == 21:
+                log.warning("more than 20 control commands rejected this minute; not reporting each")
+            return
         log.warning("control command rejected", reason=rej.reason)
         meta: dict[str, Any] = {"reason": rej.reason}
         if rej.raw is not None:

@@ -276,6 +276,16 @@ class Stats:
     down_since: float | None = None
 
 
+def _backoff(cap_s: float) -> Any:
+    """Exponential backoff from 50 ms with jitter, capped (tenacity renamed `initial` to `multiplier`)."""
+    from tenacity import wait_exponential_jitter
+
+    try:
+        return wait_exponential_jitter(multiplier=0.05, max=cap_s, jitter=0.2)
+    except TypeError:
+        return wait_exponential_jitter(initial=0.05, max=cap_s, jitter=0.2)
+
+
 class Sender:
     def __init__(
         self,
@@ -367,11 +377,11 @@ class Sender:
         return True
 
     def _retry(self, items: list[Item], first_error: BaseException) -> bool:
-        from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+        from tenacity import Retrying, retry_if_exception_type
 
         retrying = Retrying(
             retry=retry_if_exception_type(RETRYABLE),
-            wait=wait_exponential_jitter(initial=0.05, max=self.settings.retry_max_s, jitter=0.2),
+            wait=_backoff(self.settings.retry_max_s),
             stop=lambda _state: self._abandon.is_set(),
             sleep=self._abandon.wait,
             before_sleep=self._on_failure,
