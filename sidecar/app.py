@@ -16,7 +16,7 @@ from agent_wrapper.exitcodes import signal_name
 from agent_wrapper.pipes import PipeReader
 from agent_wrapper.process import spawn
 
-from . import control, events, heartbeat, log, protocol
+from . import control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
 from .config import Settings, mask_url
 from .items import Item
@@ -244,6 +244,7 @@ def run(s: Settings) -> int:
         rt.sink,
         on_quiet=rt.batcher.on_quiet,
         echo=echo,
+        filter=redaction.from_settings(os.environ, s.redact_patterns, s.redact),
         max_line_bytes=s.max_line_bytes,
     )
     reader.start()

@@ -1,0 +1,113 @@
+"""Secret redaction: environment values, token shapes, user patterns, secrets split across reads."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.redaction import MASK, Redactor
+
+ENV = {
+    "OPENAI_API_KEY": "sk-live-0123456789abcdefghijklmn",
+    "github_token": "gho-not-a-shape-but-env-1234",
+    "DB_PASSWORD": "hunter2hunter2",
+    "SHORT_TOKEN": "abc123",  # shorter than 8: not masked
+    "GOOGLE_APPLICATION_CREDENTIALS": "/var/run/creds/key.json",
+    "HOME": "/home/agentuser",  # not a secret name
+    "SPACED_SECRET": "two words secret",
+}
+
+TOKENS = {
+    "anthropic": b"sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz012345",
+    "openai": b"sk-proj-AbCdEfGhIjKlMnOpQrStUvWx",
+    "github": b"ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+    "github_pat": b"github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
+    "aws": b"AKIAIOSFODNN7EXAMPLE",
+    "slack": b"xoxb-123456789012-abcdefghijkl",
+}
+
+
+def run(r: Redactor, chunks: list[bytes], stream: str = "stdout") -> bytes:
+    out = b"".join(r(stream, c, False) for c in chunks)
+    return out + r(stream, b"", True)
+
+
+def test_environment_values_are_masked_and_short_or_unrelated_ones_not() -> None:
+    r = Redactor(ENV)
+    text = (b"key=sk-live-0123456789abcdefghijklmn pw=hunter2hunter2 gh=gho-not-a-shape-but-env-1234\n"
+            b"short=abc123 home=/home/agentuser creds=/var/run/creds/key.json s=two words secret!\n")
+    assert run(r, [text]) == (b"key=[REDACTED] pw=[REDACTED] gh=[REDACTED]\n"
+                              b"short=abc123 home=/home/agentuser creds=[REDACTED] s=[REDACTED]!\n")
+
+
+@pytest.mark.parametrize("name", sorted(TOKENS))
+def test_token_shapes(name: str) -> None:
+    r = Redactor({})
+    assert run(r, [b"error: invalid key " + TOKENS[name] + b" (401)\n"]) == b"error: invalid key [REDACTED] (401)\n"
+
+
+@pytest.mark.parametrize("text", [b"sk-short", b"task-list of things", b"AKIA alone", b"ghp_short", b"xoxb-1",
+                                  b"the risk-assessment-document-for-the-new-project"])
+def test_near_misses_are_left_alone(text: str) -> None:
+    assert run(Redactor({}), [text + b"\n"]) == text + b"\n"
+
+
+def test_user_patterns() -> None:
+    r = Redactor({}, [r"ticket-[0-9]{4}", r"Bearer [A-Za-z0-9.]+"])
+    assert run(r, [b"ticket-1234 auth: Bearer abc.def.ghi ok\n"]) == b"[REDACTED] auth: [REDACTED] ok\n"
+
+
+@pytest.mark.parametrize("secret", [ENV["OPENAI_API_KEY"].encode(), TOKENS["anthropic"], TOKENS["aws"],
+                                    ENV["SPACED_SECRET"].encode(), ENV["DB_PASSWORD"].encode()])
+def test_a_secret_split_across_two_and_three_reads_at_every_position(secret: bytes) -> None:
+    text = b"before " + secret + b" after\n"
+    expected = b"before " + MASK + b" after\n"
+    for i in range(1, len(text)):
+        assert run(Redactor(ENV), [text[:i], text[i:]]) == expected, i
+    for i in range(1, len(text) - 1, 3):
+        for j in range(i + 1, len(text), 5):
+            assert run(Redactor(ENV), [text[:i], text[i:j], text[j:]]) == expected, (i, j)
+
+
+def test_secret_at_the_very_end_without_newline_is_masked_on_close() -> None:
+    r = Redactor(ENV)
+    first = r("stdout", b"tail " + TOKENS["github"][:12], False)
+    assert first == b"tail "  # the start of a token waits for the rest
+    assert r("stdout", TOKENS["github"][12:], False) == b""
+    assert r("stdout", b"", True) == MASK
+
+
+def test_binary_and_nul_bytes_around_secrets_are_kept() -> None:
+    text = b"\x00\xff\xfe" + TOKENS["aws"] + b"\x00\x80 \xc3\x28\n"
+    assert run(Redactor({}), [text]) == b"\x00\xff\xfe" + MASK + b"\x00\x80 \xc3\x28\n"
+
+
+def test_streams_keep_separate_state() -> None:
+    r = Redactor({})
+    half = len(TOKENS["slack"]) // 2
+    a = r("stdout", b"x " + TOKENS["slack"][:half], False)
+    b = r("stderr", b"unrelated line\n", False)
+    a += r("stdout", TOKENS["slack"][half:] + b"\n", False)
+    assert a == b"x " + MASK + b"\n"
+    assert b == b"unrelated line\n"
+
+
+def test_complete_lines_are_never_held_back() -> None:
+    r = Redactor(ENV)
+    assert r("stdout", b"line with no secret\n", False) == b"line with no secret\n"
+    assert r("stdout", b"ends in a token char abc\n", False) == b"ends in a token char abc\n"
+    # a prompt without newline that cannot begin a secret goes out at once too
+    assert r("stdout", b"Continue? [y/N] ", False) == b"Continue? [y/N] "
+
+
+def test_held_back_bytes_are_bounded() -> None:
+    r = Redactor({}, max_token=64)
+    out = r("stdout", b"a" * 10_000, False)
+    assert len(out) >= 10_000 - 64
+    assert out + r("stdout", b"", True) == b"a" * 10_000
+
+
+def test_large_chunk_without_secrets_is_unchanged() -> None:
+    text = (b"The quick brown fox jumps over the lazy dog 0123456789.\n" * 200_000)[:10_000_000]
+    r = Redactor(ENV)
+    assert run(r, [text]) == text
+    assert r.masked == 0
