@@ -89,6 +89,10 @@ SPEC: dict[str, tuple[str, str, float | None]] = {
     "redis_lines_per_mb": ("lines/MB", ">=", 10_000),
     "sidecar_cpu_pct": ("% of a core", "<=", 2.0),
     "sidecar_rss_mb": ("MB", "<=", 60),
+    "bulk_no_redact_lines_per_s": ("lines/s", "", None),
+    "redaction_cost_pct": ("%", "", None),
+    "bulk_replica_ack_lines_per_s": ("lines/s", "", None),
+    "replica_ack_cost_pct": ("%", "", None),
 }
 
 
@@ -242,10 +246,11 @@ def free_port() -> int:
 class ThrowawayRedis:
     """redis-server on a free loopback port, no persistence, removed on exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_args: Sequence[str] = ()) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = ""
         self.url = ""
+        self.extra_args = list(extra_args)
 
     def __enter__(self) -> ThrowawayRedis:
         exe = shutil.which("redis-server")
@@ -269,6 +274,7 @@ class ThrowawayRedis:
                     self.dir,
                     "--logfile",
                     os.path.join(self.dir, "redis.log"),
+                    *self.extra_args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -506,6 +512,8 @@ class Bench:
         self.context: dict[str, Any] = {}
         self.sidecar_broken = ""
         self._runs = 0
+        self.extra_args: list[str] = []  # for one measurement (redaction off, replica acks)
+        self.replica_url: str | None = None
 
     # -- helpers
 
@@ -522,6 +530,9 @@ class Bench:
             self.r.delete(*keys)
 
     def sidecar_cmd(self, run_id: str, agent: list[str]) -> list[str]:
+        return [*self._sidecar_cmd(run_id, agent)]
+
+    def _sidecar_cmd(self, run_id: str, agent: list[str]) -> list[str]:
         return [
             PY,
             "-m",
@@ -532,6 +543,7 @@ class Bench:
             "--redis-url",
             self.url,
             *self.sidecar_args,
+            *self.extra_args,
             "--",
             *agent,
         ]
@@ -653,6 +665,38 @@ class Bench:
             value = count.lines / (mem / MB)
             note = f"MEMORY USAGE {mem:,} bytes for {count.entries} entries"
             self.add("redis_lines_per_mb", value, baseline=raw_per_mb, label="raw text", note=note)
+
+    def redaction_cost(self) -> None:
+        """The bulk run again with --no-redact: what masking secrets costs."""
+        n = self.sizes.bulk_lines
+        self.extra_args = ["--no-redact"]
+        try:
+            seconds, count, _ = self.throughput("bulk", n)
+        finally:
+            self.extra_args = []
+        value = count.lines / seconds
+        self.add("bulk_no_redact_lines_per_s", value, note=f"bulk run with --no-redact, {seconds:.2f} s")
+        bulk = self.figures.get("bulk_lines_per_s")
+        if bulk and bulk.value:
+            self.add("redaction_cost_pct", 100 * (1 - bulk.value / value),
+                     note="throughput lost to redaction: 1 - bulk / bulk without redaction")
+
+    def replica_ack_cost(self) -> None:
+        """The bulk run with a replica and --min-replicas-ack 1 (WAIT after each pipeline)."""
+        if self.replica_url is None:
+            raise Skipped("needs the benchmark's own redis-server (no --redis-url)")
+        n = self.sizes.bulk_lines
+        self.extra_args = ["--min-replicas-ack", "1"]
+        try:
+            seconds, count, _ = self.throughput("bulk", n)
+        finally:
+            self.extra_args = []
+        value = count.lines / seconds
+        self.add("bulk_replica_ack_lines_per_s", value, note=f"one replica, --min-replicas-ack 1, {seconds:.2f} s")
+        bulk = self.figures.get("bulk_lines_per_s")
+        if bulk and bulk.value:
+            self.add("replica_ack_cost_pct", 100 * (1 - value / bulk.value),
+                     note="throughput lost to WAIT: 1 - acked bulk / bulk")
 
     def flush(self) -> None:
         n = self.sizes.flush_lines
@@ -816,6 +860,8 @@ class Bench:
         self.measure("startup", self.startup)
         self.measure("wrap overhead", self.wrap_overhead)
         self.measure(f"bulk, {s.bulk_lines:,} lines", self.bulk)
+        self.measure("bulk without redaction", self.redaction_cost)
+        self.measure("bulk with --min-replicas-ack 1", self.replica_ack_cost)
         self.measure(f"flush, {s.flush_lines:,} lines", self.flush)
         self.measure(f"naive PUBLISH per line, {s.naive_lines:,} lines", self.naive)
         self.measure(f"latency at {s.latency_rate} lines/s for {s.latency_seconds:g} s", self.latency)
@@ -855,6 +901,10 @@ ORDER = (
     "redis_lines_per_mb",
     "sidecar_cpu_pct",
     "sidecar_rss_mb",
+    "bulk_no_redact_lines_per_s",
+    "redaction_cost_pct",
+    "bulk_replica_ack_lines_per_s",
+    "replica_ack_cost_pct",
 )
 
 
@@ -950,12 +1000,17 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     server = None if args.redis_url else ThrowawayRedis()
+    replica: ThrowawayRedis | None = None
     try:
         if server:
             server.__enter__()
+            host, port = server.url.split("//")[1].split("/")[0].split(":")
+            replica = ThrowawayRedis(["--replicaof", host, port])
+            replica.__enter__()
         url = args.redis_url or server.url  # type: ignore[union-attr]
         log(f"redis: {public_url(url)}{' (throwaway)' if server else ''}; python: {PY}")
         bench = Bench(url, sizes, args.sidecar_arg, log)
+        bench.replica_url = replica.url if replica else None
         bench.r.ping()
         env = environment(bench.r, url, args.sidecar_arg)
         bench.run_all()
@@ -963,6 +1018,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"!!! cannot run the benchmark: {exc}")
         return 1
     finally:
+        if replica:
+            replica.__exit__(None, None, None)
         if server:
             server.__exit__(None, None, None)
 
