@@ -10,16 +10,14 @@ pub/sub message either (except with --transport pubsub or --wire per-line-json).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import hashlib
-
 import orjson
-
 
 from . import log
 from .batcher import Batcher
