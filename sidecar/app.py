@@ -283,8 +283,11 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
     s = rt.s
     deadline = time.monotonic() + s.drain_timeout_s
     if not rt.batcher.close(timeout=s.drain_timeout_s):
-        rt.outbox.close()  # full and Redis away: let the last batches in over the limit
-        rt.batcher.close(timeout=5.0)
+        # Full and Redis away (or the machine starved of CPU): let the last batches into the
+        # buffer over its limit. Encoding is bounded work, so waiting for it loses nothing.
+        rt.outbox.close()
+        if not rt.batcher.close(timeout=120.0):
+            log.error("encoder did not finish; output still in memory is lost")
     rt.status(final, **meta)  # after the last output batch, so consumers see all output first
     rt.sender.finish()
     told = 0
