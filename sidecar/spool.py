@@ -153,11 +153,15 @@ class Spool:
     def open(self) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         if self._producer is not None:
+            # Create and lock under a hidden name, then rename: another sidecar scanning for
+            # orphans must never see our directory unlocked.
             path = os.path.join(self.root, _safe(self._producer))
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            fd = _try_lock(path)
+            tmp = os.path.join(self.root, "." + _safe(self._producer) + ".new")
+            os.makedirs(tmp, mode=0o700, exist_ok=True)
+            fd = _try_lock(tmp)
             if fd is None:
-                raise SpoolError(f"spool directory {path} is locked by another process")
+                raise SpoolError(f"spool directory {tmp} is locked by another process")
+            os.rename(tmp, path)
             self._own = ProducerDir(path, fd)
 
     def adopt_orphans(self) -> list[DiskRef]:
@@ -169,7 +173,7 @@ class Spool:
             return refs
         for name in names:
             path = os.path.join(self.root, name)
-            if self._own is not None and path == self._own.path or not os.path.isdir(path):
+            if name.startswith(".") or self._own is not None and path == self._own.path or not os.path.isdir(path):
                 continue
             try:
                 fd = _try_lock(path)
@@ -178,7 +182,12 @@ class Spool:
             if fd is None:
                 continue  # a live sidecar or a running replay owns it
             pdir = ProducerDir(path, fd, foreign=True)
-            segs = sorted((s for s in os.listdir(path) if s.endswith(".seg")), key=lambda s: int(s.split(".")[0]))
+            try:
+                segs = sorted((s for s in os.listdir(path) if s.endswith(".seg")),
+                              key=lambda s: int(s.split(".")[0]))
+            except (OSError, ValueError):
+                os.close(fd)  # taken and emptied by another sidecar meanwhile
+                continue
             for seg_name in segs:
                 seg = Segment(os.path.join(path, seg_name), sealed=True, owner=pdir)
                 pdir.segments.append(seg)
