@@ -161,7 +161,16 @@ class Spool:
             fd = _try_lock(tmp)
             if fd is None:
                 raise SpoolError(f"spool directory {tmp} is locked by another process")
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                os.close(fd)
+                for leftover in ("lock", ""):
+                    try:
+                        (os.unlink if leftover else os.rmdir)(os.path.join(tmp, leftover) if leftover else tmp)
+                    except OSError:
+                        pass
+                raise SpoolError(f"spool directory {path} is in use by another process") from None
             self._own = ProducerDir(path, fd)
 
     def adopt_orphans(self) -> list[DiskRef]:
