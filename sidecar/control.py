@@ -27,7 +27,6 @@ import hmac
 import json
 import re
 import signal as _signal
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -284,12 +283,8 @@ class Control:
         thread = self._thread
         if thread is None or thread is threading.current_thread():
             return
-        sock = getattr(self._conn, "_sock", None)  # wake a blocked read now (close() alone would not)
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if self._conn is not None:
+            self._conn.interrupt()  # wake a blocked read now
         thread.join(_STOP_JOIN_S)
 
     # -- thread --------------------------------------------------------------------------

@@ -17,7 +17,6 @@ psutil is imported by the thread, not at module import (it is slow to import).
 from __future__ import annotations
 
 import math
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -157,17 +156,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc) or type(exc).__name__}"
 
 
-def _interrupt(conn: Connection | None) -> None:
-    """Wake a thread blocked on ``conn``'s socket (close() alone would not)."""
-    sock = getattr(conn, "_sock", None)
-    if sock is None:
-        return
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
 class Heartbeat:
     """Beats every ``settings.heartbeat_interval_s`` seconds from a daemon thread (0: never)."""
 
@@ -212,7 +200,9 @@ class Heartbeat:
             return
         thread.join(_STOP_SOFT_S)
         if thread.is_alive():
-            _interrupt(self._conn)
+            interrupt = getattr(self._conn, "interrupt", None)  # a TargetPipe has no socket of its own
+            if interrupt is not None:
+                interrupt()
             thread.join(_STOP_HARD_S)
 
     # -- thread --------------------------------------------------------------------------

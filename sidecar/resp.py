@@ -223,6 +223,14 @@ class Connection:
                 raise ConnectionResetError("connection closed by Redis")
             self._reader.feed(data)
 
+    def interrupt(self) -> None:
+        """Wake a thread blocked on this connection's socket (close() alone would not)."""
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def call(self, *args: Any) -> Any:
         reply = self.pipeline([args])[0]
         if isinstance(reply, ReplyError):
