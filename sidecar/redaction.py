@@ -16,7 +16,7 @@ or when the pipe closes.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 MASK = b"[REDACTED]"
 SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIALS")
@@ -31,10 +31,14 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
     rb"(?:AKIA|ASIA)[0-9A-Z]{16}",  # AWS access key ids
     rb"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
 )
-# Every token shape begins with one of these: when none occurs in a chunk (nearly always),
-# the regular expression need not run at all.
-TOKEN_PREFIXES: tuple[bytes, ...] = (b"sk-", b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_", b"github_pat_", b"AKIA",
-                                     b"ASIA", b"xox")
+# Every token shape begins with one of these prefixes. Rather than scanning each chunk once
+# per prefix, the chunk is folded (o, u, s, r, a, b -> p and S -> K; one byte for one byte,
+# so positions stay) and scanned for the folded prefixes: gh[pousr]_ becomes ghp_,
+# A[KS]IA becomes AKIA, xox[abprs]- becomes xpxp-. Only where a prefix occurs does the
+# token expression run, anchored there.
+_FOLD = bytes.maketrans(b"ousrabS", b"ppppppK")
+RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_")
+FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
 _TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
 
 
@@ -54,8 +58,8 @@ class Redactor:
         shapes = [rb"(?<![A-Za-z0-9])" + p for p in TOKEN_PATTERNS]
         parts = [re.escape(v) for v in self.values] + shapes + [p.encode() for p in extra_patterns]
         self.rx = re.compile(b"|".join(b"(?:" + p + b")" for p in parts))
+        self.token_rx = re.compile(b"|".join(b"(?:" + p + b")" for p in shapes))
         self.max_token = max_token
-        self.literals = (*TOKEN_PREFIXES, *self.values)
         self._held: dict[str, bytes] = {}
         self.masked = 0
 
@@ -65,13 +69,18 @@ class Redactor:
         if not data:
             return b""
         end = len(data) if final else len(data) - self._holdback(data)
-        if not self.user_patterns and not any(lit in data for lit in self.literals):
-            if end < len(data):
-                self._held[stream] = data[end:]
-            return data[:end] if end < len(data) else data
+        if self.user_patterns or any(v in data for v in self.values):
+            matches: Iterable[re.Match[bytes]] = self.rx.finditer(data)
+        else:
+            starts = _token_starts(data)
+            if not starts:
+                if end < len(data):
+                    self._held[stream] = data[end:]
+                return data[:end] if end < len(data) else data
+            matches = self._anchored(data, starts)
         out: list[bytes] = []
         pos = 0
-        for m in self.rx.finditer(data):
+        for m in matches:
             if m.start() >= end:
                 break  # may still grow: decide with the next chunk
             out.append(data[pos : m.start()])
@@ -83,6 +92,17 @@ class Redactor:
         if release < len(data):
             self._held[stream] = data[release:]
         return b"".join(out)
+
+    def _anchored(self, data: bytes, starts: list[int]) -> Iterator[re.Match[bytes]]:
+        """Token matches beginning at the candidate positions, in order, not overlapping."""
+        after = 0
+        for p in starts:
+            if p < after:
+                continue
+            m = self.token_rx.match(data, p)
+            if m is not None:
+                after = m.end()
+                yield m
 
     def _holdback(self, data: bytes) -> int:
         """How many trailing bytes could be the start of a secret."""
@@ -100,6 +120,23 @@ class Redactor:
                     hold = k
                     break
         return hold
+
+
+def _token_starts(data: bytes) -> list[int]:
+    """Sorted positions where a token prefix occurs."""
+    found = [p for p in RAW_PREFIXES if p in data]
+    folded = data.translate(_FOLD)
+    found_folded = [p for p in FOLDED_PREFIXES if p in folded]
+    if not found and not found_folded:
+        return []
+    starts: set[int] = set()
+    for hay, prefixes in ((data, found), (folded, found_folded)):
+        for prefix in prefixes:
+            i = hay.find(prefix)
+            while i >= 0:
+                starts.add(i)
+                i = hay.find(prefix, i + 1)
+    return sorted(starts)
 
 
 def from_settings(env: Mapping[str, str], patterns: Sequence[str], enabled: bool) -> Redactor | None:

@@ -111,3 +111,25 @@ def test_large_chunk_without_secrets_is_unchanged() -> None:
     r = Redactor(ENV)
     assert run(r, [text]) == text
     assert r.masked == 0
+
+
+def test_prefix_scan_finds_what_a_full_scan_finds() -> None:
+    """Near misses ("task-", "xsk-..."), tokens at every kind of boundary, many per chunk:
+    the anchored scan masks exactly what the whole expression masks."""
+    import random
+
+    rnd = random.Random(7)
+    pieces = [b"task-list ", b"risk-", b"xsk-abcdefghijklmnopqrstuvwxyz ", b"ghp ", b"gho_x ", b"ASIA", b"AKIA ",
+              b"xoxo- ", b"github_pat ", b"word ", b"\n", b"-", b"_", *TOKENS.values()]
+    r = Redactor({})
+    for _ in range(200):
+        data = b"".join(rnd.choice(pieces) for _ in range(rnd.randrange(1, 40)))
+        expected = r.rx.sub(MASK, data)
+        assert Redactor({})("stdout", data, True) == expected, data
+    assert MASK in Redactor({})("stdout", b"key:" + TOKENS["slack"] + b"task-" + TOKENS["aws"], True)
+
+
+def test_a_token_right_after_a_word_character_is_left_alone() -> None:
+    # The look-behind sees the byte before the candidate position.
+    assert run(Redactor({}), [b"x" + TOKENS["aws"] + b"\n"]) == b"x" + TOKENS["aws"] + b"\n"
+    assert run(Redactor({}), [b"-" + TOKENS["aws"] + b"\n"]) == b"-[REDACTED]\n"
