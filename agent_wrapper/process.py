@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
 import time
@@ -16,6 +17,12 @@ from .exitcodes import NOT_EXECUTABLE, NOT_FOUND
 _RESET_SIGNALS = tuple(
     s for s in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if s
 )
+
+
+# Each pipe holds this much of the agent's output before its writes block: enough to cover
+# the sidecar's own start-up and a burst, within Linux's default per-user pipe allowance
+# (/proc/sys/fs/pipe-max-size, 1 MiB). Where the kernel refuses, the default (64 KiB) stays.
+PIPE_BUFFER_BYTES = 1 << 20
 
 
 @dataclass(slots=True)
@@ -36,14 +43,17 @@ class Agent:
             return False
 
 
-def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Agent | SpawnFailed:
-    """Start ``argv`` with stdout and stderr on fresh pipes, stdin inherited.
+def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None,
+          pipe_buffer: int = PIPE_BUFFER_BYTES) -> Agent | SpawnFailed:
+    """Start ``argv`` with stdout and stderr on fresh pipes of ``pipe_buffer`` bytes, stdin inherited.
 
     The agent leads a new session (so its group can be signalled as a whole), with an
     empty signal mask and default dispositions, whatever this process had.
     """
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    for fd in (out_w, err_w):
+        _grow(fd, pipe_buffer)
     actions = [
         (os.POSIX_SPAWN_DUP2, out_w, 1),
         (os.POSIX_SPAWN_DUP2, err_w, 2),
@@ -67,6 +77,14 @@ def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None) -> Agent | 
     os.close(out_w)
     os.close(err_w)
     return Agent(pid=pid, stdout_fd=out_r, stderr_fd=err_r, started=Started(pid=pid, ts=time.time()))
+
+
+def _grow(fd: int, size: int) -> None:
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ) < size:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError:
+        pass  # over the per-user limit or the maximum: keep what the kernel gave
 
 
 def _failure(cmd: str, exc: OSError) -> SpawnFailed:

@@ -205,7 +205,7 @@ def test_when_full_block_pauses_the_agent_and_loses_nothing(
     port = find_free_port()
     url = f"redis://127.0.0.1:{port}/0"
     marker = tmp_path / "agent-done"
-    n = 100_000
+    n = 400_000  # about 4.6 MB: more than the pipe (1 MiB), the reader's batch and the buffer together
     cmd = ["sh", "-c", f"{sys.executable} {COUNTER} --lines {n} --rate 0 && touch {marker}"]
     proc = start_sidecar([*sidecar_args(url, "block", tmp_path / "spool"), "--buffer-max-bytes", "256KiB",
                           "--spool-max-bytes", "0", "--compress-threshold", "-1", "--", *cmd])
