@@ -14,7 +14,7 @@ from agent_wrapper import signals
 from agent_wrapper.events import STDERR, STDOUT, Exited, Output, SpawnFailed, StreamClosed
 from agent_wrapper.exitcodes import signal_name
 from agent_wrapper.pipes import PipeReader
-from agent_wrapper.process import spawn
+from agent_wrapper.process import Agent, spawn
 
 from . import control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
@@ -33,6 +33,7 @@ class Runtime:
         self.producer = f"{s.agent_id}.{os.getpid()}.{int(time.time() * 1000)}.{os.urandom(3).hex()}"
         self.status_key = s.channel(s.status_channel)
         self.status_seq = 0
+        self.finished = False
         self.tokens_key = f"run:{s.run_key}:tokens"
         self.tokens_seq = 0
         self._seq_lock = threading.Lock()  # status comes from several threads
@@ -110,8 +111,15 @@ class Runtime:
         msg["to"] = last
         return Item(key, self.producer, first, last, protocol.encode_object(msg), kind="gap")
 
-    def status(self, status: str, **metadata: Any) -> None:
+    def status(self, status: str, /, agent_meta: dict[str, Any] | None = None, *, terminal: bool = False,
+               **metadata: Any) -> None:
+        """Queue a status message. ``agent_meta`` carries keys chosen by the agent (any names)."""
+        if agent_meta:
+            metadata = {**agent_meta, **metadata}
         with self._seq_lock:
+            if self.finished:
+                return  # the terminal status stays the last one (a late "degraded" is only logged)
+            self.finished = terminal
             self.status_seq += 1
             msg = dict(self.base, type=protocol.STATUS, channel=self.status_key, seq=self.status_seq,
                        status=status, timestamp=protocol.iso_utc(time.time()), metadata=metadata)
@@ -123,7 +131,7 @@ class Runtime:
         """A stdout JSON object (encoder thread): route the event it carries, if any."""
         event = events.classify(obj)
         if isinstance(event, events.AgentStatus):
-            self.status("agent", state=event.state, **event.metadata)
+            self.status("agent", event.metadata, state=event.state)
         elif isinstance(event, events.TokenReport):
             with self._seq_lock:
                 self.tokens_seq += 1
@@ -208,10 +216,13 @@ class Runtime:
 
 
 
-def run(s: Settings) -> int:
+def run(s: Settings, launched: Agent | SpawnFailed | None = None) -> int:
+    """Ship the agent's output. ``launched``: the agent if the caller started it already
+    (after ``signals.block()``), else it is started here."""
     log.configure(s.log_format, s.log_level)
-    signals.block()  # before any thread starts, so all inherit the mask
-    signals.become_subreaper()
+    if launched is None:
+        signals.block()  # before any thread starts, so all inherit the mask
+        signals.become_subreaper()
     if s.run_id_generated:
         log.info("generated run id", run_id=s.run_id)
     rt = Runtime(s)
@@ -228,7 +239,7 @@ def run(s: Settings) -> int:
     log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id)
     rt.status("starting", command=os.path.basename(s.command[0]))
 
-    result = spawn(s.command)
+    result = spawn(s.command) if launched is None else launched
     if isinstance(result, SpawnFailed):
         log.error(result.reason)
         return finish(rt, result.code, "failed", {"exit_code": result.code, "reason": result.reason})
@@ -288,7 +299,7 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
         rt.outbox.close()
         if not rt.batcher.close(timeout=120.0):
             log.error("encoder did not finish; output still in memory is lost")
-    rt.status(final, **meta)  # after the last output batch, so consumers see all output first
+    rt.status(final, terminal=True, **meta)  # after the last output batch, so consumers see all output first
     rt.sender.finish()
     told = 0
     while not rt.sender.join(0.05):

@@ -88,6 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = config.build(values, dict(os.environ), tuple(command))
     except UsageError as exc:
         usage_error(str(exc))
+    # The agent starts before the sidecar imports and wires its Redis side: its output waits
+    # in the pipes meanwhile, and start-up overlaps with the agent's own.
+    from agent_wrapper import signals
+    from agent_wrapper.process import spawn
+
+    signals.block()  # before any thread starts, so all inherit the mask
+    signals.become_subreaper()
+    launched = spawn(settings.command)
     from .app import run
 
-    return run(settings)
+    return run(settings, launched)

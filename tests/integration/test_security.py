@@ -125,7 +125,7 @@ def test_wrong_password_is_one_clear_line_and_masked(acl_server: RedisServer, tm
     wrong = "not-the-password-123"
     url = f"redis://writer:{wrong}@127.0.0.1:{acl_server.port}/0"
     cp = run_sidecar(["--redis-url", url, "--run-id", "wp", "--no-echo", "--drain-timeout", "1",
-                      "--spool-dir", str(tmp_path / "sp"), "--", "echo", "still runs"])
+                      "--spool-dir", str(tmp_path / "sp"), "--", "sh", "-c", "echo still runs; sleep 1"])
     assert cp.returncode == 0
     err = cp.stderr.decode()
     assert wrong not in err and "***" in err

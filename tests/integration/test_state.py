@@ -69,6 +69,8 @@ def test_openai_usage_and_routed_events(redis_server: RedisServer, tmp_path: Pat
         b'{"sidecar_event":"tokens","input_tokens":7,"output_tokens":3,"cost_usd":0.5,"model":"m"}',
         b'{"sidecar_event":"bogus"}',
         b'not json {"usage":{"prompt_tokens":99}}',
+        # keys that are also the sidecar's own parameter names stay plain metadata
+        b'{"sidecar_event":"status","state":"x","status":"evil","terminal":true,"agent_meta":1}',
     ]
     cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "oa", "--no-echo", "--", "cat",
                       _file(tmp_path, lines)])
@@ -77,8 +79,10 @@ def test_openai_usage_and_routed_events(redis_server: RedisServer, tmp_path: Pat
     assert int(totals["input_tokens"]) == 19 and int(totals["output_tokens"]) == 8
     assert float(totals["cost_usd"]) == 0.5 and int(totals["reports"]) == 2
     agent = [m for m in runs.statuses(client, "oa") if m["status"] == "agent"]
-    assert len(agent) == 1 and agent[0]["metadata"] == {"state": "planning", "step": 1}
-    assert client.hget("run:oa:variation:0", "agent_state") == b"planning"
+    assert [m["metadata"] for m in agent] == [{"state": "planning", "step": 1},
+                                              {"state": "x", "status": "evil", "terminal": True, "agent_meta": 1}]
+    assert client.hget("run:oa:variation:0", "agent_state") == b"x"
+    assert runs.statuses(client, "oa")[-1]["status"] == "exited"
     assert runs.stream_bytes(client, "run:oa:output:0") == b"".join(x + b"\n" for x in lines)
 
 
