@@ -185,7 +185,9 @@ class Batcher:
     def _ship(self, work: list[tuple[Channel, int, protocol.Lines]]) -> None:
         for ch, first, batch in work:
             objects: list[dict[str, Any]] | None = [] if ch.structured and self.on_object else None
-            self.outbox.put(self._encode(ch, first, batch, objects))
+            for part in protocol.split_lines(batch, self.max_records):
+                self.outbox.put(self._encode(ch, first, part, objects))
+                first += part.n
             if objects and self.on_object is not None:
                 for obj in objects:
                     self.on_object(obj)

@@ -81,6 +81,44 @@ class Lines:
     nbytes: int = 0
 
 
+def split_lines(batch: Lines, limit: int) -> list[Lines]:
+    """``batch`` cut into batches of at most ``limit`` records, in order (one read of short
+    lines can hold more records than a batch may)."""
+    if batch.n <= limit:
+        return [batch]
+    parts: list[Lines] = []
+    cur = Lines()
+    for data, count, partial in batch.segments:
+        while count:
+            room = limit - cur.n
+            if count <= room:
+                piece, taken, data = data, count, b""
+            else:
+                pos = 0
+                for _ in range(room):
+                    pos = data.index(b"\n", pos) + 1
+                piece, taken, data = data[:pos], room, data[pos:]
+            cur.segments.append((piece, taken, partial))
+            cur.n += taken
+            cur.nbytes += len(piece)
+            count -= taken
+            if cur.n == limit:
+                parts.append(cur)
+                cur = Lines()
+    if cur.n:
+        parts.append(cur)
+    start = 0
+    runs = batch.ts
+    for part in parts:
+        end = start + part.n
+        before = [t for i, t in runs if i <= start]
+        if before:
+            part.ts.append((0, before[-1]))
+        part.ts.extend((i - start, t) for i, t in runs if start < i < end)
+        start = end
+    return parts
+
+
 @dataclass(slots=True)
 class Texts:
     """A batch turned into JSON-ready strings."""

@@ -180,6 +180,16 @@ def test_seals_at_max_records(make: Make) -> None:
     assert msg["producer"] == PRODUCER
 
 
+def test_one_read_with_more_records_than_a_batch_becomes_several_batches(make: Make) -> None:
+    b, ob = make(max_records=10)
+    recs = [b"r%d" % i for i in range(25)]
+    b.add(out(recs))
+    wait_for(ob, 3)
+    items = queued(ob)
+    assert [(it.first, it.last, it.records) for it in items] == [(1, 10, 10), (11, 20, 10), (21, 25, 5)]
+    assert [line.encode() for it in items for line in decoded(it)["lines"]] == recs
+
+
 def test_seals_at_max_bytes(make: Make) -> None:
     b, ob = make(max_bytes=10)
     b.add(out([b"abc"]))  # 4 bytes
@@ -256,18 +266,20 @@ def test_channels_have_their_own_sequences(make: Make) -> None:
     b.add(out([b"e1"], stream=STDERR))
     b.add(out([b"o2"]))
     wait_for(ob, 1)
-    b.add(out([b"e2", b"e3"], stream=STDERR))
-    wait_for(ob, 2)
-    b.add(out([b"o3", b"o4"]))
+    b.add(out([b"e2", b"e3"], stream=STDERR))  # three records for a batch of two: split
     wait_for(ob, 3)
+    b.add(out([b"o3", b"o4"]))
+    wait_for(ob, 4)
     items = queued(ob)
     assert [(it.key, it.first, it.last) for it in items] == [
         (OUT_KEY, 1, 2),
-        (LOG_KEY, 1, 3),
+        (LOG_KEY, 1, 2),
+        (LOG_KEY, 3, 3),
         (OUT_KEY, 3, 4),
     ]
     assert decoded(items[1])["stream"] == STDERR
-    assert decoded(items[1])["lines"] == ["e1", "e2", "e3"]
+    assert decoded(items[1])["lines"] == ["e1", "e2"]
+    assert decoded(items[2])["lines"] == ["e3"]
 
 
 def test_structured_only_on_structured_channel(make: Make) -> None:
@@ -317,14 +329,15 @@ def test_ts_runs_per_read(make: Make) -> None:
 
 def test_close_seals_and_encodes_everything(make: Make) -> None:
     b, ob = make(max_records=2)
-    b.add(out([b"1", b"2", b"3"]))  # sealed at once
+    b.add(out([b"1", b"2", b"3"]))  # sealed at once, shipped as two batches
     b.add(out([b"4"]))  # open
     b.add(out([b"x"], stream=STDERR))  # open
     assert b.close(timeout=5.0)
     assert not b.thread.is_alive()
     assert sorted((it.key, it.first, it.last) for it in queued(ob)) == [
         (LOG_KEY, 1, 1),
-        (OUT_KEY, 1, 3),
+        (OUT_KEY, 1, 2),
+        (OUT_KEY, 3, 3),
         (OUT_KEY, 4, 4),
     ]
 

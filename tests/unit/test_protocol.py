@@ -469,3 +469,22 @@ def test_iter_records_malformed_ts_runs() -> None:
     # A ts run without its time is a malformed batch, reported as such.
     with pytest.raises(ProtocolError):
         list(iter_records({"type": "batch", "seq": 1, "lines": ["a"], "ts": [[0]]}))
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 5, 7, 100])
+def test_split_lines_keeps_bytes_order_and_times(limit: int) -> None:
+    segs: list[tuple[bytes, int, bool]] = [(b"a\nbb\nccc\n", 3, False), (b"par", 1, True), (b"d\n\ne\n", 3, False)]
+    batch = Lines(segments=segs, ts=[(0, 1.0), (3, 2.0), (4, 3.0), (5, 4.0)], n=7, nbytes=sum(len(s[0]) for s in segs))
+    parts = protocol.split_lines(batch, limit)
+    assert all(0 < p.n <= limit for p in parts) and sum(p.n for p in parts) == 7
+    assert b"".join(s[0] for p in parts for s in p.segments) == b"a\nbb\nccc\npard\n\ne\n"
+    assert [p.nbytes for p in parts] == [sum(len(s[0]) for s in p.segments) for p in parts]
+    times = []
+    seq = 1
+    for p in parts:
+        recs = list(iter_records(decode(encode_batch(HEADER, seq, p, structured=False, threshold=-1))))
+        assert [r.seq for r in recs] == list(range(seq, seq + p.n))
+        seq += p.n
+        times += [r.ts for r in recs]
+    assert times == [1.0, 1.0, 1.0, 2.0, 3.0, 4.0, 4.0]
+    assert protocol.split_lines(batch, 7) == [batch]
