@@ -32,6 +32,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import orjson
@@ -70,10 +71,13 @@ class Sizes:
     wrap_runs: int
     run_timeout: float  # one sidecar run moving data
     short_timeout: float  # one startup or wrap run
+    outage_lines: int  # written while Redis is unreachable (12.5M lines: about 1 GB)
 
 
-FULL = Sizes(2_000_000, 1_000_000, 200_000, 100, 10.0, 10, 5, 300.0, 30.0)
-QUICK = Sizes(50_000, 50_000, 20_000, 100, 2.0, 3, 3, 20.0, 10.0)
+FULL = Sizes(2_000_000, 1_000_000, 200_000, 100, 10.0, 10, 5, 300.0, 30.0, 12_500_000)
+QUICK = Sizes(50_000, 50_000, 20_000, 100, 2.0, 3, 3, 20.0, 10.0, 200_000)
+# The sidecar's default --buffer-max-bytes; the outage target is this plus 30 MB.
+BUFFER_BYTES = 64 << 20
 
 
 # figure (without the .consumer suffix) -> unit, how the value must compare, target
@@ -89,6 +93,7 @@ SPEC: dict[str, tuple[str, str, float | None]] = {
     "redis_lines_per_mb": ("lines/MB", ">=", 10_000),
     "sidecar_cpu_pct": ("% of a core", "<=", 2.0),
     "sidecar_rss_mb": ("MB", "<=", 60),
+    "outage_rss_mb": ("MB", "<=", BUFFER_BYTES / MB + 30),
     "bulk_no_redact_lines_per_s": ("lines/s", "", None),
     "redaction_cost_pct": ("%", "", None),
     "bulk_replica_ack_lines_per_s": ("lines/s", "", None),
@@ -853,6 +858,62 @@ class Bench:
         note = f"median of {len(wrapped)}: {w:.0f} ms wrapped vs {b:.0f} ms bare"
         self.add("wrap_overhead_ratio", w / b, baseline=b, label="bare run, ms", ratio=None, note=note)
 
+    def outage(self) -> None:
+        """Redis unreachable for the whole run while the agent writes about 1 GB: the peak RSS
+        of the sidecar (default --buffer-max-bytes) and, after `replay` into the benchmark's
+        Redis, every line counted and hashed."""
+        if self.sidecar_broken:
+            raise Skipped(self.sidecar_broken)
+        n = self.sizes.outage_lines
+        run_id = self.run_id("outage")
+        out_key = self.keys(run_id)[0]
+        down_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+        written = agent_text.block_period(n, 80, 1)[1]
+        agent = [PY, WRITER, "--lines", str(n), "--mode", "bulk"]
+        timeout = self.sizes.run_timeout + n / 20_000
+        with tempfile.TemporaryDirectory(prefix="bench-outage-") as spool, tempfile.TemporaryFile() as err:
+            cmd = [PY, "-m", "sidecar", "--no-echo", "--run-id", run_id, "--redis-url", down_url,
+                   "--spool-dir", spool, "--spool-max-bytes", str(4 * written), "--drain-timeout", "1",
+                   *self.sidecar_args, "--", *agent]
+            t0 = time.monotonic()
+            proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+            sampler = ProcSampler(proc.pid)
+            while proc.poll() is None:
+                if time.monotonic() - t0 > timeout:
+                    proc.kill()
+                    proc.wait()
+                    self.sidecar_broken = f"sidecar timed out after {timeout:.0f} s (run {run_id})"
+                    raise SidecarFailure(self.sidecar_broken)
+                sampler.sample(in_window=False)
+                time.sleep(0.1)
+            seconds = time.monotonic() - t0
+            if proc.returncode != 0:
+                err.seek(0)
+                tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+                raise SidecarFailure(f"sidecar exited {proc.returncode} (run {run_id}): {' | '.join(tail)}")
+            spooled = sum(f.stat().st_size for f in Path(spool).rglob("*") if f.is_file())
+            try:
+                rp = subprocess.run([PY, "-m", "sidecar", "replay", "--spool-dir", spool, "--redis-url", self.url],
+                                    cwd=REPO, capture_output=True, timeout=timeout)
+                if rp.returncode != 0:
+                    tail = rp.stderr.decode(errors="replace").strip().splitlines()[-3:]
+                    raise SidecarFailure(f"replay exited {rp.returncode}: {' | '.join(tail)}")
+                count = count_stream(self.r, out_key, digest=True)
+            finally:
+                self.cleanup(run_id)
+        unit, size = agent_text.block_period(n)
+        sha = hashlib.sha256()
+        for _ in range(size // len(unit)):
+            sha.update(unit)
+        sha.update(unit[: size % len(unit)])
+        if count.lines != n or count.sha256 != sha.hexdigest():
+            self.fail(f"OUTAGE RUN LOST OUTPUT: {n:,} lines written, {count.lines:,} in Redis after replay"
+                      + ("" if count.lines != n else " (bytes differ)"))
+        note = (f"{written / MB:,.0f} MB written in {seconds:.1f} s with Redis down, {spooled / MB:,.0f} MB "
+                f"spooled, {count.lines:,} of {n:,} lines in Redis after replay; target: "
+                f"--buffer-max-bytes {BUFFER_BYTES / MB:.1f} MB + 30 MB")
+        self.add("outage_rss_mb", sampler.peak_rss / MB, note=note)
+
     def run_all(self) -> None:
         s = self.sizes
         self.check_sidecar()
@@ -866,6 +927,7 @@ class Bench:
         self.measure(f"naive PUBLISH per line, {s.naive_lines:,} lines", self.naive)
         self.measure(f"latency at {s.latency_rate} lines/s for {s.latency_seconds:g} s", self.latency)
         self.measure("latency floor (naive relay)", self.latency_floor)
+        self.measure(f"Redis down while the agent writes {s.outage_lines:,} lines", self.outage)
         self.relate()
 
     def relate(self) -> None:
@@ -901,6 +963,7 @@ ORDER = (
     "redis_lines_per_mb",
     "sidecar_cpu_pct",
     "sidecar_rss_mb",
+    "outage_rss_mb",
     "bulk_no_redact_lines_per_s",
     "redaction_cost_pct",
     "bulk_replica_ack_lines_per_s",
