@@ -610,6 +610,24 @@ class Bench:
                 raise SidecarFailure(f"sidecar exited {rc} (run {run_id}): {' | '.join(tail)}")
         return seconds
 
+    def watch(self, proc: subprocess.Popen[bytes], err: Any, sampler: ProcSampler, run_id: str, timeout: float,
+              steady: Callable[[], bool], every_s: float) -> None:
+        """Samples a running sidecar until it exits; raises SidecarFailure on a timeout or an
+        exit code other than 0 (with the end of its stderr, a temporary file)."""
+        t0 = time.monotonic()
+        while proc.poll() is None:
+            if time.monotonic() - t0 > timeout:
+                proc.kill()
+                proc.wait()
+                self.sidecar_broken = f"sidecar timed out after {timeout:.0f} s (run {run_id})"
+                raise SidecarFailure(self.sidecar_broken)
+            sampler.sample(in_window=steady())
+            time.sleep(every_s)
+        if proc.returncode != 0:
+            err.seek(0)
+            tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+            raise SidecarFailure(f"sidecar exited {proc.returncode} (run {run_id}): {' | '.join(tail)}")
+
     def measure(self, label: str, fn: Callable[[], None]) -> None:
         self.log(f"-- {label}")
         t0 = time.perf_counter()
@@ -750,23 +768,12 @@ class Bench:
                     stdout=subprocess.DEVNULL,
                     stderr=err,
                 )
-                sampler = ProcSampler(proc.pid)
-                t0 = time.monotonic()
-                while proc.poll() is None:
-                    if time.monotonic() - t0 > timeout:
-                        proc.kill()
-                        proc.wait()
-                        self.sidecar_broken = f"sidecar timed out after {timeout:.0f} s (run {run_id})"
-                        raise SidecarFailure(self.sidecar_broken)
+                def steady() -> bool:
                     first = consumers[1].first_at or consumers[0].first_at
-                    sampler.sample(in_window=first is not None and time.time() > first + 0.5)
-                    time.sleep(0.25)
-                if proc.returncode != 0:
-                    err.seek(0)
-                    tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
-                    raise SidecarFailure(
-                        f"sidecar exited {proc.returncode} (run {run_id}): {' | '.join(tail)}"
-                    )
+                    return first is not None and time.time() > first + 0.5
+
+                sampler = ProcSampler(proc.pid)
+                self.watch(proc, err, sampler, run_id, timeout, steady, 0.25)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and any(c.lines < n and not c.error for c in consumers):
                 time.sleep(0.05)
@@ -878,19 +885,8 @@ class Bench:
             t0 = time.monotonic()
             proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
             sampler = ProcSampler(proc.pid)
-            while proc.poll() is None:
-                if time.monotonic() - t0 > timeout:
-                    proc.kill()
-                    proc.wait()
-                    self.sidecar_broken = f"sidecar timed out after {timeout:.0f} s (run {run_id})"
-                    raise SidecarFailure(self.sidecar_broken)
-                sampler.sample(in_window=False)
-                time.sleep(0.1)
+            self.watch(proc, err, sampler, run_id, timeout, lambda: False, 0.1)
             seconds = time.monotonic() - t0
-            if proc.returncode != 0:
-                err.seek(0)
-                tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
-                raise SidecarFailure(f"sidecar exited {proc.returncode} (run {run_id}): {' | '.join(tail)}")
             spooled = sum(f.stat().st_size for f in Path(spool).rglob("*") if f.is_file())
             try:
                 rp = subprocess.run([PY, "-m", "sidecar", "replay", "--spool-dir", spool, "--redis-url", self.url],
