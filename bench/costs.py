@@ -1,0 +1,132 @@
+"""CPU cost per line of each step of the sidecar's data path, measured in this process.
+
+    python bench/costs.py [--lines 200000] [--json PATH]
+
+Runs each step alone, single-threaded, on the benchmark's agent text (bench/agent_text.py,
+the same text as bench.py) cut as the sidecar cuts it: 64 KiB reads for the reader's steps,
+batches of 1,000 lines for the encoder's. Prints nanoseconds per line and the rate one core
+would reach doing only that step. The steps that hold the GIL add up to the ceiling of the
+in-process pipeline; zstd releases the GIL and runs beside them on a second core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import agent_text  # noqa: E402
+
+from agent_wrapper.lines import LineSplitter  # noqa: E402
+from sidecar import protocol, redaction  # noqa: E402
+
+READ = 64 * 1024
+BATCH = 1000
+HEADER = {"v": 1, "type": "batch", "run_id": "r", "variation_id": "0", "agent_id": "a", "producer": "p",
+          "channel": "run:r:output:0", "stream": "stdout"}
+
+
+def per_line(fn: Callable[[], object], lines: int, repeat: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best / lines * 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lines", type=int, default=200_000)
+    ap.add_argument("--json", help="also write the figures here")
+    a = ap.parse_args(argv)
+    n = a.lines
+    block = agent_text.make_block(n)
+    reads = [block[i : i + READ] for i in range(0, len(block), READ)]
+    batches: list[protocol.Lines] = []
+    pos = 0
+    while pos < len(block):
+        end = pos
+        count = 0
+        while count < BATCH and end < len(block):
+            end = block.index(b"\n", end) + 1
+            count += 1
+        batches.append(protocol.Lines(segments=[(block[pos:end], count, False)], ts=[(0, 1.0)], n=count,
+                                      nbytes=end - pos))
+        pos = end
+    texts = [protocol.texts_of(b) for b in batches]
+    redactor = redaction.Redactor({})
+
+    def split() -> None:
+        s = LineSplitter()
+        for r in reads:
+            s.feed(r)
+
+    def redact() -> None:
+        for r in reads:
+            redactor("stdout", r, False)
+
+    def decode_split() -> None:
+        for b in batches:
+            protocol.texts_of(b)
+
+    def json_objects() -> None:
+        for t in texts:
+            protocol._json_objects(t.lines, t.b64, [])
+
+    def dumps() -> None:
+        for b, t in zip(batches, texts, strict=True):
+            protocol.encode_batch(HEADER, 1, b, structured=False, threshold=-1, texts=t)
+
+    payloads = [protocol.encode_batch(HEADER, 1, b, structured=True, threshold=-1, texts=t)
+                for b, t in zip(batches, texts, strict=True)]
+
+    def zstd() -> None:
+        for p in payloads:
+            protocol.compress_if_large(p, 0)
+
+    def whole() -> None:
+        for b in batches:
+            protocol.encode_batch(HEADER, 1, b, structured=True, threshold=protocol.DEFAULT_COMPRESS_THRESHOLD)
+
+    steps = [
+        ("split into runs of lines (reader)", split, True),
+        ("redaction, no secret present (reader)", redact, True),
+        ("decode UTF-8 and split into line strings (encoder)", decode_split, True),
+        ("find and validate JSON-object lines (encoder)", json_objects, True),
+        ("orjson encoding of the batch (encoder)", dumps, True),
+        ("zstd level 1 (encoder; releases the GIL)", zstd, False),
+    ]
+    rows = []
+    gil = 0.0
+    for label, fn, holds_gil in steps:
+        ns = per_line(fn, n)
+        rows.append({"step": label, "ns_per_line": round(ns, 1), "lines_per_s_one_core": round(1e9 / ns)})
+        if holds_gil:
+            gil += ns
+    total = per_line(whole, n)
+    json_lines = sum(1 for t in texts for line in t.lines if line[:1] == "{")
+    print(f"{n:,} lines of agent text, {len(block) / n:.1f} bytes a line, {100 * json_lines / n:.1f} % JSON-object "
+          f"lines; Python {sys.version.split()[0]}")
+    print(f"{'step':55} | {'ns/line':>8} | {'lines/s on one core':>20}")
+    print("-" * 56 + "+" + "-" * 10 + "+" + "-" * 21)
+    for r in rows:
+        print(f"{r['step']:55} | {r['ns_per_line']:8.0f} | {r['lines_per_s_one_core']:20,}")
+    print(f"{'steps holding the GIL, together':55} | {gil:8.0f} | {round(1e9 / gil):20,}")
+    print(f"{'whole encode_batch as shipped (structured, zstd)':55} | {total:8.0f} | {round(1e9 / total):20,}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"lines": n, "steps": rows, "gil_ns_per_line": round(gil, 1),
+                       "encode_batch_ns_per_line": round(total, 1)}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
