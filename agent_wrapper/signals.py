@@ -82,8 +82,10 @@ class Supervisor:
         self.killed_after_grace = False
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        """Graceful stop: ``sig`` now, SIGKILL to the group after the grace period."""
+        """Graceful stop: ``sig`` now (and SIGCONT, so that a stopped group sees it), SIGKILL to
+        the group after the grace period."""
         self.agent.signal_group(sig)
+        self.agent.signal_group(signal.SIGCONT)
         if self._kill_at is None:
             self._kill_at = time.monotonic() + self.kill_grace_s
 

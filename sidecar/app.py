@@ -119,31 +119,44 @@ class Runtime:
         with self._seq_lock:
             if self.finished:
                 return  # the terminal status stays the last one (a late "degraded" is only logged)
-            self.finished = terminal
-            self.status_seq += 1
-            msg = dict(self.base, type=protocol.STATUS, channel=self.status_key, seq=self.status_seq,
+            seq = self.status_seq + 1
+            msg = dict(self.base, type=protocol.STATUS, channel=self.status_key, seq=seq,
                        status=status, timestamp=protocol.iso_utc(time.time()), metadata=metadata)
-            item = Item(self.status_key, self.producer, self.status_seq, self.status_seq,
-                        protocol.encode_object(msg), kind="status")
-            self.outbox.put(item, force=True)
+            try:
+                payload = protocol.encode_object(msg)
+            except (TypeError, ValueError) as exc:  # metadata from outside: too deep, huge integers
+                msg["metadata"] = {"unencodable_metadata": str(exc)[:200]}
+                if "state" in metadata:
+                    msg["metadata"]["state"] = str(metadata["state"])[:200]
+                payload = protocol.encode_object(msg)
+            self.status_seq = seq
+            self.finished = terminal
+            self.outbox.put(Item(self.status_key, self.producer, seq, seq, payload, kind="status"), force=True)
 
     def on_object(self, obj: dict[str, Any]) -> None:
-        """A stdout JSON object (encoder thread): route the event it carries, if any."""
+        """A stdout JSON object (encoder or reader thread): route the event it carries, if any.
+        Whatever the object holds, this must not raise: it runs on the data path."""
+        try:
+            self._route(obj)
+        except Exception as exc:
+            log.warning("agent event ignored", error=repr(exc)[:200])
+
+    def _route(self, obj: dict[str, Any]) -> None:
         event = events.classify(obj)
         if isinstance(event, events.AgentStatus):
             self.status("agent", event.metadata, state=event.state)
         elif isinstance(event, events.TokenReport):
             with self._seq_lock:
-                self.tokens_seq += 1
-                msg: dict[str, Any] = dict(self.base, type="tokens", channel=self.tokens_key, seq=self.tokens_seq,
+                seq = self.tokens_seq + 1
+                msg: dict[str, Any] = dict(self.base, type="tokens", channel=self.tokens_key, seq=seq,
                                            timestamp=protocol.iso_utc(time.time()), source=event.source,
                                            **event.counts)
                 if event.cost_usd is not None:
                     msg["cost_usd"] = event.cost_usd
                 if event.model is not None:
                     msg["model"] = event.model
-                item = Item(self.tokens_key, self.producer, self.tokens_seq, self.tokens_seq,
-                            protocol.encode_object(msg), kind="tokens")
+                item = Item(self.tokens_key, self.producer, seq, seq, protocol.encode_object(msg), kind="tokens")
+                self.tokens_seq = seq
                 self.outbox.put(item, force=True)
 
     def degraded(self, since: float, error: str) -> None:
@@ -194,10 +207,12 @@ class Runtime:
             log.info("control command", cmd=cmd.cmd, signal=signal_name(cmd.signal) if cmd.signal else None)
             if cmd.cmd == "cancel":
                 self.cancelled = True
-                sup.stop(signal.SIGTERM)
-                agent.signal_group(signal.SIGCONT)  # a paused agent must wake to see SIGTERM
+                sup.stop(signal.SIGTERM)  # with SIGCONT: a paused agent must wake to see SIGTERM
             elif cmd.cmd == "signal" and cmd.signal is not None:
                 agent.signal_group(cmd.signal)
+                if cmd.signal == signal.SIGCONT and self.paused:
+                    self.paused = False
+                    self.status("running", pid=agent.pid)
             elif cmd.cmd == "pause" and not self.paused:
                 agent.signal_group(signal.SIGSTOP)
                 self.paused = True

@@ -44,18 +44,24 @@ class AgentStatus:
 Event = TokenReport | AgentStatus
 
 
+# Counts are added up in Redis with HINCRBY, whose range is a signed 64-bit integer; a
+# single report is accepted up to 2^53 (exact in a JSON double), anything else is ignored.
+MAX_COUNT = 1 << 53
+MAX_COST_USD = 1e12
+
+
 def _int(v: Any) -> int | None:
     if isinstance(v, bool):
         return None
-    if isinstance(v, int) and v >= 0:
+    if isinstance(v, int) and 0 <= v <= MAX_COUNT:
         return v
-    if isinstance(v, float) and v >= 0 and v.is_integer():
+    if isinstance(v, float) and 0 <= v <= MAX_COUNT and v.is_integer():
         return int(v)
     return None
 
 
 def _cost(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= MAX_COST_USD:
         return None
     return float(v)
 
@@ -79,7 +85,7 @@ def classify(obj: dict[str, Any]) -> Event | None:
                 return None
             model = obj.get("model")
             return TokenReport("sidecar_event", counts, _cost(obj.get("cost_usd")),
-                               model if isinstance(model, str) else None)
+                               model[:200] if isinstance(model, str) else None)
         if kind == "status":
             state = obj.get("state")
             if not isinstance(state, str) or not state:
@@ -95,11 +101,11 @@ def classify(obj: dict[str, Any]) -> Event | None:
         if counts:
             model = obj.get("model")
             return TokenReport("claude_result", counts, _cost(obj.get("total_cost_usd")),
-                               model if isinstance(model, str) else None)
+                               model[:200] if isinstance(model, str) else None)
         return None
     if "prompt_tokens" in usage or "completion_tokens" in usage:
         counts = _counts(usage, {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"})
         if counts:
             model = obj.get("model")
-            return TokenReport("openai_usage", counts, None, model if isinstance(model, str) else None)
+            return TokenReport("openai_usage", counts, None, model[:200] if isinstance(model, str) else None)
     return None

@@ -183,6 +183,26 @@ def encode_batch(
     return compress_if_large(orjson.dumps(msg), threshold)
 
 
+# A JSON-object line nested deeper than this stays a plain line: spliced into a batch, it
+# would sit three levels deeper still, and common parsers and serialisers stop between 255
+# (orjson's dumps) and 1024 (orjson's loads) levels.
+MAX_JSON_DEPTH = 200
+
+
+def _depth(obj: Any) -> int:
+    """Nesting depth of a parsed JSON value (1 for an empty object), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        value, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(value, dict):
+            stack.extend((v, d + 1) for v in value.values() if isinstance(v, (dict, list)))
+        elif isinstance(value, list):
+            stack.extend((v, d + 1) for v in value if isinstance(v, (dict, list)))
+    return deepest
+
+
 def _json_objects(lines: Sequence[str], b64: list[int], parsed: list[dict[str, Any]] | None = None) -> list[list[Any]]:
     """[index, object] for each line that is a JSON object: validated, then spliced in as it was.
     The parsed objects are appended to ``parsed`` when given (for event detection)."""
@@ -200,6 +220,10 @@ def _json_objects(lines: Sequence[str], b64: list[int], parsed: list[dict[str, A
         except orjson.JSONDecodeError:
             continue
         if isinstance(obj, dict):
+            # deeper than the limit takes more brackets than that, and twice as many characters
+            if (len(text) > 2 * MAX_JSON_DEPTH and text.count("{") + text.count("[") > MAX_JSON_DEPTH
+                    and _depth(obj) > MAX_JSON_DEPTH):
+                continue
             out.append([i, orjson.Fragment(text)])
             if parsed is not None:
                 parsed.append(obj)

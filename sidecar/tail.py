@@ -69,7 +69,13 @@ class Printer:
             if self.mode == "raw":
                 (self.out if ev.stream == "stdout" else self.err).write(ev.data)
             elif self.mode == "json":
-                self.out.write(orjson.dumps(_record_json(ev)) + b"\n")
+                rec = _record_json(ev)
+                try:
+                    line = orjson.dumps(rec)
+                except (TypeError, ValueError):  # an object too deep or with huge numbers: text only
+                    rec.pop("json", None)
+                    line = orjson.dumps(rec)
+                self.out.write(line + b"\n")
             else:
                 tag = "out" if ev.stream == "stdout" else "err"
                 self.out.write(f"{protocol.iso_utc(ev.ts)[11:23]} {tag} | ".encode() + ev.text.encode() + b"\n")

@@ -94,8 +94,9 @@ def status_hash_fields(msg: dict[str, Any]) -> list[Any]:
     fields: list[Any] = ["agent_id", msg.get("agent_id", ""), "updated_at", msg.get("timestamp", ""),
                          "producer", msg.get("producer", "")]
     if status == "agent":
-        fields += ["agent_state", str(meta.get("state", ""))]
-    elif status not in ("degraded", "recovered", "control_rejected"):
+        # the agent chose the other keys of this metadata: only its state goes to the hash
+        return [*fields, "agent_state", str(meta.get("state", ""))]
+    if status not in ("degraded", "recovered", "control_rejected"):
         fields += ["status", status]
     if "pid" in meta:
         fields += ["pid", meta["pid"]]

@@ -193,3 +193,42 @@ def test_control_subscription_survives_a_redis_restart(redis_factory: Any, start
     wait_until(signalled, timeout=20, interval=0.5)
     srv.client().publish("run:rs:control", json.dumps({"cmd": "cancel"}))
     assert proc.finish(timeout=30).returncode == 0
+
+
+def test_sigterm_reaches_a_paused_agent_and_sigcont_by_signal_ends_the_pause(redis_server: RedisServer,
+                                                                            start_sidecar: Any) -> None:
+    client = redis_server.client()
+    proc = _start(start_sidecar, redis_server.url, "pz", agent=[sys.executable, SIGNALS])
+    wait_until(lambda: b"ready" in _out(client, "pz"), timeout=10)
+    agent_pid = int(client.hget("run:pz:variation:0", "pid"))
+    client.publish("run:pz:control", json.dumps({"cmd": "pause"}))
+    wait_until(lambda: psutil.Process(agent_pid).status() == psutil.STATUS_STOPPED, timeout=5)
+    # SIGCONT through the signal command ends the pause: a later pause works again
+    client.publish("run:pz:control", json.dumps({"cmd": "signal", "signal": "SIGCONT"}))
+    wait_until(lambda: _states(client, "pz")[-1] == "running", timeout=5)
+    client.publish("run:pz:control", json.dumps({"cmd": "pause"}))
+    wait_until(lambda: _states(client, "pz").count("paused") == 2, timeout=5)
+    wait_until(lambda: psutil.Process(agent_pid).status() == psutil.STATUS_STOPPED, timeout=5)
+    # a SIGTERM to the sidecar wakes the paused agent, whose handler runs (no SIGKILL)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 0 and time.monotonic() - t0 < 1.5  # --kill-grace is 2 s
+    assert _out(client, "pz") == b"ready\ngot SIGTERM\ncleaning up\n"
+    assert _states(client, "pz") == ["starting", "running", "paused", "running", "paused", "exited"]
+
+
+def test_a_command_too_deep_to_report_is_still_rejected_in_order(redis_server: RedisServer,
+                                                                start_sidecar: Any) -> None:
+    client = redis_server.client()
+    proc = _start(start_sidecar, redis_server.url, "dp", agent=[sys.executable, SIGNALS])
+    wait_until(lambda: b"ready" in _out(client, "dp"), timeout=10)
+    deep = b'{"cmd":"nope","x":' + b"[" * 300 + b"]" * 300 + b"}"
+    client.publish("run:dp:control", deep)
+    client.publish("run:dp:control", json.dumps({"cmd": "cancel"}))
+    assert proc.finish(timeout=30).returncode == 0
+    statuses = runs.statuses(client, "dp")
+    assert [m["seq"] for m in statuses] == list(range(1, len(statuses) + 1))
+    rejected = [m for m in statuses if m["status"] == "control_rejected"]
+    assert len(rejected) == 1 and "unencodable_metadata" in rejected[0]["metadata"]
+    assert statuses[-1]["status"] == "cancelled"

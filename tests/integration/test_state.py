@@ -139,3 +139,53 @@ def test_late_joiner_reads_state_then_replays(redis_server: RedisServer) -> None
     assert client.hget("run:late:variation:0", "status") == b"exited"
     out, _err, rc = runs.tail(redis_server.url, "late", "--raw")
     assert rc == 0 and out == runs.stream_bytes(client, "run:late:output:0") and out.count(b"\n") >= 20
+
+
+def test_hostile_event_lines_neither_stop_the_data_path_nor_spoil_a_batch(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Counts past 64 bits, status events too deep to serialise, an object too deep to splice:
+    every line still arrives byte for byte, later lines too, and the statuses stay in order."""
+    client = redis_server.client()
+    deep_status = b'{"sidecar_event":"status","state":"deep","x":' + b"[" * 300 + b"]" * 300 + b"}"
+    deep_line = b'{"a":' + b"[" * 1020 + b"]" * 1020 + b"}"
+    lines = [
+        b"before",
+        b'{"sidecar_event":"tokens","input_tokens":1e30,"output_tokens":5}',
+        b'{"type":"result","usage":{"input_tokens":100000000000000000000000,"output_tokens":1}}',
+        b'{"sidecar_event":"status","state":"big","n":100000000000000000000000}',
+        deep_status,
+        b"middle",
+        deep_line,
+        b'{"sidecar_event":"tokens","input_tokens":7,"output_tokens":2}',
+        b"after",
+    ]
+    script = tmp_path / "agent.py"
+    # one write per line with pauses: some lines go out alone (reader thread), some in batches
+    script.write_text(
+        "import os, sys, time\n"
+        f"for i, line in enumerate(open({str(_file(tmp_path, lines))!r}, 'rb')):\n"
+        "    os.write(1, line)\n"
+        "    if i % 2: time.sleep(0.05)\n"
+        "sys.exit(3)\n"
+    )
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "ev", "--no-echo", "--", sys.executable,
+                      str(script)])
+    assert cp.returncode == 3, cp.stderr
+    assert b"Traceback" not in cp.stderr
+    assert runs.stream_bytes(client, "run:ev:output:0") == b"".join(x + b"\n" for x in lines)
+    recs = runs.records(client, "run:ev:output:0")
+    # objects nested deeper than 200 levels stay plain lines (and carry no event)
+    assert [r.json is not None for r in recs] == [False, True, True, True, False, False, False, True, False]
+    statuses = runs.statuses(client, "ev")
+    assert [m["seq"] for m in statuses] == list(range(1, len(statuses) + 1))
+    assert statuses[-1]["status"] == "exited" and statuses[-1]["metadata"]["records"] == len(lines)
+    agent = [m["metadata"] for m in statuses if m["status"] == "agent"]
+    assert agent == [{"state": "big", "n": 1e23}]  # orjson reads an integer past 64 bits as a float
+    totals = {k.decode(): v.decode() for k, v in client.hgetall("run:ev:tokens").items()}
+    # the 1e30 count is ignored (its output_tokens still counts), the 10^23 result counts its output only
+    assert int(totals["input_tokens"]) == 7 and int(totals["output_tokens"]) == 8, totals
+    out, err, code = runs.tail(redis_server.url, "ev", "--json")
+    assert code == 0 and b"Traceback" not in err
+    printed = [orjson.loads(x) for x in out.splitlines()]
+    assert [p["text"].encode() for p in printed if p.get("stream") == "stdout"] == lines

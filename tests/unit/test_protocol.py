@@ -488,3 +488,13 @@ def test_split_lines_keeps_bytes_order_and_times(limit: int) -> None:
         times += [r.ts for r in recs]
     assert times == [1.0, 1.0, 1.0, 2.0, 3.0, 4.0, 4.0]
     assert protocol.split_lines(batch, 7) == [batch]
+
+
+def test_objects_nested_past_the_limit_stay_plain_lines() -> None:
+    limit = protocol.MAX_JSON_DEPTH
+    ok = b'{"a":' + b"[" * (limit - 1) + b"]" * (limit - 1) + b"}"
+    deep = b'{"a":' + b"[" * limit + b"]" * limit + b"}"
+    wide = b'{"a":[' + b",".join([b"[]"] * 500) + b"]}"  # many brackets, depth 3
+    msg = decode(enc([ok, deep, wide], structured=True))
+    assert [i for i, _ in msg["json"]] == [0, 2]
+    assert [r.data for r in iter_records(msg)] == [ok + b"\n", deep + b"\n", wide + b"\n"]

@@ -1,0 +1,53 @@
+"""Agent events: recognised shapes, bounds on what an agent may report, the variation hash fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sidecar.events import MAX_COUNT, AgentStatus, TokenReport, classify
+from sidecar.transport import status_hash_fields
+
+
+def test_token_shapes_are_recognised() -> None:
+    claude = classify({"type": "result", "usage": {"input_tokens": 10, "output_tokens": 3}, "total_cost_usd": 0.5})
+    assert claude == TokenReport("claude_result", {"input_tokens": 10, "output_tokens": 3}, 0.5, None)
+    openai = classify({"usage": {"prompt_tokens": 4, "completion_tokens": 2}, "model": "m"})
+    assert openai == TokenReport("openai_usage", {"input_tokens": 4, "output_tokens": 2}, None, "m")
+    own = classify({"sidecar_event": "tokens", "input_tokens": 7.0, "output_tokens": 1})
+    assert own == TokenReport("sidecar_event", {"input_tokens": 7, "output_tokens": 1}, None, None)
+
+
+@pytest.mark.parametrize("bad", [-1, 1e30, MAX_COUNT + 1, float("inf"), float("nan"), 1.5, True, "12", None, [1]])
+def test_counts_outside_the_exact_range_are_ignored(bad: Any) -> None:
+    ev = classify({"sidecar_event": "tokens", "input_tokens": bad, "output_tokens": 2})
+    assert ev == TokenReport("sidecar_event", {"output_tokens": 2}, None, None)
+
+
+def test_a_report_with_no_usable_count_is_no_event() -> None:
+    assert classify({"sidecar_event": "tokens", "input_tokens": 1e30}) is None
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1e13, float("inf"), float("nan"), True])
+def test_unusable_costs_are_ignored(bad: Any) -> None:
+    ev = classify({"sidecar_event": "tokens", "input_tokens": 1, "cost_usd": bad})
+    assert isinstance(ev, TokenReport) and ev.cost_usd is None
+
+
+def test_long_model_names_and_states_are_cut() -> None:
+    ev = classify({"sidecar_event": "tokens", "input_tokens": 1, "model": "m" * 5000})
+    assert isinstance(ev, TokenReport) and ev.model == "m" * 200
+    st = classify({"sidecar_event": "status", "state": "s" * 5000})
+    assert isinstance(st, AgentStatus) and st.state == "s" * 200
+
+
+def test_agent_status_metadata_cannot_overwrite_the_sidecars_fields() -> None:
+    msg = {"status": "agent", "agent_id": "a", "timestamp": "t", "producer": "p",
+           "metadata": {"state": "planning", "pid": 1, "exit_code": 0, "status": "exited", "signal": "SIGKILL"}}
+    fields = status_hash_fields(msg)
+    assert dict(zip(fields[::2], fields[1::2], strict=True)) == {
+        "agent_id": "a", "updated_at": "t", "producer": "p", "agent_state": "planning"}
+    running = status_hash_fields({"status": "running", "agent_id": "a", "timestamp": "t", "producer": "p",
+                                  "metadata": {"pid": 42}})
+    assert dict(zip(running[::2], running[1::2], strict=True))["pid"] == 42
