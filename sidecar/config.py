@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 DEFAULT_OUTPUT = "run:{run_id}:output:{variation_id}"
 DEFAULT_LOGS = "run:{run_id}:logs:{variation_id}"
@@ -206,28 +207,40 @@ def parse_duration(text: str) -> float:
     return float(t)
 
 
+# Upper bounds for numeric options: far above any sensible value, low enough that no timer,
+# TTL or counter overflows downstream (thread waits, EXPIRE, JSON doubles).
+MAX_SECONDS = 1e8  # about three years
+MAX_COUNT = 1 << 53
+_INT_MIN = {"compress_threshold": -1}
+
+
+def _number(value: float, limit: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    if value < 0:
+        raise ValueError("must not be negative")
+    if value > limit:
+        raise ValueError(f"must be at most {limit:g}")
+    return value
+
+
 def convert(opt: Option, raw: Any) -> Any:
     """Turn a flag or environment string into the option's type; UsageError when it cannot."""
     if not isinstance(raw, str):
         return raw
     try:
         if opt.kind == "int":
-            return int(raw)
+            value_i = int(raw)
+            low = _INT_MIN.get(opt.dest, 0)
+            if not low <= value_i <= MAX_COUNT:
+                raise ValueError(f"must be between {low} and {MAX_COUNT}")
+            return value_i
         if opt.kind == "float":
-            value = float(raw)
-            if value < 0:
-                raise ValueError("must not be negative")
-            return value
+            return _number(float(raw), MAX_SECONDS)
         if opt.kind == "bytes":
-            value_b = parse_bytes(raw)
-            if value_b < 0:
-                raise ValueError("must not be negative")
-            return value_b
+            return int(_number(parse_bytes(raw), MAX_COUNT))
         if opt.kind == "duration":
-            value_d = parse_duration(raw)
-            if value_d < 0:
-                raise ValueError("must not be negative")
-            return value_d
+            return _number(parse_duration(raw), MAX_SECONDS)
         if opt.kind == "negbool":
             return raw.strip().lower() not in ("1", "true", "yes", "on")
         if opt.kind == "bool":
@@ -288,6 +301,9 @@ def validate_url(url: str) -> None:
     if parts.scheme == "unix":
         if not parts.path:
             raise UsageError(f"invalid Redis URL {mask_url(url)!r}: unix:// needs a socket path")
+        for db_text in parse_qs(parts.query).get("db", []):
+            if not db_text.isdigit():
+                raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number, not {db_text!r}")
         return
     if not parts.hostname:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no host")
@@ -299,13 +315,24 @@ def validate_url(url: str) -> None:
 
 
 def validate_template(name: str, template: str) -> None:
+    import string
+
+    problem = ""
     try:
-        template.format(**{f: "x" for f in TEMPLATE_FIELDS})
-    except (KeyError, IndexError, ValueError, AttributeError) as exc:
+        for _text, field_name, spec, conversion in string.Formatter().parse(template):
+            if field_name is None:
+                continue
+            if field_name not in TEMPLATE_FIELDS:
+                problem = f"unknown placeholder {{{field_name}}}"
+            elif spec or conversion:
+                problem = f"no format spec or conversion in {{{field_name}}}"
+    except ValueError as exc:
+        problem = str(exc)
+    if problem:
         raise UsageError(
             f"invalid channel template {template!r} for {name}: use only {{run_id}}, {{variation_id}}, "
-            f"{{agent_id}} ({exc})"
-        ) from None
+            f"{{agent_id}} ({problem})"
+        )
 
 
 def default_agent_id(env: dict[str, str]) -> str:
@@ -329,6 +356,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         raise UsageError("--batch-max-records must be at least 1")
     if merged["batch_max_bytes"] < 1 or merged["max_line_bytes"] < 1:
         raise UsageError("--batch-max-bytes and --max-line-bytes must be at least 1")
+    if merged["socket_timeout_s"] <= 0:
+        raise UsageError("--socket-timeout must be more than 0")
     run_id = merged["run_id"]
     generated = False
     if not run_id:
@@ -353,13 +382,12 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     patterns = values.get("redact_patterns") or ()
     if not patterns and env.get("SIDECAR_REDACT_PATTERNS"):
         patterns = tuple(p for p in env["SIDECAR_REDACT_PATTERNS"].split("\n") if p)
-    import re
+    if patterns:
+        from .redaction import check_patterns
 
-    for pat in patterns:
-        try:
-            re.compile(pat.encode())
-        except re.error as exc:
-            raise UsageError(f"invalid --redact-pattern {pat!r}: {exc}") from None
+        problem = check_patterns(patterns)
+        if problem:
+            raise UsageError(f"invalid --redact-pattern {problem}")
     merged["redact_patterns"] = tuple(patterns)
     for opt in ("redis_ca_file", "redis_cert_file", "redis_key_file"):
         path = merged[opt]
@@ -368,7 +396,24 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     for name in ("run_id", "variation_id", "agent_id"):
         if any(c in merged[name] for c in "{}\n\r\0 "):
             raise UsageError(f"invalid {name} {merged[name]!r}: no spaces, braces or control characters")
-    return Settings(command=command, **merged)
+    settings = Settings(command=command, **merged)
+    _check_distinct_keys(settings)
+    return settings
+
+
+def _check_distinct_keys(s: Settings) -> None:
+    """Output, logs and status need keys of their own: sharing one with each other or with the
+    run's other keys would mix sequence numbers of one producer and drop records as repeats."""
+    ours = {"--output-channel": s.channel(s.output_channel), "--logs-channel": s.channel(s.logs_channel),
+            "--status-channel": s.channel(s.status_channel)}
+    fixed = {f"run:{s.run_key}:{suffix}" for suffix in ("tokens", "control", f"variation:{s.variation_id}")}
+    seen: dict[str, str] = {}
+    for flag, key in ours.items():
+        if key in seen:
+            raise UsageError(f"{flag} and {seen[key]} both resolve to {key!r}: each needs a key of its own")
+        if key in fixed or key.endswith(":idem"):
+            raise UsageError(f"{flag} resolves to {key!r}, a key the sidecar uses for something else")
+        seen[key] = flag
 
 
 def _read_secret(path: str, flag: str) -> bytes:

@@ -56,7 +56,7 @@ class Redactor:
         self.user_patterns = bool(extra_patterns)
         # Token shapes only where a token can begin: not inside a word ("risk-assessment-...").
         shapes = [rb"(?<![A-Za-z0-9])" + p for p in TOKEN_PATTERNS]
-        parts = [re.escape(v) for v in self.values] + shapes + [p.encode() for p in extra_patterns]
+        parts = [re.escape(v) for v in self.values] + shapes + [scoped(p) for p in extra_patterns]
         self.rx = re.compile(b"|".join(b"(?:" + p + b")" for p in parts))
         self.token_rx = re.compile(b"|".join(b"(?:" + p + b")" for p in shapes))
         self.max_token = max_token
@@ -83,6 +83,8 @@ class Redactor:
         for m in matches:
             if m.start() >= end:
                 break  # may still grow: decide with the next chunk
+            if m.end() == m.start():
+                continue  # a user pattern that matched nothing here
             out.append(data[pos : m.start()])
             out.append(MASK)
             self.masked += 1
@@ -120,6 +122,35 @@ class Redactor:
                     hold = k
                     break
         return hold
+
+
+_LEADING_FLAGS = re.compile(r"\(\?([aiLmsux]+)\)")
+
+
+def scoped(pattern: str) -> bytes:
+    """A user pattern ready to join the alternation: leading inline flags such as ``(?i)``
+    apply to the whole pattern alone, so they become a scoped group ``(?i:...)``."""
+    flags = ""
+    while m := _LEADING_FLAGS.match(pattern):
+        flags += m.group(1)
+        pattern = pattern[m.end():]
+    return (f"(?{flags}:{pattern})" if flags else pattern).encode()
+
+
+def check_patterns(patterns: Sequence[str]) -> str | None:
+    """Why these user patterns cannot be used, or None."""
+    for p in patterns:
+        try:
+            rx = re.compile(scoped(p))
+        except re.error as exc:
+            return f"{p!r}: {exc}"
+        if rx.fullmatch(b"") is not None:
+            return f"{p!r} matches the empty string"
+    try:
+        Redactor({}, patterns)
+    except re.error as exc:
+        return f"{exc} (when the patterns are combined)"
+    return None
 
 
 def _token_starts(data: bytes) -> list[int]:

@@ -255,7 +255,10 @@ def test_malformed_url_is_usage_error_and_agent_not_started(tmp_path: Path) -> N
 def test_bad_option_values_are_usage_errors(tmp_path: Path) -> None:
     marker = tmp_path / "started"
     for args in (["--transport", "carrier-pigeon"], ["--linger-ms", "soon"], ["--nope"],
-                 ["--output-channel", "run:{bogus}"]):
+                 ["--output-channel", "run:{bogus}"], ["--drain-timeout", "inf"], ["--socket-timeout", "nan"],
+                 ["--output-channel", "{run_id:>99999999999}"],
+                 ["--logs-channel", "run:{run_id}:output:{variation_id}"],
+                 ["--redact-pattern", "(secret)?"], ["--redis-url", "unix:///tmp/r.sock?db=x"]):
         cp = run_sidecar([*args, "--", "touch", str(marker)])
         assert cp.returncode == 2, args
         assert len(cp.stderr.decode().strip().splitlines()) == 1

@@ -177,7 +177,7 @@ def test_int_and_float_conversion() -> None:
             "max_stream_len": "0",
             "linger_ms": "0.25",
             "kill_grace_s": "3",
-            "socket_timeout_s": "0",
+            "socket_timeout_s": "0.5",
         }
     )
     assert s.batch_max_records == 17
@@ -187,7 +187,7 @@ def test_int_and_float_conversion() -> None:
     assert s.linger_ms == 0.25
     assert s.kill_grace_s == 3.0
     assert isinstance(s.kill_grace_s, float)
-    assert s.socket_timeout_s == 0.0
+    assert s.socket_timeout_s == 0.5
 
 
 def test_non_string_values_pass_through() -> None:
@@ -489,3 +489,67 @@ def test_settings_are_frozen() -> None:
     s = mk()
     with pytest.raises(AttributeError):
         s.run_id = "other"  # type: ignore[misc]
+
+
+# -- values that would break the run later are refused up front ----------------------------
+
+
+@pytest.mark.parametrize(("dest", "raw"), [
+    ("drain_timeout_s", "1e12"), ("drain_timeout_s", "inf"), ("socket_timeout_s", "nan"), ("socket_timeout_s", "0"),
+    ("retention_s", "inf"), ("retention_s", "nan"), ("retention_s", "1e30"), ("max_stream_len", "-5"),
+    ("kill_grace_s", "nan"), ("heartbeat_interval_s", "inf"), ("compress_threshold", "-2"),
+    ("buffer_max_bytes", "1e30"), ("spool_max_bytes", "nan"), ("min_replicas_ack", "-1"),
+])
+def test_non_finite_negative_or_huge_numbers_are_usage_errors(dest: str, raw: str) -> None:
+    with pytest.raises(UsageError):
+        mk({dest: raw})
+
+
+@pytest.mark.parametrize(("dest", "raw", "value"), [
+    ("compress_threshold", "-1", -1), ("retention_s", "0", 0.0), ("max_stream_len", "0", 0),
+    ("heartbeat_interval_s", "0", 0.0), ("retention_s", "7d", 604800.0), ("buffer_max_bytes", "1GiB", 1 << 30),
+])
+def test_documented_special_and_suffixed_values_still_work(dest: str, raw: str, value: float) -> None:
+    assert getattr(mk({dest: raw}), dest) == value
+
+
+@pytest.mark.parametrize("template", ["{run_id:>99999999999}", "{run_id!r}", "{run_id.x}", "{0}", "{nope}", "{",
+                                      "run:{run_id}:{variation_id[0]}"])
+def test_channel_templates_take_plain_placeholders_only(template: str) -> None:
+    with pytest.raises(UsageError):
+        mk({"output_channel": template})
+
+
+@pytest.mark.parametrize(("values", "fragment"), [
+    ({"logs_channel": "run:{run_id}:output:{variation_id}"}, "both resolve"),
+    ({"status_channel": "run:{run_id}:output:{variation_id}"}, "both resolve"),
+    ({"output_channel": "run:{run_id}:tokens"}, "something else"),
+    ({"output_channel": "run:{run_id}:variation:{variation_id}"}, "something else"),
+    ({"logs_channel": "run:{run_id}:control"}, "something else"),
+    ({"output_channel": "x:idem"}, "something else"),
+    ({"logs_channel": "run:{agent_id}:output:0", "run_id": "a", "agent_id": "a"}, "both resolve"),
+])
+def test_output_logs_and_status_need_keys_of_their_own(values: dict[str, str], fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        mk(values)
+
+
+def test_unix_socket_database_must_be_a_number() -> None:
+    with pytest.raises(UsageError, match="database"):
+        mk({"redis_url": "unix:///tmp/r.sock?db=abc"})
+    assert mk({"redis_url": "unix:///tmp/r.sock?db=3"}).redis_url.endswith("db=3")
+
+
+@pytest.mark.parametrize(("patterns", "fragment"), [
+    (("(password)?",), "empty string"),
+    (("ab[",), "unterminated"),
+    (("(?P<a>x)", "(?P<a>y)"), "combined"),
+    (("x(?i)y",), "global flags"),
+])
+def test_redact_patterns_are_checked_as_they_will_be_used(patterns: tuple[str, ...], fragment: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        mk({"redact_patterns": patterns})
+
+
+def test_leading_inline_flags_in_a_redact_pattern_are_accepted() -> None:
+    assert mk({"redact_patterns": ("(?i)password=\\S+", "(?s)(?x) a . b")}).redact_patterns

@@ -133,3 +133,13 @@ def test_a_token_right_after_a_word_character_is_left_alone() -> None:
     # The look-behind sees the byte before the candidate position.
     assert run(Redactor({}), [b"x" + TOKENS["aws"] + b"\n"]) == b"x" + TOKENS["aws"] + b"\n"
     assert run(Redactor({}), [b"-" + TOKENS["aws"] + b"\n"]) == b"-[REDACTED]\n"
+
+
+def test_leading_inline_flags_apply_to_their_own_pattern_only() -> None:
+    r = Redactor({}, [r"(?i)password=\S+", r"ticket-[0-9]{4}"])
+    assert run(r, [b"PASSWORD=x1 Password=y2 TICKET-1234 ticket-1234\n"]) == (
+        b"[REDACTED] [REDACTED] TICKET-1234 [REDACTED]\n")
+
+
+def test_patterns_that_match_nothing_somewhere_mask_nothing_there() -> None:
+    assert run(Redactor({}, [r"\b"]), [b"hello world\n"]) == b"hello world\n"
