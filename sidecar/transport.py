@@ -27,9 +27,15 @@ from .outbox import Outbox
 from .resp import Connection, Endpoint, ReplyError, parse_url
 from .topology import ClusterTarget, SentinelTarget, Target, has_hash_tag, parse_sentinel_url
 
+# ARGV: producer, first, last, payload, maxlen, publish (0/1/2), ttl, prev. ``prev`` is the last
+# sequence number of the item before this one for the same key in the same pipeline (0: none):
+# unless that item landed, this one must not, or the high-water mark would jump over it and
+# its retry would be skipped as a repeat.
 APPEND_SCRIPT = """
 local hwm = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if hwm >= tonumber(ARGV[2]) then return 0 end
+local prev = tonumber(ARGV[8])
+if prev > 0 and hwm < prev then return redis.error_reply('SEQGAP the batch before this one was not written') end
 if ARGV[5] ~= '0' then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
 else
@@ -51,12 +57,15 @@ return 1
 
 # Token usage: added to per-run totals once per report (same idempotency rule as appends),
 # then announced on the metrics channel.
+# ARGV: producer, seq, payload, ttl, variation, prev (as for appends), then field/value pairs.
 TOKENS_SCRIPT = """
 local hwm = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if hwm >= tonumber(ARGV[2]) then return 0 end
+local prev = tonumber(ARGV[6])
+if prev > 0 and hwm < prev then return redis.error_reply('SEQGAP the report before this one was not counted') end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 local prefix = 'variation:' .. ARGV[5] .. ':'
-for i = 6, #ARGV - 1, 2 do
+for i = 7, #ARGV - 1, 2 do
   local f, v = ARGV[i], ARGV[i + 1]
   if f == 'cost_usd' then
     redis.call('HINCRBYFLOAT', KEYS[1], f, v)
@@ -457,9 +466,12 @@ class Sender:
         publish_mode = 2 if s.pubsub == "sharded" else 1
         publish_cmd = "SPUBLISH" if s.pubsub == "sharded" else "PUBLISH"
         cmds: list[tuple[Any, ...]] = []
+        before: dict[tuple[str, str], int] = {}  # (key, producer) -> last seq of the previous item here
         for it in items:
+            prev = before.get((it.key, it.producer), 0)
+            before[(it.key, it.producer)] = it.last
             if it.kind == "tokens":
-                cmds.append(self._tokens_command(it, ttl, cluster))
+                cmds.append(self._tokens_command(it, ttl, cluster, prev))
                 continue
             publish_inline = s.use_pubsub and it.pubs is None
             if it.kind == "status":
@@ -471,7 +483,7 @@ class Sender:
                     cmds.append(("EXPIRE", vkey, ttl))
             if s.use_stream:
                 cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key, cluster), it.producer, it.first,
-                             it.last, it.payload, maxlen, publish_mode if publish_inline else 0, ttl))
+                             it.last, it.payload, maxlen, publish_mode if publish_inline else 0, ttl, prev))
             elif publish_inline:
                 cmds.append((publish_cmd, it.key, it.payload))
             if s.use_pubsub and it.pubs is not None:
@@ -488,7 +500,7 @@ class Sender:
                 raise reply
 
     @staticmethod
-    def _tokens_command(it: Item, ttl: int, cluster: bool) -> tuple[Any, ...]:
+    def _tokens_command(it: Item, ttl: int, cluster: bool, prev: int = 0) -> tuple[Any, ...]:
         msg = orjson.loads(it.payload)
         pairs: list[Any] = []
         for f in TOKEN_TOTAL_FIELDS:
@@ -496,7 +508,7 @@ class Sender:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 pairs += [f, repr(float(v)) if f == "cost_usd" else int(v)]
         return ("EVALSHA", TOKENS_SHA, 2, it.key, idem_key(it.key, cluster), it.producer, it.first, it.payload, ttl,
-                str(msg.get("variation_id", "")), *pairs)
+                str(msg.get("variation_id", "")), prev, *pairs)
 
     def close(self) -> None:
         if self._target is not None:

@@ -325,3 +325,57 @@ def test_orphans_are_reaped(redis_server: RedisServer, start_sidecar: Any, tmp_p
     zombies = [c for c in me.children(recursive=True) if c.status() == psutil.STATUS_ZOMBIE]
     assert zombies == []
     assert proc.finish(timeout=30).returncode == 0
+
+
+def test_a_batch_never_lands_past_an_earlier_one_that_failed(redis_server: RedisServer) -> None:
+    """In one pipeline, A fails (here: its script is refused) and B, next on the same key, must
+    not land: otherwise the high-water mark passes A and A's retry is skipped as a repeat."""
+    from sidecar.transport import APPEND_SCRIPT
+
+    client = redis_server.client()
+    sha = client.script_load(APPEND_SCRIPT)
+    key, idem = "run:sg:output:0", "run:sg:output:0:idem"
+
+    def append(first: int, last: int, payload: bytes, prev: int) -> Any:
+        return client.evalsha(sha, 2, key, idem, "p1", first, last, payload, 0, 0, 0, prev)
+
+    # B (seq 11-20) arrives while A (1-10) has not landed: refused, nothing written
+    try:
+        append(11, 20, b"B", prev=10)
+        raise AssertionError("B was written before A")
+    except redis.ResponseError as exc:
+        assert str(exc).startswith("SEQGAP")
+    assert client.xlen(key) == 0
+    # the retry of the whole pipeline: A, then B; a third retry writes nothing twice
+    for _ in range(2):
+        assert append(1, 10, b"A", prev=0) in (0, 1)
+        assert append(11, 20, b"B", prev=10) in (0, 1)
+    assert [f[b"d"] for _id, f in client.xrange(key)] == [b"A", b"B"]
+    # another producer's items are not held back by p1's
+    assert client.evalsha(sha, 2, key, idem, "p2", 1, 5, b"C", 0, 0, 0, 0) == 1
+
+
+def test_each_append_names_the_batch_before_it_in_the_pipeline() -> None:
+    """The ``prev`` argument: the last seq of the previous item of the same key and producer in
+    this pipeline, 0 for the first one."""
+    from sidecar.config import build
+    from sidecar.items import Item
+    from sidecar.outbox import Outbox
+    from sidecar.transport import Sender
+
+    sent: list[tuple[Any, ...]] = []
+
+    class FakeTarget:
+        def execute(self, cmds: list[tuple[Any, ...]], _acks: int) -> list[int]:
+            sent.extend(cmds)
+            return [1] * len(cmds)
+
+    settings = build({"run_id": "pv"}, {}, ("x",))
+    sender = Sender(settings, Outbox(1 << 20, None, "block", lambda k, a, b: Item(k, "p", a, b, b"")), None)
+    sender._target = FakeTarget()  # type: ignore[assignment]
+    items = [Item("k1", "p", 1, 10, b"a", 10, 1), Item("k1", "p", 11, 12, b"b", 2, 1),
+             Item("k2", "p", 1, 3, b"c", 3, 1), Item("k1", "q", 1, 1, b"d", 1, 1), Item("k1", "p", 13, 13, b"e", 1, 1)]
+    sender._send(items)
+    appends = [c for c in sent if c[0] == "EVALSHA"]
+    assert [(c[3], c[5], c[6], c[-1]) for c in appends] == [
+        ("k1", "p", 1, 0), ("k1", "p", 11, 10), ("k2", "p", 1, 0), ("k1", "q", 1, 0), ("k1", "p", 13, 12)]
