@@ -71,9 +71,16 @@ class Outbox:
             self.cond.notify_all()
 
     def _full(self, size: int) -> bool:
-        if not self._q or self.mem_bytes + size <= self.mem_max:
-            return False  # an item larger than the whole buffer still goes in when nothing waits
-        return self.spool is None or not self.spool.has_room(size)
+        """No room for ``size`` more bytes: memory is over budget and the spool cannot take the
+        oldest memory items (no spool, over its limit, or failing to write)."""
+        while self._q and self.mem_bytes + size > self.mem_max:
+            if self.spool is None:
+                return True
+            if self.mem_bytes == 0:
+                return not self.spool.has_room(size)  # the item itself will go on to disk
+            if not self._spill_one():
+                return True
+        return False  # an item larger than the whole buffer still goes in when nothing waits
 
     def _append(self, item: Item) -> None:
         self.waiting_records += item.records

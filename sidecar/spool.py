@@ -10,9 +10,11 @@ again is not duplicated in the stream.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ MAGIC = b"ASP1"
 _HEAD = struct.Struct("<4sII")  # magic, body length, crc32 of body
 _U32 = struct.Struct("<I")
 SEGMENT_BYTES = 16 << 20
+WRITE_RETRY_S = 1.0  # after a failed write, the spool counts as full this long
 MAX_FRAME = 1 << 30
 
 
@@ -145,8 +148,10 @@ class Spool:
         self.bytes = 0  # bytes of frames not yet delivered, own and adopted
         self._own: ProducerDir | None = None
         self._producer = producer
-        self._write_seg: Segment | None = None
+        self._write_seg: Segment | None = None  # None: the next write starts a new segment
+        self._last_seg: Segment | None = None  # the segment _write_fh belongs to
         self._write_fh: int | None = None
+        self._failed_until = 0.0
         self._seq = 0
         self._adopted: list[ProducerDir] = []
 
@@ -211,7 +216,12 @@ class Spool:
         return refs
 
     def has_room(self, nbytes: int) -> bool:
-        return self._own is not None and self.bytes + nbytes <= self.max_bytes
+        """Within the byte budget, and not failing: after a failed write (a full disk) the
+        spool counts as full for WRITE_RETRY_S, so --when-full applies instead of memory
+        growing without bound."""
+        if self._own is None or self.bytes + nbytes > self.max_bytes:
+            return False
+        return time.monotonic() >= self._failed_until
 
     def write(self, item: Item) -> DiskRef:
         assert self._own is not None
@@ -224,11 +234,18 @@ class Spool:
         assert self._write_fh is not None
         offset = seg.size
         try:
-            os.write(self._write_fh, frame)
+            written = os.write(self._write_fh, frame)
+            if written != len(frame):
+                raise OSError(errno.ENOSPC, f"short write to the spool ({written} of {len(frame)} bytes)")
         except OSError:
+            self._failed_until = time.monotonic() + WRITE_RETRY_S
             # Leave no half frame behind for the next frame to be appended after.
-            os.ftruncate(self._write_fh, offset)
+            try:
+                os.ftruncate(self._write_fh, offset)
+            except OSError:
+                self._write_seg = None  # unusable: the next write starts a new segment
             raise
+        self._failed_until = 0.0
         seg.size += len(frame)
         seg.live += 1
         self.bytes += len(frame)
@@ -258,10 +275,10 @@ class Spool:
         if self._write_fh is not None:
             os.close(self._write_fh)
             self._write_fh = None
-        if self._write_seg is not None:
-            self._write_seg.sealed = True
-            if self._write_seg.live <= 0:
-                self._unlink(self._write_seg)
+        if self._last_seg is not None:
+            self._last_seg.sealed = True
+            if self._last_seg.live <= 0:
+                self._unlink(self._last_seg)
         if self._own is not None:
             if remove_if_empty:
                 self._maybe_remove_dir(self._own, force_check=True)
@@ -275,17 +292,25 @@ class Spool:
         self._adopted = []
 
     def _rotate(self) -> None:
+        """Start a new segment. The new file is opened first: if that fails, the old one
+        stays as it was and the error goes to the caller."""
         assert self._own is not None
-        if self._write_fh is not None:
-            os.close(self._write_fh)
-        if self._write_seg is not None:
-            self._write_seg.sealed = True
-            if self._write_seg.live <= 0:
-                self._unlink(self._write_seg)
         self._seq += 1
         path = os.path.join(self._own.path, f"{self._seq:08d}.seg")
-        self._write_fh = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
-        self._write_seg = Segment(path, owner=self._own)
+        try:
+            fh = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        except OSError:
+            self._failed_until = time.monotonic() + WRITE_RETRY_S
+            raise
+        if self._write_fh is not None:
+            os.close(self._write_fh)
+        old = self._last_seg
+        if old is not None:
+            old.sealed = True
+            if old.live <= 0:
+                self._unlink(old)
+        self._write_fh = fh
+        self._write_seg = self._last_seg = Segment(path, owner=self._own)
         self._own.segments.append(self._write_seg)
 
     def _unlink(self, seg: Segment) -> None:

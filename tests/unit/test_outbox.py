@@ -463,3 +463,32 @@ def test_drop_policy_with_spool_uses_disk_before_dropping(tmp_path: Path) -> Non
         ]
     finally:
         sp.close()
+
+
+def test_block_mode_blocks_when_the_spool_cannot_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk: the memory budget holds and the producer waits, rather than memory growing."""
+    from sidecar import spool as spool_mod
+
+    sp = Spool(str(tmp_path / "spool"), "prod", 1 << 30)
+    sp.open()
+
+    def disk_full(_fd: int, _data: bytes) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(spool_mod.os, "write", disk_full)
+    ob = Outbox(3 * ITEM_SIZE, sp, "block", gap_factory)
+    ob.set_durable(True)
+    done = threading.Event()
+
+    def producer() -> None:
+        for i in range(10):
+            ob.put(batch(1 + 5 * i))
+        done.set()
+
+    t = threading.Thread(target=producer, daemon=True)
+    t.start()
+    assert not done.wait(1.5)
+    assert ob.mem_bytes <= 4 * ITEM_SIZE  # the budget, plus at most the item that found it full
+    ob.close()
+    t.join(5)
+    sp.close()

@@ -480,3 +480,54 @@ def test_adopted_bytes_count_against_room(tmp_path: Path) -> None:
         s.release(r)
     assert s.has_room(total + 10)
     s.close()
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+def test_a_short_write_fails_leaves_no_torn_frame_and_pauses_the_spool(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Spool(str(tmp_path / "sp"), "prod-1", 1 << 20)
+    s.open()
+    items = items_fixture(4)
+    good = s.write(items[0])
+    real_write = os.write
+    monkeypatch.setattr(spool_mod.os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+    with pytest.raises(OSError):
+        s.write(items[1])
+    assert not s.has_room(1)  # counts as full for a while after the failure
+    monkeypatch.setattr(spool_mod.os, "write", real_write)
+    monkeypatch.setattr(spool_mod, "WRITE_RETRY_S", 0.0)
+    s._failed_until = 0.0
+    assert s.has_room(1)
+    s.write(items[2])
+    s.close(remove_if_empty=False)
+    seg = good.segment.path
+    assert [(it.first, it.payload) for _o, _l, it in scan(seg)] == [(items[0].first, items[0].payload),
+                                                                    (items[2].first, items[2].payload)]
+
+
+def test_a_segment_that_cannot_be_opened_keeps_the_old_one_usable(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spool_mod, "SEGMENT_BYTES", 1)  # every write rotates
+    s = Spool(str(tmp_path / "sp"), "prod-1", 1 << 20)
+    s.open()
+    items = items_fixture(3)
+    s.write(items[0])
+    real_open = os.open
+
+    def no_more_files(path: str, *a: object, **kw: object) -> int:
+        if path.endswith(".seg"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, *a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spool_mod.os, "open", no_more_files)
+    with pytest.raises(OSError):
+        s.write(items[1])
+    monkeypatch.setattr(spool_mod.os, "open", real_open)
+    s._failed_until = 0.0
+    ref = s.write(items[2])
+    s.close(remove_if_empty=False)  # no stale descriptor is closed twice
+    files = sorted(p for p in os.listdir(os.path.dirname(ref.segment.path)) if p.endswith(".seg"))
+    got = [it.first for f in files for _o, _l, it in scan(os.path.join(os.path.dirname(ref.segment.path), f))]
+    assert got == [items[0].first, items[2].first]
