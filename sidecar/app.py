@@ -242,10 +242,14 @@ def run(s: Settings, launched: Agent | SpawnFailed | None = None) -> int:
         log.info("generated run id", run_id=s.run_id)
     rt = Runtime(s)
     if rt.spool is not None:
-        orphans = rt.spool.adopt_orphans()
+        ours = {ch.key for ch in rt.channels.values()} | {rt.status_key, rt.tokens_key}
+        orphans = rt.spool.adopt_orphans(accept=ours.__contains__)
         if orphans:
             log.info("delivering output left in the spool by an earlier sidecar first", items=len(orphans))
             rt.outbox.adopt(orphans)
+        if rt.spool.skipped:
+            log.info("the spool holds output of other runs; it stays there for their sidecars or for replay",
+                     directories=rt.spool.skipped, replay=f"python -m sidecar replay --spool-dir {s.spool_dir}")
     rt.sender.start()
     rt.batcher.start()
     warning = control.insecure_warning(s)

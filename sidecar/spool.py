@@ -16,7 +16,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import orjson
@@ -154,6 +154,7 @@ class Spool:
         self._failed_until = 0.0
         self._seq = 0
         self._adopted: list[ProducerDir] = []
+        self.skipped = 0  # orphaned directories adopt_orphans left alone
 
     def open(self) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -178,8 +179,10 @@ class Spool:
                 raise SpoolError(f"spool directory {path} is in use by another process") from None
             self._own = ProducerDir(path, fd)
 
-    def adopt_orphans(self) -> list[DiskRef]:
-        """Lock every directory left by a sidecar that is gone; return its items in order."""
+    def adopt_orphans(self, accept: Callable[[str], bool] | None = None) -> list[DiskRef]:
+        """Lock every directory left by a sidecar that is gone; return its items in order.
+        With ``accept``, a directory holding an item whose key it refuses is left alone (for
+        ``replay``, or for a sidecar of its own run); ``self.skipped`` counts those."""
         refs: list[DiskRef] = []
         try:
             names = sorted(os.listdir(self.root), key=lambda n: _mtime(os.path.join(self.root, n)))
@@ -202,13 +205,24 @@ class Spool:
             except (OSError, ValueError):
                 os.close(fd)  # taken and emptied by another sidecar meanwhile
                 continue
+            found: list[tuple[Segment, list[DiskRef], int]] = []
+            refused = False
             for seg_name in segs:
                 seg = Segment(os.path.join(path, seg_name), sealed=True, owner=pdir)
+                seg_refs = [_ref(seg, off, length, item) for off, length, item in scan(seg.path)]
+                if accept is not None and any(not accept(r.key) for r in seg_refs):
+                    refused = True
+                    break
+                found.append((seg, seg_refs, sum(r.length for r in seg_refs)))
+            if refused:
+                os.close(fd)
+                self.skipped += 1
+                continue
+            for seg, seg_refs, nbytes in found:
                 pdir.segments.append(seg)
-                for off, length, item in scan(seg.path):
-                    refs.append(_ref(seg, off, length, item))
-                    seg.live += 1
-                    self.bytes += length
+                refs.extend(seg_refs)
+                seg.live += len(seg_refs)
+                self.bytes += nbytes
                 if seg.live == 0:
                     self._unlink(seg)
             self._adopted.append(pdir)

@@ -531,3 +531,19 @@ def test_a_segment_that_cannot_be_opened_keeps_the_old_one_usable(tmp_path: Path
     files = sorted(p for p in os.listdir(os.path.dirname(ref.segment.path)) if p.endswith(".seg"))
     got = [it.first for f in files for _o, _l, it in scan(os.path.join(os.path.dirname(ref.segment.path), f))]
     assert got == [items[0].first, items[2].first]
+
+
+def test_orphans_of_other_runs_are_left_alone(tmp_path: Path) -> None:
+    items = items_fixture(4, "dead")  # keys key:0 and key:1
+    orphan = write_orphan(tmp_path, "dead", items)
+    other = Spool(str(tmp_path), "run-b", 1 << 20)
+    other.open()
+    assert other.adopt_orphans(accept={"key:0"}.__contains__) == []  # key:1 is not this run's
+    assert other.skipped == 1 and other.bytes == 0
+    assert seg_files(orphan) == ["00000001.seg"]
+    other.close()
+    own = Spool(str(tmp_path), "run-a", 1 << 20)
+    own.open()
+    refs = own.adopt_orphans(accept={"key:0", "key:1"}.__contains__)
+    assert [own.read(r) for r in refs] == items and own.skipped == 0
+    own.close()
