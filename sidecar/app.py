@@ -247,6 +247,9 @@ def run(s: Settings, launched: Agent | SpawnFailed | None = None) -> int:
         if orphans:
             log.info("delivering output left in the spool by an earlier sidecar first", items=len(orphans))
             rt.outbox.adopt(orphans)
+        if rt.spool.unusable:
+            log.warning("spool directories left by earlier sidecars could not be opened",
+                        directories=len(rt.spool.unusable), first=rt.spool.unusable[0])
         if rt.spool.skipped:
             log.info("the spool holds output of other runs; it stays there for their sidecars or for replay",
                      directories=rt.spool.skipped, replay=f"python -m sidecar replay --spool-dir {s.spool_dir}")

@@ -66,5 +66,9 @@ def main(argv: Sequence[str]) -> int:
         log.error("replay incomplete: Redis did not take everything; the rest stays in the spool",
                   redis=mask_url(s.redis_url), records_left=left, items_left=len(outbox))
         return 1
+    if spool.unusable:
+        log.error("replay incomplete: spool directories could not be opened", directories=len(spool.unusable),
+                  first=spool.unusable[0], delivered_items=len(refs))
+        return 1
     log.info("replay complete", items=len(refs), records=records, redis=mask_url(s.redis_url))
     return 0

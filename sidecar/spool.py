@@ -155,6 +155,7 @@ class Spool:
         self._seq = 0
         self._adopted: list[ProducerDir] = []
         self.skipped = 0  # orphaned directories adopt_orphans left alone
+        self.unusable: list[str] = []  # orphaned directories that could not be locked, and why
 
     def open(self) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -194,7 +195,8 @@ class Spool:
                 continue
             try:
                 fd = _try_lock(path)
-            except OSError:
+            except OSError as exc:
+                self.unusable.append(f"{path}: {exc.strerror or exc}")
                 continue
             if fd is None:
                 continue  # a live sidecar or a running replay owns it

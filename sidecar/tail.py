@@ -125,7 +125,14 @@ def main(argv: Sequence[str]) -> int:
     if mode != "raw" and not ns.no_status:
         keys.append(names["status"])
     printer = Printer(mode, ns.stream, not ns.no_status, ns.variation)
-    client = connect(settings, socket_timeout=None)
+    from redis.exceptions import RedisClusterException
+
+    try:
+        client = connect(settings, socket_timeout=None)
+    except (redis.RedisError, RedisClusterException, OSError) as exc:
+        sys.stderr.write(f"agent-sidecar tail: error: cannot connect to Redis at {mask_url(settings.redis_url)}: "
+                         f"{type(exc).__name__}: {exc}\n")
+        return 1
     reader = RunReader(client, keys)
     try:
         for ev in reader.stored():
@@ -140,7 +147,7 @@ def main(argv: Sequence[str]) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except redis.RedisError as exc:
+    except (redis.RedisError, RedisClusterException) as exc:
         sys.stderr.write(f"agent-sidecar tail: error: cannot read from Redis at {mask_url(settings.redis_url)}: "
                          f"{type(exc).__name__}: {exc}\n")
         return 1

@@ -332,3 +332,10 @@ def test_help_lists_options_with_env_and_defaults() -> None:
     for flag, env in pairs:
         assert flag in text and env in text
     assert "redis://localhost:6379/0" in text
+
+
+def test_tail_against_a_server_that_is_not_what_the_mode_says_is_one_line(redis_server: RedisServer) -> None:
+    for extra in (["--redis-mode", "cluster"], ["--redis-url", "redis://127.0.0.1:1/0", "--redis-mode", "cluster"]):
+        out, err, code = runs.tail(redis_server.url, "nothing", *extra)
+        assert code == 1 and out == b""
+        assert len(err.decode().strip().splitlines()) == 1 and b"Traceback" not in err, err

@@ -547,3 +547,17 @@ def test_orphans_of_other_runs_are_left_alone(tmp_path: Path) -> None:
     refs = own.adopt_orphans(accept={"key:0", "key:1"}.__contains__)
     assert [own.read(r) for r in refs] == items and own.skipped == 0
     own.close()
+
+
+def test_an_orphan_that_cannot_be_locked_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_orphan(tmp_path, "dead", items_fixture(2, "dead"))
+    s = Spool(str(tmp_path), None, 1 << 20)
+    s.open()
+
+    def read_only(_path: str) -> int:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(spool_mod, "_try_lock", read_only)
+    assert s.adopt_orphans() == []
+    assert len(s.unusable) == 1 and "Read-only file system" in s.unusable[0]
+    s.close()
