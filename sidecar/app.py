@@ -342,7 +342,7 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
                 log.warning("second stop signal during drain: leaving the rest in the spool")
                 break
     rt.sender.abandon()
-    rt.sender.join(2.0)
+    rt.sender.join(0.5)  # a connect in progress cannot be woken; what it holds is spilled below
     rt.heartbeat.stop()
     rt.control.stop()
     rt.outbox.close()

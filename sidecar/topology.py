@@ -107,6 +107,14 @@ class Target:
             self.conn.close()
             self.conn = None
 
+    def interrupt(self) -> None:
+        """Wake a thread blocked reading from this target (another thread calls this)."""
+        for conn in self._connections():
+            conn.interrupt()
+
+    def _connections(self) -> list[Connection]:
+        return [self.conn] if self.conn is not None else []
+
 
 def check_wait(reply: Any, wanted: int) -> None:
     if isinstance(reply, ReplyError):
@@ -309,6 +317,9 @@ class ClusterTarget(Target):
                 return replies
             pending = retry
         raise ReplyError("TRYAGAIN too many cluster redirections")
+
+    def _connections(self) -> list[Connection]:
+        return list(self.nodes.values())
 
     def close(self) -> None:
         for addr in list(self.nodes):

@@ -232,6 +232,9 @@ class TargetPipe:
     def connect(self) -> None:
         pass
 
+    def interrupt(self) -> None:
+        self.target.interrupt()
+
     def pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
         replies = self.target.execute(cmds)
         if (self.settings.redis_mode == "auto" and type(self.target) is Target
@@ -325,9 +328,13 @@ class Sender:
         self.outbox.notify()
 
     def abandon(self) -> None:
+        """Stop now, even mid-retry or mid-read: what is not acknowledged stays queued."""
         self._abandon.set()
         self._stop.set()
         self.outbox.notify()
+        target = self._target
+        if target is not None:
+            target.interrupt()
 
     def join(self, timeout: float | None) -> bool:
         self.thread.join(timeout)
@@ -402,6 +409,8 @@ class Sender:
         try:
             for attempt in retrying:
                 with attempt:
+                    if self._abandon.is_set():
+                        return False  # no new connection attempt after abandon()
                     self._send(items)
         except RETRYABLE:
             return False

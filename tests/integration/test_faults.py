@@ -385,3 +385,27 @@ def test_each_append_names_the_batch_before_it_in_the_pipeline() -> None:
     appends = [c for c in sent if c[0] == "EVALSHA"]
     assert [(c[3], c[5], c[6], c[-1]) for c in appends] == [
         ("k1", "p", 1, 0), ("k1", "p", 11, 10), ("k2", "p", 1, 0), ("k1", "q", 1, 0), ("k1", "p", 13, 12)]
+
+
+def test_exit_keeps_to_the_drain_timeout_while_redis_hangs(redis_factory: Any, start_sidecar: Any,
+                                                           tmp_path: Path) -> None:
+    """Redis frozen (SIGSTOP) while the sidecar drains: it leaves within --drain-timeout plus a
+    short margin, with what was not acknowledged in the spool for replay."""
+    srv: RedisServer = redis_factory()
+    spool = tmp_path / "spool"
+    proc = start_sidecar([*sidecar_args(srv.url, "hang", spool, "--drain-timeout", "1", "--socket-timeout", "5"),
+                          "--", *counter(300, 200)])
+    wait_until(lambda: srv.client().xlen(runs.keys("hang")["stdout"]) > 0, timeout=10)
+    srv.stop()
+    try:
+        t0 = time.monotonic()
+        cp = proc.finish(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        srv.cont()
+    assert cp.returncode == 0, cp.stderr
+    # the agent needs ~1.5 s; then --drain-timeout 1; the socket timeout (5 s) must not add up
+    assert elapsed < 4.0, elapsed
+    rp = replay(srv.url, spool)
+    assert rp.returncode == 0, rp.stderr
+    assert_exactly_once(srv.client(), runs.keys("hang")["stdout"], 300)
