@@ -86,6 +86,19 @@ end
 return 1
 """
 TOKENS_SHA = hashlib.sha1(TOKENS_SCRIPT.encode()).hexdigest()
+
+# The variation hash takes a status only if it is not older than the one it holds (by the
+# status timestamp): replaying an earlier attempt's spool must not roll the state back.
+# ARGV: timestamp, ttl, then field/value pairs.
+VARIATION_SCRIPT = """
+local cur = redis.call('HGET', KEYS[1], 'updated_at')
+if cur and cur > ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+return 1
+"""
+VARIATION_SHA = hashlib.sha1(VARIATION_SCRIPT.encode()).hexdigest()
 TOKEN_TOTAL_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
                       "cost_usd")
 # Lifecycle states that set `status` in the variation hash (agent-reported states set `agent_state`).
@@ -437,9 +450,10 @@ class Sender:
     # -- I/O -----------------------------------------------------------------------------
     def _on_connect(self, conn: Connection) -> None:
         """Load our scripts on every new connection."""
-        cmds: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", APPEND_SCRIPT), ("SCRIPT", "LOAD", TOKENS_SCRIPT)]
+        cmds: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", APPEND_SCRIPT), ("SCRIPT", "LOAD", TOKENS_SCRIPT),
+                                       ("SCRIPT", "LOAD", VARIATION_SCRIPT)]
         replies = conn.pipeline(cmds)
-        for reply, digest in zip(replies[:2], (APPEND_SHA, TOKENS_SHA), strict=True):
+        for reply, digest in zip(replies[:3], (APPEND_SHA, TOKENS_SHA, VARIATION_SHA), strict=True):
             if isinstance(reply, ReplyError):
                 raise reply
             if reply.decode() != digest:
@@ -487,9 +501,8 @@ class Sender:
                 msg = orjson.loads(it.payload)
                 run = str(msg.get("run_id", ""))
                 vkey = variation_key(f"{{{run}}}" if s.cluster_hash_tag else run, str(msg.get("variation_id", "")))
-                cmds.append(("HSET", vkey, *status_hash_fields(msg)))
-                if ttl > 0:
-                    cmds.append(("EXPIRE", vkey, ttl))
+                cmds.append(("EVALSHA", VARIATION_SHA, 1, vkey, str(msg.get("timestamp", "")), ttl,
+                             *status_hash_fields(msg)))
             if s.use_stream:
                 cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key, cluster), it.producer, it.first,
                              it.last, it.payload, maxlen, publish_mode if publish_inline else 0, ttl, prev))

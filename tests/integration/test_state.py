@@ -189,3 +189,28 @@ def test_hostile_event_lines_neither_stop_the_data_path_nor_spoil_a_batch(
     assert code == 0 and b"Traceback" not in err
     printed = [orjson.loads(x) for x in out.splitlines()]
     assert [p["text"].encode() for p in printed if p.get("stream") == "stdout"] == lines
+
+
+def test_replaying_an_earlier_attempt_does_not_roll_the_variation_hash_back(redis_factory: object,
+                                                                            tmp_path: Path) -> None:
+    from tests.helpers import run_process
+    from tests.redis_harness import find_free_port
+
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    spool = tmp_path / "spool"
+    common = ["--redis-url", url, "--run-id", "att", "--no-echo", "--spool-dir", str(spool), "--socket-timeout", "1",
+              "--drain-timeout", "0.5"]
+    cp = run_sidecar([*common, "--", "sh", "-c", "echo first; exit 1"])  # Redis down: spooled
+    assert cp.returncode == 1
+    srv = redis_factory(port=port)  # type: ignore[operator]
+    client = srv.client()
+    cp = run_sidecar([*common, "--spool-dir", str(tmp_path / "other-spool"), "--", "sh", "-c", "echo second"])
+    assert cp.returncode == 0, cp.stderr
+    assert client.hget("run:att:variation:0", "exit_code") == b"0"
+    second = client.hget("run:att:variation:0", "producer")
+    rp = run_process([sys.executable, "-m", "sidecar", "replay", "--spool-dir", str(spool), "--redis-url", url])
+    assert rp.returncode == 0, rp.stderr
+    assert runs.stream_bytes(client, "run:att:output:0") == b"second\nfirst\n"  # delivered late, all of it
+    state = client.hgetall("run:att:variation:0")
+    assert state[b"status"] == b"exited" and state[b"exit_code"] == b"0" and state[b"producer"] == second
