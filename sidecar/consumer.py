@@ -7,8 +7,10 @@ jump is reported as a ``Gap``.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -55,14 +57,14 @@ class Deduper:
         key = (channel, producer)
         prev = self.last.get(key, 0)
         if kind == protocol.BATCH:
+            records = list(protocol.iter_records(msg))  # checked whole before anything is yielded
             first = int(msg.get("seq", 0))
-            n = int(msg.get("n", len(msg.get("lines") or ())))
             if first > prev + 1 and prev > 0:
                 yield Gap(channel, str(msg.get("stream", "")), producer, prev + 1, first - 1, "missing")
-            for rec in protocol.iter_records(msg):
+            for rec in records:
                 if rec.seq > prev:
                     yield rec
-            self.last[key] = max(prev, first + n - 1)
+            self.last[key] = max(prev, first + len(records) - 1)
         elif kind == protocol.GAP:
             first, last = int(msg["from"]), int(msg["to"])
             if first > prev + 1 and prev > 0:
@@ -106,17 +108,20 @@ class RunReader:
             except (ProtocolError, KeyError, TypeError, ValueError):
                 self.errors += 1
 
+    def _stored_key(self, key: str) -> Iterator[Event]:
+        while True:
+            start = self.ids[key]
+            entries = self.client.xrange(key, min=f"({start}" if start != "0-0" else "-", max="+", count=self.page)
+            if not entries:
+                return
+            yield from self._decode_entries(entries, key)
+            if len(entries) < self.page:
+                return
+
     def stored(self) -> Iterator[Event]:
-        """Everything stored now, key by key, each in order."""
-        for key in list(self.ids):
-            while True:
-                start = self.ids[key]
-                entries = self.client.xrange(key, min=f"({start}" if start != "0-0" else "-", max="+", count=self.page)
-                if not entries:
-                    break
-                yield from self._decode_entries(entries, key)
-                if len(entries) < self.page:
-                    break
+        """Everything stored now: each key in its stream order, the keys interleaved by time
+        (see ``merge_by_time``), paging through all of them together."""
+        yield from merge_by_time([self._stored_key(k) for k in list(self.ids)])
 
     def follow(self, block_ms: int = 1000) -> Iterator[Event | None]:
         """New entries as they come (XREAD BLOCK); yields None on each idle timeout.
@@ -138,12 +143,41 @@ class RunReader:
             if not resp:
                 yield None
                 continue
-            batches: list[Event] = []
+            per_key: list[list[Event]] = []
             for key, entries in resp:
                 k = key.decode() if isinstance(key, bytes) else key
-                batches.extend(self._decode_entries(entries, k))
-            batches.sort(key=lambda e: e.ts if isinstance(e, Record) else 0.0)
-            yield from batches
+                per_key.append(list(self._decode_entries(entries, k)))
+            yield from merge_by_time(per_key)
+
+
+def event_time(ev: Event) -> float:
+    """When an event happened: a record's capture time, a status message's timestamp."""
+    if isinstance(ev, Record):
+        return ev.ts
+    if isinstance(ev, Status):
+        stamp = ev.msg.get("timestamp")
+        if isinstance(stamp, str):
+            try:
+                return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                pass
+    return 0.0  # a gap: placed by its neighbours (see merge_by_time)
+
+
+def merge_by_time(sources: list[Iterable[Event]]) -> Iterator[Event]:
+    """Interleave per-key event sequences by time without ever reordering one key: within a
+    key an event counts as no earlier than the one before it (a clock that stepped back, a
+    gap marker, a status written after the output it follows), so each key stays in stream
+    order and, across keys, what happened first comes first."""
+
+    def timed(index: int, events: Iterable[Event]) -> Iterator[tuple[float, int, Event]]:
+        latest = 0.0
+        for ev in events:
+            latest = max(latest, event_time(ev))
+            yield latest, index, ev
+
+    for _t, _i, ev in heapq.merge(*(timed(i, src) for i, src in enumerate(sources)), key=lambda x: (x[0], x[1])):
+        yield ev
 
 
 def is_cluster(client: Any) -> bool:

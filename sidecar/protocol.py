@@ -45,13 +45,24 @@ def compress_if_large(raw: bytes, threshold: int) -> bytes:
     return raw
 
 
+# The largest decompressed payload a reader accepts: far above any batch the sidecar writes
+# (--batch-max-bytes of output, escaped), small enough that a forged frame header cannot make
+# a reader allocate gigabytes.
+MAX_PAYLOAD_BYTES = 256 << 20
+
+
 def decompress(payload: bytes) -> bytes:
     if payload[:4] == ZSTD_MAGIC:
         try:
             # Frames written by ZstdCompressor.compress carry their content size.
-            return _decompressor.decompress(payload, max_output_size=1 << 31)
-        except zstandard.ZstdError as exc:
-            raise ProtocolError(f"corrupt zstd payload: {exc}") from exc
+            size = zstandard.frame_content_size(payload)
+            if size < 0:
+                raise ProtocolError("zstd payload without its content size")
+            if size > MAX_PAYLOAD_BYTES:
+                raise ProtocolError(f"zstd payload of {size} bytes, more than {MAX_PAYLOAD_BYTES}")
+            return _decompressor.decompress(payload, max_output_size=MAX_PAYLOAD_BYTES)
+        except (zstandard.ZstdError, MemoryError) as exc:
+            raise ProtocolError(f"corrupt zstd payload: {exc!r}") from exc
     return payload
 
 
@@ -257,12 +268,19 @@ class Record:
         return body.decode("utf-8", "replace")
 
 
+MAX_TS = 1e10  # Unix seconds, the year 2286
+
+
 def iter_records(msg: dict[str, Any]) -> Iterator[Record]:
     """Records of a decoded batch payload, in order."""
     if msg.get("type") != BATCH:
         return
     try:
         lines: list[str] = msg["lines"]
+        if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+            raise ProtocolError("malformed batch: lines must be a list of strings")
+        if msg.get("n", len(lines)) != len(lines):
+            raise ProtocolError("malformed batch: n differs from the number of lines")
         seq0 = int(msg["seq"])
         ts_runs: list[list[float]] = msg.get("ts") or []
         partial = set(msg.get("partial") or ())
@@ -279,6 +297,8 @@ def iter_records(msg: dict[str, Any]) -> Iterator[Record]:
         runs = [(int(r[0]), float(r[1])) for r in ts_runs]
     except (IndexError, TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed ts runs: {exc}") from exc
+    if not all(0.0 <= t <= MAX_TS for _i, t in runs):
+        raise ProtocolError("malformed ts runs: a time outside 1970..2286")
     run = 0
     ts = runs[0][1] if runs else 0.0
     for i, text in enumerate(lines):

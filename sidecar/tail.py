@@ -21,7 +21,10 @@ _CONN_OPTS = {*CONNECTION_OPTIONS, "output_channel", "logs_channel", "status_cha
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="agent-sidecar tail", description="Print a run's output from Redis.")
+    p = _Parser(prog="agent-sidecar tail", description="Print a run's output from Redis: stdout, stderr and "
+                "status interleaved by time, each stream in order. Exit status: 0; 1 when Redis cannot be read; "
+                "2 on a usage error; with --raw, 3 when output is missing (a gap or an undecodable entry), "
+                "which the other modes report in the output.")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--variation", default="0", help="variation id (default 0)")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new output, like tail -f")
@@ -61,6 +64,7 @@ class Printer:
         self.out: BinaryIO = sys.stdout.buffer
         self.err: BinaryIO = sys.stderr.buffer
         self.final: str | None = None
+        self.gaps = 0
 
     def emit(self, ev: Event) -> None:
         if isinstance(ev, Record):
@@ -89,13 +93,16 @@ class Printer:
             if self.mode == "json":
                 self.out.write(orjson.dumps(ev.msg) + b"\n")
             else:
-                meta = " ".join(f"{k}={v}" for k, v in (ev.msg.get("metadata") or {}).items())
+                metadata = ev.msg.get("metadata")
+                meta = " ".join(f"{k}={v}" for k, v in metadata.items()) if isinstance(metadata, dict) else ""
                 self.out.write(f"{str(ev.msg.get('timestamp', ''))[11:23]} --- {ev.status} {meta}\n".encode())
         elif isinstance(ev, Gap):
             note = f"[agent-sidecar] gap: records {ev.first}..{ev.last} of {ev.channel} {ev.reason}\n"
             if self.mode == "json":
                 self.out.write(orjson.dumps({"type": "gap", "channel": ev.channel, "stream": ev.stream,
                                              "from": ev.first, "to": ev.last, "reason": ev.reason}) + b"\n")
+            elif self.mode == "raw":
+                self.gaps += 1  # stderr carries the agent's bytes only; reported by the exit status
             else:
                 self.err.write(note.encode())
 
@@ -153,6 +160,9 @@ def main(argv: Sequence[str]) -> int:
         return 1
     finally:
         client.close()
+    if mode == "raw":
+        # stderr is the agent's: missing output shows in the exit status only
+        return 3 if reader.errors or printer.gaps else 0
     if reader.errors:
         sys.stderr.write(f"[agent-sidecar] {reader.errors} undecodable entries skipped\n")
     return 0

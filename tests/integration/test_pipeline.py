@@ -339,3 +339,15 @@ def test_tail_against_a_server_that_is_not_what_the_mode_says_is_one_line(redis_
         out, err, code = runs.tail(redis_server.url, "nothing", *extra)
         assert code == 1 and out == b""
         assert len(err.decode().strip().splitlines()) == 1 and b"Traceback" not in err, err
+
+
+def test_tail_interleaves_stdout_stderr_and_status_by_time(redis_server: RedisServer) -> None:
+    agent = ["sh", "-c", "echo out1; sleep 0.1; echo err1 >&2; sleep 0.1; echo out2; sleep 0.1; echo err2 >&2"]
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "mix", "--no-echo", "--", *agent])
+    assert cp.returncode == 0, cp.stderr
+    out, err, code = runs.tail(redis_server.url, "mix")
+    assert code == 0, err
+    lines = [line.split(" ", 1)[1] for line in out.decode().splitlines()]
+    body = [x for x in lines if not x.startswith("---")]
+    assert body == ["out | out1", "err | err1", "out | out2", "err | err2"]
+    assert lines[-1].startswith("--- exited")

@@ -282,3 +282,83 @@ def test_channel_names() -> None:
         logs="l:{variation_id}",
         status="s:{run_id}:{agent_id}",
     ) == {"stdout": "o:ag:R", "stderr": "l:v2", "status": "s:R:ag"}
+
+
+# -- reading a run: order across keys, hostile entries ------------------------------------------
+
+LOGS = "run:r:logs:0"
+
+
+def _entry(payload_msg: dict[str, Any]) -> dict[str, bytes]:
+    return {"d": protocol.encode_object(payload_msg)}
+
+
+def _status_at(seq: int, status: str, ts: float) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    msg = status_msg(seq, status)
+    msg["timestamp"] = datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return msg
+
+
+def _client_with(entries: list[tuple[str, dict[str, bytes]]]) -> Any:
+    import fakeredis
+
+    client = fakeredis.FakeRedis()
+    for key, fields in entries:
+        client.xadd(key, fields)
+    return client
+
+
+def _texts(events: list[Any]) -> list[str]:
+    out = []
+    for e in events:
+        out.append(e.text if isinstance(e, Record) else f"<{e.status}>" if isinstance(e, Status) else "<gap>")
+    return out
+
+
+def test_stored_interleaves_keys_by_time_and_keeps_each_key_in_order() -> None:
+    from sidecar.consumer import RunReader
+
+    out1 = batch_msg(1, 1, tag="o")  # ts 1001
+    out2 = batch_msg(2, 1, tag="o")  # ts 1002
+    err1 = batch_msg(1, 1, tag="e", channel=LOGS, stream="stderr")  # ts 1001
+    err1["ts"] = [[0, 1001.5]]
+    client = _client_with([(OUT, _entry(out1)), (OUT, _entry(out2)), (LOGS, _entry(err1)),
+                           (STATUS, _entry(_status_at(1, "running", 1000.5))),
+                           (STATUS, _entry(_status_at(2, "exited", 1003.0)))])
+    reader = RunReader(client, [OUT, LOGS, STATUS], page=1)  # one entry per page: the merge pages all keys
+    assert _texts(list(reader.stored())) == ["<running>", "oline1", "eline1", "oline2", "<exited>"]
+
+
+def test_follow_never_puts_the_final_status_before_the_output_it_follows() -> None:
+    from sidecar.consumer import RunReader
+
+    last = batch_msg(5, 2, tag="o")
+    last["ts"] = [[0, 1005.0], [1, 1004.0]]  # the wall clock stepped back inside the batch
+    client = _client_with([(OUT, _entry(last)), (STATUS, _entry(_status_at(9, "exited", 1005.5)))])
+    reader = RunReader(client, [OUT, STATUS])
+    got: list[Any] = []
+    for ev in reader.follow(block_ms=10):
+        if ev is None:
+            break
+        got.append(ev)
+    assert _texts(got) == ["oline5", "oline6", "<exited>"]
+
+
+def test_hostile_entries_are_counted_and_skipped_never_fatal() -> None:
+    from sidecar.consumer import RunReader
+
+    bomb = b"\x28\xb5\x2f\xfd\xe0" + (1 << 40).to_bytes(8, "little") + b"\x01\x00\x00x"
+    bad_n = batch_msg(1, 1, tag="o")
+    bad_n["n"] = 10**18
+    not_str = batch_msg(1, 1, tag="o")
+    not_str["lines"] = [1]
+    far_ts = batch_msg(1, 1, tag="o")
+    far_ts["ts"] = [[0, 1e20]]
+    good = batch_msg(1, 2, tag="o")
+    client = _client_with([(OUT, {"d": bomb}), (OUT, _entry(bad_n)), (OUT, _entry(not_str)), (OUT, _entry(far_ts)),
+                           (OUT, _entry(good))])
+    reader = RunReader(client, [OUT])
+    assert _texts(list(reader.stored())) == ["oline1", "oline2"]
+    assert reader.errors == 4
