@@ -5,7 +5,7 @@ from sidecar.config import OPTIONS
 
 def fmt_default(opt) -> str:  # type: ignore[no-untyped-def]
     if opt.kind == "negbool":
-        return "echo on"
+        return f"{opt.dest} on"
     if opt.default is None:
         return "see description"
     if opt.kind == "bytes":

@@ -1,10 +1,13 @@
 import os
 import sys
 
-from sidecar.cli import main
-
 if __name__ == "__main__":
-    code = main()
+    try:
+        from sidecar.cli import main
+
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C before the command took over its signals
+        code = 130
     # Everything is delivered or spooled and every file is closed: skip the interpreter's
     # teardown of modules and daemon threads, which costs tens of milliseconds per agent.
     try:

@@ -28,7 +28,7 @@ def usage_error(message: str) -> NoReturn:
 
 def _help_for(opt: Option) -> str:
     env = f"env {opt.env}" if opt.env else "no env"
-    default = {"negbool": "on", "bool": "off"}.get(opt.kind, opt.default)
+    default = {"negbool": f"{opt.dest} on", "bool": "off"}.get(opt.kind, opt.default)
     return f"{opt.help} [{env}; default: {default}]"
 
 

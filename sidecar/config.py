@@ -6,6 +6,7 @@ import math
 import os
 import socket
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -81,21 +82,21 @@ OPTIONS: tuple[Option, ...] = (
            kind="choice", choices=("block", "drop")),
     Option("drain_timeout_s", "--drain-timeout", "SIDECAR_DRAIN_TIMEOUT", 10.0,
            "seconds to deliver what is waiting after the agent exits; the rest stays in the spool",
-           kind="float"),
+           kind="duration"),
     Option("kill_grace_s", "--kill-grace", "SIDECAR_KILL_GRACE", 10.0,
-           "seconds between SIGTERM/SIGINT to the agent and SIGKILL", kind="float"),
+           "seconds between SIGTERM/SIGINT to the agent and SIGKILL", kind="duration"),
     Option("pipe_grace_s", "--pipe-grace", "SIDECAR_PIPE_GRACE", 2.0,
-           "seconds to keep reading after the agent exits when a grandchild holds its pipes", kind="float"),
+           "seconds to keep reading after the agent exits when a grandchild holds its pipes", kind="duration"),
     Option("socket_timeout_s", "--socket-timeout", "SIDECAR_SOCKET_TIMEOUT", 5.0,
-           "seconds before a silent Redis counts as down", kind="float"),
+           "seconds before a silent Redis counts as down", kind="duration"),
     Option("retry_max_s", "--retry-max-backoff", "SIDECAR_RETRY_MAX_BACKOFF", 5.0,
-           "cap of the exponential reconnect backoff, seconds", kind="float"),
+           "cap of the exponential reconnect backoff, seconds", kind="duration"),
     Option("retention_s", "--retention", "SIDECAR_RETENTION", 86400.0,
            "TTL of every key written, refreshed on write (s, or with m/h/d suffix; 0: none)", kind="duration"),
     Option("max_stream_len", "--max-stream-len", "SIDECAR_MAX_STREAM_LEN", 1_000_000,
            "approximate cap on entries per stream (0: none)", kind="int"),
     Option("heartbeat_interval_s", "--heartbeat-interval", "SIDECAR_HEARTBEAT_INTERVAL", 5.0,
-           "seconds between heartbeats on agent:{agent_id}:heartbeat (0: none)", kind="float"),
+           "seconds between heartbeats on agent:{agent_id}:heartbeat (0: none)", kind="duration"),
     Option("redis_username", "--redis-username", "REDIS_USERNAME", None, "ACL user name"),
     Option("redis_password_file", "--redis-password-file", "REDIS_PASSWORD_FILE", None,
            "file holding the Redis password (a mounted Kubernetes Secret)"),
@@ -301,10 +302,16 @@ def validate_url(url: str) -> None:
     if parts.scheme == "unix":
         if not parts.path:
             raise UsageError(f"invalid Redis URL {mask_url(url)!r}: unix:// needs a socket path")
-        for db_text in parse_qs(parts.query).get("db", []):
+        query = parse_qs(parts.query, keep_blank_values=True)
+        if set(query) - {"db"}:
+            raise UsageError(f"invalid Redis URL {mask_url(url)!r}: unix:// takes only the query parameter db")
+        for db_text in query.get("db", []):
             if not db_text.isdigit():
                 raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number, not {db_text!r}")
         return
+    if parts.query:
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no query parameters (the database goes in the "
+                         "path, TLS files in --redis-ca-file/--redis-cert-file/--redis-key-file)")
     if not parts.hostname:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no host")
     if port is not None and not 0 < port < 65536:
@@ -434,6 +441,11 @@ CONNECTION_OPTIONS = ("redis_url", "redis_username", "redis_password_file", "red
                       "log_level")
 
 
-def build_connection(values: dict[str, Any], env: dict[str, str]) -> Settings:
-    """Settings for the read and replay commands: the same options and environment, no agent."""
-    return build(values, env, ())
+def build_connection(values: dict[str, Any], env: dict[str, str], used: Iterable[str] = CONNECTION_OPTIONS) -> Settings:
+    """Settings for the read and replay commands: the same options and environment, no agent.
+    Of the option variables in the environment only those of ``used`` (option names) are
+    read, so that a bad value meant for the run command (say SIDECAR_LINGER_MS) does not
+    stop them."""
+    names = set(used)
+    ignored = {o.env for o in OPTIONS if o.env and o.dest not in names}
+    return build(values, {k: v for k, v in env.items() if k not in ignored}, ())

@@ -35,8 +35,11 @@ def _gap_unused(key: str, first: int, last: int):  # type: ignore[no-untyped-def
 
 def main(argv: Sequence[str]) -> int:
     ns = parser().parse_args(list(argv))
+    if not 0 <= ns.timeout <= 1e8:  # also refuses nan
+        sys.stderr.write(f"agent-sidecar replay: error: --timeout {ns.timeout} must be between 0 and 1e8 seconds\n")
+        return 2
     try:
-        s = build_connection(vars(ns), dict(os.environ))
+        s = build_connection(vars(ns), dict(os.environ), _OPTS)
     except UsageError as exc:
         sys.stderr.write(f"agent-sidecar replay: error: {exc}\n")
         return 2

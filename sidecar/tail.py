@@ -114,7 +114,7 @@ class Printer:
 def main(argv: Sequence[str]) -> int:
     ns = parser().parse_args(list(argv))
     try:
-        settings = build_connection(vars(ns), dict(os.environ))
+        settings = build_connection(vars(ns), dict(os.environ), _CONN_OPTS)
     except UsageError as exc:
         sys.stderr.write(f"agent-sidecar tail: error: {exc}\n")
         return 2

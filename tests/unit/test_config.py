@@ -553,3 +553,27 @@ def test_redact_patterns_are_checked_as_they_will_be_used(patterns: tuple[str, .
 
 def test_leading_inline_flags_in_a_redact_pattern_are_accepted() -> None:
     assert mk({"redact_patterns": ("(?i)password=\\S+", "(?s)(?x) a . b")}).redact_patterns
+
+
+def test_every_seconds_option_takes_duration_suffixes() -> None:
+    s = mk({"drain_timeout_s": "2m", "kill_grace_s": "1.5s", "heartbeat_interval_s": "1m", "socket_timeout_s": "2s",
+            "pipe_grace_s": "0", "retry_max_s": "1m"})
+    assert (s.drain_timeout_s, s.kill_grace_s, s.heartbeat_interval_s, s.socket_timeout_s, s.retry_max_s) == (
+        120.0, 1.5, 60.0, 2.0, 60.0)
+
+
+@pytest.mark.parametrize("url", ["redis://h:6379/0?db=2", "rediss://h/0?ssl_cert_reqs=none", "redis://h/?foo=1",
+                                 "unix:///tmp/r.sock?db=1&foo=2"])
+def test_query_parameters_are_refused(url: str) -> None:
+    with pytest.raises(UsageError, match="query"):
+        mk({"redis_url": url})
+
+
+def test_read_commands_ignore_bad_values_of_options_they_do_not_use() -> None:
+    from sidecar.config import CONNECTION_OPTIONS, build_connection
+
+    vals = {o.dest: None for o in OPTIONS}
+    s = build_connection(vals, {"SIDECAR_LINGER_MS": "abc", "REDIS_URL": "redis://h:1/0"}, CONNECTION_OPTIONS)
+    assert s.redis_url == "redis://h:1/0"
+    with pytest.raises(UsageError):
+        build_connection(vals, {"SIDECAR_SOCKET_TIMEOUT": "abc"}, CONNECTION_OPTIONS)
