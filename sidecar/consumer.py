@@ -8,6 +8,7 @@ jump is reported as a ``Gap``.
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -95,6 +96,7 @@ class RunReader:
         self.page = page
         self.dedupe = Deduper()
         self.errors = 0
+        self.reconnects = 0  # times follow() lost Redis and went on
 
     def _decode_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]], key: str) -> Iterator[Event]:
         for entry_id, fields in entries:
@@ -131,15 +133,25 @@ class RunReader:
         from .topology import key_slot
 
         split = is_cluster(self.client) and len({key_slot(k) for k in self.ids}) > 1
+        pause = 0.1
         while True:
-            if split:
-                resp = []
-                for key in list(self.ids):
-                    part = self.client.xread({key: self.ids[key]}, count=self.page,
-                                             block=max(1, block_ms // (4 * len(self.ids))))
-                    resp.extend(part or [])
-            else:
-                resp = self.client.xread(dict(self.ids), count=self.page, block=block_ms)  # type: ignore[arg-type]
+            try:
+                if split:
+                    resp = []
+                    for key in list(self.ids):
+                        part = self.client.xread({key: self.ids[key]}, count=self.page,
+                                                 block=max(1, block_ms // (4 * len(self.ids))))
+                        resp.extend(part or [])
+                else:
+                    resp = self.client.xread(dict(self.ids), count=self.page, block=block_ms)  # type: ignore[arg-type]
+            except (redis.ConnectionError, redis.TimeoutError):
+                # Redis restarting or failing over: go on from the last entry read, with backoff.
+                self.reconnects += 1
+                yield None
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+                continue
+            pause = 0.1
             if not resp:
                 yield None
                 continue

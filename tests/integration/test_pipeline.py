@@ -351,3 +351,23 @@ def test_tail_interleaves_stdout_stderr_and_status_by_time(redis_server: RedisSe
     body = [x for x in lines if not x.startswith("---")]
     assert body == ["out | out1", "err | err1", "out | out2", "err | err2"]
     assert lines[-1].startswith("--- exited")
+
+
+def test_tail_follow_goes_on_across_a_redis_restart(redis_server: RedisServer) -> None:
+    from tests.helpers import start_process
+
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "rs", "--no-echo", "--", "echo", "before"])
+    assert cp.returncode == 0
+    proc = start_process([sys.executable, "-m", "sidecar", "tail", "rs", "--follow", "--raw", "--redis-url",
+                          redis_server.url])
+    try:
+        time.sleep(1.0)
+        redis_server.restart()  # no persistence: what follows is new
+        cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "rs", "--no-echo", "--", "echo", "after"])
+        assert cp.returncode == 0
+        out = proc.wait_for_output(b"after\n", stream="stdout", timeout=15)
+        assert out == b"before\nafter\n"
+        assert proc.poll() is None  # still following
+    finally:
+        proc.terminate()
+        proc.wait(10)
