@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from .events import STDERR, STDOUT, Output, StreamClosed
 from .lines import DEFAULT_MAX_LINE_BYTES, LineSplitter, Segment
 
 READ_SIZE = 1 << 16
+QUIET_MS = 100  # pipes silent this long: release what a filter holds back
 Sink = Callable[[Output | StreamClosed], None]
 Quiet = Callable[[bool], None]
 Filter = Callable[[str, bytes, bool], bytes]
@@ -49,6 +51,8 @@ class PipeReader:
         self._deadline: float | None = None
         self._lock = threading.Lock()
         self.bytes_read = 0
+        self.echo_dropped = 0  # echo bytes the sidecar's own stdout/stderr did not take
+        self._made_nonblocking = [fd for fd in set(self._echo.values()) if _nonblocking(fd)]
         self.thread = threading.Thread(target=self.run, name="pipe-reader", daemon=True)
 
     def start(self) -> None:
@@ -73,12 +77,16 @@ class PipeReader:
             while by_fd:
                 with self._lock:
                     deadline = self._deadline
+                if deadline is not None and time.monotonic() >= deadline:
+                    # checked on every round: a grandchild that never stops writing must not
+                    # keep the sidecar reading past --pipe-grace
+                    for fd, name in list(by_fd.items()):
+                        self._close(poller, by_fd, fd, name, forced=True)
+                    continue
                 timeout_ms = 100 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-                ready = poller.poll(min(timeout_ms, 100))
+                ready = poller.poll(min(timeout_ms, QUIET_MS))
                 if not ready:
-                    if deadline is not None and time.monotonic() >= deadline:
-                        for fd, name in list(by_fd.items()):
-                            self._close(poller, by_fd, fd, name, forced=True)
+                    self._release_held(by_fd)
                     continue
                 quiet = True
                 for fd, _ev in ready:
@@ -100,6 +108,11 @@ class PipeReader:
         finally:
             for fd in list(by_fd):
                 os.close(fd)
+            for fd in self._made_nonblocking:
+                try:
+                    os.set_blocking(fd, True)
+                except OSError:
+                    pass
 
     def _handle(self, name: str, chunk: bytes, ts: float) -> None:
         self.bytes_read += len(chunk)
@@ -109,8 +122,20 @@ class PipeReader:
             return
         echo_fd = self._echo.get(name)
         if echo_fd is not None:
-            _write_all(echo_fd, chunk)
+            self.echo_dropped += _write_all(echo_fd, chunk)
         self._emit(name, ts, self._splitters[name].feed(chunk))
+
+    def _release_held(self, by_fd: dict[int, str]) -> None:
+        """The pipes were quiet for QUIET_MS: what the filter holds back goes out now."""
+        if self._filter is None:
+            return
+        for name in by_fd.values():
+            held = self._filter(name, b"", True)
+            if held:
+                echo_fd = self._echo.get(name)
+                if echo_fd is not None:
+                    self.echo_dropped += _write_all(echo_fd, held)
+                self._emit(name, time.time(), self._splitters[name].feed(held))
 
     def _emit(self, name: str, ts: float, segments: list[Segment]) -> None:
         if len(segments) == 1:
@@ -129,21 +154,42 @@ class PipeReader:
             if tail:
                 echo_fd = self._echo.get(name)
                 if echo_fd is not None:
-                    _write_all(echo_fd, tail)
+                    self.echo_dropped += _write_all(echo_fd, tail)
                 self._emit(name, ts, self._splitters[name].feed(tail))
         self._emit(name, ts, self._splitters[name].flush())
         self._sink(StreamClosed(name, forced))
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> int:
+    """Echo ``data`` to ``fd`` (made non-blocking by the reader); returns the bytes dropped.
+
+    Whoever reads the sidecar's own stdout/stderr (a container runtime, a terminal, a pipe)
+    must never hold up the capture: what the descriptor does not take at once is dropped
+    from the echo. The records shipped to Redis are complete either way."""
     view = memoryview(data)
     try:
         while view:
             n = os.write(fd, view)
             view = view[n:]
+    except BlockingIOError:
+        return len(view)
     except OSError:
         # The container's own stdout going away must not stop the capture.
-        pass
+        return len(view)
+    return 0
+
+
+def _nonblocking(fd: int) -> bool:
+    """Pipes and sockets (what a container runtime gives) only: a terminal shares its open file
+    with the shell, which must not find it non-blocking afterwards."""
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) or not os.get_blocking(fd):
+            return False
+        os.set_blocking(fd, False)
+        return True
+    except OSError:
+        return False
 
 
 def default_streams(stdout_fd: int, stderr_fd: int) -> dict[str, int]:

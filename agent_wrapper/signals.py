@@ -102,21 +102,24 @@ class Supervisor:
                 if info.si_signo == signal.SIGCHLD:
                     status = reap(self.agent.pid)
                     if status is not None:
+                        if self._kill_at is not None:
+                            # stopped, and the leader is gone: so is the rest of its group
+                            self.agent.signal_group(signal.SIGKILL)
                         code, sig = from_wait_status(status)
                         return Exited(self.agent.pid, code, sig, time.time())
                     continue
-                if self._on_signal is not None:
-                    self._on_signal(info.si_signo)
                 if info.si_signo in STOPPING:
                     self.stop(info.si_signo)
                 else:
                     self.agent.signal_group(info.si_signo)
+                if self._on_signal is not None:  # after forwarding: logging may be slow
+                    self._on_signal(info.si_signo)
             if self._kill_at is not None and time.monotonic() >= self._kill_at:
                 self._kill_at = float("inf")
                 self.killed_after_grace = True
+                self.agent.signal_group(signal.SIGKILL)
                 if self._on_kill is not None:
                     self._on_kill()
-                self.agent.signal_group(signal.SIGKILL)
             if tick is not None:
                 tick()
 

@@ -1,7 +1,16 @@
 import os
+import signal
 import sys
 
+# The signals the run command takes synchronously (agent_wrapper.signals.WAITED), blocked
+# before anything else is imported: as PID 1 a SIGTERM that arrives during start-up would
+# otherwise be ignored by the kernel, and anywhere else it would kill the sidecar before the
+# agent could be told. ``tail`` and ``replay`` unblock them.
+EARLY_BLOCKED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                           signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD})
+
 if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, EARLY_BLOCKED)
     try:
         from sidecar.cli import main
 

@@ -292,10 +292,21 @@ def run(s: Settings, launched: Agent | SpawnFailed | None = None) -> int:
     exited: Exited = sup.wait(tick=lambda: rt.apply_commands(sup))
     rt.control.stop()
     reader.stop_after(s.pipe_grace_s)
+    stops = 0
     while not reader.join(0.1):
         sig = signals.next_signal(0)
-        if sig is not None:
-            log.info("agent has exited; still reading its pipes", pipe_grace_s=s.pipe_grace_s)
+        if sig is None:
+            continue
+        agent.signal_group(sig)  # what is left of the agent's group (a process holding the pipes)
+        if sig in signals.STOPPING:
+            stops += 1
+            if stops >= 2:
+                reader.stop_after(0)  # a second stop: stop reading now
+        log.info("agent has exited; still reading its pipes", pipe_grace_s=s.pipe_grace_s,
+                 forwarded=signal_name(sig))
+    if reader.echo_dropped:
+        log.warning("the sidecar's own stdout/stderr did not keep up: output dropped from the echo only, "
+                    "not from Redis", bytes=reader.echo_dropped)
     meta: dict[str, Any] = {
         "exit_code": exited.code,
         "duration_s": round(exited.ts - agent.started.ts, 3),

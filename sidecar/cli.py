@@ -60,8 +60,32 @@ def run_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The sidecar's own credentials: the agent gets the environment without them.
+PRIVATE_ENV = ("REDIS_PASSWORD", "SIDECAR_CONTROL_SECRET")
+
+
+def agent_environment(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The environment for the agent: the sidecar's, less its Redis password and control
+    secret (and REDIS_URL when the URL carries a password)."""
+    from urllib.parse import urlsplit
+
+    out = {k: v for k, v in env.items() if k not in PRIVATE_ENV}
+    url = out.get("REDIS_URL", "")
+    try:
+        has_password = "+sentinel://" in url and "@" in url or urlsplit(url).password is not None
+    except ValueError:
+        has_password = True
+    if has_password:
+        del out["REDIS_URL"]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("tail", "replay"):
+        import signal
+
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # blocked early for the run command only
     if args and args[0] == "tail":
         from .tail import main as tail_main
 
@@ -95,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signals.block()  # before any thread starts, so all inherit the mask
     signals.become_subreaper()
-    launched = spawn(settings.command)
+    launched = spawn(settings.command, agent_environment(os.environ))
     from .app import run
 
     return run(settings, launched)

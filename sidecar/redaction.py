@@ -9,8 +9,8 @@ A secret can straddle two reads of the pipe. The filter therefore holds back the
 chunk that could be the beginning of a secret — at most ``max_token`` bytes, never past a
 line end (secrets contain no CR or LF), and only as much as could still become a match:
 the trailing run of token characters, a suffix that begins an environment secret, or, when
-user patterns are set, the unfinished line. What is held back goes out with the next read
-or when the pipe closes.
+user patterns are set, the unfinished line. What is held back goes out with the next read,
+after 100 ms without one (a prompt must not wait for its newline), or when the pipe closes.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class Redactor:
         parts = [re.escape(v) for v in self.values] + shapes + [scoped(p) for p in extra_patterns]
         self.rx = re.compile(b"|".join(b"(?:" + p + b")" for p in parts))
         self.token_rx = re.compile(b"|".join(b"(?:" + p + b")" for p in shapes))
-        self.max_token = max_token
+        self.max_token = max(max_token, max((len(v) for v in self.values), default=0))
         self._held: dict[str, bytes] = {}
         self.masked = 0
 

@@ -118,3 +118,78 @@ def test_agent_closes_stdout_early_and_goes_on_with_stderr(redis_server: RedisSe
         hashlib.sha256(b"last stdout line\n").hexdigest(), 17)
     assert _tail_raw_digest(redis_server.url, "closed", "stderr") == (
         hashlib.sha256(expected_err).hexdigest(), len(expected_err))
+
+
+def _sidecar(url: str, run_id: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sidecar", "--redis-url", url, "--run-id", run_id, *extra]
+
+
+def test_an_unread_echo_never_holds_up_capture_or_signals(redis_server: RedisServer) -> None:
+    """The sidecar's own stdout is a pipe nobody reads: the agent's 4 MB still reach Redis in
+    full, and the sidecar exits with the agent's code."""
+    import os
+
+    from tests.integration import runs
+
+    r, w = os.pipe()
+    try:
+        agent = [sys.executable, "-c", "import sys\nfor i in range(50000): print('x' * 70, i)\nsys.exit(4)"]
+        proc = subprocess.Popen(_sidecar(redis_server.url, "unread", "--", *agent), stdout=w,
+                                stderr=subprocess.DEVNULL, env=child_env(), cwd=str(Path(__file__).parents[2]))
+        os.close(w)
+        w = -1
+        assert proc.wait(60) == 4
+    finally:
+        if w >= 0:
+            os.close(w)
+        os.close(r)
+    recs = runs.records(redis_server.client(), "run:unread:output:0")
+    assert len(recs) == 50000 and recs[-1].data == b"x" * 70 + b" 49999\n"
+
+
+def test_a_grandchild_that_keeps_writing_is_cut_off_after_pipe_grace(redis_server: RedisServer) -> None:
+    agent = ["sh", "-c", f"({sys.executable} -c 'import os, time\nend = time.time() + 8\n"
+             f"while time.time() < end: os.write(1, b\"still here\\n\" * 1000)' &) ; exit 0"]
+    t0 = time.monotonic()
+    cp = subprocess.run(_sidecar(redis_server.url, "daemon", "--no-echo", "--pipe-grace", "0.5", "--", *agent),
+                        capture_output=True, env=child_env(), cwd=str(Path(__file__).parents[2]), timeout=60)
+    assert cp.returncode == 0
+    assert time.monotonic() - t0 < 5, "reading went on past --pipe-grace while data kept coming"
+    assert b"still held open" in cp.stderr
+
+
+def test_after_a_stop_the_rest_of_the_agents_group_goes_with_it(redis_server: RedisServer) -> None:
+    import signal as sig
+
+    marker = "sleep 27.123"
+    agent = ["sh", "-c", f"trap 'exit 0' TERM; (trap '' TERM; exec {marker}) >/dev/null 2>&1 & wait"]
+    proc = start_sidecar(_sidecar(redis_server.url, "grp", "--no-echo", "--kill-grace", "5", "--", *agent)[3:])
+    time.sleep(1.0)
+    proc.send_signal(sig.SIGTERM)
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 0, cp.stderr
+    time.sleep(0.3)
+    left = [p for p in psutil.process_iter(["cmdline"]) if " ".join(p.info["cmdline"] or []) == marker]
+    for p in left:
+        p.kill()
+    assert not left, "a member of the agent's group outlived the stop"
+
+
+def test_a_prompt_without_newline_is_echoed_at_once(redis_server: RedisServer) -> None:
+    agent = ["sh", "-c", "printf 'Loading'; sleep 3; echo ' done'"]  # could begin a token: held back
+    proc = subprocess.Popen(_sidecar(redis_server.url, "prompt", "--", *agent), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, env=child_env(), cwd=str(Path(__file__).parents[2]))
+    assert proc.stdout is not None
+    got = b""
+    deadline = time.monotonic() + 2.0  # well before the agent's newline
+    import os
+
+    os.set_blocking(proc.stdout.fileno(), False)
+    while b"Loading" not in got and time.monotonic() < deadline:
+        got += proc.stdout.read() or b""
+        time.sleep(0.02)
+    try:
+        assert got == b"Loading"
+    finally:
+        proc.wait(30)
+        proc.stdout.close()

@@ -577,3 +577,13 @@ def test_read_commands_ignore_bad_values_of_options_they_do_not_use() -> None:
     assert s.redis_url == "redis://h:1/0"
     with pytest.raises(UsageError):
         build_connection(vals, {"SIDECAR_SOCKET_TIMEOUT": "abc"}, CONNECTION_OPTIONS)
+
+
+def test_the_agent_does_not_get_the_sidecars_credentials() -> None:
+    from sidecar.cli import agent_environment
+
+    env = {"REDIS_PASSWORD": "pw", "SIDECAR_CONTROL_SECRET": "s", "REDIS_URL": "redis://u:pw@h:6379/0",
+           "OPENAI_API_KEY": "sk-x", "PATH": "/bin"}
+    assert agent_environment(env) == {"OPENAI_API_KEY": "sk-x", "PATH": "/bin"}
+    assert agent_environment({"REDIS_URL": "redis://h:6379/0"}) == {"REDIS_URL": "redis://h:6379/0"}
+    assert "REDIS_URL" not in agent_environment({"REDIS_URL": "redis+sentinel://:pw@h:26379/m"})

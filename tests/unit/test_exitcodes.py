@@ -124,3 +124,10 @@ def test_signal_name_known(sig: int, name: str) -> None:
 @pytest.mark.parametrize(("sig", "name"), [(0, "SIG0"), (999, "SIG999"), (-1, "SIG-1")])
 def test_signal_name_unknown(sig: int, name: str) -> None:
     assert signal_name(sig) == name
+
+
+def test_the_signals_blocked_at_start_up_are_those_the_run_command_waits_for() -> None:
+    import sidecar.__main__ as entry
+    from agent_wrapper import signals
+
+    assert entry.EARLY_BLOCKED == signals.WAITED

@@ -143,3 +143,10 @@ def test_leading_inline_flags_apply_to_their_own_pattern_only() -> None:
 
 def test_patterns_that_match_nothing_somewhere_mask_nothing_there() -> None:
     assert run(Redactor({}, [r"\b"]), [b"hello world\n"]) == b"hello world\n"
+
+
+def test_a_secret_longer_than_the_usual_hold_back_is_masked_across_reads() -> None:
+    secret = "eyJ" + "a" * 1200
+    r = Redactor({"GH_TOKEN": secret})
+    data = b"token=" + secret.encode() + b"\n"
+    assert run(r, [data[:1000], data[1000:]]) == b"token=[REDACTED]\n"
