@@ -17,6 +17,7 @@ psutil is imported by the thread, not at module import (it is slow to import).
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -126,6 +127,10 @@ class TreeSampler:
             members = [root]
             try:
                 members += root.children(recursive=True)
+                if root.ppid() == os.getpid():
+                    # orphans of the agent are re-parented to the sidecar (subreaper or PID 1)
+                    known = {p.pid for p in members}
+                    members += [p for p in ps.Process(os.getpid()).children(recursive=True) if p.pid not in known]
             except gone:
                 pass
         except gone:

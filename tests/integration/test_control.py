@@ -232,3 +232,21 @@ def test_a_command_too_deep_to_report_is_still_rejected_in_order(redis_server: R
     rejected = [m for m in statuses if m["status"] == "control_rejected"]
     assert len(rejected) == 1 and "unencodable_metadata" in rejected[0]["metadata"]
     assert statuses[-1]["status"] == "cancelled"
+
+
+def test_heartbeat_counts_the_agents_orphans(redis_server: RedisServer, start_sidecar: Any) -> None:
+    """Processes the agent left behind (re-parented to the sidecar) still count as the agent's."""
+    sub = redis_server.client().pubsub()
+    sub.subscribe("agent:agent-orph:heartbeat")
+    sub.get_message(timeout=1)
+    agent = ["sh", "-c", "(sleep 4 &); (sleep 4 &); (sleep 4 &); sleep 2.5"]
+    proc = _start(start_sidecar, redis_server.url, "orph", "--heartbeat-interval", "0.25", agent=agent)
+    counts: list[int] = []
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        m = sub.get_message(timeout=0.1)
+        if m and m["type"] in ("message", b"message"):
+            counts.append(orjson.loads(m["data"])["num_procs"])
+    proc.finish(timeout=30)
+    sub.close()
+    assert max(counts) >= 5, counts  # sh, its sleep and the three orphaned sleeps
