@@ -13,7 +13,9 @@ from .events import STDERR, STDOUT, Output, StreamClosed
 from .lines import DEFAULT_MAX_LINE_BYTES, LineSplitter, Segment
 
 READ_SIZE = 1 << 16
-QUIET_MS = 100  # pipes silent this long: release what a filter holds back
+# Pipes silent this long: what a filter holds back (the start of a possible secret) goes out.
+# Long enough that a secret written in two parts a moment apart is still seen whole.
+RELEASE_AFTER_S = 1.0
 Sink = Callable[[Output | StreamClosed], None]
 Quiet = Callable[[bool], None]
 Filter = Callable[[str, bytes, bool], bytes]
@@ -73,6 +75,7 @@ class PipeReader:
         for name, fd in self._fds.items():
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
             by_fd[fd] = name
+        last_data = time.monotonic()
         try:
             while by_fd:
                 with self._lock:
@@ -84,10 +87,12 @@ class PipeReader:
                         self._close(poller, by_fd, fd, name, forced=True)
                     continue
                 timeout_ms = 100 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-                ready = poller.poll(min(timeout_ms, QUIET_MS))
+                ready = poller.poll(min(timeout_ms, 100))
                 if not ready:
-                    self._release_held(by_fd)
+                    if time.monotonic() - last_data >= RELEASE_AFTER_S:
+                        self._release_held(by_fd)
                     continue
+                last_data = time.monotonic()
                 quiet = True
                 for fd, _ev in ready:
                     name = by_fd.get(fd)
@@ -126,7 +131,7 @@ class PipeReader:
         self._emit(name, ts, self._splitters[name].feed(chunk))
 
     def _release_held(self, by_fd: dict[int, str]) -> None:
-        """The pipes were quiet for QUIET_MS: what the filter holds back goes out now."""
+        """The pipes were quiet for RELEASE_AFTER_S: what the filter holds back goes out now."""
         if self._filter is None:
             return
         for name in by_fd.values():

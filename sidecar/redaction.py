@@ -10,7 +10,7 @@ chunk that could be the beginning of a secret — at most ``max_token`` bytes, n
 line end (secrets contain no CR or LF), and only as much as could still become a match:
 the trailing run of token characters, a suffix that begins an environment secret, or, when
 user patterns are set, the unfinished line. What is held back goes out with the next read,
-after 100 ms without one (a prompt must not wait for its newline), or when the pipe closes.
+after 1 s without one (a prompt must not wait for its newline), or when the pipe closes.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ spawns) can be killed as a whole at teardown.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import shutil
@@ -36,9 +37,17 @@ _output_counter = itertools.count(1)
 T = TypeVar("T")
 
 
+# One spool directory for the sidecars of this test session (unless a test names its own):
+# leftovers of another session, or of other users of the machine, must not be adopted.
+_SESSION_SPOOL = tempfile.mkdtemp(prefix="agent-sidecar-test-spool-")
+atexit.register(shutil.rmtree, _SESSION_SPOOL, True)
+
+
 def child_env(env: Mapping[str, str | None] | None = None) -> dict[str, str]:
-    """``os.environ`` minus :data:`SCRUBBED_ENV_VARS`, plus ``env`` (a ``None`` value removes a key)."""
+    """``os.environ`` minus :data:`SCRUBBED_ENV_VARS`, plus ``env`` (a ``None`` value removes a key),
+    with a spool directory of this test session."""
     result = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV_VARS}
+    result["SIDECAR_SPOOL_DIR"] = _SESSION_SPOOL
     for key, value in (env or {}).items():
         if value is None:
             result.pop(key, None)
