@@ -355,6 +355,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
             raw = env[opt.env]
         merged[opt.dest] = opt.default if raw is None else convert(opt, raw)
     validate_url(merged["redis_url"])
+    if merged["redis_mode"] == "sentinel" and "+sentinel://" not in merged["redis_url"]:
+        raise UsageError(f"--redis-mode sentinel needs a redis+sentinel:// URL, not {mask_url(merged['redis_url'])!r}")
     for key in ("output_channel", "logs_channel", "status_channel"):
         validate_template(key, merged[key])
     if merged["min_replicas_ack"] < 0:

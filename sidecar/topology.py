@@ -261,8 +261,10 @@ class ClusterTarget(Target):
                 if addr is not None:
                     return addr
             raise ConnectionError("cluster has no known master")
-        addr = self.slots[key_slot(key if isinstance(key, (str, bytes)) else str(key))]
+        slot = key_slot(key if isinstance(key, (str, bytes)) else str(key))
+        addr = self.slots[slot]
         if addr is None:
+            self.slots = [None] * 16384  # a map with a hole may be stale: read it again next time
             raise ReplyError("CLUSTERDOWN slot not served")
         return addr
 

@@ -131,6 +131,11 @@ def status_hash_fields(msg: dict[str, Any]) -> list[Any]:
     return fields
 
 
+# Replies that tell a client which took the server for a standalone one that it is a cluster
+# node: a redirection, or CROSSSLOT for a two-key script (the cluster refuses that one before
+# it looks at which node serves the slot).
+CLUSTER_CUES = ("MOVED", "ASK", "CROSSSLOT")
+
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, ReplyError)
@@ -251,7 +256,7 @@ class TargetPipe:
     def pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
         replies = self.target.execute(cmds)
         if (self.settings.redis_mode == "auto" and type(self.target) is Target
-                and any(isinstance(r, ReplyError) and r.code in ("MOVED", "ASK") for r in replies)):
+                and any(isinstance(r, ReplyError) and r.code in CLUSTER_CUES for r in replies)):
             old = self.target
             old.close()
             self.target = ClusterTarget(old.endpoint, old.factory, old.on_connect)
@@ -512,7 +517,7 @@ class Sender:
                 cmds.extend((publish_cmd, it.key, msg) for msg in it.pubs)
         replies = target.execute(cmds, s.min_replicas_ack)
         if (s.redis_mode == "auto" and type(target) is Target
-                and any(isinstance(r, ReplyError) and r.code in ("MOVED", "ASK") for r in replies)):
+                and any(isinstance(r, ReplyError) and r.code in CLUSTER_CUES for r in replies)):
             # Appends are idempotent, so sending the whole list again through the slot map is safe.
             replies = self._to_cluster().execute(cmds, s.min_replicas_ack)
         for reply in replies:

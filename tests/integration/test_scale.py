@@ -84,6 +84,27 @@ def test_cluster_tail_and_consumer_read_a_run(redis_cluster: Any, tmp_path: Path
     assert len(recs) == 600
 
 
+def test_any_node_of_a_cluster_will_do_for_any_run(redis_cluster: Any, tmp_path: Path) -> None:
+    """Auto mode pointed at one node: whichever slots a run's keys fall in, the cluster is
+    detected (a redirection or a CROSSSLOT refusal) and everything is delivered."""
+    from sidecar.topology import key_slot
+
+    client = redis_cluster.client()
+    seed = redis_cluster.seed.port
+    on_seed = [(a, b) for a, b, master, _r in redis_cluster.slot_map() if master.port == seed]
+    run_ids = [f"any-{i}" for i in range(12)]
+    # some runs have every single-key write on the seed node: no redirection ever comes
+    assert any(a <= key_slot(f"run:{r}:variation:0") <= b for r in run_ids for a, b in on_seed)
+    for run_id in run_ids:
+        cp = run_process([sys.executable, "-m", "sidecar", *_args(redis_cluster.url, run_id, tmp_path),
+                          "--drain-timeout", "10", "--", "echo", run_id], timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        assert b"stays in the spool" not in cp.stderr, (run_id, key_slot(f"run:{run_id}:variation:0"))
+    for run_id in run_ids:
+        recs = [r for r in RunReader(client, [f"run:{run_id}:output:0"]).stored() if isinstance(r, Record)]
+        assert [r.data for r in recs] == [run_id.encode() + b"\n"]
+
+
 def test_cluster_sharded_pubsub_reaches_ssubscribers(redis_cluster: Any, tmp_path: Path) -> None:
     from sidecar.consumer import subscribe
 
@@ -140,8 +161,11 @@ def test_sentinel_url_for_tail(redis_sentinel: Any, tmp_path: Path) -> None:
     assert out.stdout == b"via sentinel\n"
 
 
-@pytest.mark.parametrize("url", ["redis+sentinel://127.0.0.1:1", "redis+sentinel:///mymaster"])
-def test_bad_sentinel_url_is_usage_error(url: str) -> None:
-    cp = run_process([sys.executable, "-m", "sidecar", "--redis-url", url, "--", "true"], timeout=30)
-    assert cp.returncode == 2
-    assert len(cp.stderr.decode().strip().splitlines()) == 1
+@pytest.mark.parametrize("args", [["--redis-url", "redis+sentinel://127.0.0.1:1"],
+                                  ["--redis-url", "redis+sentinel:///mymaster"],
+                                  ["--redis-url", "redis://127.0.0.1:26379/0", "--redis-mode", "sentinel"]])
+def test_bad_sentinel_url_is_usage_error(args: list[str]) -> None:
+    for cmd in (["--run-id", "x", *args, "--", "true"], ["tail", "x", *args], ["replay", *args]):
+        cp = run_process([sys.executable, "-m", "sidecar", *cmd], timeout=30)
+        assert cp.returncode == 2, (cmd, cp.stderr)
+        assert len(cp.stderr.decode().strip().splitlines()) == 1 and b"Traceback" not in cp.stderr

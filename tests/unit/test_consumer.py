@@ -362,3 +362,4 @@ def test_hostile_entries_are_counted_and_skipped_never_fatal() -> None:
     reader = RunReader(client, [OUT])
     assert _texts(list(reader.stored())) == ["oline1", "oline2"]
     assert reader.errors == 4
+
