@@ -2,8 +2,9 @@
 
 Masked as ``[REDACTED]``: the values (8 characters or more) of the agent's environment
 variables whose names end in KEY, TOKEN, SECRET, PASSWORD or CREDENTIALS (any case);
-well-known token shapes; and the user's own patterns. Works on bytes (the output may be
-any bytes), with one compiled alternation.
+well-known token shapes; and the user's own patterns. A value is also recognised as it
+appears inside a JSON string (escaped) or a URL (percent-encoded). Works on bytes (the
+output may be any bytes), with one compiled alternation.
 
 A secret can straddle two reads of the pipe. The filter therefore holds back the end of a
 chunk that could be the beginning of a secret — at most ``max_token`` bytes, never past a
@@ -43,8 +44,28 @@ _TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
 
 
 def secret_values(env: Mapping[str, str], min_len: int = MIN_VALUE_LEN) -> list[bytes]:
-    values = {v.encode() for k, v in env.items() if k.upper().endswith(SUFFIXES) and len(v) >= min_len}
+    """The secret values, and the forms they take inside a JSON string or a URL where those
+    differ (a value with quotes, slashes, spaces or non-ASCII characters)."""
+    values: set[bytes] = set()
+    for k, v in env.items():
+        if k.upper().endswith(SUFFIXES) and len(v) >= min_len:
+            values.update(_encodings(v))
     return sorted(values, key=len, reverse=True)  # longest first: a value containing another wins
+
+
+def _encodings(value: str) -> set[bytes]:
+    import json
+    from urllib.parse import quote, quote_plus
+
+    raw = value.encode("utf-8", "surrogateescape")
+    forms = {raw}
+    for ascii_only in (True, False):
+        escaped = json.dumps(value, ensure_ascii=ascii_only)[1:-1]
+        forms.add(escaped.encode("utf-8", "surrogateescape"))
+        forms.add(escaped.replace("/", "\\/").encode("utf-8", "surrogateescape"))
+    forms.add(quote(raw, safe="").encode())
+    forms.add(quote_plus(raw, safe="").encode())
+    return forms
 
 
 class Redactor:

@@ -150,3 +150,14 @@ def test_a_secret_longer_than_the_usual_hold_back_is_masked_across_reads() -> No
     r = Redactor({"GH_TOKEN": secret})
     data = b"token=" + secret.encode() + b"\n"
     assert run(r, [data[:1000], data[1000:]]) == b"token=[REDACTED]\n"
+
+
+def test_a_secret_is_masked_json_escaped_and_url_encoded_too() -> None:
+    value = 'ab/cd+ef"gh-é'
+    r = Redactor({"API_TOKEN": value})
+    import json
+    from urllib.parse import quote
+
+    for form in (value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1],
+                 json.dumps(value)[1:-1].replace("/", "\\/"), quote(value, safe="")):
+        assert run(r, [b"x=" + form.encode() + b"\n"]) == b"x=[REDACTED]\n", form
