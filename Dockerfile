@@ -44,5 +44,5 @@ USER 10001:10001
 
 # The sidecar runs as PID 1: it forwards signals to the agent and reaps orphans, so no init
 # process is needed. Everything after "--" is the agent's command.
-ENTRYPOINT ["python", "-m", "sidecar", "--"]
+ENTRYPOINT ["python", "-P", "-m", "sidecar", "--"]
 CMD ["python", "-c", "print('no agent command given')"]

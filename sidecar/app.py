@@ -231,6 +231,17 @@ class Runtime:
 
 
 
+def _secrets_env(s: Settings) -> dict[str, str]:
+    """The environment redaction draws secret values from, plus the sidecar's own secrets
+    wherever they came from (a password or control secret read from a file)."""
+    env = dict(os.environ)
+    if s.redis_password:
+        env["SIDECAR_OWN_REDIS_PASSWORD"] = s.redis_password
+    if s.control_secret:
+        env["SIDECAR_OWN_CONTROL_SECRET"] = s.control_secret.decode("utf-8", "surrogateescape")
+    return env
+
+
 def run(s: Settings, launched: Agent | SpawnFailed | None = None) -> int:
     """Ship the agent's output. ``launched``: the agent if the caller started it already
     (after ``signals.block()``), else it is started here."""
@@ -277,7 +288,7 @@ def run(s: Settings, launched: Agent | SpawnFailed | None = None) -> int:
         rt.sink,
         on_quiet=rt.batcher.on_quiet,
         echo=echo,
-        filter=redaction.from_settings(os.environ, s.redact_patterns, s.redact),
+        filter=redaction.from_settings(_secrets_env(s), s.redact_patterns, s.redact),
         max_line_bytes=s.max_line_bytes,
     )
     reader.start()

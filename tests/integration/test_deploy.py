@@ -527,7 +527,7 @@ def test_dockerfile_runs_the_sidecar_as_an_unprivileged_user() -> None:
     runtime = text[text.rindex("\nFROM ") :]
     users = re.findall(r"^USER\s+(\S+)", runtime, re.M)
     assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) >= 1000
-    assert 'ENTRYPOINT ["python", "-m", "sidecar", "--"]' in runtime
+    assert 'ENTRYPOINT ["python", "-P", "-m", "sidecar", "--"]' in runtime  # -P: not the cwd first on sys.path
     assert re.search(r"^CMD \[", runtime, re.M)
     assert "SIDECAR_SPOOL_DIR=/var/spool/agent-sidecar" in runtime
     assert "chown 10001:10001 /var/spool/agent-sidecar" in runtime

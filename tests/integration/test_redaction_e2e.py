@@ -47,3 +47,16 @@ def test_no_redact_publishes_as_written(redis_server: RedisServer) -> None:
     assert cp.returncode == 0  # type: ignore[attr-defined]
     out = runs.stream_bytes(redis_server.client(), "run:raw:output:0")
     assert out == (f"env: {SECRET}\nsplit: AKIAIOSFODNN7EXAMPLE done\nticket T-4242 closed\n").encode()
+
+
+def test_a_secret_read_from_a_file_is_masked_too(redis_server: RedisServer, tmp_path: object) -> None:
+    from pathlib import Path
+
+    secret_file = Path(str(tmp_path)) / "control-secret"
+    secret_file.write_text("file-secret-0123456789\n")
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "fsec", "--control-secret-file", str(secret_file),
+                      "--", "sh", "-c", f"echo \"secret: $(cat {secret_file})\""])
+    assert cp.returncode == 0, cp.stderr  # type: ignore[attr-defined]
+    out = runs.stream_bytes(redis_server.client(), "run:fsec:output:0")
+    assert out == b"secret: [REDACTED]\n"
+    assert cp.stdout == out  # type: ignore[attr-defined]
