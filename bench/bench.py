@@ -249,42 +249,34 @@ def free_port() -> int:
 
 
 class ThrowawayRedis:
-    """redis-server on a free loopback port, no persistence, removed on exit."""
+    """redis-server on a free loopback port, no persistence, removed on exit.
 
-    def __init__(self, extra_args: Sequence[str] = ()) -> None:
+    ``extra_args`` go to redis-server, ``popen`` to subprocess.Popen (bench/load.py starts
+    it in a session of its own)."""
+
+    def __init__(self, extra_args: Sequence[str] = (), *, prefix: str = "bench-redis-", **popen: Any) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = ""
         self.url = ""
         self.extra_args = list(extra_args)
+        self.prefix = prefix
+        self.popen = popen
 
-    def __enter__(self) -> ThrowawayRedis:
+    @property
+    def logfile(self) -> str:
+        return os.path.join(self.dir, "redis.log")
+
+    def start(self) -> ThrowawayRedis:
         exe = shutil.which("redis-server")
         if not exe:
             raise RuntimeError("redis-server not found on PATH (install it or pass --redis-url)")
-        self.dir = tempfile.mkdtemp(prefix="bench-redis-")
+        self.dir = tempfile.mkdtemp(prefix=self.prefix)
         for _attempt in range(3):
             port = free_port()
-            self.proc = subprocess.Popen(
-                [
-                    exe,
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    self.dir,
-                    "--logfile",
-                    os.path.join(self.dir, "redis.log"),
-                    *self.extra_args,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+            cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--dir", self.dir, "--logfile", self.logfile, *self.extra_args]
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, **self.popen)
             self.url = f"redis://127.0.0.1:{port}/0"
             client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
             deadline = time.monotonic() + 5
@@ -295,10 +287,10 @@ class ThrowawayRedis:
                     return self
                 except redis.ConnectionError:
                     time.sleep(0.05)
-            self._stop()  # port taken in the meantime, or a slow start: try another
+            self.stop()  # port taken in the meantime, or a slow start: try another
         raise RuntimeError("could not start redis-server")
 
-    def _stop(self) -> None:
+    def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -308,9 +300,16 @@ class ThrowawayRedis:
                 self.proc.wait()
         self.proc = None
 
+    def remove(self) -> None:
+        self.stop()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> ThrowawayRedis:
+        return self.start()
+
     def __exit__(self, *exc: object) -> None:
-        self._stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.remove()
 
 
 # ---------------------------------------------------------------- measurements

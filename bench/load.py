@@ -55,6 +55,7 @@ sys.path.insert(0, REPO)
 
 import agent_text  # noqa: E402
 
+import bench  # noqa: E402  (its throwaway redis-server)
 from sidecar import protocol  # noqa: E402
 
 PY = sys.executable  # not a version-manager shim from PATH: it would slow every start
@@ -136,53 +137,13 @@ def kill_groups(pgids: Iterable[int], sig: int) -> None:
 # ---------------------------------------------------------------- redis server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class ThrowawayRedis:
-    """redis-server on a free loopback port in its own session, no persistence."""
+class ThrowawayRedis(bench.ThrowawayRedis):
+    """bench.py's throwaway redis-server, in a session of its own (one scheduling group, like
+    each sidecar), dying with this script, and with room for thousands of clients."""
 
     def __init__(self) -> None:
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.dir = ""
-        self.url = ""
-
-    @property
-    def logfile(self) -> str:
-        return os.path.join(self.dir, "redis.log")
-
-    def start(self) -> ThrowawayRedis:
-        exe = shutil.which("redis-server")
-        if not exe:
-            raise RuntimeError("redis-server not found on PATH (install it or pass --redis-url)")
-        self.dir = tempfile.mkdtemp(prefix="load-redis-")
-        for _attempt in range(3):
-            port = free_port()
-            cmd = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            cmd += ["--dir", self.dir, "--logfile", self.logfile, "--maxclients", "10000"]
-            self.proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # one scheduling group of its own, like each sidecar
-                preexec_fn=_die_with_parent,
-            )
-            self.url = f"redis://127.0.0.1:{port}/0"
-            client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                try:
-                    client.ping()
-                    client.close()
-                    return self
-                except redis.ConnectionError:
-                    time.sleep(0.05)
-            self.stop()
-        raise RuntimeError("could not start redis-server")
+        super().__init__(["--maxclients", "10000"], prefix="load-redis-", start_new_session=True,
+                         preexec_fn=_die_with_parent)
 
     def notable_log_lines(self, limit: int = 20) -> list[str]:
         """Lines of the server log about clients dropped, limits, latency or memory."""
@@ -197,21 +158,6 @@ class ThrowawayRedis:
         except OSError:
             return []
         return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def remove(self) -> None:
-        self.stop()
-        if self.dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- subscriber (own process)
