@@ -123,6 +123,10 @@ class PipeReader:
         self.bytes_read += len(chunk)
         if self._filter is not None:
             chunk = self._filter(name, chunk, False)
+        self._pass_on(name, chunk, ts)
+
+    def _pass_on(self, name: str, chunk: bytes, ts: float) -> None:
+        """Filtered bytes: to the echo, then split into records for the sink."""
         if not chunk:
             return
         echo_fd = self._echo.get(name)
@@ -130,17 +134,15 @@ class PipeReader:
             self.echo_dropped += _write_all(echo_fd, chunk)
         self._emit(name, ts, self._splitters[name].feed(chunk))
 
+    def _release(self, name: str, ts: float) -> None:
+        """What the filter holds back for ``name`` goes out now."""
+        if self._filter is not None:
+            self._pass_on(name, self._filter(name, b"", True), ts)
+
     def _release_held(self, by_fd: dict[int, str]) -> None:
-        """The pipes were quiet for RELEASE_AFTER_S: what the filter holds back goes out now."""
-        if self._filter is None:
-            return
+        """The pipes were quiet for RELEASE_AFTER_S."""
         for name in by_fd.values():
-            held = self._filter(name, b"", True)
-            if held:
-                echo_fd = self._echo.get(name)
-                if echo_fd is not None:
-                    self.echo_dropped += _write_all(echo_fd, held)
-                self._emit(name, time.time(), self._splitters[name].feed(held))
+            self._release(name, time.time())
 
     def _emit(self, name: str, ts: float, segments: list[Segment]) -> None:
         if len(segments) == 1:
@@ -154,13 +156,7 @@ class PipeReader:
         del by_fd[fd]
         os.close(fd)
         ts = time.time()
-        if self._filter is not None:
-            tail = self._filter(name, b"", True)
-            if tail:
-                echo_fd = self._echo.get(name)
-                if echo_fd is not None:
-                    self.echo_dropped += _write_all(echo_fd, tail)
-                self._emit(name, ts, self._splitters[name].feed(tail))
+        self._release(name, ts)
         self._emit(name, ts, self._splitters[name].flush())
         self._sink(StreamClosed(name, forced))
 
