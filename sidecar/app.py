@@ -14,7 +14,7 @@ from agent_wrapper import signals
 from agent_wrapper.events import STDERR, STDOUT, Exited, Output, SpawnFailed, StreamClosed
 from agent_wrapper.exitcodes import signal_name
 from agent_wrapper.pipes import PipeReader
-from agent_wrapper.process import Agent, spawn
+from agent_wrapper.process import Agent
 
 from . import control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
@@ -242,13 +242,10 @@ def _secrets_env(s: Settings) -> dict[str, str]:
     return env
 
 
-def run(s: Settings, launched: Agent | SpawnFailed | None = None) -> int:
-    """Ship the agent's output. ``launched``: the agent if the caller started it already
-    (after ``signals.block()``), else it is started here."""
+def run(s: Settings, launched: Agent | SpawnFailed) -> int:
+    """Ship the output of the agent the caller started (after ``signals.block()`` and before
+    any thread, see cli.main), or report that it could not be started."""
     log.configure(s.log_format, s.log_level)
-    if launched is None:
-        signals.block()  # before any thread starts, so all inherit the mask
-        signals.become_subreaper()
     if s.run_id_generated:
         log.info("generated run id", run_id=s.run_id)
     rt = Runtime(s)
@@ -272,7 +269,7 @@ def run(s: Settings, launched: Agent | SpawnFailed | None = None) -> int:
     log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id)
     rt.status("starting", command=os.path.basename(s.command[0]))
 
-    result = spawn(s.command) if launched is None else launched
+    result = launched
     if isinstance(result, SpawnFailed):
         log.error(result.reason)
         return finish(rt, result.code, "failed", {"exit_code": result.code, "reason": result.reason})

@@ -136,10 +136,18 @@ def status_hash_fields(msg: dict[str, Any]) -> list[Any]:
 # it looks at which node serves the slot).
 CLUSTER_CUES = ("MOVED", "ASK", "CROSSSLOT")
 
+
+def reveals_cluster(settings: Settings, target: Target, replies: list[Any]) -> bool:
+    """In auto mode, a standalone target whose replies say it is a cluster node."""
+    return (settings.redis_mode == "auto" and type(target) is Target
+            and any(isinstance(r, ReplyError) and r.code in CLUSTER_CUES for r in replies))
+
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, ReplyError)
 APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest()
+# Loaded on every new connection, each checked against its digest.
+_SCRIPTS = ((APPEND_SCRIPT, APPEND_SHA), (TOKENS_SCRIPT, TOKENS_SHA), (VARIATION_SCRIPT, VARIATION_SHA))
 
 MAX_PIPELINE_ITEMS = 64
 MAX_PIPELINE_BYTES = 8 << 20
@@ -255,8 +263,7 @@ class TargetPipe:
 
     def pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
         replies = self.target.execute(cmds)
-        if (self.settings.redis_mode == "auto" and type(self.target) is Target
-                and any(isinstance(r, ReplyError) and r.code in CLUSTER_CUES for r in replies)):
+        if reveals_cluster(self.settings, self.target, replies):
             old = self.target
             old.close()
             self.target = ClusterTarget(old.endpoint, old.factory, old.on_connect)
@@ -455,10 +462,8 @@ class Sender:
     # -- I/O -----------------------------------------------------------------------------
     def _on_connect(self, conn: Connection) -> None:
         """Load our scripts on every new connection."""
-        cmds: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", APPEND_SCRIPT), ("SCRIPT", "LOAD", TOKENS_SCRIPT),
-                                       ("SCRIPT", "LOAD", VARIATION_SCRIPT)]
-        replies = conn.pipeline(cmds)
-        for reply, digest in zip(replies[:3], (APPEND_SHA, TOKENS_SHA, VARIATION_SHA), strict=True):
+        replies = conn.pipeline([("SCRIPT", "LOAD", script) for script, _sha in _SCRIPTS])
+        for reply, (_script, digest) in zip(replies, _SCRIPTS, strict=True):
             if isinstance(reply, ReplyError):
                 raise reply
             if reply.decode() != digest:
@@ -516,8 +521,7 @@ class Sender:
             if s.use_pubsub and it.pubs is not None:
                 cmds.extend((publish_cmd, it.key, msg) for msg in it.pubs)
         replies = target.execute(cmds, s.min_replicas_ack)
-        if (s.redis_mode == "auto" and type(target) is Target
-                and any(isinstance(r, ReplyError) and r.code in CLUSTER_CUES for r in replies)):
+        if reveals_cluster(s, target, replies):
             # Appends are idempotent, so sending the whole list again through the slot map is safe.
             replies = self._to_cluster().execute(cmds, s.min_replicas_ack)
         for reply in replies:
