@@ -96,7 +96,6 @@ class RunReader:
         self.page = page
         self.dedupe = Deduper()
         self.errors = 0
-        self.reconnects = 0  # times follow() lost Redis and went on
 
     def _decode_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]], key: str) -> Iterator[Event]:
         for entry_id, fields in entries:
@@ -146,7 +145,6 @@ class RunReader:
                     resp = self.client.xread(dict(self.ids), count=self.page, block=block_ms)  # type: ignore[arg-type]
             except (redis.ConnectionError, redis.TimeoutError):
                 # Redis restarting or failing over: go on from the last entry read, with backoff.
-                self.reconnects += 1
                 yield None
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
