@@ -811,7 +811,20 @@ class Bench:
         cmd = [PY, NAIVE, "--lines", str(n), "--rate", str(s.latency_rate), "--as-batch"]
         cmd += ["--redis-url", self.url, "--channel", key]
         try:
-            subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=n / s.latency_rate + s.run_timeout)
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+            # CPU of the relay over the same window as sidecar_cpu_pct (writer excluded, from
+            # 0.5 s after the first line arrived): what reading and sending each line costs
+            # any process on this machine.
+            sampler = ProcSampler(proc.pid)
+            deadline = time.monotonic() + n / s.latency_rate + s.run_timeout
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    raise RuntimeError("the latency-floor relay timed out")
+                first = consumers[1].first_at or consumers[0].first_at
+                sampler.sample(first is not None and time.time() > first + 0.5)
+                time.sleep(0.25)
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline and any(c.lines < n and not c.error for c in consumers):
                 time.sleep(0.05)
@@ -824,6 +837,8 @@ class Bench:
             p50, p99 = percentile(c.latencies_ms, 50), percentile(c.latencies_ms, 99)
             floor[c.kind] = {"p50": p50 and round(p50, 3), "p99": p99 and round(p99, 3), "lines": c.lines}
         self.context["latency_floor_ms"] = floor
+        cpu = sampler.cpu_pct()
+        self.context["latency_floor_cpu_pct"] = cpu and round(cpu, 2)
 
     def startup(self) -> None:
         base: list[float] = []
@@ -1013,6 +1028,24 @@ def public_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts)
 
 
+def prepare_bytecode() -> None:
+    """Compile the project's modules to bytecode, as pip does when it installs the package: with
+    PYTHONDONTWRITEBYTECODE set, every sidecar start would otherwise compile them from source."""
+    import compileall
+
+    for package in ("sidecar", "agent_wrapper"):
+        compileall.compile_dir(os.path.join(REPO, package), quiet=1)
+
+
+def import_hooks() -> list[str]:
+    """Import hooks of editable installs in this interpreter: site runs them at every start of
+    every child started with the same interpreter (about 20 ms each for setuptools' finder),
+    which an installed sidecar does not pay. scripts/venv.sh installs without one."""
+    names = [getattr(f, "__name__", type(f).__name__) for f in sys.meta_path]
+    names += [getattr(f, "__name__", "") for f in sys.path_hooks]
+    return [n for n in names if "editable" in n.lower()]
+
+
 def environment(r: redis.Redis, url: str, sidecar_args: list[str]) -> dict[str, Any]:
     try:
         commit = subprocess.run(
@@ -1032,6 +1065,7 @@ def environment(r: redis.Redis, url: str, sidecar_args: list[str]) -> dict[str, 
         "redis_url": public_url(url),
         "git_commit": commit,
         "sidecar_args": sidecar_args,
+        "import_hooks": import_hooks(),
     }
 
 
@@ -1057,6 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     started = time.perf_counter()
+    prepare_bytecode()
     server = None if args.redis_url else ThrowawayRedis()
     replica: ThrowawayRedis | None = None
     try:
@@ -1090,7 +1125,13 @@ def main(argv: list[str] | None = None) -> int:
     floor = bench.context.get("latency_floor_ms")
     if floor:
         parts = [f"{kind} p50 {fmt(v['p50'])} ms p99 {fmt(v['p99'])} ms" for kind, v in floor.items()]
+        floor_cpu = bench.context.get("latency_floor_cpu_pct")
+        if floor_cpu is not None:
+            parts.append(f"CPU {fmt(floor_cpu)} % of a core")
         print("context: latency floor, one XADD+PUBLISH per line by naive.py: " + ", ".join(parts))
+    if env.get("import_hooks"):
+        hooks = ", ".join(env["import_hooks"])
+        print(f"context: editable-install import hooks run at every interpreter start: {hooks}")
     print(
         f"note: the naive baseline uses {sizes.naive_lines:,} lines (one PUBLISH per line is slow); "
         f"the sidecar runs use {sizes.bulk_lines:,} (bulk) and {sizes.flush_lines:,} (flush)."
