@@ -70,15 +70,9 @@ def parse_url(url: str, password: str | None = None, username: str | None = None
 def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for a in args:
-        if isinstance(a, bytes):
-            b = a
-        elif isinstance(a, str):
-            b = a.encode()
-        else:
-            b = str(a).encode()
-        out.append(b"$%d\r\n" % len(b))
-        out.append(b)
-        out.append(b"\r\n")
+        if type(a) is not bytes and not isinstance(a, bytes):
+            a = a.encode() if isinstance(a, str) else str(a).encode()
+        out.append(b"$%d\r\n%b\r\n" % (len(a), a))
     return b"".join(out)
 
 
@@ -99,6 +93,7 @@ class Connection:
         self.client_name = client_name
         self._sock: socket.socket | None = None
         self._reader = hiredis.Reader(replyError=ReplyError)
+        self._interrupted = False  # interrupt() was called: no new session on this object
 
     @property
     def connected(self) -> bool:
@@ -129,6 +124,9 @@ class Connection:
                     raise
         sock.settimeout(self.socket_timeout)
         self._sock = sock
+        if self._interrupted:  # interrupt() came before there was a socket to shut down
+            self.close()
+            raise ConnectionAbortedError("connection interrupted")
         self._reader = hiredis.Reader(replyError=ReplyError)
         hello: list[tuple[Any, ...]] = []
         if ep.password is not None:
@@ -224,7 +222,10 @@ class Connection:
             self._reader.feed(data)
 
     def interrupt(self) -> None:
-        """Wake a thread blocked on this connection's socket (close() alone would not)."""
+        """Wake a thread blocked on this connection's socket (close() alone would not), also in
+        the middle of connect() once the TCP connection is up (AUTH, SELECT, CLIENT SETNAME).
+        Final: connect() on this object fails afterwards."""
+        self._interrupted = True
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)

@@ -79,17 +79,26 @@ class Target:
         self.factory = factory
         self.on_connect = on_connect
         self.conn: Connection | None = None
+        self._connecting: list[Connection] = []  # being set up: interrupt() reaches them too
+
+    def _open(self, endpoint: Endpoint, *, setup: bool = True) -> Connection:
+        """A new connection to ``endpoint``, set up by on_connect (unless ``setup`` is False)."""
+        conn = self.factory(endpoint)
+        self._connecting.append(conn)
+        try:
+            conn.connect()
+            if setup:
+                self.on_connect(conn)
+        except BaseException:
+            conn.close()
+            raise
+        finally:
+            self._connecting.remove(conn)
+        return conn
 
     def _connection(self) -> Connection:
         if self.conn is None:
-            conn = self.factory(self.endpoint)
-            conn.connect()
-            try:
-                self.on_connect(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self.conn = conn
+            self.conn = self._open(self.endpoint)
         return self.conn
 
     def execute(self, cmds: list[tuple[Any, ...]], wait_replicas: int = 0, wait_ms: int = 1000) -> list[Any]:
@@ -108,8 +117,9 @@ class Target:
             self.conn = None
 
     def interrupt(self) -> None:
-        """Wake a thread blocked reading from this target (another thread calls this)."""
-        for conn in self._connections():
+        """Wake a thread blocked reading from this target, or setting up a connection to it
+        (another thread calls this)."""
+        for conn in [*self._connections(), *self._connecting]:
             conn.interrupt()
 
     def _connections(self) -> list[Connection]:
@@ -181,15 +191,18 @@ class SentinelTarget(Target):
         order = list(self.spec.sentinels)
         random.shuffle(order)
         for host, port in order:
-            probe = self.factory(Endpoint(host=host, port=port))
+            probe: Connection | None = None
             try:
-                probe.connect()
+                probe = self._open(Endpoint(host=host, port=port), setup=False)
+                self._connecting.append(probe)  # still interruptible while it asks
                 addr = probe.call("SENTINEL", "get-master-addr-by-name", self.spec.master_name)
             except (OSError, ReplyError) as exc:
                 errors.append(f"{host}:{port}: {exc}")
                 continue
             finally:
-                probe.close()
+                if probe is not None:
+                    self._connecting.remove(probe)
+                    probe.close()
             if addr:
                 return Endpoint(host=addr[0].decode(), port=int(addr[1]), db=self.spec.db,
                                 username=self.spec.username, password=self.spec.password, tls=self.tls)
@@ -211,14 +224,7 @@ class ClusterTarget(Target):
     def _node(self, addr: tuple[str, int]) -> Connection:
         conn = self.nodes.get(addr)
         if conn is None:
-            conn = self.factory(replace(self.endpoint, host=addr[0], port=addr[1], db=0))
-            conn.connect()
-            try:
-                self.on_connect(conn)
-            except BaseException:
-                conn.close()
-                raise
-            self.nodes[addr] = conn
+            conn = self.nodes[addr] = self._open(replace(self.endpoint, host=addr[0], port=addr[1], db=0))
         return conn
 
     def refresh(self) -> None:

@@ -37,3 +37,138 @@ def test_a_cluster_slot_map_with_a_hole_is_read_again() -> None:
     with pytest.raises(ReplyError, match="CLUSTERDOWN"):
         target.execute([("SET", key, "v")])
     assert target.execute([("SET", key, "v")]) == [b"OK"]  # the slot is served by now
+
+
+# -- interrupting a connection that is being set up ------------------------------------------
+
+
+class MuteServer:
+    """Accepts TCP connections and reads what comes, never answering: a Redis that hangs."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.received = threading.Event()
+        self.conns: list[Any] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import threading
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: Any) -> None:
+        try:
+            while conn.recv(4096):
+                self.received.set()
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def _blocked_then_interrupted(make_target: Any, call: Any) -> tuple[BaseException | None, float]:
+    """Start ``call(target)`` in a thread, wait until it has sent to the mute server, interrupt
+    the target, and return (what the call raised, seconds it took to end after the interrupt)."""
+    import threading
+    import time
+
+    server = MuteServer()
+    try:
+        target = make_target(server.port)
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                call(target)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        assert server.received.wait(10), "the client never sent anything"
+        time.sleep(0.1)
+        assert thread.is_alive()  # blocked on the mute server (socket timeout 30 s)
+        t0 = time.monotonic()
+        target.interrupt()
+        thread.join(10)
+        took = time.monotonic() - t0
+        assert not thread.is_alive()
+        return outcome[0], took
+    finally:
+        server.close()
+
+
+def _factory(name: str) -> Any:
+    from functools import partial
+
+    from sidecar.resp import Connection
+
+    return partial(Connection, socket_timeout=30.0, connect_timeout=30.0, client_name=name)
+
+
+def test_interrupt_reaches_a_connection_still_being_set_up() -> None:
+    """CLIENT SETNAME (sent while connecting) gets no answer: interrupt() ends the wait at once,
+    instead of the socket timeout."""
+    from sidecar.resp import Endpoint
+    from sidecar.topology import Target
+
+    exc, took = _blocked_then_interrupted(
+        lambda port: Target(Endpoint("127.0.0.1", port), _factory("t"), lambda _c: None),
+        lambda t: t.execute([("PING",)]),
+    )
+    assert isinstance(exc, OSError)
+    assert took < 2.0
+
+
+def test_interrupt_reaches_a_cluster_node_being_set_up() -> None:
+    from sidecar.resp import Endpoint
+    from sidecar.topology import ClusterTarget
+
+    exc, took = _blocked_then_interrupted(
+        lambda port: ClusterTarget(Endpoint("127.0.0.1", port), _factory("c"), lambda _c: None),
+        lambda t: t.execute([("SET", "k", "v")]),
+    )
+    assert exc is not None  # the slot map could not be read
+    assert took < 2.0
+
+
+def test_interrupt_reaches_a_sentinel_probe() -> None:
+    from sidecar.topology import SentinelSpec, SentinelTarget
+
+    def make(port: int) -> SentinelTarget:
+        spec = SentinelSpec(sentinels=(("127.0.0.1", port),), master_name="m", db=0, username=None, password=None)
+        return SentinelTarget(spec, _factory("s"), lambda _c: None)
+
+    exc, took = _blocked_then_interrupted(make, lambda t: t.execute([("PING",)]))
+    assert isinstance(exc, ConnectionError)  # no sentinel named a master
+    assert took < 2.0
+
+
+def test_a_connection_interrupted_before_its_socket_exists_does_not_connect() -> None:
+    import pytest
+
+    from sidecar.resp import Connection, Endpoint
+
+    server = MuteServer()
+    try:
+        conn = Connection(Endpoint("127.0.0.1", server.port), socket_timeout=30.0, client_name="x")
+        conn.interrupt()
+        with pytest.raises(ConnectionAbortedError):
+            conn.connect()
+        assert not conn.connected
+    finally:
+        server.close()
