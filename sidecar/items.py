@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -16,7 +16,7 @@ class Item:
     raw_bytes: int = 0  # agent output bytes they stand for
     pubs: list[bytes] | None = None  # per-line-json: published instead of the payload
     kind: str = "batch"  # batch, status, gap
+    size: int = field(init=False)  # bytes it takes in memory, as the buffer counts them
 
-    @property
-    def size(self) -> int:
-        return len(self.payload) + (sum(len(p) for p in self.pubs) if self.pubs else 0) + 64
+    def __post_init__(self) -> None:
+        self.size = len(self.payload) + (sum(len(p) for p in self.pubs) if self.pubs else 0) + 64

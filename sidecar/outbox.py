@@ -35,7 +35,10 @@ class Outbox:
         self.spool = spool
         self.when_full = when_full
         self._gap = gap_factory
-        self.cond = threading.Condition()
+        # Sections take the lock itself (a C-level context manager); the condition is for
+        # wait and notify. Re-entrant: a section may call another that takes it.
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
         self._q: deque[Item | DiskRef] = deque()
         self._ndisk = 0  # length of the disk prefix of _q
         self._inflight = 0  # head entries handed to the sender and not yet acknowledged
@@ -50,7 +53,7 @@ class Outbox:
     # -- producer side -------------------------------------------------------------------
     def put(self, item: Item, *, force: bool = False) -> None:
         """Queue ``item``. Blocks while full under ``block`` unless ``force`` (control messages)."""
-        with self.cond:
+        with self.lock:
             if not force:
                 if self.when_full == "block":
                     while self._full(item.size) and not self._closing:
@@ -145,7 +148,7 @@ class Outbox:
 
     def set_durable(self, durable: bool) -> None:
         """While Redis is down, move everything waiting to disk and send new items there."""
-        with self.cond:
+        with self.lock:
             self._durable = durable
             if durable:
                 while self._spill_one():
@@ -153,7 +156,7 @@ class Outbox:
 
     def spill_all(self) -> tuple[int, int]:
         """Move what is in memory to the spool. Returns (records, items) that did not fit."""
-        with self.cond:
+        with self.lock:
             while self._spill_one():
                 pass
             lost = [e for e in list(self._q)[self._ndisk :] if isinstance(e, Item)]
@@ -163,7 +166,7 @@ class Outbox:
     def take(self, max_items: int, max_bytes: int) -> list[Item]:
         """The next items not yet handed out, without removing them (see ``ack``)."""
         out: list[Item] = []
-        with self.cond:
+        with self.lock:
             size = 0
             i = self._inflight
             while i < len(self._q) and len(out) < max_items and size < max_bytes:
@@ -198,27 +201,27 @@ class Outbox:
 
     def ack(self, n: int) -> None:
         """The first ``n`` handed-out items are delivered."""
-        with self.cond:
+        with self.lock:
             for _ in range(n):
                 self._remove_at(0)
             self._inflight -= n
             self.cond.notify_all()
 
     def release_inflight(self) -> None:
-        with self.cond:
+        with self.lock:
             self._inflight = 0
 
     def wait(self, timeout: float) -> None:
-        with self.cond:
+        with self.lock:
             if len(self._q) <= self._inflight:
                 self.cond.wait(timeout)
 
     def notify(self) -> None:
-        with self.cond:
+        with self.lock:
             self.cond.notify_all()
 
     def close(self) -> None:
-        with self.cond:
+        with self.lock:
             self._closing = True
             self.cond.notify_all()
 
@@ -230,7 +233,7 @@ class Outbox:
         return not self._q
 
     def empty(self) -> bool:
-        with self.cond:
+        with self.lock:
             return not self._q
 
     @property
@@ -239,7 +242,7 @@ class Outbox:
 
     def adopt(self, refs: list[DiskRef]) -> None:
         """Items of an earlier sidecar's spool go first, before anything of ours."""
-        with self.cond:
+        with self.lock:
             assert self._inflight == 0 or not refs
             for ref in reversed(refs):
                 self._q.appendleft(ref)
