@@ -13,8 +13,14 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+# A C compiler for the native module (sidecar/_speedups.c); without one the wheel is built
+# without it and the sidecar runs its Python code. Debian's gcc of the base image's release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY agent_wrapper/ agent_wrapper/
 COPY sidecar/ sidecar/
 # Only wheels leave this stage; the build environment (setuptools, pip's cache) stays behind.

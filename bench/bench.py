@@ -96,6 +96,8 @@ SPEC: dict[str, tuple[str, str, float | None]] = {
     "outage_rss_mb": ("MB", "<=", BUFFER_BYTES / MB + 30),
     "bulk_no_redact_lines_per_s": ("lines/s", "", None),
     "redaction_cost_pct": ("%", "", None),
+    "bulk_pure_python_lines_per_s": ("lines/s", "", None),
+    "native_gain_pct": ("%", "", None),
     "bulk_replica_ack_lines_per_s": ("lines/s", "", None),
     "replica_ack_cost_pct": ("%", "", None),
 }
@@ -517,6 +519,7 @@ class Bench:
         self.sidecar_broken = ""
         self._runs = 0
         self.extra_args: list[str] = []  # for one measurement (redaction off, replica acks)
+        self.extra_env: dict[str, str] = {}  # for one measurement (native module off)
         self.replica_url: str | None = None
 
     # -- helpers
@@ -598,6 +601,7 @@ class Bench:
                     stdout=subprocess.DEVNULL,
                     stderr=err,
                     timeout=timeout,
+                    env={**os.environ, **self.extra_env} if self.extra_env else None,
                 ).returncode
             except subprocess.TimeoutExpired:
                 self.sidecar_broken = f"sidecar timed out after {timeout:.0f} s (run {run_id})"
@@ -702,6 +706,25 @@ class Bench:
         if bulk and bulk.value:
             self.add("redaction_cost_pct", 100 * (1 - bulk.value / value),
                      note="throughput lost to redaction: 1 - bulk / bulk without redaction")
+
+    def native_gain(self) -> None:
+        """The bulk run again with SIDECAR_PURE_PYTHON=1: what the native module gives."""
+        if not native_module():
+            raise Skipped("the native module is not built")
+        if os.environ.get("SIDECAR_PURE_PYTHON", "") not in ("", "0"):
+            raise Skipped("SIDECAR_PURE_PYTHON is set: the bulk run used the Python code already")
+        n = self.sizes.bulk_lines
+        self.extra_env = {"SIDECAR_PURE_PYTHON": "1"}
+        try:
+            seconds, count, _ = self.throughput("bulk", n)
+        finally:
+            self.extra_env = {}
+        value = count.lines / seconds
+        self.add("bulk_pure_python_lines_per_s", value, note=f"bulk run with SIDECAR_PURE_PYTHON=1, {seconds:.2f} s")
+        bulk = self.figures.get("bulk_lines_per_s")
+        if bulk and bulk.value:
+            self.add("native_gain_pct", 100 * (bulk.value / value - 1),
+                     note="bulk / bulk with the Python code only - 1")
 
     def replica_ack_cost(self) -> None:
         """The bulk run with a replica and --min-replicas-ack 1 (WAIT after each pipeline)."""
@@ -932,6 +955,7 @@ class Bench:
         self.measure("wrap overhead", self.wrap_overhead)
         self.measure(f"bulk, {s.bulk_lines:,} lines", self.bulk)
         self.measure("bulk without redaction", self.redaction_cost)
+        self.measure("bulk without the native module", self.native_gain)
         self.measure("bulk with --min-replicas-ack 1", self.replica_ack_cost)
         self.measure(f"flush, {s.flush_lines:,} lines", self.flush)
         self.measure(f"naive PUBLISH per line, {s.naive_lines:,} lines", self.naive)
@@ -976,6 +1000,8 @@ ORDER = (
     "outage_rss_mb",
     "bulk_no_redact_lines_per_s",
     "redaction_cost_pct",
+    "bulk_pure_python_lines_per_s",
+    "native_gain_pct",
     "bulk_replica_ack_lines_per_s",
     "replica_ack_cost_pct",
 )
@@ -1037,6 +1063,14 @@ def prepare_bytecode() -> None:
         compileall.compile_dir(os.path.join(REPO, package), quiet=1)
 
 
+def native_module() -> bool:
+    """Whether the sidecar's children load sidecar/_speedups.c (as built by the install)."""
+    code = "from sidecar import _native; print(_native.speedups is not None)"
+    p = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30,
+                       env={k: v for k, v in os.environ.items() if k != "SIDECAR_PURE_PYTHON"})
+    return p.stdout.strip() == "True"
+
+
 def import_hooks() -> list[str]:
     """Import hooks of editable installs in this interpreter: site runs them at every start of
     every child started with the same interpreter (about 20 ms each for setuptools' finder),
@@ -1066,6 +1100,7 @@ def environment(r: redis.Redis, url: str, sidecar_args: list[str]) -> dict[str, 
         "git_commit": commit,
         "sidecar_args": sidecar_args,
         "import_hooks": import_hooks(),
+        "native_module": native_module() and os.environ.get("SIDECAR_PURE_PYTHON", "") in ("", "0"),
     }
 
 

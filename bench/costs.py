@@ -18,6 +18,8 @@ import sys
 import time
 from collections.abc import Callable
 
+import orjson
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import agent_text  # noqa: E402
 
 from agent_wrapper.lines import LineSplitter  # noqa: E402
-from sidecar import protocol, redaction  # noqa: E402
+from sidecar import _native, protocol, redaction  # noqa: E402
 
 READ = 64 * 1024
 BATCH = 1000
@@ -62,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                                       nbytes=end - pos))
         pos = end
     texts = [protocol.texts_of(b) for b in batches]
+    native = _native.speedups is not None
     redactor = redaction.Redactor({})
 
     def split() -> None:
@@ -72,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     def redact() -> None:
         for r in reads:
             redactor("stdout", r, False)
+
+    def redact_py() -> None:
+        saved = redaction._speedups
+        redaction._speedups = None
+        try:
+            redact()
+        finally:
+            redaction._speedups = saved
 
     def decode_split() -> None:
         for b in batches:
@@ -85,6 +96,22 @@ def main(argv: list[str] | None = None) -> int:
         for b, t in zip(batches, texts, strict=True):
             protocol.encode_batch(HEADER, 1, b, structured=False, threshold=-1, texts=t)
 
+    natives = [protocol.native_lines(b) for b in batches] if native else []
+
+    def native_records() -> None:
+        for b in batches:
+            protocol.native_lines(b)
+
+    def native_json() -> None:
+        for got in natives:
+            assert got is not None
+            protocol._native_objects(got[3], [])
+
+    def native_dumps() -> None:
+        for b, got in zip(batches, natives, strict=True):
+            assert got is not None
+            orjson.dumps({**HEADER, "seq": 1, "n": got[1], "lines": orjson.Fragment(got[0]), "ts": b.ts})
+
     payloads = [protocol.encode_batch(HEADER, 1, b, structured=True, threshold=-1, texts=t)
                 for b, t in zip(batches, texts, strict=True)]
 
@@ -96,34 +123,48 @@ def main(argv: list[str] | None = None) -> int:
         for b in batches:
             protocol.encode_batch(HEADER, 1, b, structured=True, threshold=protocol.DEFAULT_COMPRESS_THRESHOLD)
 
-    steps = [
-        ("split into runs of lines (reader)", split, True),
-        ("redaction, no secret present (reader)", redact, True),
-        ("decode UTF-8 and split into line strings (encoder)", decode_split, True),
-        ("find and validate JSON-object lines (encoder)", json_objects, True),
-        ("orjson encoding of the batch (encoder)", dumps, True),
-        ("zstd level 1 (encoder; releases the GIL)", zstd, False),
+    # (label, step, holds the GIL, on the path the sidecar takes here)
+    steps: list[tuple[str, Callable[[], None], bool, bool]] = [
+        ("split into runs of lines (reader)", split, True, True),
+        ("redaction, no secret present (reader)", redact, True, True),
     ]
+    if native:
+        steps += [
+            ("  the same in Python code (not used)", redact_py, True, False),
+            ("records to the JSON lines array, native (encoder)", native_records, True, True),
+            ("find and validate JSON-object lines (encoder)", native_json, True, True),
+            ("orjson encoding of the batch (encoder)", native_dumps, True, True),
+            ("  Python code: decode UTF-8, split into strings (not used)", decode_split, True, False),
+            ("  Python code: find JSON-object lines (not used)", json_objects, True, False),
+        ]
+    else:
+        steps += [
+            ("decode UTF-8 and split into line strings (encoder)", decode_split, True, True),
+            ("find and validate JSON-object lines (encoder)", json_objects, True, True),
+            ("orjson encoding of the batch (encoder)", dumps, True, True),
+        ]
+    steps.append(("zstd level 1 (encoder; releases the GIL)", zstd, False, True))
     rows = []
     gil = 0.0
-    for label, fn, holds_gil in steps:
+    for label, fn, holds_gil, used in steps:
         ns = per_line(fn, n)
-        rows.append({"step": label, "ns_per_line": round(ns, 1), "lines_per_s_one_core": round(1e9 / ns)})
-        if holds_gil:
+        rows.append({"step": label, "ns_per_line": round(ns, 1), "lines_per_s_one_core": round(1e9 / ns),
+                     "used": used})
+        if holds_gil and used:
             gil += ns
     total = per_line(whole, n)
     json_lines = sum(1 for t in texts for line in t.lines if line[:1] == "{")
     print(f"{n:,} lines of agent text, {len(block) / n:.1f} bytes a line, {100 * json_lines / n:.1f} % JSON-object "
-          f"lines; Python {sys.version.split()[0]}")
-    print(f"{'step':55} | {'ns/line':>8} | {'lines/s on one core':>20}")
-    print("-" * 56 + "+" + "-" * 10 + "+" + "-" * 21)
+          f"lines; Python {sys.version.split()[0]}; native module: {'yes' if native else 'no'}")
+    print(f"{'step':60} | {'ns/line':>8} | {'lines/s on one core':>20}")
+    print("-" * 61 + "+" + "-" * 10 + "+" + "-" * 21)
     for r in rows:
-        print(f"{r['step']:55} | {r['ns_per_line']:8.0f} | {r['lines_per_s_one_core']:20,}")
-    print(f"{'steps holding the GIL, together':55} | {gil:8.0f} | {round(1e9 / gil):20,}")
-    print(f"{'whole encode_batch as shipped (structured, zstd)':55} | {total:8.0f} | {round(1e9 / total):20,}")
+        print(f"{r['step']:60} | {r['ns_per_line']:8.0f} | {r['lines_per_s_one_core']:20,}")
+    print(f"{'steps holding the GIL on the path taken, together':60} | {gil:8.0f} | {round(1e9 / gil):20,}")
+    print(f"{'whole encode_batch as shipped (structured, zstd)':60} | {total:8.0f} | {round(1e9 / total):20,}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"lines": n, "steps": rows, "gil_ns_per_line": round(gil, 1),
+            json.dump({"lines": n, "native": native, "steps": rows, "gil_ns_per_line": round(gil, 1),
                        "encode_batch_ns_per_line": round(total, 1)}, f, indent=2)
     return 0
 

@@ -13,7 +13,9 @@ fi
 # import-hook finder is run by every interpreter in the venv at start-up and costs each
 # sidecar, agent and test child about 20 ms that an installed package does not.
 INSTALL_MODE="editable_mode=compat"
-stamp="$VENV/.installed-$( (cat "$ROOT/pyproject.toml"; echo "$INSTALL_MODE") | sha256sum | cut -c1-16)"
+# The native module (sidecar/_speedups.c) is compiled by the install: a change to it installs again.
+stamp="$VENV/.installed-$( (cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$ROOT/sidecar/_speedups.c"; echo "$INSTALL_MODE") \
+    | sha256sum | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
     "$PY" -m pip install --disable-pip-version-check -q -e "$ROOT[test,dev]" --config-settings "$INSTALL_MODE"
     rm -f "$VENV"/.installed-*

@@ -65,7 +65,10 @@ class Batcher:
         self.variation_id = variation_id
         self.producer = producer
         self.on_object = on_object  # each stdout JSON object, after its batch is queued
-        self.cond = threading.Condition()
+        # Sections take the lock itself (a C-level context manager); the condition is for
+        # wait and notify. Re-entrant: a section may call another that takes it.
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
         self._sealed: deque[tuple[Channel, int, protocol.Lines]] = deque()
         self._sealed_bytes = 0
         # Raw batches waiting for the encoder; past this the reader waits (the encoder is
@@ -83,7 +86,7 @@ class Batcher:
 
     # -- reader side ---------------------------------------------------------------------
     def add(self, ev: Output) -> None:
-        with self.cond:
+        with self.lock:
             ch = self.channels[ev.stream]
             batch = ch.open
             if batch.n == 0:
@@ -104,7 +107,7 @@ class Batcher:
         """The reader drained the pipes (or not). On a quiet pipe with nothing on its way to
         Redis, the reader encodes the open batch itself: one thread hop less per lone line."""
         work: list[tuple[Channel, int, protocol.Lines]] = []
-        with self.cond:
+        with self.lock:
             self._quiet = quiet
             if not quiet:
                 return
@@ -120,13 +123,13 @@ class Batcher:
 
     def notify_idle(self) -> None:
         """The sender has nothing in flight: a good moment to ship what is open."""
-        with self.cond:
+        with self.lock:
             if self._sealed or any(ch.open.n for ch in self.channels.values()):
                 self.cond.notify_all()
 
     def close(self, timeout: float | None = None) -> bool:
         """Seal what is open, encode everything, stop the encoder. False if it did not finish."""
-        with self.cond:
+        with self.lock:
             for ch in self.channels.values():
                 if ch.open.n:
                     self._seal(ch)
@@ -157,7 +160,7 @@ class Batcher:
     def _run(self) -> None:
         try:
             while True:
-                with self.cond:
+                with self.lock:
                     while not self._sealed:
                         due = self._due(time.monotonic())
                         if due == 0.0:
@@ -174,11 +177,11 @@ class Batcher:
                 try:
                     self._ship(work)
                 finally:
-                    with self.cond:
+                    with self.lock:
                         self._encoding = False
         except Exception as exc:  # a bug must not hang the agent: let the reader go on
             log.error("encoder stopped by an unexpected error", error=repr(exc))
-            with self.cond:
+            with self.lock:
                 self._closing = True
                 self.cond.notify_all()
 
@@ -191,7 +194,7 @@ class Batcher:
             if objects and self.on_object is not None:
                 for obj in objects:
                     self.on_object(obj)
-            with self.cond:
+            with self.lock:
                 waiting = self._sealed_bytes > self.sealed_max_bytes
                 self._sealed_bytes -= batch.nbytes
                 if waiting:
@@ -199,10 +202,10 @@ class Batcher:
 
     def _encode(self, ch: Channel, first: int, batch: protocol.Lines,
                 objects: list[dict[str, Any]] | None = None) -> Item:
-        texts = protocol.texts_of(batch)
+        texts = protocol.texts_of(batch) if self.per_line_json else None  # else encode_batch takes the fastest way
         payload = protocol.encode_batch(ch.header, first, batch, structured=ch.structured,
                                         threshold=self.threshold, texts=texts, objects=objects)
-        pubs = self._per_line(batch, texts) if self.per_line_json else None
+        pubs = self._per_line(batch, texts) if texts is not None else None
         return Item(ch.key, self.producer, first, first + batch.n - 1, payload, batch.n, batch.nbytes, pubs)
 
     def _per_line(self, batch: protocol.Lines, texts: protocol.Texts) -> list[bytes]:

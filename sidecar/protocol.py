@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 import zstandard
 
+from ._native import speedups as _speedups
+
 VERSION = 1
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 DEFAULT_COMPRESS_THRESHOLD = 1024
@@ -166,6 +168,35 @@ def texts_of(batch: Lines) -> Texts:
     return Texts(lines, partial, b64)
 
 
+# index, text without trailing CRs, kind: 0 orjson decides, 1 a JSON object, 2 one with a
+# top-level key that may carry an event
+NativeCandidate = tuple[int, bytes, int]
+
+
+def native_lines(batch: Lines) -> tuple[bytes, int, list[int], list[NativeCandidate]] | None:
+    """The batch's ``lines`` array as JSON (the bytes orjson writes for texts_of(batch).lines),
+    the record count, the partial indices, and the records that may be JSON objects, from the
+    native module; None without it, or when a record is not valid UTF-8 (base64)."""
+    if _speedups is None:
+        return None
+    parts: list[bytes] = []
+    partial: list[int] = []
+    braces: list[NativeCandidate] = []
+    n = 0
+    for data, _count, is_partial in batch.segments:
+        got = _speedups.lines_json(data, is_partial, n)
+        if got is None:
+            return None
+        js, records, cands = got
+        if is_partial:
+            partial.append(n)
+        if records:
+            parts.append(js)
+            braces += cands
+            n += records
+    return b"[" + b",".join(parts) + b"]", n, partial, braces
+
+
 def encode_batch(
     header: dict[str, Any],
     seq: int,
@@ -177,6 +208,22 @@ def encode_batch(
     objects: list[dict[str, Any]] | None = None,
 ) -> bytes:
     """Encode one batch. ``header`` holds the constant fields (v, type, ids, channel, stream)."""
+    if texts is None:
+        native = native_lines(batch)
+        if native is not None:
+            array, n, partial, braces = native
+            msg = dict(header)
+            msg["seq"] = seq
+            msg["n"] = n
+            msg["lines"] = orjson.Fragment(array)
+            msg["ts"] = batch.ts
+            if partial:
+                msg["partial"] = partial
+            if structured:
+                objs = _native_objects(braces, objects)
+                if objs:
+                    msg["json"] = objs
+            return compress_if_large(orjson.dumps(msg), threshold)
     t = texts if texts is not None else texts_of(batch)
     msg = dict(header)
     msg["seq"] = seq
@@ -217,28 +264,54 @@ def _depth(obj: Any) -> int:
 def _json_objects(lines: Sequence[str], b64: list[int], parsed: list[dict[str, Any]] | None = None) -> list[list[Any]]:
     """[index, object] for each line that is a JSON object: validated, then spliced in as it was.
     The parsed objects are appended to ``parsed`` when given (for event detection)."""
-    out: list[list[Any]] = []
     candidates = [i for i, line in enumerate(lines) if line[:1] == "{"]
     if not candidates:
-        return out
+        return []
     skip = set(b64)
-    for i in candidates:
-        text = lines[i].rstrip("\r")
-        if text[-1:] != "}" or i in skip:
+    return _json_pairs([(i, lines[i]) for i in candidates if i not in skip], parsed)
+
+
+def _native_objects(candidates: Sequence[tuple[int, str | bytes, int]],
+                    parsed: list[dict[str, Any]] | None) -> list[list[Any]]:
+    """[index, object] for (index, text without trailing CRs, kind) of the lines that may be
+    JSON objects: kind 1 or 2 from the native module, 0 from the Python code. One the native
+    module vouches for is spliced in without being parsed, unless it may carry an event and
+    ``parsed`` wants it: only an object with a top-level "sidecar_event" or "usage" key does
+    (events.classify). The others are parsed by orjson: the native module leaves numbers with
+    exponents, escaped surrogates, deep nesting, and what is not JSON to it."""
+    out: list[list[Any]] = []
+    for i, text, kind in candidates:
+        if kind == 1 or (kind == 2 and parsed is None):
+            out.append([i, orjson.Fragment(text)])
             continue
-        try:
-            obj = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            # deeper than the limit takes more brackets than that, and twice as many characters
-            if (len(text) > 2 * MAX_JSON_DEPTH and text.count("{") + text.count("[") > MAX_JSON_DEPTH
-                    and _depth(obj) > MAX_JSON_DEPTH):
-                continue
+        obj = _parsed_object(text)
+        if obj is not None:
             out.append([i, orjson.Fragment(text)])
             if parsed is not None:
                 parsed.append(obj)
     return out
+
+
+def _parsed_object(text: str | bytes) -> dict[str, Any] | None:
+    """``text`` (one line, without CRs) as a JSON object no deeper than MAX_JSON_DEPTH, or None."""
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    # deeper than the limit takes more brackets than that, and twice as many characters
+    if len(text) > 2 * MAX_JSON_DEPTH:
+        brackets = text.count("{") + text.count("[") if isinstance(text, str) else text.count(b"{") + text.count(b"[")
+        if brackets > MAX_JSON_DEPTH and _depth(obj) > MAX_JSON_DEPTH:
+            return None
+    return obj
+
+
+def _json_pairs(candidates: Sequence[tuple[int, str]], parsed: list[dict[str, Any]] | None) -> list[list[Any]]:
+    """_json_objects for (index, text) of the lines that begin with "{": each parsed by orjson."""
+    stripped = [(i, text, 0) for i, line in candidates if (text := line.rstrip("\r"))[-1:] == "}"]
+    return _native_objects(stripped, parsed)
 
 
 def encode_object(obj: dict[str, Any]) -> bytes:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
+from ._native import speedups as _speedups
+
 MASK = b"[REDACTED]"
 SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIALS")
 MIN_VALUE_LEN = 8
@@ -176,6 +178,12 @@ def check_patterns(patterns: Sequence[str]) -> str | None:
 
 def _token_starts(data: bytes) -> list[int]:
     """Sorted positions where a token prefix occurs."""
+    if _speedups is not None:
+        return _speedups.token_starts(data)  # type: ignore[no-any-return]
+    return _token_starts_py(data)
+
+
+def _token_starts_py(data: bytes) -> list[int]:
     found = [p for p in RAW_PREFIXES if p in data]
     folded = data.translate(_FOLD)
     found_folded = [p for p in FOLDED_PREFIXES if p in folded]

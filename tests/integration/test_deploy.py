@@ -558,7 +558,7 @@ def build_context(dest: Path) -> Path:
 def test_build_context_holds_what_the_wheel_needs() -> None:
     meta = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     text = (REPO_ROOT / ".dockerignore").read_text()
-    needed = ["pyproject.toml", meta["project"]["readme"], *meta["tool"]["setuptools"]["packages"]]
+    needed = ["pyproject.toml", "setup.py", meta["project"]["readme"], *meta["tool"]["setuptools"]["packages"]]
     for name in needed:
         assert re.search(rf"^!{re.escape(name)}/?$", text, re.M), (
             f".dockerignore keeps {name} out of the build"
@@ -593,6 +593,7 @@ def test_wheel_installs_in_a_fresh_venv_and_its_console_script_ships_a_run(
         names = zf.namelist()
     assert "sidecar/__main__.py" in names and "agent_wrapper/__init__.py" in names
     assert any(n.endswith("entry_points.txt") for n in names)
+    assert any(n.startswith("sidecar/_speedups") and n.endswith(".so") for n in names), "native module not built"
 
     venv = tmp_path / "venv"
     cp = run_process([sys.executable, "-m", "venv", str(venv)], env=pip_env, timeout=120, cwd=tmp_path)
@@ -603,7 +604,8 @@ def test_wheel_installs_in_a_fresh_venv_and_its_console_script_ships_a_run(
     )
     assert cp.returncode == 0, cp.stdout.decode()[-3000:] + cp.stderr.decode()[-3000:]
     cp = run_process(
-        [str(python), "-c", "import sidecar, agent_wrapper; print(sidecar.__file__)"],
+        [str(python), "-c", "import sidecar, agent_wrapper, sidecar._native as n\n"
+                            "assert n.speedups, 'native module missing'\nprint(sidecar.__file__)"],
         env=pip_env,
         timeout=60,
         cwd=tmp_path,

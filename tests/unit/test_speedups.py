@@ -1,0 +1,301 @@
+"""The native module gives the same answers as the Python code it stands in for.
+
+Each check runs on fixed edge cases and on seeded random input built from the pieces that
+matter (token prefixes, braces, quotes, backslashes, control bytes, valid and invalid UTF-8).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from typing import Any
+
+import orjson
+import pytest
+
+from sidecar import _native, events, protocol, redaction
+
+if _native.speedups is None:
+    if os.environ.get("CI"):
+        pytest.fail("sidecar/_speedups.c was not built (a C compiler is needed at install time)",
+                    pytrace=False)
+    pytest.skip("native module not built", allow_module_level=True)
+
+sp: Any = _native.speedups
+
+PIECES = [
+    b"sk-", b"sk", b"-", b"github_pat_", b"github_pa", b"ghp_", b"gho_", b"gha_", b"ghz_", b"AKIA", b"ASIA",
+    b"AXIA", b"xoxb-", b"xoxz-", b"xpxp-", b"xsxa-", b"{", b"}", b"{}", b'{"a":1}', b"\n", b"\r", b"\r\n",
+    b'"', b"\\", b"\\n", b"\x00", b"\x01", b"\x08", b"\x09", b"\x0c", b"\x1f", b" ", b"\x7f", b"a", b"s", b"g",
+    b"A", b"x", b"k", b"_", b"h", b"I", b"K", b"S", b"hello world ", b"\xc3\xa9", b"\xe2\x80\xa8",
+    b"\xf0\x9f\x98\x80", b"\xf4\x8f\xbf\xbf", b"\xed\x9f\xbf", b"\xee\x80\x80",
+    # invalid UTF-8: surrogates, overlong forms, past U+10FFFF, truncated, stray bytes
+    b"\xed\xa0\x80", b"\xc0\xaf", b"\xc1\xbf", b"\xe0\x80\x80", b"\xe0\x9f\xbf", b"\xf0\x8f\xbf\xbf",
+    b"\xf4\x90\x80\x80", b"\xf5\x80\x80\x80", b"\xff", b"\x80", b"\xbf", b"\xc3", b"\xe2\x80", b"\xf0\x9f\x98",
+]
+
+
+def random_bytes(rnd: random.Random, most: int = 40) -> bytes:
+    return b"".join(rnd.choice(PIECES) for _ in range(rnd.randint(0, most)))
+
+
+def python_lines(data: bytes, partial: bool) -> protocol.Texts:
+    count = 1 if partial else data.count(b"\n")
+    return protocol.texts_of(protocol.Lines(segments=[(data, count, partial)], ts=[], n=count, nbytes=len(data)))
+
+
+def check_candidates(cands: list[tuple[int, bytes, int]], lines: list[str], base: int) -> None:
+    """The records that may be JSON objects, each without its trailing CRs; one the native
+    code vouches for is a JSON object to orjson too."""
+    expected = [(base + i, line.rstrip("\r").encode()) for i, line in enumerate(lines)
+                if line[:1] == "{" and line.rstrip("\r")[-1:] == "}" and len(line.rstrip("\r")) >= 2]
+    assert [(i, text) for i, text, _ in cands] == expected
+    for _, text, kind in cands:
+        if kind:
+            obj = orjson.loads(text)
+            assert isinstance(obj, dict), text
+            assert kind == 2 or events.classify(obj) is None, text
+
+
+# -- token_starts -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"sk-", b"sk", b"xsk-ab", b"github_pat_", b"github_pat", b"ghp_", b"ghq_", b"gh_", b"AKIA", b"AKI",
+    b"ASIAASIA", b"xoxb-", b"xox-", b"xpxp-x", b"aaaaaaaasssssssssk-", b"sk-sk-sk-", b"A" * 9 + b"KIA",
+    b"0123456sk-", b"01234567sk-", b"012345678ghp_",
+])
+def test_token_starts_edge_cases(data: bytes) -> None:
+    assert sp.token_starts(data) == redaction._token_starts_py(data)
+
+
+def test_token_starts_matches_python_on_random_input() -> None:
+    rnd = random.Random(11)
+    for _ in range(20_000):
+        data = random_bytes(rnd)
+        assert sp.token_starts(data) == redaction._token_starts_py(data), data
+
+
+def test_token_starts_accepts_any_buffer() -> None:
+    assert sp.token_starts(bytearray(b"..sk-..")) == [2]
+    assert sp.token_starts(memoryview(b"..sk-..")) == [2]
+    with pytest.raises(TypeError):
+        sp.token_starts("sk-")
+
+
+# -- lines_json ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "partial"), [
+    (b"", True), (b"\n", False), (b"\n\n\n", False), (b"a\n", False), (b"a", True), (b"{", True),
+    (b'{"a":1}\r\r\n{}\n', False), (b"{}\r", True), (b"\x00\x1f\x7f\"\\\n", False),
+    (b"\xe2\x80\xa8\xf4\x8f\xbf\xbf\n", False),
+    (b"x" * 100 + b'"' + b"y" * 100 + b"\n", False),
+])
+def test_lines_json_edge_cases(data: bytes, partial: bool) -> None:
+    t = python_lines(data, partial)
+    js, n, cands = sp.lines_json(data, partial, 7)
+    assert b"[" + js + b"]" == orjson.dumps(t.lines)
+    assert n == len(t.lines)
+    check_candidates(cands, t.lines, 7)
+
+
+@pytest.mark.parametrize(("data", "partial"), [
+    (b"", False),  # no record at all
+    (b"abc", False),  # whole lines that do not end with LF
+    (b"ok\n\xff\n", False),  # a record that is not UTF-8
+    (b"\xed\xa0\x80", True),  # a surrogate
+    (b"\xf0\x9f\x98", True),  # a sequence cut short
+])
+def test_lines_json_leaves_the_rest_to_python(data: bytes, partial: bool) -> None:
+    assert sp.lines_json(data, partial, 0) is None
+
+
+def test_lines_json_matches_python_on_random_input() -> None:
+    rnd = random.Random(12)
+    checked = 0
+    for _ in range(20_000):
+        data = random_bytes(rnd)
+        partial = rnd.random() < 0.2
+        data = data.replace(b"\n", b"") if partial else data + b"\n"
+        got = sp.lines_json(data, partial, 3)
+        t = python_lines(data, partial)
+        if got is None:
+            assert t.b64, data  # only a record Python could not decode sends it back
+            continue
+        js, n, cands = got
+        assert not t.b64
+        assert b"[" + js + b"]" == orjson.dumps(t.lines), data
+        assert n == len(t.lines)
+        check_candidates(cands, t.lines, 3)
+        checked += 1
+    assert checked > 2_000  # the fuzz reached the native path often enough to mean something
+
+
+# -- JSON objects ---------------------------------------------------------------------------
+
+
+def surely_json(text: bytes) -> bool | None:
+    got = sp.lines_json(text + b"\n", False, 0)
+    assert got is not None
+    return bool(got[2][0][2]) if got[2] else None
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    (b'{"a":1}', 1), (b'{"usage":{}}', 2), (b'{"sidecar_event":"x"}', 2), (b'{"x":{"usage":1}}', 1),
+    (b'{"x":"usage"}', 1), (b'{"us\\u0061ge":1}', 2), (b'{"a\\"b":1}', 2), (b'{"usagex":1}', 1), (b'{"usag":1}', 1),
+])
+def test_json_object_kinds(text: bytes, kind: int) -> None:
+    """2 only where a top-level key may read "usage" or "sidecar_event" (events.classify)."""
+    got = sp.lines_json(text + b"\n", False, 0)
+    assert got[2][0][2] == kind
+
+
+@pytest.mark.parametrize(("text", "surely"), [
+    (b"{}", True), (b'{"a":1}', True), (b'{ "a" : [ 1 , -2.5 , 0 , -0 , true , false , null , "x" , {} , [] ] }', True),
+    (b'{"a":"\\" \\\\ \\/ \\b \\f \\n \\r \\t \\u00e9 \\u20AC"}', True), ('{"\u00e9":"\u2028"}'.encode(), True),
+    (b'{"a":1,"a":2}', True), (b'{"":0}', True),
+    (b'{"a":1e5}', False), (b'{"a":1E-5}', False),  # exponents: orjson judges the range
+    (b'{"a":"\\ud83d\\ude00"}', False), (b'{"a":"\\ud800"}', False),  # surrogates: orjson decides
+    (b'{"a":' + b"1" * 41 + b"}", False),  # long numbers: orjson decides
+    (b'{"a":1} {}', False), (b'{"a":1,}', False), (b'{"a" 1}', False), (b"{'a':1}", False), (b'{"a":01}', False),
+    (b'{"a":.5}', False), (b'{"a":1.}', False), (b'{"a":-}', False), (b'{"a":tru}', False), (b'{"a":NaN}', False),
+    (b'{"a":"\x01"}', False), (b'{"a":"\\x41"}', False), (b'{"a":"\\u12G4"}', False), (b'{"a":[1,2}', False),
+    (b'{"a":1}\x0c', None), (b'{"a":1\x0c}', False), (b'{"a"\x0b:1}', False),
+])
+def test_json_object_edge_cases(text: bytes, surely: bool | None) -> None:
+    assert surely_json(text) is surely
+    if surely:
+        assert isinstance(orjson.loads(text), dict)
+
+
+def test_json_nesting_past_the_native_limit_is_left_to_orjson() -> None:
+    def nested(depth: int) -> bytes:
+        return b'{"a":' * depth + b"1" + b"}" * depth
+
+    assert surely_json(nested(190)) is True
+    assert surely_json(nested(191)) is False
+    assert surely_json(nested(5000)) is False  # no recursion past the limit
+
+
+def test_json_objects_the_native_code_vouches_for_are_json_to_orjson() -> None:
+    """Mutations of agent event lines: whatever the native code takes for a JSON object, orjson
+    reads as one; and it takes every event line of the benchmark's agent text."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    try:
+        import agent_text
+    finally:
+        sys.path.pop(0)
+    samples = [ln for ln in agent_text.make_block(20_000, seed=6).split(b"\n") if ln[:1] == b"{"]
+    assert samples and all(surely_json(ln) for ln in samples)
+    rnd = random.Random(15)
+    vouched = refused = 0
+    for _ in range(40_000):
+        text = bytearray(rnd.choice(samples))
+        for _ in range(rnd.randint(1, 3)):
+            i = rnd.randrange(len(text))
+            op = rnd.random()
+            if op < 0.4:
+                text[i:i] = rnd.choice(PIECES)
+            elif op < 0.8:
+                del text[i:i + rnd.randint(1, 3)]
+            else:
+                text[i:i + 1] = rnd.choice(PIECES)
+        t = bytes(text)
+        if b"\n" in t or t[:1] != b"{" or t.rstrip(b"\r")[-1:] != b"}":
+            continue
+        got = sp.lines_json(t + b"\n", False, 0)
+        if got is None:
+            continue  # not UTF-8
+        (_, text_, kind), = got[2]
+        if kind:
+            vouched += 1
+            obj = orjson.loads(text_)
+            assert isinstance(obj, dict), t
+            assert kind == 2 or events.classify(obj) is None, t
+        else:
+            refused += 1
+    assert vouched > 1_000 and refused > 1_000
+
+
+# -- what the sidecar ships is the same either way -------------------------------------------
+
+HEADER = {"v": 1, "type": "batch", "run_id": "r", "variation_id": "0", "agent_id": "a", "producer": "p",
+          "channel": "run:r:output:0", "stream": "stdout"}
+
+
+def _batches(rnd: random.Random) -> list[protocol.Lines]:
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    try:
+        import agent_text
+    finally:
+        sys.path.pop(0)
+    out = []
+    text = agent_text.make_block(3000, seed=4)
+    pos = 0
+    while pos < len(text):  # agent text cut as the reader cuts it
+        end = min(len(text), text.rindex(b"\n", pos, pos + 4096) + 1)
+        out.append(protocol.Lines(segments=[(text[pos:end], text.count(b"\n", pos, end), False)],
+                                  ts=[(0, 1.5)], n=0, nbytes=end - pos))
+        pos = end
+    event_lines = [  # lines that carry events, spelled in the ways that matter
+        b'{"sidecar_event":"tokens","input_tokens":5,"output_tokens":1}',
+        b'{"type":"result","usage":{"input_tokens":3,"output_tokens":4},"total_cost_usd":0.25}',
+        b'{"\\u0075sage":{"prompt_tokens":1,"completion_tokens":2}}',
+        b'{"usage":{"prompt_tokens":2,"completion_tokens":1e1}}\r',
+        b'{"sidecar_event":"status","state":"planning","step":"\\ud83d\\ude00"}',
+    ]
+    out.append(protocol.Lines(segments=[(b"".join(e + b"\n" for e in event_lines), len(event_lines), False)],
+                              ts=[(0, 3.5)], n=0, nbytes=0))
+    for _ in range(3000):  # hostile segments, partial ones among them
+        segs = []
+        for _ in range(rnd.randint(1, 4)):
+            data = random_bytes(rnd, 20)
+            if rnd.random() < 0.25:
+                segs.append((data.replace(b"\n", b""), 1, True))
+            else:
+                segs.append((data + b"\n", data.count(b"\n") + 1, False))
+        out.append(protocol.Lines(segments=segs, ts=[(0, 2.5)], n=0, nbytes=0))
+    return out
+
+
+def test_encoded_batches_are_byte_identical_with_and_without_native_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    batches = _batches(random.Random(13))
+    native = []
+    for b in batches:
+        objects: list[dict[str, Any]] = []
+        native.append((protocol.encode_batch(HEADER, 5, b, structured=True, threshold=-1, objects=objects), objects))
+    monkeypatch.setattr(protocol, "_speedups", None)
+    for b, (payload, objects) in zip(batches, native, strict=True):
+        expected_objects: list[dict[str, Any]] = []
+        expected = protocol.encode_batch(HEADER, 5, b, structured=True, threshold=-1, objects=expected_objects)
+        assert payload == expected
+        # The objects handed on for events: the native path parses only those that may carry one.
+        assert [events.classify(o) for o in objects if events.classify(o)] == \
+            [events.classify(o) for o in expected_objects if events.classify(o)]
+    assert sum(b"\"json\":" in p for p, _ in native) > 50
+    assert sum(1 for _, objects in native for o in objects if events.classify(o)) > 3
+
+
+def test_redaction_is_the_same_with_and_without_native_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    rnd = random.Random(14)
+    chunks = [random_bytes(rnd, 60) + b"ghp_" + b"A" * 40 + b" sk-" + b"b" * 30 + b"\n" for _ in range(300)]
+
+    def run() -> list[bytes]:
+        r = redaction.Redactor({"API_KEY": "s3cr3t-value"})
+        return [r("stdout", c, False) for c in chunks] + [r("stdout", b"", True)]
+
+    with_native = run()
+    monkeypatch.setattr(redaction, "_speedups", None)
+    assert run() == with_native
+    assert all(b"[REDACTED]" in out for out in with_native[:-1])
+
+
+@pytest.mark.parametrize(("value", "used"), [("", True), ("0", True), ("1", False), ("yes", False)])
+def test_sidecar_pure_python_turns_the_native_code_off(value: str, used: bool) -> None:
+    env = dict(os.environ, SIDECAR_PURE_PYTHON=value)
+    out = subprocess.run([sys.executable, "-c", "from sidecar import _native; print(_native.speedups is not None)"],
+                         env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(used)
