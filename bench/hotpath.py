@@ -30,7 +30,9 @@ def main() -> int:
     ap.add_argument("--redis-url")
     ap.add_argument("--top", type=int, default=20)
     a = ap.parse_args()
-    if shutil.which("py-spy") is None:
+    beside = Path(sys.executable).with_name("py-spy")  # installed in this interpreter's venv
+    pyspy = str(beside) if beside.exists() else shutil.which("py-spy")
+    if pyspy is None:
         print("py-spy not found: pip install py-spy", file=sys.stderr)
         return 1
     server = ThrowawayRedis() if a.redis_url is None else None
@@ -38,7 +40,7 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             raw = os.path.join(tmp, "profile.txt")
-            cmd = ["py-spy", "record", "--threads", "-r", "250", "-f", "raw", "-o", raw, "--",
+            cmd = [pyspy, "record", "--threads", "-r", "250", "-f", "raw", "-o", raw, "--",
                    sys.executable, "-m", "sidecar", "--no-echo", "--redis-url", url, "--run-id", "profile", "--",
                    sys.executable, str(HERE / "writer.py"), "--lines", str(a.lines), "--mode", a.mode]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
