@@ -3,7 +3,7 @@
 Masked as ``[REDACTED]``: the values (8 characters or more) of the agent's environment
 variables whose names end in KEY, TOKEN, SECRET, PASSWORD or CREDENTIALS (any case);
 well-known token shapes; and the user's own patterns. A value is also recognised as it
-appears inside a JSON string (escaped) or a URL (percent-encoded). Works on bytes (the
+appears inside a JSON string (escaped), a URL (percent-encoded) or base64. Works on bytes (the
 output may be any bytes), with one compiled alternation.
 
 A secret can straddle two reads of the pipe. The filter therefore holds back the end of a
@@ -46,8 +46,8 @@ _TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
 
 
 def secret_values(env: Mapping[str, str], min_len: int = MIN_VALUE_LEN) -> list[bytes]:
-    """The secret values, and the forms they take inside a JSON string or a URL where those
-    differ (a value with quotes, slashes, spaces or non-ASCII characters)."""
+    """The secret values, the forms they take inside a JSON string or a URL where those
+    differ (a value with quotes, slashes, spaces or non-ASCII characters), and inside base64."""
     values: set[bytes] = set()
     for k, v in env.items():
         if k.upper().endswith(SUFFIXES) and len(v) >= min_len:
@@ -67,7 +67,30 @@ def _encodings(value: str) -> set[bytes]:
         forms.add(escaped.replace("/", "\\/").encode("utf-8", "surrogateescape"))
     forms.add(quote(raw, safe="").encode())
     forms.add(quote_plus(raw, safe="").encode())
+    forms.update(base64_cores(raw))
     return forms
+
+
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def base64_cores(raw: bytes) -> set[bytes]:
+    """What base64 makes of ``raw`` wherever it sits in the encoded data (an Authorization:
+    Basic header, a data: URL, a JWT, a JSON field), in the standard and the URL-safe
+    alphabet: for each of the three offsets ``raw`` can have within a 3-byte group, the
+    characters that depend on ``raw`` alone. The one to three characters at each end, which
+    it shares with its neighbours, are not part of it (they stay in the output)."""
+    import base64
+
+    cores: set[bytes] = set()
+    for offset in range(3):
+        encoded = base64.b64encode(bytes(offset) + raw)
+        first = (offset * 8 + 5) // 6  # characters that hold bits of the filler
+        last = (offset + len(raw)) * 8 // 6  # characters made of known bits only
+        core = encoded[first:last]
+        cores.add(core)
+        cores.add(core.translate(_URLSAFE))
+    return cores
 
 
 class Redactor:
