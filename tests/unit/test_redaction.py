@@ -164,8 +164,8 @@ def test_a_secret_is_masked_json_escaped_and_url_encoded_too() -> None:
 
 
 def test_a_secret_is_masked_inside_base64_at_every_offset() -> None:
-    """An Authorization: Basic header, a data: URL, a JWT: the secret's bytes can sit at any
-    offset of a base64 group, in the standard or URL-safe alphabet, and reads can cut it."""
+    """An Authorization: Basic header, a data: URL, a Kubernetes Secret: the secret's bytes
+    can sit at any offset of a base64 group, and reads can cut it."""
     import base64
 
     secret = "p4ss-w0rd!Secret"
@@ -173,15 +173,15 @@ def test_a_secret_is_masked_inside_base64_at_every_offset() -> None:
     for before in range(6):
         for after in range(4):
             data = bytes(range(1, 1 + before)) + secret.encode() + bytes(range(200, 200 + after))
-            for enc in (base64.b64encode(data), base64.urlsafe_b64encode(data)):
-                line = b"blob " + enc + b"\n"
-                for cut in (len(line) // 2, 7):
-                    out = run(r, [line[:cut], line[cut:]])
-                    assert out.count(b"[REDACTED]") == 1, (before, after, enc, out)
-                    kept = out.replace(b"blob ", b"").replace(b"[REDACTED]", b"").rstrip(b"\n")
-                    # only what the secret shares with its neighbours is left: at most 3
-                    # characters at each end, besides the neighbours' own characters
-                    assert len(kept) <= len(enc) - len(secret) * 4 // 3 + 6, (enc, out)
+            enc = base64.b64encode(data)
+            line = b"blob " + enc + b"\n"
+            for cut in (len(line) // 2, 7):
+                out = run(r, [line[:cut], line[cut:]])
+                assert out.count(b"[REDACTED]") == 1, (before, after, enc, out)
+                kept = out.replace(b"blob ", b"").replace(b"[REDACTED]", b"").rstrip(b"\n")
+                # only what the secret shares with its neighbours is left: at most 3
+                # characters at each end, besides the neighbours' own characters
+                assert len(kept) <= len(enc) - len(secret) * 4 // 3 + 6, (enc, out)
     header = b"Authorization: Basic " + base64.b64encode(b"admin:" + secret.encode()) + b"\n"
     assert run(r, [header]) == b"Authorization: Basic YWRtaW46[REDACTED]A==\n"
 
@@ -195,7 +195,7 @@ def test_base64_forms_are_long_enough_not_to_match_by_chance() -> None:
 
     for _ in range(50):
         cores = base64_cores(os.urandom(8))
-        assert len(cores) >= 3 and min(map(len, cores)) >= 10
+        assert len(cores) == 3 and min(map(len, cores)) >= 10
     r = Redactor({"API_KEY": "zq8Kx!pR"})  # a secret the noise does not hold
     noise = base64.b64encode(bytes(range(256)) * 4) + b"\n"
     assert run(r, [noise]) == noise
