@@ -270,7 +270,8 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     warning = control.insecure_warning(s)
     if warning:
         log.warning(warning)
-    log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id)
+    log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id,
+              native=protocol._speedups is not None)
     rt.status("starting", command=os.path.basename(s.command[0]))
 
     result = launched
