@@ -283,8 +283,9 @@ class Control:
         thread = self._thread
         if thread is None or thread is threading.current_thread():
             return
-        if self._conn is not None:
-            self._conn.interrupt()  # wake a blocked read now
+        conn = self._conn
+        if conn is not None:
+            conn.interrupt()  # wake a blocked read now
         thread.join(_STOP_JOIN_S)
 
     # -- thread --------------------------------------------------------------------------

@@ -205,7 +205,7 @@ class Heartbeat:
             return
         thread.join(_STOP_SOFT_S)
         if thread.is_alive():
-            interrupt = getattr(self._conn, "interrupt", None)  # a TargetPipe has no socket of its own
+            interrupt = getattr(self._conn, "interrupt", None)  # a Connection or a TargetPipe
             if interrupt is not None:
                 interrupt()
             thread.join(_STOP_HARD_S)

@@ -226,9 +226,10 @@ class Connection:
         the middle of connect() once the TCP connection is up (AUTH, SELECT, CLIENT SETNAME).
         Final: connect() on this object fails afterwards."""
         self._interrupted = True
-        if self._sock is not None:
+        sock = self._sock
+        if sock is not None:
             try:
-                self._sock.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 

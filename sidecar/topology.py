@@ -7,6 +7,7 @@ propagate (OSError) and the sender retries the whole list; appends are idempoten
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -80,15 +81,23 @@ class Target:
         self.on_connect = on_connect
         self.conn: Connection | None = None
         self._connecting: list[Connection] = []  # being set up: interrupt() reaches them too
+        self.interrupted = False  # final: no connection is opened after interrupt()
 
-    def _open(self, endpoint: Endpoint, *, setup: bool = True) -> Connection:
-        """A new connection to ``endpoint``, set up by on_connect (unless ``setup`` is False)."""
+    def _open(self, endpoint: Endpoint, *, setup: bool = True,
+              use: Callable[[Connection], None] | None = None) -> Connection:
+        """A new connection to ``endpoint``, set up by on_connect (unless ``setup`` is False),
+        then handed to ``use`` (which stores it, or asks it something) while interrupt() can
+        still reach it through ``_connecting``."""
         conn = self.factory(endpoint)
         self._connecting.append(conn)
         try:
+            if self.interrupted:  # checked after the append: interrupt() sees one or the other
+                raise ConnectionAbortedError("interrupted")
             conn.connect()
             if setup:
                 self.on_connect(conn)
+            if use is not None:
+                use(conn)
         except BaseException:
             conn.close()
             raise
@@ -96,10 +105,14 @@ class Target:
             self._connecting.remove(conn)
         return conn
 
+    def _set_conn(self, conn: Connection) -> None:
+        self.conn = conn
+
     def _connection(self) -> Connection:
-        if self.conn is None:
-            self.conn = self._open(self.endpoint)
-        return self.conn
+        conn = self.conn
+        if conn is None:
+            conn = self._open(self.endpoint, use=self._set_conn)
+        return conn
 
     def execute(self, cmds: list[tuple[Any, ...]], wait_replicas: int = 0, wait_ms: int = 1000) -> list[Any]:
         conn = self._connection()
@@ -118,7 +131,8 @@ class Target:
 
     def interrupt(self) -> None:
         """Wake a thread blocked reading from this target, or setting up a connection to it
-        (another thread calls this)."""
+        (another thread calls this). Final: the target opens no connection afterwards."""
+        self.interrupted = True
         for conn in [*self._connections(), *self._connecting]:
             conn.interrupt()
 
@@ -186,23 +200,22 @@ class SentinelTarget(Target):
                 raise ReplyError(f"READONLY {self.endpoint.host}:{self.endpoint.port} is not the master (yet)")
         return self.conn  # type: ignore[return-value]
 
+    def _ask_master(self, answer: list[Any], probe: Connection) -> None:
+        answer.append(probe.call("SENTINEL", "get-master-addr-by-name", self.spec.master_name))
+
     def _resolve(self) -> Endpoint:
         errors = []
         order = list(self.spec.sentinels)
         random.shuffle(order)
         for host, port in order:
-            probe: Connection | None = None
+            answer: list[Any] = []
+            ask = functools.partial(self._ask_master, answer)
             try:
-                probe = self._open(Endpoint(host=host, port=port), setup=False)
-                self._connecting.append(probe)  # still interruptible while it asks
-                addr = probe.call("SENTINEL", "get-master-addr-by-name", self.spec.master_name)
+                self._open(Endpoint(host=host, port=port), setup=False, use=ask).close()
             except (OSError, ReplyError) as exc:
                 errors.append(f"{host}:{port}: {exc}")
                 continue
-            finally:
-                if probe is not None:
-                    self._connecting.remove(probe)
-                    probe.close()
+            addr = answer[0]
             if addr:
                 return Endpoint(host=addr[0].decode(), port=int(addr[1]), db=self.spec.db,
                                 username=self.spec.username, password=self.spec.password, tls=self.tls)
@@ -224,7 +237,8 @@ class ClusterTarget(Target):
     def _node(self, addr: tuple[str, int]) -> Connection:
         conn = self.nodes.get(addr)
         if conn is None:
-            conn = self.nodes[addr] = self._open(replace(self.endpoint, host=addr[0], port=addr[1], db=0))
+            conn = self._open(replace(self.endpoint, host=addr[0], port=addr[1], db=0),
+                              use=lambda c: self.nodes.__setitem__(addr, c))
         return conn
 
     def refresh(self) -> None:

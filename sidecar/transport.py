@@ -267,6 +267,7 @@ class TargetPipe:
             old = self.target
             old.close()
             self.target = ClusterTarget(old.endpoint, old.factory, old.on_connect)
+            self.target.interrupted = old.interrupted
             replies = self.target.execute(cmds)
         return replies
 
@@ -481,6 +482,7 @@ class Sender:
         old = self._target
         old.close()
         self._target = ClusterTarget(old.endpoint, old.factory, self._on_connect)
+        self._target.interrupted = old.interrupted  # abandon() may have reached the old one
         return self._target
 
     def _drop_client(self) -> None:

@@ -43,12 +43,14 @@ def test_a_cluster_slot_map_with_a_hole_is_read_again() -> None:
 
 
 class MuteServer:
-    """Accepts TCP connections and reads what comes, never answering: a Redis that hangs."""
+    """Accepts TCP connections and reads what comes, never answering: a Redis that hangs
+    (after answering the first ``answers`` reads of each connection with +OK)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answers: int = 0) -> None:
         import socket
         import threading
 
+        self.answers = answers
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.received = threading.Event()
@@ -67,8 +69,13 @@ class MuteServer:
             threading.Thread(target=self._read, args=(conn,), daemon=True).start()
 
     def _read(self, conn: Any) -> None:
+        answered = 0
         try:
             while conn.recv(4096):
+                if answered < self.answers:
+                    answered += 1
+                    conn.sendall(b"+OK\r\n")
+                    continue
                 self.received.set()
         except OSError:
             pass
@@ -79,15 +86,16 @@ class MuteServer:
             c.close()
 
 
-def _blocked_then_interrupted(make_target: Any, call: Any) -> tuple[BaseException | None, float]:
-    """Start ``call(target)`` in a thread, wait until it has sent to the mute server, interrupt
-    the target, and return (what the call raised, seconds it took to end after the interrupt)."""
+def _blocked_then_interrupted(make_target: Any, call: Any, servers: int = 1) -> tuple[BaseException | None, float]:
+    """Start ``call(target)`` in a thread, wait until it has sent to a mute server, interrupt
+    the target, and return (what the call raised, seconds it took to end after the interrupt).
+    With ``servers`` > 1, make_target gets that many ports."""
     import threading
     import time
 
-    server = MuteServer()
+    mutes = [MuteServer() for _ in range(servers)]
     try:
-        target = make_target(server.port)
+        target = make_target(*[m.port for m in mutes])
         outcome: list[BaseException | None] = []
 
         def run() -> None:
@@ -99,7 +107,10 @@ def _blocked_then_interrupted(make_target: Any, call: Any) -> tuple[BaseExceptio
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        assert server.received.wait(10), "the client never sent anything"
+        deadline = time.monotonic() + 10
+        while not any(m.received.is_set() for m in mutes):
+            assert time.monotonic() < deadline, "the client never sent anything"
+            time.sleep(0.01)
         time.sleep(0.1)
         assert thread.is_alive()  # blocked on the mute server (socket timeout 30 s)
         t0 = time.monotonic()
@@ -109,7 +120,8 @@ def _blocked_then_interrupted(make_target: Any, call: Any) -> tuple[BaseExceptio
         assert not thread.is_alive()
         return outcome[0], took
     finally:
-        server.close()
+        for m in mutes:
+            m.close()
 
 
 def _factory(name: str) -> Any:
@@ -170,5 +182,75 @@ def test_a_connection_interrupted_before_its_socket_exists_does_not_connect() ->
         with pytest.raises(ConnectionAbortedError):
             conn.connect()
         assert not conn.connected
+    finally:
+        server.close()
+
+
+def test_interrupt_also_stops_the_next_sentinel_and_cluster_seed() -> None:
+    """After an interrupt the target opens nothing more: the second sentinel, or the second
+    seed of a cluster, is not tried (each would hang for the socket timeout)."""
+    from sidecar.resp import Endpoint
+    from sidecar.topology import ClusterTarget, SentinelSpec, SentinelTarget
+
+    def sentinels(p1: int, p2: int) -> SentinelTarget:
+        spec = SentinelSpec(sentinels=(("127.0.0.1", p1), ("127.0.0.1", p2)), master_name="m", db=0,
+                            username=None, password=None)
+        return SentinelTarget(spec, _factory("s"), lambda _c: None)
+
+    def cluster(p1: int, p2: int) -> ClusterTarget:
+        t = ClusterTarget(Endpoint("127.0.0.1", p1), _factory("c"), lambda _c: None)
+        t.seeds.append(("127.0.0.1", p2))
+        return t
+
+    for make, call in ((sentinels, lambda t: t.execute([("PING",)])),
+                       (cluster, lambda t: t.execute([("SET", "k", "v")]))):
+        exc, took = _blocked_then_interrupted(make, call, servers=2)
+        assert exc is not None
+        assert took < 2.0
+
+
+def test_an_interrupted_target_opens_no_connection() -> None:
+    import pytest
+
+    from sidecar.resp import Endpoint
+    from sidecar.topology import Target
+
+    server = MuteServer()
+    try:
+        target = Target(Endpoint("127.0.0.1", server.port), _factory("t"), lambda _c: None)
+        target.interrupt()
+        with pytest.raises(ConnectionAbortedError):
+            target.execute([("PING",)])
+        assert not server.received.is_set() and server.conns == []
+    finally:
+        server.close()
+
+
+def test_interrupt_reaches_a_connection_between_set_up_and_use() -> None:
+    """The connection is stored where interrupt() finds it before it leaves the list of those
+    being set up: an interrupt in between (here: inside that list's remove) still wakes it."""
+    import threading
+    import time
+
+    from sidecar.resp import Endpoint
+    from sidecar.topology import Target
+
+    server = MuteServer(answers=1)  # CLIENT SETNAME is answered, then nothing
+    try:
+        target = Target(Endpoint("127.0.0.1", server.port), _factory("t"), lambda _c: None)
+
+        class Hooked(list):  # type: ignore[type-arg]
+            def remove(self, item: Any) -> None:
+                super().remove(item)
+                threading.Thread(target=target.interrupt).start()
+                time.sleep(0.2)  # the interrupt lands before the caller goes on
+
+        target._connecting = Hooked()
+        t0 = time.monotonic()
+        try:
+            target.execute([("PING",)])
+        except OSError:
+            pass
+        assert time.monotonic() - t0 < 5.0  # not the 30 s socket timeout
     finally:
         server.close()
