@@ -6,7 +6,7 @@
  *   token_starts(data: bytes) -> list[int]
  *       sidecar.redaction._token_starts: where a token prefix may begin.
  *
- *   lines_json(data: bytes, partial: bool, base: int)
+ *   lines_json(data: bytes, partial: bool, base: int)  (bytes only, not other buffers)
  *           -> tuple[bytes, int, list[tuple[int, bytes, int]]] | None
  *       The records of one segment (sidecar.protocol.texts_of) as JSON strings joined by
  *       commas, as orjson writes them; the record count; and for each record that may be a
@@ -337,13 +337,19 @@ static const char HEX[] = "0123456789abcdef";
 
 static PyObject *lines_json(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer view;
+    PyObject *data;
     int partial;
     Py_ssize_t base;
-    if (!PyArg_ParseTuple(args, "y*pn", &view, &partial, &base))
+    /* bytes only: both passes read the same bytes even when the objects made between them
+     * start a garbage collection that runs other code (a bytearray could change meanwhile) */
+    if (!PyArg_ParseTuple(args, "Spn", &data, &partial, &base))
         return NULL;
-    const unsigned char *s = (const unsigned char *)view.buf;
-    Py_ssize_t n = view.len;
+    if (base < 0 || base > PY_SSIZE_T_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "lines_json: base out of range");
+        return NULL;
+    }
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
     PyObject *cands = NULL, *result = NULL, *out = NULL;
 
     /* Pass 1: validate, count records, size the output, collect the "{" records. */
@@ -362,7 +368,9 @@ static PyObject *lines_json(PyObject *self, PyObject *args) {
             stop = n;
         } else {
             const unsigned char *nl = memchr(s + start, '\n', (size_t)(n - start));
-            stop = nl - s; /* found: data ends with LF */
+            if (nl == NULL) /* cannot happen: the data ends with LF */
+                goto fallback;
+            stop = nl - s;
         }
         size += 2 + (records ? 1 : 0); /* quotes, and the comma before it */
         for (i = start; i < stop;) {
@@ -417,7 +425,13 @@ static PyObject *lines_json(PyObject *self, PyObject *args) {
     const char *end = w + size;
     start = 0;
     for (Py_ssize_t r = 0; r < records; r++) {
-        Py_ssize_t stop = partial ? n : ((const unsigned char *)memchr(s + start, '\n', (size_t)(n - start)) - s);
+        Py_ssize_t stop = n;
+        if (!partial) {
+            const unsigned char *nl = memchr(s + start, '\n', (size_t)(n - start));
+            if (nl == NULL) /* cannot happen: pass 1 found it */
+                goto overflow;
+            stop = nl - s;
+        }
         if (end - w < (r ? 3 : 2))
             goto overflow;
         if (r)
@@ -467,17 +481,14 @@ static PyObject *lines_json(PyObject *self, PyObject *args) {
         goto fail;
     }
     result = Py_BuildValue("(NnN)", out, records, cands);
-    PyBuffer_Release(&view);
     return result;
 
 fallback:
     Py_XDECREF(cands);
-    PyBuffer_Release(&view);
     Py_RETURN_NONE;
 fail:
     Py_XDECREF(cands);
     Py_XDECREF(out);
-    PyBuffer_Release(&view);
     return NULL;
 }
 

@@ -277,8 +277,10 @@ def _native_objects(candidates: Sequence[tuple[int, str | bytes, int]],
     JSON objects: kind 1 or 2 from the native module, 0 from the Python code. One the native
     module vouches for is spliced in without being parsed, unless it may carry an event and
     ``parsed`` wants it: only an object with a top-level "sidecar_event" or "usage" key does
-    (events.classify). The others are parsed by orjson: the native module leaves numbers with
-    exponents, escaped surrogates, deep nesting, and what is not JSON to it."""
+    (events.classify); so on the native path ``parsed`` gets the objects that may carry an
+    event (and those orjson had to decide on), not every JSON object. The others are parsed
+    by orjson: the native module leaves numbers with exponents, escaped surrogates, deep
+    nesting, and what is not JSON to it."""
     out: list[list[Any]] = []
     for i, text, kind in candidates:
         if kind == 1 or (kind == 2 and parsed is None):

@@ -78,6 +78,19 @@ def test_token_starts_matches_python_on_random_input() -> None:
         assert sp.token_starts(data) == redaction._token_starts_py(data), data
 
 
+def test_lines_json_takes_bytes_only_and_a_sane_base() -> None:
+    """bytes cannot change between the two passes (a bytearray could, through code that a
+    garbage collection runs in between)."""
+    with pytest.raises(TypeError):
+        sp.lines_json(bytearray(b"{}\n"), False, 0)
+    with pytest.raises(TypeError):
+        sp.lines_json(memoryview(b"{}\n"), False, 0)
+    with pytest.raises(ValueError):
+        sp.lines_json(b"{}\n", False, -1)
+    with pytest.raises(ValueError):
+        sp.lines_json(b"{}\n", False, sys.maxsize)
+
+
 def test_token_starts_accepts_any_buffer() -> None:
     assert sp.token_starts(bytearray(b"..sk-..")) == [2]
     assert sp.token_starts(memoryview(b"..sk-..")) == [2]
