@@ -283,8 +283,9 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     rt.agent_pid = agent.pid
     rt.status("running", pid=agent.pid)
     # What start-up built lives as long as the process: keep it out of the collector's walks.
-    # The data path makes no reference cycles, yet each JSON-object line parsed allocates
-    # containers that count towards the next collection; collecting less often costs nothing.
+    # The data path hardly makes reference cycles, yet each JSON-object line parsed allocates
+    # containers that count towards the next collection: collect less often (cycles are
+    # still found, later).
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, 20, 20)
     rt.heartbeat.start()
