@@ -6,6 +6,10 @@
  *   token_starts(data: bytes) -> list[int]
  *       sidecar.redaction._token_starts: where a token prefix may begin.
  *
+ *   contains_any(data: bytes, needles: tuple[bytes, ...]) -> bool
+ *       any(n in data for n in needles), as redaction asks of every read for the forms of the
+ *       environment's secrets.
+ *
  *   lines_json(data: bytes, partial: bool, base: int)  (bytes only, not other buffers)
  *           -> tuple[bytes, int, list[tuple[int, bytes, int]]] | None
  *       The records of one segment (sidecar.protocol.texts_of) as JSON strings joined by
@@ -112,6 +116,31 @@ static PyObject *token_starts(PyObject *self, PyObject *arg) {
 fail:
     PyBuffer_Release(&view);
     return NULL;
+}
+
+/* -- contains_any ------------------------------------------------------------------------ */
+
+/* contains_any(data: bytes, needles: tuple[bytes, ...]) -> bool: any(n in data for n in needles),
+ * with glibc's memmem. */
+static PyObject *contains_any(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *data, *needles;
+    if (!PyArg_ParseTuple(args, "SO!", &data, &PyTuple_Type, &needles))
+        return NULL;
+    const char *s = PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data);
+    Py_ssize_t k = PyTuple_GET_SIZE(needles);
+    for (Py_ssize_t j = 0; j < k; j++) {
+        PyObject *needle = PyTuple_GET_ITEM(needles, j);
+        if (!PyBytes_Check(needle)) {
+            PyErr_SetString(PyExc_TypeError, "contains_any: needles must be bytes");
+            return NULL;
+        }
+        Py_ssize_t m = PyBytes_GET_SIZE(needle);
+        if (m == 0 || (m <= n && memmem(s, (size_t)n, PyBytes_AS_STRING(needle), (size_t)m) != NULL))
+            Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
 }
 
 /* -- lines_json -------------------------------------------------------------------------- */
@@ -494,6 +523,7 @@ fail:
 
 static PyMethodDef methods[] = {
     {"token_starts", token_starts, METH_O, "Positions where a token prefix may begin (sorted)."},
+    {"contains_any", contains_any, METH_VARARGS, "Whether any of the needles occurs in the data."},
     {"lines_json", lines_json, METH_VARARGS, "Records of a segment as comma-joined JSON strings."},
     {NULL, NULL, 0, NULL},
 };

@@ -94,6 +94,7 @@ class Redactor:
     def __init__(self, env: Mapping[str, str], extra_patterns: Sequence[str] = (), *,
                  min_len: int = MIN_VALUE_LEN, max_token: int = 512) -> None:
         self.values = secret_values(env, min_len)
+        self._values_tuple = tuple(self.values)
         self.user_patterns = bool(extra_patterns)
         # Token shapes only where a token can begin: not inside a word ("risk-assessment-...").
         shapes = [rb"(?<![A-Za-z0-9])" + p for p in TOKEN_PATTERNS]
@@ -110,7 +111,7 @@ class Redactor:
         if not data:
             return b""
         end = len(data) if final else len(data) - self._holdback(data)
-        if self.user_patterns or any(v in data for v in self.values):
+        if self.user_patterns or self._any_secret(data):
             matches: Iterable[re.Match[bytes]] = self.rx.finditer(data)
         else:
             starts = _token_starts(data)
@@ -135,6 +136,14 @@ class Redactor:
         if release < len(data):
             self._held[stream] = data[release:]
         return b"".join(out)
+
+    def _any_secret(self, data: bytes) -> bool:
+        """Whether some form of some secret occurs in ``data`` (one scan of it per form)."""
+        if not self.values:
+            return False
+        if _speedups is not None and type(data) is bytes:
+            return _speedups.contains_any(data, self._values_tuple)  # type: ignore[no-any-return]
+        return any(v in data for v in self.values)
 
     def _anchored(self, data: bytes, starts: list[int]) -> Iterator[re.Match[bytes]]:
         """Token matches beginning at the candidate positions, in order, not overlapping."""

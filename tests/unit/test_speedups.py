@@ -98,6 +98,34 @@ def test_token_starts_accepts_any_buffer() -> None:
         sp.token_starts("sk-")
 
 
+# -- contains_any -------------------------------------------------------------------------
+
+
+def test_contains_any_matches_python_on_random_input() -> None:
+    rnd = random.Random(16)
+    for _ in range(20_000):
+        data = random_bytes(rnd, 30)
+        needles = tuple(random_bytes(rnd, 3) for _ in range(rnd.randint(0, 4)))
+        if rnd.random() < 0.3 and data:  # one that surely occurs
+            i = rnd.randrange(len(data))
+            needles += (data[i:i + rnd.randint(1, 12)],)
+        assert sp.contains_any(data, needles) == any(n in data for n in needles), (data, needles)
+
+
+def test_contains_any_edge_cases() -> None:
+    assert sp.contains_any(b"abc", ()) is False
+    assert sp.contains_any(b"abc", (b"",)) is True  # as `b"" in data`
+    assert sp.contains_any(b"", (b"",)) is True
+    assert sp.contains_any(b"ab", (b"abc",)) is False
+    assert sp.contains_any(b"xxabc", (b"zz", b"abc")) is True
+    with pytest.raises(TypeError):
+        sp.contains_any(b"abc", [b"a"])
+    with pytest.raises(TypeError):
+        sp.contains_any(b"abc", ("a",))
+    with pytest.raises(TypeError):
+        sp.contains_any(bytearray(b"abc"), (b"a",))
+
+
 # -- lines_json ---------------------------------------------------------------------------
 
 
