@@ -28,6 +28,18 @@ def _start(start_sidecar: Any, url: str, run_id: str, *extra: str, agent: list[s
                           "--kill-grace", "2", *extra, "--", *agent])
 
 
+def _start_ready(start_sidecar: Any, client: Any, url: str, run_id: str, *extra: str) -> Any:
+    """The signals agent under a sidecar, once it has printed "ready" (its handlers are set)."""
+    proc = _start(start_sidecar, url, run_id, *extra, agent=[sys.executable, SIGNALS])
+    wait_until(lambda: b"ready" in _out(client, run_id), timeout=10)
+    return proc
+
+
+def _pause(client: Any, run_id: str, agent_pid: int) -> None:
+    client.publish(f"run:{run_id}:control", json.dumps({"cmd": "pause"}))
+    wait_until(lambda: psutil.Process(agent_pid).status() == psutil.STATUS_STOPPED, timeout=5)
+
+
 def _out(client: Any, run_id: str) -> bytes:
     return runs.stream_bytes(client, f"run:{run_id}:output:0")
 
@@ -96,12 +108,10 @@ def test_heartbeat_stops_when_the_sidecar_exits(redis_server: RedisServer, start
 
 def test_cancel_pause_resume_and_signal(redis_server: RedisServer, start_sidecar: Any) -> None:
     client = redis_server.client()
-    proc = _start(start_sidecar, redis_server.url, "ctl", agent=[sys.executable, SIGNALS])
-    wait_until(lambda: b"ready" in _out(client, "ctl"), timeout=10)
+    proc = _start_ready(start_sidecar, client, redis_server.url, "ctl")
     agent_pid = int(client.hget("run:ctl:variation:0", "pid"))
 
-    client.publish("run:ctl:control", json.dumps({"cmd": "pause"}))
-    wait_until(lambda: psutil.Process(agent_pid).status() == psutil.STATUS_STOPPED, timeout=5)
+    _pause(client, "ctl", agent_pid)
     assert client.hget("run:ctl:variation:0", "status") == b"paused"
     client.publish("run:ctl:control", json.dumps({"cmd": "resume"}))
     wait_until(lambda: psutil.Process(agent_pid).status() != psutil.STATUS_STOPPED, timeout=5)
@@ -135,8 +145,7 @@ def test_cancel_escalates_to_sigkill_and_reaches_a_paused_agent(redis_server: Re
 def test_commands_for_other_agents_are_ignored_and_bad_ones_rejected(redis_server: RedisServer,
                                                                     start_sidecar: Any) -> None:
     client = redis_server.client()
-    proc = _start(start_sidecar, redis_server.url, "tgt", agent=[sys.executable, SIGNALS])
-    wait_until(lambda: b"ready" in _out(client, "tgt"), timeout=10)
+    proc = _start_ready(start_sidecar, client, redis_server.url, "tgt")
     for bad in (b"not json", b"[1,2]", json.dumps({"cmd": "explode"}).encode(),
                 json.dumps({"cmd": "signal", "signal": "SIGKILL"}).encode(),
                 json.dumps({"cmd": "signal", "signal": 9}).encode(), json.dumps({"cmd": "signal"}).encode()):
@@ -157,9 +166,8 @@ def test_signed_control_commands(redis_server: RedisServer, start_sidecar: Any, 
     secret = b"control-secret-for-tests"
     (tmp_path / "secret").write_bytes(secret + b"\n")
     client = redis_server.client()
-    proc = _start(start_sidecar, redis_server.url, "sig", "--control-secret-file", str(tmp_path / "secret"),
-                  agent=[sys.executable, SIGNALS])
-    wait_until(lambda: b"ready" in _out(client, "sig"), timeout=10)
+    proc = _start_ready(start_sidecar, client, redis_server.url, "sig", "--control-secret-file",
+                        str(tmp_path / "secret"))
     now = int(time.time())
     good = sign({"cmd": "signal", "signal": "SIGUSR1", "ts": now}, secret)
     client.publish("run:sig:control", json.dumps(good))
@@ -179,8 +187,7 @@ def test_signed_control_commands(redis_server: RedisServer, start_sidecar: Any, 
 
 def test_control_subscription_survives_a_redis_restart(redis_factory: Any, start_sidecar: Any) -> None:
     srv: RedisServer = redis_factory(("--appendonly", "yes", "--appendfsync", "always"))
-    proc = _start(start_sidecar, srv.url, "rs", "--socket-timeout", "1", agent=[sys.executable, SIGNALS])
-    wait_until(lambda: b"ready" in _out(srv.client(), "rs"), timeout=10)
+    proc = _start_ready(start_sidecar, srv.client(), srv.url, "rs", "--socket-timeout", "1")
     srv.kill()
     time.sleep(0.5)
     srv.restart()
@@ -198,11 +205,9 @@ def test_control_subscription_survives_a_redis_restart(redis_factory: Any, start
 def test_sigterm_reaches_a_paused_agent_and_sigcont_by_signal_ends_the_pause(redis_server: RedisServer,
                                                                             start_sidecar: Any) -> None:
     client = redis_server.client()
-    proc = _start(start_sidecar, redis_server.url, "pz", agent=[sys.executable, SIGNALS])
-    wait_until(lambda: b"ready" in _out(client, "pz"), timeout=10)
+    proc = _start_ready(start_sidecar, client, redis_server.url, "pz")
     agent_pid = int(client.hget("run:pz:variation:0", "pid"))
-    client.publish("run:pz:control", json.dumps({"cmd": "pause"}))
-    wait_until(lambda: psutil.Process(agent_pid).status() == psutil.STATUS_STOPPED, timeout=5)
+    _pause(client, "pz", agent_pid)
     # SIGCONT through the signal command ends the pause: a later pause works again
     client.publish("run:pz:control", json.dumps({"cmd": "signal", "signal": "SIGCONT"}))
     wait_until(lambda: _states(client, "pz")[-1] == "running", timeout=5)
@@ -221,8 +226,7 @@ def test_sigterm_reaches_a_paused_agent_and_sigcont_by_signal_ends_the_pause(red
 def test_a_command_too_deep_to_report_is_still_rejected_in_order(redis_server: RedisServer,
                                                                 start_sidecar: Any) -> None:
     client = redis_server.client()
-    proc = _start(start_sidecar, redis_server.url, "dp", agent=[sys.executable, SIGNALS])
-    wait_until(lambda: b"ready" in _out(client, "dp"), timeout=10)
+    proc = _start_ready(start_sidecar, client, redis_server.url, "dp")
     deep = b'{"cmd":"nope","x":' + b"[" * 300 + b"]" * 300 + b"}"
     client.publish("run:dp:control", deep)
     client.publish("run:dp:control", json.dumps({"cmd": "cancel"}))
