@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     def native_json() -> None:
         for got in natives:
             assert got is not None
-            protocol._native_objects(got[3], [])
+            protocol._spliced_objects(got[3], [])
 
     def native_dumps() -> None:
         for b, got in zip(batches, natives, strict=True):

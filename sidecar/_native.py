@@ -9,9 +9,15 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
-speedups: ModuleType | None = None
-if os.environ.get("SIDECAR_PURE_PYTHON", "") in ("", "0"):
+
+def _load() -> ModuleType | None:
+    if os.environ.get("SIDECAR_PURE_PYTHON", "") not in ("", "0"):
+        return None
     try:
-        from . import _speedups as speedups
+        from . import _speedups  # type: ignore[attr-defined]
     except ImportError:
-        speedups = None
+        return None
+    return _speedups  # type: ignore[no-any-return]
+
+
+speedups = _load()

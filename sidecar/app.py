@@ -17,7 +17,7 @@ from agent_wrapper.exitcodes import signal_name
 from agent_wrapper.pipes import PipeReader
 from agent_wrapper.process import Agent
 
-from . import control, events, heartbeat, log, protocol, redaction
+from . import _native, control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
 from .config import Settings, mask_url
 from .items import Item
@@ -271,7 +271,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     if warning:
         log.warning(warning)
     log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id,
-              native=protocol._speedups is not None)
+              native=_native.speedups is not None)
     rt.status("starting", command=os.path.basename(s.command[0]))
 
     result = launched

@@ -207,35 +207,29 @@ def encode_batch(
     texts: Texts | None = None,
     objects: list[dict[str, Any]] | None = None,
 ) -> bytes:
-    """Encode one batch. ``header`` holds the constant fields (v, type, ids, channel, stream)."""
-    if texts is None:
-        native = native_lines(batch)
-        if native is not None:
-            array, n, partial, braces = native
-            msg = dict(header)
-            msg["seq"] = seq
-            msg["n"] = n
-            msg["lines"] = orjson.Fragment(array)
-            msg["ts"] = batch.ts
-            if partial:
-                msg["partial"] = partial
-            if structured:
-                objs = _native_objects(braces, objects)
-                if objs:
-                    msg["json"] = objs
-            return compress_if_large(orjson.dumps(msg), threshold)
-    t = texts if texts is not None else texts_of(batch)
+    """Encode one batch. ``header`` holds the constant fields (v, type, ids, channel, stream).
+    Without ``texts`` the native module builds the ``lines`` array when it can."""
+    native = native_lines(batch) if texts is None else None
+    candidates: Sequence[tuple[int, str | bytes, int]]
+    if native is not None:
+        array, n, partial, candidates = native
+        lines: Any = orjson.Fragment(array)
+        b64: list[int] = []
+    else:
+        t = texts if texts is not None else texts_of(batch)
+        lines, n, partial, b64 = t.lines, len(t.lines), t.partial, t.b64
+        candidates = _candidates(t.lines, t.b64) if structured else ()
     msg = dict(header)
     msg["seq"] = seq
-    msg["n"] = len(t.lines)
-    msg["lines"] = t.lines
+    msg["n"] = n
+    msg["lines"] = lines
     msg["ts"] = batch.ts
-    if t.partial:
-        msg["partial"] = t.partial
-    if t.b64:
-        msg["b64"] = t.b64
+    if partial:
+        msg["partial"] = partial
+    if b64:
+        msg["b64"] = b64
     if structured:
-        objs = _json_objects(t.lines, t.b64, objects)
+        objs = _spliced_objects(candidates, objects)
         if objs:
             msg["json"] = objs
     return compress_if_large(orjson.dumps(msg), threshold)
@@ -261,18 +255,22 @@ def _depth(obj: Any) -> int:
     return deepest
 
 
+def _candidates(lines: Sequence[str], b64: list[int]) -> list[tuple[int, str, int]]:
+    """(index, text without trailing CRs, 0) of the lines that may be JSON objects, for
+    _spliced_objects (kind 0: orjson decides)."""
+    skip = set(b64)
+    return [(i, text, 0) for i, line in enumerate(lines)
+            if line[:1] == "{" and i not in skip and (text := line.rstrip("\r"))[-1:] == "}"]
+
+
 def _json_objects(lines: Sequence[str], b64: list[int], parsed: list[dict[str, Any]] | None = None) -> list[list[Any]]:
     """[index, object] for each line that is a JSON object: validated, then spliced in as it was.
     The parsed objects are appended to ``parsed`` when given (for event detection)."""
-    candidates = [i for i, line in enumerate(lines) if line[:1] == "{"]
-    if not candidates:
-        return []
-    skip = set(b64)
-    return _json_pairs([(i, lines[i]) for i in candidates if i not in skip], parsed)
+    return _spliced_objects(_candidates(lines, b64), parsed)
 
 
-def _native_objects(candidates: Sequence[tuple[int, str | bytes, int]],
-                    parsed: list[dict[str, Any]] | None) -> list[list[Any]]:
+def _spliced_objects(candidates: Sequence[tuple[int, str | bytes, int]],
+                     parsed: list[dict[str, Any]] | None) -> list[list[Any]]:
     """[index, object] for (index, text without trailing CRs, kind) of the lines that may be
     JSON objects: kind 1 or 2 from the native module, 0 from the Python code. One the native
     module vouches for is spliced in without being parsed, unless it may carry an event and
@@ -308,12 +306,6 @@ def _parsed_object(text: str | bytes) -> dict[str, Any] | None:
         if brackets > MAX_JSON_DEPTH and _depth(obj) > MAX_JSON_DEPTH:
             return None
     return obj
-
-
-def _json_pairs(candidates: Sequence[tuple[int, str]], parsed: list[dict[str, Any]] | None) -> list[list[Any]]:
-    """_json_objects for (index, text) of the lines that begin with "{": each parsed by orjson."""
-    stripped = [(i, text, 0) for i, line in candidates if (text := line.rstrip("\r"))[-1:] == "}"]
-    return _native_objects(stripped, parsed)
 
 
 def encode_object(obj: dict[str, Any]) -> bytes:

@@ -93,8 +93,7 @@ class Redactor:
 
     def __init__(self, env: Mapping[str, str], extra_patterns: Sequence[str] = (), *,
                  min_len: int = MIN_VALUE_LEN, max_token: int = 512) -> None:
-        self.values = secret_values(env, min_len)
-        self._values_tuple = tuple(self.values)
+        self.values = tuple(secret_values(env, min_len))
         self.user_patterns = bool(extra_patterns)
         # Token shapes only where a token can begin: not inside a word ("risk-assessment-...").
         shapes = [rb"(?<![A-Za-z0-9])" + p for p in TOKEN_PATTERNS]
@@ -142,7 +141,7 @@ class Redactor:
         if not self.values:
             return False
         if _speedups is not None and type(data) is bytes:
-            return _speedups.contains_any(data, self._values_tuple)  # type: ignore[no-any-return]
+            return _speedups.contains_any(data, self.values)  # type: ignore[no-any-return]
         return any(v in data for v in self.values)
 
     def _anchored(self, data: bytes, starts: list[int]) -> Iterator[re.Match[bytes]]:
