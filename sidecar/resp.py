@@ -70,7 +70,7 @@ def parse_url(url: str, password: str | None = None, username: str | None = None
 def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
     for a in args:
-        if type(a) is not bytes and not isinstance(a, bytes):
+        if not isinstance(a, bytes):
             a = a.encode() if isinstance(a, str) else str(a).encode()
         out.append(b"$%d\r\n%b\r\n" % (len(a), a))
     return b"".join(out)

@@ -234,6 +234,15 @@ class ClusterTarget(Target):
         self.slots: list[tuple[str, int] | None] = [None] * 16384
         self.nodes: dict[tuple[str, int], Connection] = {}
 
+    @classmethod
+    def replacing(cls, old: Target) -> ClusterTarget:
+        """The cluster client that takes over from ``old``, a standalone target that turned out
+        to be a cluster node: same seed, factory and set-up; interrupted if ``old`` was."""
+        old.close()
+        new = cls(old.endpoint, old.factory, old.on_connect)
+        new.interrupted = old.interrupted
+        return new
+
     def _node(self, addr: tuple[str, int]) -> Connection:
         conn = self.nodes.get(addr)
         if conn is None:

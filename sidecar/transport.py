@@ -264,10 +264,7 @@ class TargetPipe:
     def pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
         replies = self.target.execute(cmds)
         if reveals_cluster(self.settings, self.target, replies):
-            old = self.target
-            old.close()
-            self.target = ClusterTarget(old.endpoint, old.factory, old.on_connect)
-            self.target.interrupted = old.interrupted
+            self.target = ClusterTarget.replacing(self.target)
             replies = self.target.execute(cmds)
         return replies
 
@@ -479,10 +476,7 @@ class Sender:
         """A MOVED reply from a server we took for standalone: it is a cluster node."""
         assert self._target is not None
         log.info("Redis Cluster detected; routing by slot")
-        old = self._target
-        old.close()
-        self._target = ClusterTarget(old.endpoint, old.factory, self._on_connect)
-        self._target.interrupted = old.interrupted  # abandon() may have reached the old one
+        self._target = ClusterTarget.replacing(self._target)  # interrupted if abandon() reached the old one
         return self._target
 
     def _drop_client(self) -> None:
