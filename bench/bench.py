@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -1063,6 +1064,7 @@ def prepare_bytecode() -> None:
         compileall.compile_dir(os.path.join(REPO, package), quiet=1)
 
 
+@functools.cache
 def native_module() -> bool:
     """Whether the sidecar's children load sidecar/_speedups.c (as built by the install)."""
     code = "from sidecar import _native; print(_native.speedups is not None)"
