@@ -21,7 +21,10 @@
  *       record is not valid UTF-8, or a segment of whole lines does not end with LF: the
  *       caller then takes the Python path.
  *
- * Both only read `data` and write into buffers sized before the first write.
+ * Each only reads `data` and writes into buffers sized before the first write. token_starts
+ * and lines_json release the GIL while they scan a segment of 4 KiB or more (bytes only, which
+ * no other thread can change meanwhile), so that the reader and the encoder threads can run on
+ * two cores at once.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -51,6 +54,70 @@ static inline uint64_t needs_care(uint64_t x) {
     return (x & HIGHS) | ctrl | has_byte(x, '"') | has_byte(x, '\\');
 }
 
+/* -- blocks of bytes ----------------------------------------------------------------------- */
+
+/* Both scans look at a block of bytes at a time and stop at the lowest flagged byte. With SSE2
+ * (every x86-64) a block is 16 bytes and the flags are exact; elsewhere it is one 8-byte word
+ * and only the lowest flag is sure (a borrow may flag bytes above it), which is all that is used. */
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define BLOCK 16
+typedef uint32_t bits_t;
+#define LOWEST(bits) ((Py_ssize_t)__builtin_ctz(bits))
+
+static inline bits_t any_of3(const unsigned char *p, char a, char b, char c) {
+    __m128i x = _mm_loadu_si128((const __m128i *)p);
+    __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(a)), _mm_cmpeq_epi8(x, _mm_set1_epi8(b))),
+                             _mm_cmpeq_epi8(x, _mm_set1_epi8(c)));
+    return (bits_t)_mm_movemask_epi8(m);
+}
+
+/* A byte that a JSON string cannot hold as it is: below 0x20 or 0x80 and up (one signed
+ * comparison), '"' or '\'. */
+static inline bits_t care_bits(const unsigned char *p) {
+    __m128i x = _mm_loadu_si128((const __m128i *)p);
+    __m128i m = _mm_or_si128(_mm_cmplt_epi8(x, _mm_set1_epi8(0x20)),
+                             _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8('"')), _mm_cmpeq_epi8(x, _mm_set1_epi8('\\'))));
+    return (bits_t)_mm_movemask_epi8(m);
+}
+#define CARE_COUNT(bits) ((Py_ssize_t)__builtin_popcount(bits))
+#else
+#define BLOCK 8
+typedef uint64_t bits_t;
+#define LOWEST(bits) ((Py_ssize_t)(__builtin_ctzll(bits) >> 3))
+
+static inline bits_t any_of3(const unsigned char *p, char a, char b, char c) {
+    uint64_t x = load8(p);
+    return has_byte(x, (unsigned char)a) | has_byte(x, (unsigned char)b) | has_byte(x, (unsigned char)c);
+}
+
+static inline bits_t care_bits(const unsigned char *p) { return needs_care(load8(p)); }
+#define CARE_COUNT(bits) ((Py_ssize_t)__builtin_popcountll(bits)) /* may count more: a bound */
+#endif
+
+/* A growing array of Py_ssize_t, filled without the GIL. */
+typedef struct {
+    Py_ssize_t *v;
+    Py_ssize_t len, cap;
+} Array;
+
+static int array_push(Array *a, Py_ssize_t x) {
+    if (a->len == a->cap) {
+        Py_ssize_t cap = a->cap ? a->cap * 2 : 16;
+        Py_ssize_t *v = PyMem_RawRealloc(a->v, (size_t)cap * sizeof *v);
+        if (v == NULL)
+            return -1;
+        a->v = v;
+        a->cap = cap;
+    }
+    a->v[a->len++] = x;
+    return 0;
+}
+
+/* Segments at least this long are scanned with the GIL released, so that the reader and the
+ * encoder run on two cores; below it, releasing costs more than it lets run. */
+#define NOGIL_BYTES 4096
+
 /* -- token_starts ------------------------------------------------------------------------ */
 
 /* In sidecar.redaction, the folding table maps o u s r a b to p: a folded "p" stands for any
@@ -59,63 +126,79 @@ static int folds_to_p(unsigned char c) {
     return c == 'p' || c == 'o' || c == 'u' || c == 's' || c == 'r' || c == 'a' || c == 'b';
 }
 
-static int prefix_at(const unsigned char *s, Py_ssize_t left) {
-    switch (s[0]) {
-    case 's': /* sk- */
-        return left >= 3 && s[1] == 'k' && s[2] == '-';
-    case 'g': /* github_pat_, or gh?_ (folded ghp_) */
-        if (left >= 4 && s[1] == 'h' && folds_to_p(s[2]) && s[3] == '_')
-            return 1;
-        return left >= 11 && memcmp(s, "github_pat_", 11) == 0;
-    case 'A': /* A?IA with ? in K S (folded AKIA) */
-        return left >= 4 && (s[1] == 'K' || s[1] == 'S') && s[2] == 'I' && s[3] == 'A';
-    case 'x': /* x?x?- (folded xpxp-) */
-        return left >= 5 && folds_to_p(s[1]) && s[2] == 'x' && folds_to_p(s[3]) && s[4] == '-';
+/* Every prefix ends with one of - _ A, which are rare in text (s, g and x, the bytes they
+ * begin with, are not). Given such a byte at s[i], where its prefix begins, or -1:
+ * sk- and x?x?- end with -, gh?_ and github_pat_ with _, A?IA with A. Each start has one last
+ * byte, and the starts come out in order: of the two such bytes inside a prefix, no match ends
+ * at the _ of "github_", and one ending at the first A of A?IA begins before it. */
+static Py_ssize_t prefix_ending_at(const unsigned char *s, Py_ssize_t i) {
+    switch (s[i]) {
+    case '-':
+        if (i >= 2 && s[i - 2] == 's' && s[i - 1] == 'k')
+            return i - 2;
+        if (i >= 4 && s[i - 4] == 'x' && folds_to_p(s[i - 3]) && s[i - 2] == 'x' && folds_to_p(s[i - 1]))
+            return i - 4;
+        return -1;
+    case '_':
+        if (i >= 3 && s[i - 3] == 'g' && s[i - 2] == 'h' && folds_to_p(s[i - 1]))
+            return i - 3;
+        if (i >= 10 && memcmp(s + i - 10, "github_pat", 10) == 0)
+            return i - 10;
+        return -1;
+    case 'A':
+        if (i >= 3 && s[i - 3] == 'A' && (s[i - 2] == 'K' || s[i - 2] == 'S') && s[i - 1] == 'I')
+            return i - 3;
+        return -1;
     default:
-        return 0;
+        return -1;
     }
 }
 
-/* Bytes a token prefix can begin with: s g A x. */
-static unsigned char FIRST[256];
+static int scan_token_starts(const unsigned char *s, Py_ssize_t n, Array *out) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        if (i + BLOCK <= n) {
+            bits_t hits = any_of3(s + i, '-', '_', 'A');
+            if (hits == 0) {
+                i += BLOCK;
+                continue;
+            }
+            i += LOWEST(hits);
+        }
+        Py_ssize_t start = prefix_ending_at(s, i);
+        if (start >= 0 && array_push(out, start) < 0)
+            return -1;
+        i++;
+    }
+    return 0;
+}
 
 static PyObject *token_starts(PyObject *self, PyObject *arg) {
     (void)self;
     Py_buffer view;
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    const unsigned char *s = (const unsigned char *)view.buf;
-    Py_ssize_t n = view.len;
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        goto fail;
-    Py_ssize_t i = 0;
-    while (i < n) {
-        if (i + 8 <= n) {
-            uint64_t x = load8(s + i);
-            uint64_t hits = has_byte(x, 's') | has_byte(x, 'g') | has_byte(x, 'A') | has_byte(x, 'x');
-            if (hits == 0) {
-                i += 8;
-                continue;
-            }
-            i += __builtin_ctzll(hits) >> 3; /* the lowest flagged byte is a true one */
-        }
-        if (FIRST[s[i]] && prefix_at(s + i, n - i)) {
-            PyObject *pos = PyLong_FromSsize_t(i);
-            if (pos == NULL || PyList_Append(out, pos) < 0) {
-                Py_XDECREF(pos);
-                Py_DECREF(out);
-                goto fail;
-            }
-            Py_DECREF(pos);
-        }
-        i++;
+    Array found = {NULL, 0, 0};
+    int rc;
+    /* only bytes may be read without the GIL: another thread could change a bytearray */
+    if (view.len >= NOGIL_BYTES && PyBytes_CheckExact(arg)) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = scan_token_starts(view.buf, view.len, &found);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = scan_token_starts(view.buf, view.len, &found);
     }
     PyBuffer_Release(&view);
+    PyObject *out = rc < 0 ? PyErr_NoMemory() : PyList_New(found.len);
+    for (Py_ssize_t k = 0; out != NULL && k < found.len; k++) {
+        PyObject *pos = PyLong_FromSsize_t(found.v[k]);
+        if (pos == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, k, pos);
+    }
+    PyMem_RawFree(found.v);
     return out;
-fail:
-    PyBuffer_Release(&view);
-    return NULL;
 }
 
 /* -- contains_any ------------------------------------------------------------------------ */
@@ -344,33 +427,120 @@ static int json_object_kind(const unsigned char *s, Py_ssize_t n) {
     return j.event_key ? 2 : 1;
 }
 
-/* For each byte: how many bytes it takes inside a JSON string (1 plain, 2 short escape, 6
- * \u00XX escape), or 0 for the first byte of a multi-byte UTF-8 sequence. */
-static unsigned char OUT_LEN[256];
+/* For each byte: 1 if a JSON string cannot hold it as it is (below 0x20, '"', '\', or the
+ * first byte of a multi-byte UTF-8 sequence, checked separately). */
+static unsigned char CARE[256];
 
 static void init_tables(void) {
-    for (int c = 0; c < 256; c++) {
-        if (c >= 0x80)
-            OUT_LEN[c] = 0;
-        else if (c == '"' || c == '\\' || c == '\b' || c == '\t' || c == '\n' || c == '\f' || c == '\r')
-            OUT_LEN[c] = 2;
-        else if (c < 0x20)
-            OUT_LEN[c] = 6;
-        else
-            OUT_LEN[c] = 1;
-        FIRST[c] = (c == 's' || c == 'g' || c == 'A' || c == 'x');
+    for (int c = 0; c < 256; c++)
+        CARE[c] = c < 0x20 || c == '"' || c == '\\' || c >= 0x80;
+}
+
+static inline Py_ssize_t next_care(const unsigned char *s, Py_ssize_t i, Py_ssize_t n) {
+    for (; i + BLOCK <= n; i += BLOCK) {
+        bits_t bits = care_bits(s + i);
+        if (bits)
+            return i + LOWEST(bits);
     }
+    while (i < n && !CARE[s[i]])
+        i++;
+    return i;
+}
+
+/* At most how many bytes the JSON of n bytes takes: 6 for a byte that needs care (the longest
+ * escape, \u00XX, or the 3 of '","' between records), 1 for any other, and the 2 quotes. */
+static Py_ssize_t json_bound(const unsigned char *s, Py_ssize_t n) {
+    Py_ssize_t care = 0, i = 0;
+    for (; i + BLOCK <= n; i += BLOCK)
+        care += CARE_COUNT(care_bits(s + i));
+    for (; i < n; i++)
+        care += CARE[s[i]];
+    return n + 5 * care + 2;
 }
 
 static const char HEX[] = "0123456789abcdef";
+
+static inline char *escaped(char *w, unsigned char c) {
+    *w++ = '\\';
+    switch (c) {
+    case '"': *w++ = '"'; break;
+    case '\\': *w++ = '\\'; break;
+    case '\b': *w++ = 'b'; break;
+    case '\t': *w++ = 't'; break;
+    case '\n': *w++ = 'n'; break;
+    case '\f': *w++ = 'f'; break;
+    case '\r': *w++ = 'r'; break;
+    default:
+        *w++ = 'u'; *w++ = '0'; *w++ = '0';
+        *w++ = HEX[c >> 4]; *w++ = HEX[c & 0xF];
+    }
+    return w;
+}
+
+/* A record that may be a JSON object, kept as three numbers: index, start, end. */
+static int record_done(const unsigned char *s, Py_ssize_t start, Py_ssize_t stop, Py_ssize_t index,
+                       Array *cands, Array *kinds) {
+    Py_ssize_t last = stop; /* without the trailing CRs */
+    while (last > start && s[last - 1] == '\r')
+        last--;
+    if (last - start < 2 || s[start] != '{' || s[last - 1] != '}')
+        return 0;
+    if (array_push(cands, index) < 0 || array_push(cands, start) < 0 || array_push(cands, last) < 0)
+        return -1;
+    return array_push(kinds, json_object_kind(s + start, last - start));
+}
+
+/* The records of s as JSON strings joined by commas, into w (room for json_bound(s, n)).
+ * Returns the bytes written, -1 for a record that is not valid UTF-8, -2 out of memory. */
+static Py_ssize_t write_lines(const unsigned char *s, Py_ssize_t n, int partial, Py_ssize_t base, char *out,
+                              Py_ssize_t *records, Array *cands, Array *kinds) {
+    char *w = out;
+    Py_ssize_t i = 0, start = 0, count = 0;
+    *w++ = '"';
+    for (;;) {
+        Py_ssize_t c = next_care(s, i, n);
+        memcpy(w, s + i, (size_t)(c - i));
+        w += c - i;
+        if (c >= n)
+            break; /* partial: the one record ends here; whole lines end at their last LF */
+        unsigned char ch = s[c];
+        if (ch == '\n' && !partial) {
+            if (record_done(s, start, c, base + count, cands, kinds) < 0)
+                return -2;
+            count++;
+            if (c == n - 1)
+                break;
+            memcpy(w, "\",\"", 3);
+            w += 3;
+            start = i = c + 1;
+        } else if (ch >= 0x80) {
+            Py_ssize_t k = utf8_len(s + c, n - c); /* an LF is no continuation byte */
+            if (k == 0)
+                return -1;
+            memcpy(w, s + c, (size_t)k);
+            w += k;
+            i = c + k;
+        } else {
+            w = escaped(w, ch);
+            i = c + 1;
+        }
+    }
+    if (partial) {
+        if (record_done(s, 0, n, base, cands, kinds) < 0)
+            return -2;
+        count = 1;
+    }
+    *w++ = '"';
+    *records = count;
+    return w - out;
+}
 
 static PyObject *lines_json(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *data;
     int partial;
     Py_ssize_t base;
-    /* bytes only: both passes read the same bytes even when the objects made between them
-     * start a garbage collection that runs other code (a bytearray could change meanwhile) */
+    /* bytes only: they are read with the GIL released, and cannot change meanwhile */
     if (!PyArg_ParseTuple(args, "Spn", &data, &partial, &base))
         return NULL;
     if (base < 0 || base > PY_SSIZE_T_MAX / 2) {
@@ -379,146 +549,54 @@ static PyObject *lines_json(PyObject *self, PyObject *args) {
     }
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
-    PyObject *cands = NULL, *result = NULL, *out = NULL;
-
-    /* Pass 1: validate, count records, size the output, collect the "{" records. */
     if (!partial && (n == 0 || s[n - 1] != '\n'))
-        goto fallback;
-    cands = PyList_New(0);
-    if (cands == NULL)
-        goto fail;
-    Py_ssize_t size = 0, records = 0, start = 0;
-    Py_ssize_t end_all = partial ? n : n - 1; /* the last record ends here */
-    Py_ssize_t i = 0;
-    for (;;) {
-        /* one record: [start, stop) */
-        Py_ssize_t stop;
-        if (partial) {
-            stop = n;
-        } else {
-            const unsigned char *nl = memchr(s + start, '\n', (size_t)(n - start));
-            if (nl == NULL) /* cannot happen: the data ends with LF */
-                goto fallback;
-            stop = nl - s;
-        }
-        size += 2 + (records ? 1 : 0); /* quotes, and the comma before it */
-        for (i = start; i < stop;) {
-            if (i + 8 <= stop) {
-                uint64_t care = needs_care(load8(s + i));
-                if (care == 0) {
-                    size += 8;
-                    i += 8;
-                    continue;
-                }
-                Py_ssize_t plain = __builtin_ctzll(care) >> 3; /* bytes before the first to look at */
-                size += plain;
-                i += plain;
-            }
-            unsigned char k1 = OUT_LEN[s[i]];
-            if (k1) {
-                size += k1;
-                i++;
-            } else {
-                Py_ssize_t k = utf8_len(s + i, stop - i);
-                if (k == 0)
-                    goto fallback;
-                size += k;
-                i += k;
-            }
-        }
-        Py_ssize_t last = stop; /* the record without its trailing CRs */
-        while (last > start && s[last - 1] == '\r')
-            last--;
-        if (last - start >= 2 && s[start] == '{' && s[last - 1] == '}') {
-            PyObject *text = PyBytes_FromStringAndSize((const char *)s + start, last - start);
-            if (text == NULL)
-                goto fail;
-            PyObject *pair = Py_BuildValue("(nNi)", base + records, text, json_object_kind(s + start, last - start));
-            if (pair == NULL || PyList_Append(cands, pair) < 0) {
-                Py_XDECREF(pair);
-                goto fail;
-            }
-            Py_DECREF(pair);
-        }
-        records++;
-        if (stop >= end_all)
-            break;
-        start = stop + 1;
+        Py_RETURN_NONE;
+    if (n > (PY_SSIZE_T_MAX - 2) / 6)
+        return PyErr_NoMemory();
+    Array cands = {NULL, 0, 0}, kinds = {NULL, 0, 0};
+    Py_ssize_t records = 0, len = -2;
+    char *buf = NULL;
+    if (n >= NOGIL_BYTES) {
+        Py_BEGIN_ALLOW_THREADS
+        buf = PyMem_RawMalloc((size_t)json_bound(s, n));
+        if (buf != NULL)
+            len = write_lines(s, n, partial, base, buf, &records, &cands, &kinds);
+        Py_END_ALLOW_THREADS
+    } else {
+        buf = PyMem_RawMalloc((size_t)json_bound(s, n));
+        if (buf != NULL)
+            len = write_lines(s, n, partial, base, buf, &records, &cands, &kinds);
     }
-
-    /* Pass 2: write. */
-    out = PyBytes_FromStringAndSize(NULL, size);
-    if (out == NULL)
-        goto fail;
-    char *w = PyBytes_AS_STRING(out);
-    const char *end = w + size;
-    start = 0;
-    for (Py_ssize_t r = 0; r < records; r++) {
-        Py_ssize_t stop = n;
-        if (!partial) {
-            const unsigned char *nl = memchr(s + start, '\n', (size_t)(n - start));
-            if (nl == NULL) /* cannot happen: pass 1 found it */
-                goto overflow;
-            stop = nl - s;
-        }
-        if (end - w < (r ? 3 : 2))
-            goto overflow;
-        if (r)
-            *w++ = ',';
-        *w++ = '"';
-        for (i = start; i < stop; i++) {
-            if (i + 8 <= stop && end - w >= 8) {
-                uint64_t care = needs_care(load8(s + i));
-                Py_ssize_t plain = care == 0 ? 8 : __builtin_ctzll(care) >> 3;
-                memcpy(w, s + i, 8); /* the bytes past `plain` are written over next */
-                w += plain;
-                i += plain;
-                if (care == 0) {
-                    i--; /* the loop's i++ */
-                    continue;
-                }
-            }
-            unsigned char c = s[i];
-            if (end - w < (OUT_LEN[c] ? OUT_LEN[c] : 1) + 1) /* this byte and the closing quote */
-                goto overflow;
-            if (OUT_LEN[c] != 2 && OUT_LEN[c] != 6) { /* plain ASCII, or a byte of valid UTF-8 */
-                *w++ = (char)c;
-                continue;
-            }
-            *w++ = '\\';
-            switch (c) {
-            case '"': *w++ = '"'; break;
-            case '\\': *w++ = '\\'; break;
-            case '\b': *w++ = 'b'; break;
-            case '\t': *w++ = 't'; break;
-            case '\n': *w++ = 'n'; break;
-            case '\f': *w++ = 'f'; break;
-            case '\r': *w++ = 'r'; break;
-            default:
-                *w++ = 'u'; *w++ = '0'; *w++ = '0';
-                *w++ = HEX[c >> 4]; *w++ = HEX[c & 0xF];
-            }
-        }
-        if (end - w < 1)
-            goto overflow;
-        *w++ = '"';
-        start = stop + 1;
+    PyObject *out = NULL, *list = NULL, *result = NULL;
+    if (len == -1) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
     }
-    if (w != end) {
-    overflow: /* pass 1 and pass 2 disagree: a bug, never written past the buffer */
-        PyErr_SetString(PyExc_SystemError, "lines_json: output size mismatch");
-        goto fail;
+    if (len < 0) {
+        PyErr_NoMemory();
+        goto done;
     }
-    result = Py_BuildValue("(NnN)", out, records, cands);
+    out = PyBytes_FromStringAndSize(buf, len);
+    list = out ? PyList_New(kinds.len) : NULL;
+    for (Py_ssize_t k = 0; list != NULL && k < kinds.len; k++) {
+        Py_ssize_t *c = cands.v + 3 * k;
+        PyObject *item = Py_BuildValue("(nNn)", c[0],
+                                       PyBytes_FromStringAndSize((const char *)s + c[1], c[2] - c[1]), kinds.v[k]);
+        if (item == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, k, item);
+    }
+    if (list != NULL)
+        result = Py_BuildValue("(NnN)", out, records, list);
+    else
+        Py_XDECREF(out);
+done:
+    PyMem_RawFree(buf);
+    PyMem_RawFree(cands.v);
+    PyMem_RawFree(kinds.v);
     return result;
-
-fallback:
-    Py_XDECREF(cands);
-    Py_RETURN_NONE;
-fail:
-    Py_XDECREF(cands);
-    Py_XDECREF(out);
-    return NULL;
 }
 
 static PyMethodDef methods[] = {

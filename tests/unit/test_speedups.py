@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import orjson
@@ -78,9 +79,21 @@ def test_token_starts_matches_python_on_random_input() -> None:
         assert sp.token_starts(data) == redaction._token_starts_py(data), data
 
 
+def test_token_starts_matches_python_on_long_input() -> None:
+    """Long enough for the block scan to run and for the GIL to be released (4 KiB and up)."""
+    rnd = random.Random(17)
+    found = 0
+    for _ in range(300):
+        data = random_bytes(rnd, 4000)
+        expected = redaction._token_starts_py(data)
+        assert sp.token_starts(data) == expected
+        found += len(expected)
+    assert found > 1000
+
+
 def test_lines_json_takes_bytes_only_and_a_sane_base() -> None:
-    """bytes cannot change between the two passes (a bytearray could, through code that a
-    garbage collection runs in between)."""
+    """Only bytes: they are read with the GIL released, when no other thread can change them
+    (a bytearray could change meanwhile)."""
     with pytest.raises(TypeError):
         sp.lines_json(bytearray(b"{}\n"), False, 0)
     with pytest.raises(TypeError):
@@ -173,6 +186,50 @@ def test_lines_json_matches_python_on_random_input() -> None:
         check_candidates(cands, t.lines, 3)
         checked += 1
     assert checked > 2_000  # the fuzz reached the native path often enough to mean something
+
+
+def test_lines_json_matches_python_on_long_input() -> None:
+    """Segments of many records, as the reader passes them on (4 KiB and up: the GIL is
+    released), whole and partial."""
+    rnd = random.Random(18)
+    checked = 0
+    for k in range(400):
+        data = random_bytes(rnd, 3000)
+        if k % 2:  # mostly valid UTF-8, so that most segments take the native path
+            data = data.decode("utf-8", "replace").encode()
+        partial = k % 5 == 0
+        data = data.replace(b"\n", b"") if partial else data + b"\n"
+        got = sp.lines_json(data, partial, 5)
+        t = python_lines(data, partial)
+        if got is None:
+            assert t.b64
+            continue
+        js, n, cands = got
+        assert b"[" + js + b"]" == orjson.dumps(t.lines)
+        assert n == len(t.lines)
+        check_candidates(cands, t.lines, 5)
+        checked += 1
+    assert checked > 150
+
+
+def test_native_calls_give_the_same_answers_from_several_threads() -> None:
+    """Two threads call the module at once, each with the GIL released in turn."""
+    rnd = random.Random(19)
+    inputs = [random_bytes(rnd, 3000).decode("utf-8", "replace").encode() + b"\n" for _ in range(8)]
+    expected = [(sp.lines_json(d, False, 0), sp.token_starts(d)) for d in inputs]
+    results: list[list[Any]] = [[], []]
+
+    def work(out: list[Any]) -> None:
+        for _ in range(20):
+            out.append([(sp.lines_json(d, False, 0), sp.token_starts(d)) for d in inputs])
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(got == expected for r in results for got in r)
+    assert sum(len(r) for r in results) == 40
 
 
 # -- JSON objects ---------------------------------------------------------------------------
