@@ -1,9 +1,12 @@
 """Per-channel batching and the encoder thread.
 
 The reader thread only appends runs of records to an open batch (no per-line work, no
-encoding), so it gets back to the pipe at once. An encoder thread seals batches, turns them
-into payloads (orjson, zstd) and queues them in the outbox, in order; zstd and the socket
-writes release the GIL, so encoding, reading and sending overlap on two cores.
+encoding), so it gets back to the pipe at once. An encoder thread seals batches and turns
+them into JSON payloads; a compressor thread compresses them (zstd) and queues them in the
+outbox, in order, while the encoder goes on with the next batch. The native JSON encoding,
+zstd and the socket writes release the GIL, so reading, encoding, compressing and sending
+overlap on two cores. A payload too small to compress goes straight to the outbox when the
+compressor has nothing in hand (a lone line makes no extra thread hop).
 
 A batch is sealed when it reaches the record or byte limit; when the pipe is quiet and
 nothing is waiting for Redis (a lone line goes out at once); or when its linger expires.
@@ -12,6 +15,7 @@ While a pipeline is in flight, records keep collecting, so batches grow with the
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
@@ -25,6 +29,17 @@ from agent_wrapper.events import Output
 from . import log, protocol
 from .items import Item
 from .outbox import Outbox
+
+# Batches the encoder may hand to the compressor before it waits for one to be queued.
+COMPRESS_AHEAD = 2
+
+# A batch encoded but not yet compressed: key, first sequence number, records, raw bytes,
+# JSON payload, per-line messages (per-line-json).
+Encoded = tuple[str, int, int, int, bytes, "list[bytes] | None"]
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 class Channel:
@@ -76,13 +91,20 @@ class Batcher:
         self.sealed_max_bytes = 4 << 20
         self._quiet = False
         self._encoding = False  # the encoder holds taken batches not yet in the outbox
+        # Batches handed to the compressor and not yet in the outbox; a few at most, so that
+        # the encoder works ahead by a batch or two and no further.
+        self._compressing = 0
+        self._to_compress: queue.Queue[tuple[list[Encoded], list[dict[str, Any]] | None] | None] = \
+            queue.Queue(maxsize=COMPRESS_AHEAD)
         self._closing = False
         self.records_in = 0
         self.bytes_in = 0
         self.thread = threading.Thread(target=self._run, name="encoder", daemon=True)
+        self.compressor = threading.Thread(target=self._compress_run, name="compressor", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+        self.compressor.start()
 
     # -- reader side ---------------------------------------------------------------------
     def add(self, ev: Output) -> None:
@@ -111,7 +133,7 @@ class Batcher:
             self._quiet = quiet
             if not quiet:
                 return
-            if not self._sealed and not self._encoding and self.outbox.idle() and not self._closing:
+            if self._idle() and not self._sealed and not self._closing:
                 for ch in self.channels.values():
                     if ch.open.n:
                         self._seal(ch)
@@ -128,7 +150,9 @@ class Batcher:
                 self.cond.notify_all()
 
     def close(self, timeout: float | None = None) -> bool:
-        """Seal what is open, encode everything, stop the encoder. False if it did not finish."""
+        """Seal what is open, encode and compress everything, stop both threads. False if
+        they did not finish."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self.lock:
             for ch in self.channels.values():
                 if ch.open.n:
@@ -137,7 +161,20 @@ class Batcher:
             self.cond.notify_all()
         if self.thread.is_alive():
             self.thread.join(timeout)
-        return not self.thread.is_alive()
+        if self.thread.is_alive():
+            return False
+        if self.compressor.is_alive():
+            try:
+                self._to_compress.put(None, timeout=_left(deadline))
+            except queue.Full:
+                return False
+            self.compressor.join(_left(deadline))
+        return not self.compressor.is_alive()
+
+    def _idle(self) -> bool:
+        """Nothing taken by the encoder or the compressor and not yet queued, nothing queued
+        and not yet sent (the caller holds the lock)."""
+        return not self._encoding and not self._compressing and self.outbox.idle()
 
     # -- encoder -------------------------------------------------------------------------
     def _seal(self, ch: Channel) -> None:
@@ -153,7 +190,7 @@ class Batcher:
         opened = [ch.opened_at for ch in self.channels.values() if ch.open.n]
         if not opened:
             return None
-        if self._quiet and self.outbox.idle():
+        if self._quiet and self._idle():
             return 0.0
         return max(0.0, min(opened) + self.linger_s - now)
 
@@ -188,25 +225,60 @@ class Batcher:
     def _ship(self, work: list[tuple[Channel, int, protocol.Lines]]) -> None:
         for ch, first, batch in work:
             objects: list[dict[str, Any]] | None = [] if ch.structured and self.on_object else None
+            encoded: list[Encoded] = []
             for part in protocol.split_lines(batch, self.max_records):
-                self.outbox.put(self._encode(ch, first, part, objects))
+                encoded.append(self._encode(ch, first, part, objects))
                 first += part.n
-            if objects and self.on_object is not None:
-                for obj in objects:
-                    self.on_object(obj)
+            compress = any(self._compressible(e[4]) for e in encoded)
+            with self.lock:
+                inline = not compress and not self._compressing
+                if not inline:
+                    self._compressing += 1
+            if inline:
+                self._queue(encoded, objects)
+            else:
+                self._to_compress.put((encoded, objects))
             with self.lock:
                 waiting = self._sealed_bytes > self.sealed_max_bytes
                 self._sealed_bytes -= batch.nbytes
                 if waiting:
                     self.cond.notify_all()  # the reader may be waiting for room
 
+    def _compressible(self, payload: bytes) -> bool:
+        return 0 <= self.threshold < len(payload)
+
+    def _compress_run(self) -> None:
+        while True:
+            job = self._to_compress.get()
+            if job is None:
+                return
+            try:
+                self._queue(*job)
+            except Exception as exc:  # a bug must not hang the agent: go on with the next batch
+                log.error("compressor hit an unexpected error; the batch in hand may be lost", error=repr(exc))
+            finally:
+                with self.lock:
+                    self._compressing -= 1
+                    self.cond.notify_all()  # the encoder may be waiting to seal a lone line
+
+    def _queue(self, encoded: list[Encoded], objects: list[dict[str, Any]] | None) -> None:
+        """Compress what is large enough, queue the items in order, then report the batch's
+        JSON objects."""
+        for key, first, n, nbytes, payload, pubs in encoded:
+            if self._compressible(payload):
+                payload = protocol.compress(payload)
+            self.outbox.put(Item(key, self.producer, first, first + n - 1, payload, n, nbytes, pubs))
+        if objects and self.on_object is not None:
+            for obj in objects:
+                self.on_object(obj)
+
     def _encode(self, ch: Channel, first: int, batch: protocol.Lines,
-                objects: list[dict[str, Any]] | None = None) -> Item:
+                objects: list[dict[str, Any]] | None = None) -> Encoded:
         texts = protocol.texts_of(batch) if self.per_line_json else None  # else encode_batch takes the fastest way
         payload = protocol.encode_batch(ch.header, first, batch, structured=ch.structured,
-                                        threshold=self.threshold, texts=texts, objects=objects)
+                                        threshold=-1, texts=texts, objects=objects)
         pubs = self._per_line(batch, texts) if texts is not None else None
-        return Item(ch.key, self.producer, first, first + batch.n - 1, payload, batch.n, batch.nbytes, pubs)
+        return ch.key, first, batch.n, batch.nbytes, payload, pubs
 
     def _per_line(self, batch: protocol.Lines, texts: protocol.Texts) -> list[bytes]:
         out: list[bytes] = []

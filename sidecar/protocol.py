@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ BATCH = "batch"
 STATUS = "status"
 GAP = "gap"
 
-_compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+_local = threading.local()  # each thread's zstd compressor
 _decompressor = zstandard.ZstdDecompressor()
 
 
@@ -41,9 +42,18 @@ def iso_utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def compress(raw: bytes) -> bytes:
+    """One zstd frame (with its content size). Callable from any thread: zstd's compressor
+    objects are not, so each thread has its own."""
+    c = getattr(_local, "zstd", None)
+    if c is None:
+        c = _local.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c.compress(raw)  # type: ignore[no-any-return]
+
+
 def compress_if_large(raw: bytes, threshold: int) -> bytes:
     if threshold >= 0 and len(raw) > threshold:
-        return _compressor.compress(raw)
+        return compress(raw)
     return raw
 
 

@@ -342,6 +342,59 @@ def test_close_seals_and_encodes_everything(make: Make) -> None:
     ]
 
 
+@pytest.fixture
+def slow_zstd(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Compression that takes 30 ms a batch: the compressor lags behind the encoder. Returns
+    the first sequence number of each batch compressed, in the order compressed."""
+    order: list[int] = []
+    real = protocol.compress
+
+    def slow(raw: bytes) -> bytes:
+        time.sleep(0.03)
+        order.append(orjson.loads(raw)["seq"])
+        return real(raw)
+
+    monkeypatch.setattr(protocol, "compress", slow)
+    return order
+
+
+def test_batches_stay_in_order_when_only_some_are_compressed(make: Make, slow_zstd: list[int]) -> None:
+    """Large batches go through the compressor, small ones could go straight to the outbox:
+    a small one never overtakes a large one still being compressed."""
+    b, ob = make(max_records=1, threshold=300)
+    sizes = [400, 5, 400, 400, 5, 5, 400, 5]
+    for i, size in enumerate(sizes):
+        b.add(out([bytes([97 + i]) * size]))
+    assert b.close(timeout=5.0)
+    items = queued(ob)
+    assert [(it.first, it.last) for it in items] == [(i, i) for i in range(1, 9)]
+    assert [it.payload[:4] == protocol.ZSTD_MAGIC for it in items] == [s > 300 for s in sizes]
+    assert slow_zstd == [1, 3, 4, 7]
+    assert [decoded(it)["lines"] for it in items] == [[chr(97 + i) * s] for i, s in enumerate(sizes)]
+
+
+def test_a_lone_line_does_not_overtake_a_batch_in_the_compressor(make: Make, slow_zstd: list[int]) -> None:
+    """On a quiet pipe the reader ships a lone line itself, but not past a batch that the
+    compressor still holds."""
+    b, ob = make(max_records=1, threshold=300, linger_s=5.0)
+    b.add(out([b"x" * 400]))  # sealed, handed to the compressor
+    time.sleep(0.01)
+    b.add(out([b"lone"], stream=STDERR))
+    b.on_quiet(True)
+    wait_for(ob, 2)
+    assert [(it.key, it.first) for it in queued(ob)] == [(OUT_KEY, 1), (LOG_KEY, 1)]
+
+
+def test_close_waits_for_the_compressor(make: Make, slow_zstd: list[int]) -> None:
+    b, ob = make(max_records=1, threshold=0)
+    for i in range(5):
+        b.add(out([b"line %d" % i]))
+    assert b.close(timeout=5.0)
+    assert not b.compressor.is_alive()
+    assert [it.first for it in queued(ob)] == [1, 2, 3, 4, 5]
+    assert slow_zstd == [1, 2, 3, 4, 5]
+
+
 # -- linger and quiet pipes --------------------------------------------------------------
 
 
