@@ -31,7 +31,8 @@ class PipeReader:
     ``echo`` maps a stream name to a file descriptor that receives the bytes unchanged
     (after ``filter``, if any). ``filter(stream, chunk, final)`` may rewrite bytes before
     splitting, and may hold some back until the next call (for example a redactor that
-    must see across read boundaries).
+    must see across read boundaries). ``count_lf`` counts the LFs of a run of lines, as
+    ``bytes.count`` does (see LineSplitter).
     """
 
     def __init__(
@@ -43,13 +44,14 @@ class PipeReader:
         echo: dict[str, int] | None = None,
         filter: Filter | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        count_lf: Callable[[bytes], int] | None = None,
     ) -> None:
         self._fds = dict(fds)
         self._sink = sink
         self._on_quiet = on_quiet
         self._echo = echo or {}
         self._filter = filter
-        self._splitters = {name: LineSplitter(max_line_bytes) for name in fds}
+        self._splitters = {name: LineSplitter(max_line_bytes, count_lf) for name in fds}
         self._deadline: float | None = None
         self._lock = threading.Lock()
         self.bytes_read = 0

@@ -1,10 +1,13 @@
 /*
- * Native versions of two per-byte loops of the data path. Each returns exactly what its
+ * Native versions of the per-byte loops of the data path. Each returns exactly what its
  * Python counterpart returns (tests/unit/test_speedups.py compares them on fuzzed input);
  * the sidecar uses the Python code when this module is not built or SIDECAR_PURE_PYTHON is set.
  *
  *   token_starts(data: bytes) -> list[int]
  *       sidecar.redaction._token_starts: where a token prefix may begin.
+ *
+ *   count_lf(data: bytes) -> int
+ *       data.count(b"\n"), as the reader counts the lines of every read, a block at a time.
  *
  *   contains_any(data: bytes, needles: tuple[bytes, ...]) -> bool
  *       any(n in data for n in needles), as redaction asks of every read for the forms of the
@@ -199,6 +202,35 @@ static PyObject *token_starts(PyObject *self, PyObject *arg) {
     }
     PyMem_RawFree(found.v);
     return out;
+}
+
+/* -- count_lf ---------------------------------------------------------------------------- */
+
+static Py_ssize_t count_byte(const unsigned char *s, Py_ssize_t n, unsigned char b) {
+    Py_ssize_t count = 0, i = 0;
+#if defined(__SSE2__)
+    /* per-byte-lane counters (a match is -1, subtracted), summed before any lane can wrap */
+    const __m128i want = _mm_set1_epi8((char)b), zero = _mm_setzero_si128();
+    while (i + 16 <= n) {
+        __m128i lanes = zero;
+        for (int k = 0; k < 255 && i + 16 <= n; k++, i += 16)
+            lanes = _mm_sub_epi8(lanes, _mm_cmpeq_epi8(_mm_loadu_si128((const __m128i *)(s + i)), want));
+        __m128i sums = _mm_sad_epu8(lanes, zero);
+        count += _mm_cvtsi128_si32(sums) + _mm_cvtsi128_si32(_mm_unpackhi_epi64(sums, sums));
+    }
+#endif
+    for (; i < n; i++)
+        count += s[i] == b;
+    return count;
+}
+
+static PyObject *count_lf(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "count_lf: bytes expected");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(count_byte((const unsigned char *)PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg), '\n'));
 }
 
 /* -- contains_any ------------------------------------------------------------------------ */
@@ -601,6 +633,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"token_starts", token_starts, METH_O, "Positions where a token prefix may begin (sorted)."},
+    {"count_lf", count_lf, METH_O, "How many LF bytes the data holds."},
     {"contains_any", contains_any, METH_VARARGS, "Whether any of the needles occurs in the data."},
     {"lines_json", lines_json, METH_VARARGS, "Records of a segment as comma-joined JSON strings."},
     {NULL, NULL, 0, NULL},

@@ -298,6 +298,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
         echo=echo,
         filter=redaction.from_settings(_secrets_env(s), s.redact_patterns, s.redact),
         max_line_bytes=s.max_line_bytes,
+        count_lf=_native.speedups.count_lf if _native.speedups is not None else None,
     )
     reader.start()
 

@@ -189,7 +189,7 @@ def native_lines(batch: Lines) -> tuple[bytes, int, list[int], list[NativeCandid
     native module; None without it, or when a record is not valid UTF-8 (base64)."""
     if _speedups is None:
         return None
-    parts: list[bytes] = []
+    parts: list[bytes] = [b"["]  # the array's pieces, joined with one copy
     partial: list[int] = []
     braces: list[NativeCandidate] = []
     n = 0
@@ -201,10 +201,13 @@ def native_lines(batch: Lines) -> tuple[bytes, int, list[int], list[NativeCandid
         if is_partial:
             partial.append(n)
         if records:
+            if n:
+                parts.append(b",")
             parts.append(js)
             braces += cands
             n += records
-    return b"[" + b",".join(parts) + b"]", n, partial, braces
+    parts.append(b"]")
+    return b"".join(parts), n, partial, braces
 
 
 def encode_batch(

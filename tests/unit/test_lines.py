@@ -108,6 +108,19 @@ def test_complete_lines_in_one_chunk_are_one_run() -> None:
     assert s.flush() == []
 
 
+def test_counts_come_from_the_given_lf_counter() -> None:
+    seen: list[bytes] = []
+
+    def count_lf(data: bytes) -> int:
+        seen.append(data)
+        return data.count(b"\n")
+
+    sp = LineSplitter(count_lf=count_lf)
+    assert sp.feed(b"a\nb\nc") == [(b"a\nb\n", 2, False)]
+    assert sp.feed(b"\n") == [(b"c\n", 1, False)]
+    assert seen == [b"a\nb\n", b"c\n"]
+
+
 def test_line_split_across_chunk_boundaries() -> None:
     s = LineSplitter()
     assert s.feed(b"hel") == []

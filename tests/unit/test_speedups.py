@@ -111,6 +111,19 @@ def test_token_starts_accepts_any_buffer() -> None:
         sp.token_starts("sk-")
 
 
+# -- count_lf -----------------------------------------------------------------------------
+
+
+def test_count_lf_matches_bytes_count() -> None:
+    rnd = random.Random(20)
+    cases = [b"", b"\n", b"x", b"\n" * 15, b"\n" * 16, b"\n" * 17, b"\n" * 5000, b"a\n" * 4081]
+    cases += [random_bytes(rnd, rnd.choice((5, 50, 2000))) for _ in range(2000)]
+    for data in cases:
+        assert sp.count_lf(data) == data.count(b"\n"), data
+    with pytest.raises(TypeError):
+        sp.count_lf(bytearray(b"\n"))
+
+
 # -- contains_any -------------------------------------------------------------------------
 
 
