@@ -13,8 +13,8 @@
  *       any(n in data for n in needles), as redaction asks of every read for the forms of the
  *       environment's secrets.
  *
- *   lines_json(data: bytes, partial: bool, base: int)  (bytes only, not other buffers)
- *           -> tuple[bytes, int, list[tuple[int, bytes, int]]] | None
+ *   lines_json(data: bytes, partial: bool, base: int, splice: int = 0)  (bytes only)
+ *           -> tuple[bytes, int, list[tuple[int, bytes, int]], bytes | None] | None
  *       The records of one segment (sidecar.protocol.texts_of) as JSON strings joined by
  *       commas, as orjson writes them; the record count; and for each record that may be a
  *       JSON object (it begins with "{" and, without trailing CRs, ends with "}"): base + its
@@ -23,6 +23,10 @@
  *       top-level key "usage" or "sidecar_event", or one written with escapes). None when a
  *       record is not valid UTF-8, or a segment of whole lines does not end with LF: the
  *       caller then takes the Python path.
+ *       With splice 1 (kind 1) or 2 (kinds 1 and 2), when every such record is of those
+ *       kinds, the last item is the records as orjson writes [[index, object], ...] without
+ *       the outer brackets (b"" for none), and the list is empty; otherwise it is None and
+ *       the list holds them all. splice 0: always None; 3: none wanted (b"", an empty list).
  *
  * Each only reads `data` and writes into buffers sized before the first write. token_starts
  * and lines_json release the GIL while they scan a segment of 4 KiB or more (bytes only, which
@@ -567,13 +571,52 @@ static Py_ssize_t write_lines(const unsigned char *s, Py_ssize_t n, int partial,
     return w - out;
 }
 
+/* Where a decimal Py_ssize_t (>= 0) is written, its digits; returns the end. */
+static char *decimal(char *w, Py_ssize_t v) {
+    char digits[24];
+    int k = 0;
+    do {
+        digits[k++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (k)
+        *w++ = digits[--k];
+    return w;
+}
+
+/* The candidates as orjson writes [[index, text], ...] with each text spliced in, without the
+ * outer brackets; NULL with an exception set. */
+static PyObject *spliced_objects(const unsigned char *s, const Array *cands) {
+    Py_ssize_t count = cands->len / 3, size = 0;
+    for (Py_ssize_t k = 0; k < count; k++)
+        size += cands->v[3 * k + 2] - cands->v[3 * k + 1] + 24; /* "[", 20 digits at most, ",", "]", "," */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL)
+        return NULL;
+    char *w = PyBytes_AS_STRING(out);
+    for (Py_ssize_t k = 0; k < count; k++) {
+        const Py_ssize_t *c = cands->v + 3 * k;
+        if (k)
+            *w++ = ',';
+        *w++ = '[';
+        w = decimal(w, c[0]);
+        *w++ = ',';
+        memcpy(w, s + c[1], (size_t)(c[2] - c[1]));
+        w += c[2] - c[1];
+        *w++ = ']';
+    }
+    if (_PyBytes_Resize(&out, w - PyBytes_AS_STRING(out)) < 0)
+        return NULL;
+    return out;
+}
+
 static PyObject *lines_json(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *data;
-    int partial;
+    int partial, splice = 0;
     Py_ssize_t base;
     /* bytes only: they are read with the GIL released, and cannot change meanwhile */
-    if (!PyArg_ParseTuple(args, "Spn", &data, &partial, &base))
+    if (!PyArg_ParseTuple(args, "Spn|i", &data, &partial, &base, &splice))
         return NULL;
     if (base < 0 || base > PY_SSIZE_T_MAX / 2) {
         PyErr_SetString(PyExc_ValueError, "lines_json: base out of range");
@@ -600,6 +643,7 @@ static PyObject *lines_json(PyObject *self, PyObject *args) {
             len = write_lines(s, n, partial, base, buf, &records, &cands, &kinds);
     }
     PyObject *out = NULL, *list = NULL, *result = NULL;
+    int spliceable = splice == 1 || splice == 2 || splice == 3;
     if (len == -1) {
         result = Py_None;
         Py_INCREF(result);
@@ -610,7 +654,19 @@ static PyObject *lines_json(PyObject *self, PyObject *args) {
         goto done;
     }
     out = PyBytes_FromStringAndSize(buf, len);
-    list = out ? PyList_New(kinds.len) : NULL;
+    if (out == NULL)
+        goto done;
+    for (Py_ssize_t k = 0; spliceable && splice != 3 && k < kinds.len; k++)
+        spliceable = kinds.v[k] == 1 || (kinds.v[k] == 2 && splice == 2);
+    if (spliceable) {
+        PyObject *objects = splice == 3 ? PyBytes_FromStringAndSize(NULL, 0) : spliced_objects(s, &cands);
+        if (objects == NULL)
+            Py_DECREF(out);
+        else
+            result = Py_BuildValue("(NnNN)", out, records, PyList_New(0), objects);
+        goto done;
+    }
+    list = PyList_New(kinds.len);
     for (Py_ssize_t k = 0; list != NULL && k < kinds.len; k++) {
         Py_ssize_t *c = cands.v + 3 * k;
         PyObject *item = Py_BuildValue("(nNn)", c[0],
@@ -621,9 +677,9 @@ static PyObject *lines_json(PyObject *self, PyObject *args) {
             PyList_SET_ITEM(list, k, item);
     }
     if (list != NULL)
-        result = Py_BuildValue("(NnN)", out, records, list);
+        result = Py_BuildValue("(NnNO)", out, records, list, Py_None);
     else
-        Py_XDECREF(out);
+        Py_DECREF(out);
 done:
     PyMem_RawFree(buf);
     PyMem_RawFree(cands.v);

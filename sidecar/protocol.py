@@ -182,32 +182,49 @@ def texts_of(batch: Lines) -> Texts:
 # top-level key that may carry an event
 NativeCandidate = tuple[int, bytes, int]
 
+# lines_json's splice argument: the JSON objects it may splice in itself
+SPLICE_PLAIN = 1  # those that carry no event (kind 1): the others are parsed for events
+SPLICE_ALL = 2  # kinds 1 and 2: nobody asks for events
+SPLICE_NONE = 3  # none wanted (a channel without structured records)
 
-def native_lines(batch: Lines) -> tuple[bytes, int, list[int], list[NativeCandidate]] | None:
+
+def native_lines(batch: Lines, *, structured: bool = True,
+                 parsed: list[dict[str, Any]] | None = None) -> tuple[bytes, int, list[int], bytes] | None:
     """The batch's ``lines`` array as JSON (the bytes orjson writes for texts_of(batch).lines),
-    the record count, the partial indices, and the records that may be JSON objects, from the
-    native module; None without it, or when a record is not valid UTF-8 (base64)."""
+    the record count, the partial indices, and (``structured``) the message's ``json`` array
+    as _json_objects would make it (b"" when no record is a JSON object), from the native
+    module; the objects that may carry an event are appended to ``parsed`` (see
+    _spliced_objects). None without the module, or when a record is not valid UTF-8 (base64)."""
     if _speedups is None:
         return None
+    splice = SPLICE_NONE if not structured else SPLICE_ALL if parsed is None else SPLICE_PLAIN
     parts: list[bytes] = [b"["]  # the array's pieces, joined with one copy
     partial: list[int] = []
-    braces: list[NativeCandidate] = []
+    found: list[tuple[list[NativeCandidate], bytes | None]] = []
     n = 0
     for data, _count, is_partial in batch.segments:
-        got = _speedups.lines_json(data, is_partial, n)
+        got = _speedups.lines_json(data, is_partial, n, splice)
         if got is None:
             return None
-        js, records, cands = got
+        js, records, cands, spliced = got
         if is_partial:
             partial.append(n)
         if records:
             if n:
                 parts.append(b",")
             parts.append(js)
-            braces += cands
+            found.append((cands, spliced))
             n += records
     parts.append(b"]")
-    return b"".join(parts), n, partial, braces
+    # Only once every segment took the native path: nothing is parsed twice.
+    objects: list[bytes] = []
+    for cands, spliced in found:
+        if spliced is None:
+            entries = _spliced_objects(cands, parsed)
+            spliced = orjson.dumps(entries)[1:-1] if entries else b""
+        if spliced:
+            objects.append(spliced)
+    return b"".join(parts), n, partial, b"[" + b",".join(objects) + b"]" if objects else b""
 
 
 def encode_batch(
@@ -222,16 +239,19 @@ def encode_batch(
 ) -> bytes:
     """Encode one batch. ``header`` holds the constant fields (v, type, ids, channel, stream).
     Without ``texts`` the native module builds the ``lines`` array when it can."""
-    native = native_lines(batch) if texts is None else None
-    candidates: Sequence[tuple[int, str | bytes, int]]
+    native = native_lines(batch, structured=structured, parsed=objects) if texts is None else None
+    json_objects: Any = None
     if native is not None:
-        array, n, partial, candidates = native
+        array, n, partial, spliced = native
         lines: Any = orjson.Fragment(array)
         b64: list[int] = []
+        if spliced:
+            json_objects = orjson.Fragment(spliced)
     else:
         t = texts if texts is not None else texts_of(batch)
         lines, n, partial, b64 = t.lines, len(t.lines), t.partial, t.b64
-        candidates = _candidates(t.lines, t.b64) if structured else ()
+        if structured:
+            json_objects = _spliced_objects(_candidates(t.lines, t.b64), objects) or None
     msg = dict(header)
     msg["seq"] = seq
     msg["n"] = n
@@ -241,10 +261,8 @@ def encode_batch(
         msg["partial"] = partial
     if b64:
         msg["b64"] = b64
-    if structured:
-        objs = _spliced_objects(candidates, objects)
-        if objs:
-            msg["json"] = objs
+    if json_objects is not None:
+        msg["json"] = json_objects
     return compress_if_large(orjson.dumps(msg), threshold)
 
 

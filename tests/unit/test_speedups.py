@@ -163,7 +163,7 @@ def test_contains_any_edge_cases() -> None:
 ])
 def test_lines_json_edge_cases(data: bytes, partial: bool) -> None:
     t = python_lines(data, partial)
-    js, n, cands = sp.lines_json(data, partial, 7)
+    js, n, cands, _ = sp.lines_json(data, partial, 7)
     assert b"[" + js + b"]" == orjson.dumps(t.lines)
     assert n == len(t.lines)
     check_candidates(cands, t.lines, 7)
@@ -192,7 +192,7 @@ def test_lines_json_matches_python_on_random_input() -> None:
         if got is None:
             assert t.b64, data  # only a record Python could not decode sends it back
             continue
-        js, n, cands = got
+        js, n, cands, _ = got
         assert not t.b64
         assert b"[" + js + b"]" == orjson.dumps(t.lines), data
         assert n == len(t.lines)
@@ -217,7 +217,7 @@ def test_lines_json_matches_python_on_long_input() -> None:
         if got is None:
             assert t.b64
             continue
-        js, n, cands = got
+        js, n, cands, _ = got
         assert b"[" + js + b"]" == orjson.dumps(t.lines)
         assert n == len(t.lines)
         check_candidates(cands, t.lines, 5)
@@ -372,22 +372,60 @@ def _batches(rnd: random.Random) -> list[protocol.Lines]:
     return out
 
 
-def test_encoded_batches_are_byte_identical_with_and_without_native_code(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("structured", "events_wanted"), [(True, True), (True, False), (False, False)])
+def test_encoded_batches_are_byte_identical_with_and_without_native_code(
+        monkeypatch: pytest.MonkeyPatch, structured: bool, events_wanted: bool) -> None:
+    """stdout with its events read (the native code splices in the plain JSON objects and
+    parses the rest), stdout with nobody reading events (it splices in all it vouches for),
+    and stderr (no json array)."""
     batches = _batches(random.Random(13))
     native = []
     for b in batches:
-        objects: list[dict[str, Any]] = []
-        native.append((protocol.encode_batch(HEADER, 5, b, structured=True, threshold=-1, objects=objects), objects))
+        objects: list[dict[str, Any]] | None = [] if events_wanted else None
+        native.append((protocol.encode_batch(HEADER, 5, b, structured=structured, threshold=-1, objects=objects),
+                       objects or []))
     monkeypatch.setattr(protocol, "_speedups", None)
     for b, (payload, objects) in zip(batches, native, strict=True):
-        expected_objects: list[dict[str, Any]] = []
-        expected = protocol.encode_batch(HEADER, 5, b, structured=True, threshold=-1, objects=expected_objects)
+        expected_objects: list[dict[str, Any]] | None = [] if events_wanted else None
+        expected = protocol.encode_batch(HEADER, 5, b, structured=structured, threshold=-1, objects=expected_objects)
         assert payload == expected
         # The objects handed on for events: the native path parses only those that may carry one.
         assert [events.classify(o) for o in objects if events.classify(o)] == \
-            [events.classify(o) for o in expected_objects if events.classify(o)]
-    assert sum(b"\"json\":" in p for p, _ in native) > 50
-    assert sum(1 for _, objects in native for o in objects if events.classify(o)) > 3
+            [events.classify(o) for o in expected_objects or [] if events.classify(o)]
+    with_json = sum(b"\"json\":" in p for p, _ in native)
+    assert with_json > 50 if structured else with_json == 0
+    found_events = sum(1 for _, objects in native for o in objects if events.classify(o))
+    assert found_events > 3 if events_wanted else found_events == 0
+
+
+@pytest.mark.parametrize("splice", [1, 2])
+def test_lines_json_splices_the_objects_it_vouches_for(splice: int) -> None:
+    """With splice 1 (plain objects) or 2 (those with event keys too): when every JSON-object
+    record is of such a kind, their [index, object] entries as orjson writes them, and no
+    candidates; otherwise None and all the candidates, as with splice 0."""
+    rnd = random.Random(21)
+    spliced_seen = listed_seen = 0
+    for _ in range(3000):
+        lines = [rnd.choice([b'{"a":[1,"x"]}', b'{"usage":{"input_tokens":1}}', b'{"a":1e3}', b"plain", b"{",
+                             b'{"b":{}}\r', random_bytes(rnd, 6)]) for _ in range(rnd.randint(0, 6))]
+        data = b"".join(ln.replace(b"\n", b"") + b"\n" for ln in lines)
+        if not data:
+            continue
+        full = sp.lines_json(data, False, 9, 0)
+        got = sp.lines_json(data, False, 9, splice)
+        if full is None:
+            assert got is None
+            continue
+        assert full[3] is None and got[:2] == full[:2]
+        if all(kind == 1 or (kind == 2 and splice == 2) for _, _, kind in full[2]):
+            expected = orjson.dumps([[i, orjson.Fragment(text)] for i, text, _ in full[2]])[1:-1]
+            assert got[2] == [] and got[3] == expected
+            spliced_seen += bool(expected)
+        else:
+            assert got[2] == full[2] and got[3] is None
+            listed_seen += 1
+    assert spliced_seen > 300 and listed_seen > 300
+    assert sp.lines_json(b'{"a":1}\nx\n', False, 0, 3) == (b'"{\\"a\\":1}","x"', 2, [], b"")
 
 
 def test_redaction_is_the_same_with_and_without_native_code(monkeypatch: pytest.MonkeyPatch) -> None:
