@@ -22,9 +22,6 @@ sender that must be sure watches the run's status stream for the effect and publ
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import re
 import signal as _signal
 import threading
@@ -115,11 +112,16 @@ class ReplayCache:
 
 def canonical(obj: dict[str, Any]) -> bytes:
     """The bytes that are signed: the object without ``sig``, keys sorted, no spaces."""
+    import json  # only with a control secret: start-up does without it
+
     body = {k: v for k, v in obj.items() if k != "sig"}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def signature(obj: dict[str, Any], secret: bytes) -> str:
+    import hashlib  # only with a control secret: OpenSSL's start-up is not paid without one
+    import hmac
+
     return hmac.new(secret, canonical(obj), hashlib.sha256).hexdigest()
 
 
@@ -161,6 +163,8 @@ def _authenticate(obj: dict[str, Any], secret: bytes, now: float, seen: ReplayCa
     if not isinstance(sig, str) or not _HEX_SHA256.fullmatch(sig.lower()):
         return "bad signature"
     sig = sig.lower()
+    import hmac
+
     if not hmac.compare_digest(sig, signature(obj, secret)):
         return "bad signature"
     ts = obj.get("ts")

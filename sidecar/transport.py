@@ -10,7 +10,6 @@ pub/sub message either (except with --transport pubsub or --wire per-line-json).
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -85,7 +84,9 @@ if ttl > 0 then
 end
 return 1
 """
-TOKENS_SHA = hashlib.sha1(TOKENS_SCRIPT.encode()).hexdigest()
+# Each script's SHA-1, as EVALSHA names it; literal, so that start-up does not load OpenSSL
+# for hashlib (tests/unit/test_transport_scripts.py checks them against the scripts).
+TOKENS_SHA = "a2987a9ff3878880c691d76aa31d9682af1c9eaf"
 
 # The variation hash takes a status only if it is not older than the one it holds (by the
 # status timestamp): replaying an earlier attempt's spool must not roll the state back.
@@ -98,7 +99,7 @@ local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 return 1
 """
-VARIATION_SHA = hashlib.sha1(VARIATION_SCRIPT.encode()).hexdigest()
+VARIATION_SHA = "e8d03e14a55e1675c7a72eb86cca1758568ecd2f"
 TOKEN_TOTAL_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens",
                       "cost_usd")
 # Lifecycle states that set `status` in the variation hash (agent-reported states set `agent_state`).
@@ -145,7 +146,7 @@ def reveals_cluster(settings: Settings, target: Target, replies: list[Any]) -> b
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, ReplyError)
-APPEND_SHA = hashlib.sha1(APPEND_SCRIPT.encode()).hexdigest()
+APPEND_SHA = "f906e06366333bec6733158b8f2a24e6beeef7c4"
 # Loaded on every new connection, each checked against its digest.
 _SCRIPTS = ((APPEND_SCRIPT, APPEND_SHA), (TOKENS_SCRIPT, TOKENS_SHA), (VARIATION_SCRIPT, VARIATION_SHA))
 

@@ -587,3 +587,18 @@ def test_the_agent_does_not_get_the_sidecars_credentials() -> None:
     assert agent_environment(env) == {"OPENAI_API_KEY": "sk-x", "PATH": "/bin"}
     assert agent_environment({"REDIS_URL": "redis://h:6379/0"}) == {"REDIS_URL": "redis://h:6379/0"}
     assert "REDIS_URL" not in agent_environment({"REDIS_URL": "redis+sentinel://:pw@h:26379/m"})
+
+
+@pytest.mark.parametrize("tmpdir_value", ["writable", "missing", "file", ""])
+def test_default_spool_dir_is_under_the_directory_tempfile_would_pick(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch, tmpdir_value: str) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "writable").mkdir()
+    value = str(tmp_path / tmpdir_value) if tmpdir_value else ""
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TMPDIR", value)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() caches its answer
+    expected = os.path.join(tempfile.gettempdir(), "agent-sidecar-spool")
+    assert config._default_spool_dir() == expected
+    assert expected.startswith(str(tmp_path / "writable")) == (tmpdir_value == "writable")
