@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     texts = [protocol.texts_of(b) for b in batches]
     native = _native.speedups is not None
     redactor = redaction.Redactor({})
+    # three secrets in the environment, as a deployment might hold: 14 forms to look for
+    with_secrets = redaction.Redactor({"OPENAI_API_KEY": "sk-" + "Ab3" * 16, "DB_PASSWORD": "p@ss w/rd-2024!",
+                                       "GITHUB_TOKEN": "ghp_" + "Zx9" * 12})
 
     def split() -> None:
         s = LineSplitter(count_lf=_native.speedups.count_lf if native else None)
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     def redact() -> None:
         for r in reads:
             redactor("stdout", r, False)
+
+    def redact_secrets() -> None:
+        for r in reads:
+            with_secrets("stdout", r, False)
 
     def redact_py() -> None:
         saved = redaction._speedups
@@ -141,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             ("find and validate JSON-object lines (encoder)", json_objects, True, True),
             ("orjson encoding of the batch (encoder)", dumps, True, True),
         ]
+    steps.insert(3 if native else 2, (f"  redaction, {len(with_secrets.values)} forms of 3 environment secrets "
+                                       "(not here)", redact_secrets, True, False))
     steps.append(("zstd level 1 (compressor thread; no GIL)", zstd, False, True))
     rows = []
     gil = 0.0
