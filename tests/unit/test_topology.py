@@ -79,6 +79,8 @@ class MuteServer:
                 self.received.set()
         except OSError:
             pass
+        finally:
+            conn.close()  # also one accepted while close() ran: no socket is left to the collector
 
     def close(self) -> None:
         self.sock.close()
