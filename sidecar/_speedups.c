@@ -11,7 +11,7 @@
  *
  *   contains_any(data: bytes, needles: tuple[bytes, ...]) -> bool
  *       any(n in data for n in needles), as redaction asks of every read for the forms of the
- *       environment's secrets.
+ *       environment's secrets: one pass for all of them (see wm_search).
  *
  *   lines_json(data: bytes, partial: bool, base: int, splice: int = 0)  (bytes only)
  *           -> tuple[bytes, int, list[tuple[int, bytes, int]], bytes | None] | None
@@ -239,27 +239,91 @@ static PyObject *count_lf(PyObject *self, PyObject *arg) {
 
 /* -- contains_any ------------------------------------------------------------------------ */
 
-/* contains_any(data: bytes, needles: tuple[bytes, ...]) -> bool: any(n in data for n in needles),
- * with glibc's memmem. */
+/* One pass for all needles (Wu-Manber): with m the shortest needle's length, the window of m
+ * bytes ending at each position is judged by its last two bytes. A table says how far the
+ * window may move before those two bytes could be the end of some needle's first m bytes;
+ * only where it may not move are the needles compared there. Typical text moves m - 1 bytes
+ * a step. The table is indexed by a 12-bit hash of the two bytes (a collision only moves
+ * less far), and rebuilt each call: 4 KiB, less than the scan of a read. */
+#define WM_BITS 12
+#define WM_HASH(a, b) ((((unsigned)(a) << 5) ^ (unsigned)(b) ^ ((unsigned)(a) >> 3)) & ((1u << WM_BITS) - 1))
+
+typedef struct {
+    const unsigned char *p;
+    Py_ssize_t len;
+} Needle;
+
+static int wm_search(const unsigned char *s, Py_ssize_t n, const Needle *nd, Py_ssize_t k, Py_ssize_t m) {
+    unsigned char shift[1u << WM_BITS];
+    unsigned char most = (unsigned char)(m - 1 < 255 ? m - 1 : 255);
+    memset(shift, most, sizeof shift);
+    for (Py_ssize_t j = 0; j < k; j++)
+        for (Py_ssize_t q = 0; q + 1 < m; q++) { /* the pair at q, q+1 of needle j's first m bytes */
+            Py_ssize_t d = m - 2 - q; /* how far it is from the window's end */
+            unsigned h = WM_HASH(nd[j].p[q], nd[j].p[q + 1]);
+            if (d < shift[h])
+                shift[h] = (unsigned char)d;
+        }
+    for (Py_ssize_t i = 0; i + m <= n;) { /* the window s[i : i+m] */
+        unsigned char d = shift[WM_HASH(s[i + m - 2], s[i + m - 1])];
+        if (d) {
+            i += d;
+            continue;
+        }
+        for (Py_ssize_t j = 0; j < k; j++)
+            if (nd[j].len <= n - i && memcmp(s + i, nd[j].p, (size_t)nd[j].len) == 0)
+                return 1;
+        i++;
+    }
+    return 0;
+}
+
+/* contains_any(data: bytes, needles: tuple[bytes, ...]) -> bool: any(n in data for n in needles).
+ * One needle: glibc's memmem. Several: wm_search, unless the shortest has fewer than 4 bytes
+ * (then the table would rarely let the window move): memmem for each. */
 static PyObject *contains_any(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *data, *needles;
     if (!PyArg_ParseTuple(args, "SO!", &data, &PyTuple_Type, &needles))
         return NULL;
-    const char *s = PyBytes_AS_STRING(data);
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data);
     Py_ssize_t k = PyTuple_GET_SIZE(needles);
+    Needle small[32];
+    Needle *nd = k <= 32 ? small : PyMem_Malloc((size_t)k * sizeof *nd);
+    if (nd == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t m = PY_SSIZE_T_MAX;
+    int found = 0;
     for (Py_ssize_t j = 0; j < k; j++) {
         PyObject *needle = PyTuple_GET_ITEM(needles, j);
         if (!PyBytes_Check(needle)) {
+            if (nd != small)
+                PyMem_Free(nd);
             PyErr_SetString(PyExc_TypeError, "contains_any: needles must be bytes");
             return NULL;
         }
-        Py_ssize_t m = PyBytes_GET_SIZE(needle);
-        if (m == 0 || (m <= n && memmem(s, (size_t)n, PyBytes_AS_STRING(needle), (size_t)m) != NULL))
-            Py_RETURN_TRUE;
+        nd[j].p = (const unsigned char *)PyBytes_AS_STRING(needle);
+        nd[j].len = PyBytes_GET_SIZE(needle);
+        if (nd[j].len == 0)
+            found = 1; /* as `b"" in data` */
+        if (nd[j].len < m)
+            m = nd[j].len;
     }
-    Py_RETURN_FALSE;
+    if (!found && k > 0) {
+        /* the tuple holds the needles and the caller's arguments hold both: all stay put */
+        Py_BEGIN_ALLOW_THREADS
+        if (k > 1 && m >= 4) {
+            found = wm_search(s, n, nd, k, m);
+        } else {
+            for (Py_ssize_t j = 0; j < k && !found; j++)
+                found = nd[j].len <= n && memmem(s, (size_t)n, nd[j].p, (size_t)nd[j].len) != NULL;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    if (nd != small)
+        PyMem_Free(nd);
+    return PyBool_FromLong(found);
 }
 
 /* -- lines_json -------------------------------------------------------------------------- */

@@ -166,10 +166,16 @@ class Redactor:
         m = _TOKEN_CHARS.search(tail)
         hold = len(tail) - m.start() if m else 0
         for v in self.values:
-            for k in range(min(len(v) - 1, len(tail)), hold, -1):
-                if tail.endswith(v[:k]):
-                    hold = k
+            # The longest end of the tail, longer than ``hold``, that begins v (v itself would
+            # have been found whole): tried only where v's first byte occurs.
+            first = v[:1]
+            end = len(tail) - hold
+            p = tail.find(first, max(len(tail) - len(v) + 1, 0), end)
+            while p >= 0:
+                if v.startswith(tail[p:]):
+                    hold = len(tail) - p
                     break
+                p = tail.find(first, p + 1, end)
         return hold
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import pytest
 
 from sidecar.redaction import MASK, Redactor
@@ -199,3 +202,33 @@ def test_base64_forms_are_long_enough_not_to_match_by_chance() -> None:
     r = Redactor({"API_KEY": "zq8Kx!pR"})  # a secret the noise does not hold
     noise = base64.b64encode(bytes(range(256)) * 4) + b"\n"
     assert run(r, [noise]) == noise
+
+
+def _holdback_reference(r: Redactor, data: bytes) -> int:
+    """What _holdback must return, tried at every length."""
+    line_start = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+    tail = data[max(line_start, len(data) - r.max_token):]
+    if not tail:
+        return 0
+    m = re.search(rb"[A-Za-z0-9_\-]*\Z", tail)
+    hold = len(tail) - m.start() if m else 0
+    for v in r.values:
+        for k in range(min(len(v) - 1, len(tail)), hold, -1):
+            if tail.endswith(v[:k]):
+                hold = k
+                break
+    return hold
+
+
+def test_hold_back_finds_the_longest_start_of_a_secret_at_the_end() -> None:
+    r = Redactor({"API_KEY": "abcab-cab/ca b", "DB_PASSWORD": "zz.zz.zzz", "X_TOKEN": "q" * 20})
+    rnd = random.Random(5)
+    pieces = [b"ab", b"c", b"a", b"b-", b"cab/", b"ca", b" b", b"z", b"zz.", b".", b"q", b"qqq", b" ", b"\n",
+              b"-", b"x", b"%2F", b"YWJj"]
+    held = 0
+    for _ in range(5000):
+        data = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 12)))
+        expected = _holdback_reference(r, data)
+        assert r._holdback(data) == expected, data
+        held += expected > 0
+    assert held > 1000

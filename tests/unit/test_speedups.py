@@ -138,6 +138,28 @@ def test_contains_any_matches_python_on_random_input() -> None:
         assert sp.contains_any(data, needles) == any(n in data for n in needles), (data, needles)
 
 
+def test_contains_any_with_several_long_needles_matches_python() -> None:
+    """Several needles of 4 bytes and more take the one-pass scan: found at the start, in the
+    middle and at the very end of long data, or not at all; needles longer than the data."""
+    rnd = random.Random(22)
+    alphabet = b"abcdefgh ij-_/=+%"
+    found = 0
+    for k in range(3000):
+        data = bytes(rnd.choices(alphabet, k=rnd.choice((3, 40, 700, 5000))))
+        needles = [bytes(rnd.choices(alphabet, k=rnd.randint(4, 24))) for _ in range(rnd.randint(2, 20))]
+        if k % 3 == 0 and len(data) >= 4:  # one that surely occurs, often at an end
+            where = rnd.choice((0, len(data) - 4, rnd.randrange(len(data) - 3)))
+            needles.append(data[where:where + rnd.randint(4, 30)])
+        rnd.shuffle(needles)
+        expected = any(n in data for n in needles)
+        assert sp.contains_any(data, tuple(needles)) is expected, (data, needles)
+        found += expected
+    assert 600 < found < 2000  # a third surely, a few more by chance
+    assert sp.contains_any(b"x" * 10 + b"abcd", (b"abcde", b"bcd!", b"abcd")) is True
+    assert sp.contains_any(b"abc", (b"abcd", b"abce")) is False
+    assert sp.contains_any(b"abcd" * 2, tuple(b"%04d" % i for i in range(100)) + (b"dabc",)) is True
+
+
 def test_contains_any_edge_cases() -> None:
     assert sp.contains_any(b"abc", ()) is False
     assert sp.contains_any(b"abc", (b"",)) is True  # as `b"" in data`
