@@ -71,12 +71,16 @@ def _encodings(value: str) -> set[bytes]:
     return forms
 
 
+_URL_SAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def base64_cores(raw: bytes) -> set[bytes]:
     """What base64 makes of ``raw`` wherever it sits in the encoded data (an Authorization:
     Basic header, a data: URL, a Kubernetes Secret): for each of the three offsets ``raw`` can
     have within a 3-byte group, the characters that depend on ``raw`` alone. The one to three
     characters at each end, which it shares with its neighbours, are not part of it (they
-    stay in the output). The standard alphabet only: each form costs a scan of every read."""
+    stay in the output). In the standard alphabet and the URL-safe one (JWTs, URLs), which
+    differ only where the encoding holds + or /."""
     import base64
 
     cores: set[bytes] = set()
@@ -84,7 +88,9 @@ def base64_cores(raw: bytes) -> set[bytes]:
         encoded = base64.b64encode(bytes(offset) + raw)
         first = (offset * 8 + 5) // 6  # characters that hold bits of the filler
         last = (offset + len(raw)) * 8 // 6  # characters made of known bits only
-        cores.add(encoded[first:last])
+        core = encoded[first:last]
+        cores.add(core)
+        cores.add(core.translate(_URL_SAFE))
     return cores
 
 

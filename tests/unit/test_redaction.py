@@ -189,6 +189,23 @@ def test_a_secret_is_masked_inside_base64_at_every_offset() -> None:
     assert run(r, [header]) == b"Authorization: Basic YWRtaW46[REDACTED]A==\n"
 
 
+def test_a_secret_is_masked_inside_url_safe_base64_too() -> None:
+    """A JWT or a URL carries base64 with - and _ for + and /: the secret is masked there too,
+    at every offset."""
+    import base64
+
+    secret = "\xfb\xff?>~secret~value"  # its base64 holds + and /, at every offset
+    r = Redactor({"API_TOKEN": secret})
+    assert any(b"+" in f or b"/" in f for f in r.values) and any(b"-" in f or b"_" in f for f in r.values)
+    for before in range(3):
+        data = bytes(range(1, 1 + before)) + secret.encode() + b"\x00"
+        standard, url_safe = base64.b64encode(data), base64.urlsafe_b64encode(data)
+        assert standard != url_safe
+        for enc in (standard, url_safe):
+            out = run(r, [b"token=" + enc + b"\n"])
+            assert out.count(b"[REDACTED]") == 1, (before, enc, out)
+
+
 def test_base64_forms_are_long_enough_not_to_match_by_chance() -> None:
     """Each form covers at least 10 characters of base64 for the shortest secret (8 bytes)."""
     import base64
@@ -198,7 +215,8 @@ def test_base64_forms_are_long_enough_not_to_match_by_chance() -> None:
 
     for _ in range(50):
         cores = base64_cores(os.urandom(8))
-        assert len(cores) == 3 and min(map(len, cores)) >= 10
+        standard = {c for c in cores if b"-" not in c and b"_" not in c}
+        assert 3 <= len(cores) <= 6 and len(standard) == 3 and min(map(len, cores)) >= 10
     r = Redactor({"API_KEY": "zq8Kx!pR"})  # a secret the noise does not hold
     noise = base64.b64encode(bytes(range(256)) * 4) + b"\n"
     assert run(r, [noise]) == noise
