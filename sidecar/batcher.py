@@ -1,4 +1,4 @@
-"""Per-channel batching and the encoder thread.
+"""Per-channel batching, and the encoder and compressor threads.
 
 The reader thread only appends runs of records to an open batch (no per-line work, no
 encoding), so it gets back to the pipe at once. An encoder thread seals batches and turns
