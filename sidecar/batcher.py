@@ -229,7 +229,7 @@ class Batcher:
             for part in protocol.split_lines(batch, self.max_records):
                 encoded.append(self._encode(ch, first, part, objects))
                 first += part.n
-            compress = any(self._compressible(e[4]) for e in encoded)
+            compress = any(protocol.compressible(e[4], self.threshold) for e in encoded)
             with self.lock:
                 inline = not compress and not self._compressing
                 if not inline:
@@ -243,9 +243,6 @@ class Batcher:
                 self._sealed_bytes -= batch.nbytes
                 if waiting:
                     self.cond.notify_all()  # the reader may be waiting for room
-
-    def _compressible(self, payload: bytes) -> bool:
-        return 0 <= self.threshold < len(payload)
 
     def _compress_run(self) -> None:
         while True:
@@ -265,8 +262,7 @@ class Batcher:
         """Compress what is large enough, queue the items in order, then report the batch's
         JSON objects."""
         for key, first, n, nbytes, payload, pubs in encoded:
-            if self._compressible(payload):
-                payload = protocol.compress(payload)
+            payload = protocol.compress_if_large(payload, self.threshold)
             self.outbox.put(Item(key, self.producer, first, first + n - 1, payload, n, nbytes, pubs))
         if objects and self.on_object is not None:
             for obj in objects:

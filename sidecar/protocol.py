@@ -51,10 +51,13 @@ def compress(raw: bytes) -> bytes:
     return c.compress(raw)  # type: ignore[no-any-return]
 
 
+def compressible(raw: bytes, threshold: int) -> bool:
+    """Whether a batch payload this large is compressed (--compress-threshold; -1: never)."""
+    return 0 <= threshold < len(raw)
+
+
 def compress_if_large(raw: bytes, threshold: int) -> bytes:
-    if threshold >= 0 and len(raw) > threshold:
-        return compress(raw)
-    return raw
+    return compress(raw) if compressible(raw, threshold) else raw
 
 
 # The largest decompressed payload a reader accepts: far above any batch the sidecar writes
@@ -251,7 +254,7 @@ def encode_batch(
         t = texts if texts is not None else texts_of(batch)
         lines, n, partial, b64 = t.lines, len(t.lines), t.partial, t.b64
         if structured:
-            json_objects = _spliced_objects(_candidates(t.lines, t.b64), objects) or None
+            json_objects = _json_objects(t.lines, t.b64, objects) or None
     msg = dict(header)
     msg["seq"] = seq
     msg["n"] = n
