@@ -28,10 +28,10 @@
  *       the outer brackets (b"" for none), and the list is empty; otherwise it is None and
  *       the list holds them all. splice 0: always None; 3: none wanted (b"", an empty list).
  *
- * Each only reads `data` and writes into buffers sized before the first write. token_starts
- * and lines_json release the GIL while they scan a segment of 4 KiB or more (bytes only, which
- * no other thread can change meanwhile), so that the reader and the encoder threads can run on
- * two cores at once.
+ * Each only reads `data` and writes into buffers sized before the first write. token_starts,
+ * contains_any and lines_json release the GIL while they scan a segment of 4 KiB or more
+ * (bytes only, which no other thread can change meanwhile), so that the reader and the encoder
+ * threads can run on two cores at once.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -125,6 +125,16 @@ static int array_push(Array *a, Py_ssize_t x) {
  * encoder run on two cores; below it, releasing costs more than it lets run. */
 #define NOGIL_BYTES 4096
 
+/* Releases the GIL for a scan of n bytes when it is worth it; returns what gil_back() takes. */
+static inline PyThreadState *gil_release(Py_ssize_t n) {
+    return n >= NOGIL_BYTES ? PyEval_SaveThread() : NULL;
+}
+
+static inline void gil_back(PyThreadState *released) {
+    if (released != NULL)
+        PyEval_RestoreThread(released);
+}
+
 /* -- token_starts ------------------------------------------------------------------------ */
 
 /* In sidecar.redaction, the folding table maps o u s r a b to p: a folded "p" stands for any
@@ -186,15 +196,10 @@ static PyObject *token_starts(PyObject *self, PyObject *arg) {
     if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
         return NULL;
     Array found = {NULL, 0, 0};
-    int rc;
     /* only bytes may be read without the GIL: another thread could change a bytearray */
-    if (view.len >= NOGIL_BYTES && PyBytes_CheckExact(arg)) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = scan_token_starts(view.buf, view.len, &found);
-        Py_END_ALLOW_THREADS
-    } else {
-        rc = scan_token_starts(view.buf, view.len, &found);
-    }
+    PyThreadState *released = gil_release(PyBytes_CheckExact(arg) ? view.len : 0);
+    int rc = scan_token_starts(view.buf, view.len, &found);
+    gil_back(released);
     PyBuffer_Release(&view);
     PyObject *out = rc < 0 ? PyErr_NoMemory() : PyList_New(found.len);
     for (Py_ssize_t k = 0; out != NULL && k < found.len; k++) {
@@ -312,14 +317,14 @@ static PyObject *contains_any(PyObject *self, PyObject *args) {
     }
     if (!found && k > 0) {
         /* the tuple holds the needles and the caller's arguments hold both: all stay put */
-        Py_BEGIN_ALLOW_THREADS
+        PyThreadState *released = gil_release(n);
         if (k > 1 && m >= 4) {
             found = wm_search(s, n, nd, k, m);
         } else {
             for (Py_ssize_t j = 0; j < k && !found; j++)
                 found = nd[j].len <= n && memmem(s, (size_t)n, nd[j].p, (size_t)nd[j].len) != NULL;
         }
-        Py_END_ALLOW_THREADS
+        gil_back(released);
     }
     if (nd != small)
         PyMem_Free(nd);
@@ -694,18 +699,11 @@ static PyObject *lines_json(PyObject *self, PyObject *args) {
         return PyErr_NoMemory();
     Array cands = {NULL, 0, 0}, kinds = {NULL, 0, 0};
     Py_ssize_t records = 0, len = -2;
-    char *buf = NULL;
-    if (n >= NOGIL_BYTES) {
-        Py_BEGIN_ALLOW_THREADS
-        buf = PyMem_RawMalloc((size_t)json_bound(s, n));
-        if (buf != NULL)
-            len = write_lines(s, n, partial, base, buf, &records, &cands, &kinds);
-        Py_END_ALLOW_THREADS
-    } else {
-        buf = PyMem_RawMalloc((size_t)json_bound(s, n));
-        if (buf != NULL)
-            len = write_lines(s, n, partial, base, buf, &records, &cands, &kinds);
-    }
+    PyThreadState *released = gil_release(n);
+    char *buf = PyMem_RawMalloc((size_t)json_bound(s, n));
+    if (buf != NULL)
+        len = write_lines(s, n, partial, base, buf, &records, &cands, &kinds);
+    gil_back(released);
     PyObject *out = NULL, *list = NULL, *result = NULL;
     int spliceable = splice == 1 || splice == 2 || splice == 3;
     if (len == -1) {
