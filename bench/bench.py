@@ -729,7 +729,7 @@ class Bench:
         """The bulk run again with SIDECAR_PURE_PYTHON=1: what the native module gives."""
         if not native_module():
             raise Skipped("the native module is not built")
-        if os.environ.get("SIDECAR_PURE_PYTHON", "") not in ("", "0"):
+        if pure_python_asked():
             raise Skipped("SIDECAR_PURE_PYTHON is set: the bulk run used the Python code already")
         n = self.sizes.bulk_lines
         self.extra_env = {"SIDECAR_PURE_PYTHON": "1"}
@@ -1091,6 +1091,11 @@ def native_module() -> bool:
     return p.stdout.strip() == "True"
 
 
+def pure_python_asked() -> bool:
+    """SIDECAR_PURE_PYTHON as the sidecar reads it (sidecar/_native.py): the runs use the Python code."""
+    return os.environ.get("SIDECAR_PURE_PYTHON", "") not in ("", "0")
+
+
 def import_hooks() -> list[str]:
     """Import hooks of editable installs in this interpreter: site runs them at every start of
     every child started with the same interpreter (about 20 ms each for setuptools' finder),
@@ -1120,7 +1125,7 @@ def environment(r: redis.Redis, url: str, sidecar_args: list[str]) -> dict[str, 
         "git_commit": commit,
         "sidecar_args": sidecar_args,
         "import_hooks": import_hooks(),
-        "native_module": native_module() and os.environ.get("SIDECAR_PURE_PYTHON", "") in ("", "0"),
+        "native_module": native_module() and not pure_python_asked(),
     }
 
 
