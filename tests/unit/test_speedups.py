@@ -38,6 +38,16 @@ PIECES = [
 ]
 
 
+def _agent_text() -> Any:
+    """bench/agent_text.py, the benchmark's agent-like text."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    try:
+        import agent_text
+    finally:
+        sys.path.pop(0)
+    return agent_text
+
+
 def random_bytes(rnd: random.Random, most: int = 40) -> bytes:
     return b"".join(rnd.choice(PIECES) for _ in range(rnd.randint(0, most)))
 
@@ -316,12 +326,7 @@ def test_json_nesting_past_the_native_limit_is_left_to_orjson() -> None:
 def test_json_objects_the_native_code_vouches_for_are_json_to_orjson() -> None:
     """Mutations of agent event lines: whatever the native code takes for a JSON object, orjson
     reads as one; and it takes every event line of the benchmark's agent text."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-    try:
-        import agent_text
-    finally:
-        sys.path.pop(0)
-    samples = [ln for ln in agent_text.make_block(20_000, seed=6).split(b"\n") if ln[:1] == b"{"]
+    samples = [ln for ln in _agent_text().make_block(20_000, seed=6).split(b"\n") if ln[:1] == b"{"]
     assert samples and all(surely_json(ln) for ln in samples)
     rnd = random.Random(15)
     vouched = refused = 0
@@ -360,13 +365,8 @@ HEADER = {"v": 1, "type": "batch", "run_id": "r", "variation_id": "0", "agent_id
 
 
 def _batches(rnd: random.Random) -> list[protocol.Lines]:
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
-    try:
-        import agent_text
-    finally:
-        sys.path.pop(0)
     out = []
-    text = agent_text.make_block(3000, seed=4)
+    text = _agent_text().make_block(3000, seed=4)
     pos = 0
     while pos < len(text):  # agent text cut as the reader cuts it
         end = min(len(text), text.rindex(b"\n", pos, pos + 4096) + 1)
