@@ -3,6 +3,7 @@
     python bench/bench.py                    # full run, a couple of minutes
     python bench/bench.py --quick            # small sizes, under a minute (CI smoke check)
     python bench/bench.py --redis-url redis://127.0.0.1:6379/0 --json /tmp/b.json
+    python bench/bench.py --only latency --only floor   # some sections only
 
 Starts a throwaway redis-server on a free loopback port unless --redis-url is given.
 Prints a table (figure | value | target | baseline | ratio) and writes the same as JSON.
@@ -54,6 +55,9 @@ PY = sys.executable
 WRITER = os.path.join(HERE, "writer.py")
 NAIVE = os.path.join(HERE, "naive.py")
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
+# What --only can pick, in the order of a full run (see Bench.sections).
+SECTIONS = ("writer", "startup", "wrap", "warm-up", "bulk", "native", "replica", "flush", "naive", "latency",
+            "floor", "outage")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PRINT_PROG = "for i in range(10000): print('line', i)"
 MB = 1_000_000
@@ -965,22 +969,31 @@ class Bench:
                 f"--buffer-max-bytes {BUFFER_BYTES / MB:.1f} MB + 30 MB")
         self.add("outage_rss_mb", sampler.peak_rss / MB, note=note)
 
-    def run_all(self) -> None:
+    def sections(self) -> list[tuple[str, str, Callable[[], None]]]:
+        """(name for --only, label, method) in the order a full run takes them."""
         s = self.sizes
+        return [
+            ("writer", "writer alone", self.writer_alone),
+            ("startup", "startup", self.startup),
+            ("wrap", "wrap overhead", self.wrap_overhead),
+            ("warm-up", "warm-up: a bulk run into the fresh Redis, not a figure", self.warm_up),
+            ("bulk", f"bulk, {s.bulk_lines:,} lines, {s.bulk_runs} times, each followed by one without redaction",
+             self.bulk),
+            ("native", "bulk without the native module", self.native_gain),
+            ("replica", "bulk with --min-replicas-ack 1", self.replica_ack_cost),
+            ("flush", f"flush, {s.flush_lines:,} lines", self.flush),
+            ("naive", f"naive PUBLISH per line, {s.naive_lines:,} lines", self.naive),
+            ("latency", f"latency at {s.latency_rate} lines/s for {s.latency_seconds:g} s", self.latency),
+            ("floor", "latency floor (naive relay)", self.latency_floor),
+            ("outage", f"Redis down while the agent writes {s.outage_lines:,} lines", self.outage),
+        ]
+
+    def run_all(self, only: Sequence[str] = ()) -> None:
         self.check_sidecar()
-        self.measure("writer alone", self.writer_alone)
-        self.measure("startup", self.startup)
-        self.measure("wrap overhead", self.wrap_overhead)
-        self.measure("warm-up: a bulk run into the fresh Redis, not a figure", self.warm_up)
-        self.measure(f"bulk, {s.bulk_lines:,} lines, {s.bulk_runs} times, each followed by one without redaction",
-                     self.bulk)
-        self.measure("bulk without the native module", self.native_gain)
-        self.measure("bulk with --min-replicas-ack 1", self.replica_ack_cost)
-        self.measure(f"flush, {s.flush_lines:,} lines", self.flush)
-        self.measure(f"naive PUBLISH per line, {s.naive_lines:,} lines", self.naive)
-        self.measure(f"latency at {s.latency_rate} lines/s for {s.latency_seconds:g} s", self.latency)
-        self.measure("latency floor (naive relay)", self.latency_floor)
-        self.measure(f"Redis down while the agent writes {s.outage_lines:,} lines", self.outage)
+        assert tuple(name for name, _l, _f in self.sections()) == SECTIONS
+        for name, label, fn in self.sections():
+            if not only or name in only:
+                self.measure(label, fn)
         self.relate()
 
     def relate(self) -> None:
@@ -1144,6 +1157,15 @@ def main(argv: list[str] | None = None) -> int:
         help="extra argument for every sidecar run, e.g. --sidecar-arg=--linger-ms=1 (repeatable)",
     )
     ap.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        choices=SECTIONS,
+        metavar="SECTION",
+        help=f"run only this section (repeatable): {', '.join(SECTIONS)}; "
+        "the results are then written only where --json says",
+    )
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
 
@@ -1166,7 +1188,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.replica_url = replica.url if replica else None
         bench.r.ping()
         env = environment(bench.r, url, args.sidecar_arg)
-        bench.run_all()
+        bench.run_all(args.only)
     except (RuntimeError, redis.RedisError) as exc:
         log(f"!!! cannot run the benchmark: {exc}")
         return 1
@@ -1224,11 +1246,14 @@ def main(argv: list[str] | None = None) -> int:
         "context": bench.context,
         "figures": {name: bench.figures[name].as_json() for name in ordered(bench.figures)},
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as fh:
-        json.dump(result, fh, indent=2)
-        fh.write("\n")
-    log(f"wrote {args.json}")
+    if args.only and args.json == DEFAULT_JSON:
+        log("partial run (--only): results not written; give --json to keep them")
+    else:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+            fh.write("\n")
+        log(f"wrote {args.json}")
 
     if bench.failures:
         return 1
