@@ -21,15 +21,16 @@ import datetime as dt
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
+import queue
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
@@ -345,86 +346,123 @@ def subscribe_confirmed(client: redis.Redis, channel: str) -> Any:
     raise RuntimeError(f"no subscribe confirmation for {channel}")
 
 
-class LatencyConsumer(threading.Thread):
-    """Receives batches and records receipt_time - write_time for each line, in ms."""
+class LatencyConsumer:
+    """Receives batches and records receipt_time - write_time for each line, in ms.
+
+    Each consumer runs in a process of its own: two consumers in one interpreter, woken by
+    the same batch, would wait for each other's GIL, and the benchmark's sampler holds it
+    while it reads /proc. The line count and the first receipt are shared while it runs;
+    the latencies come back on ``finish``.
+    """
 
     kind = ""
 
     def __init__(self, url: str, key: str) -> None:
-        super().__init__(daemon=True)
-        self.client = redis.Redis.from_url(url)
+        self.url = url
         self.key = key
-        self.stop_event = threading.Event()
+        ctx = multiprocessing.get_context("fork")
+        self._lines = ctx.Value("q", 0, lock=False)
+        self._first = ctx.Value("d", 0.0, lock=False)
+        self._stop = ctx.Event()
+        self._ready = ctx.Event()
+        self._results = ctx.Queue()
+        self.proc = ctx.Process(target=self._main, name=f"latency-{self.kind}", daemon=True)
         self.latencies_ms: list[float] = []
-        self.lines = 0
         self.unparsed = 0
-        self.first_at: float | None = None
         self.error = ""
-        self.dctx = zstandard.ZstdDecompressor()
 
-    def handle(self, payload: bytes, received: float) -> None:
-        obj = decode(payload, self.dctx)
-        if obj.get("type") != "batch":
-            return
-        if self.first_at is None:
-            self.first_at = received
-        texts = record_texts(obj)
-        self.lines += len(texts)
-        out = self.latencies_ms
-        for text in texts:
-            try:
-                written = float(text.split(" ", 1)[0])
-            except ValueError:
-                self.unparsed += 1
-                continue
-            out.append((received - written) * 1000.0)
+    @property
+    def lines(self) -> int:
+        return int(self._lines.value)
 
-    def receive(self) -> None:
+    @property
+    def first_at(self) -> float | None:
+        return float(self._first.value) or None
+
+    def start(self) -> None:
+        self.proc.start()
+        if not self._ready.wait(10):
+            self.error = "consumer not ready within 10 s"
+
+    def _main(self) -> None:
+        out: list[float] = []
+        unparsed = [0]
+        error = ""
+        try:
+            client = redis.Redis.from_url(self.url)
+            dctx = zstandard.ZstdDecompressor()
+            lines = self._lines
+            first = self._first
+
+            def handle(payload: bytes, received: float) -> None:
+                obj = decode(payload, dctx)
+                if obj.get("type") != "batch":
+                    return
+                if not first.value:
+                    first.value = received
+                texts = record_texts(obj)
+                for text in texts:
+                    try:
+                        written = float(text.split(" ", 1)[0])
+                    except ValueError:
+                        unparsed[0] += 1
+                        continue
+                    out.append((received - written) * 1000.0)
+                lines.value += len(texts)
+
+            self.receive(client, handle)
+        except Exception as exc:  # reported with the figure instead of killing the run
+            error = f"{type(exc).__name__}: {exc}"
+            self._ready.set()
+        self._results.put((out, unparsed[0], error))
+
+    def receive(self, client: redis.Redis, handle: Callable[[bytes, float], None]) -> None:
         raise NotImplementedError
 
-    def run(self) -> None:
-        try:
-            self.receive()
-        except Exception as exc:  # reported with the figure instead of killing the run
-            self.error = f"{type(exc).__name__}: {exc}"
-
     def finish(self) -> None:
-        self.stop_event.set()
-        self.join(3)
-        self.client.close()
+        self._stop.set()
+        try:
+            out, unparsed, error = self._results.get(timeout=10)
+        except queue.Empty:
+            out, unparsed, error = [], 0, "consumer gave no results"
+        self.latencies_ms, self.unparsed = out, unparsed
+        self.error = self.error or error
+        self.proc.join(3)
+        if self.proc.is_alive():
+            self.proc.kill()
 
 
 class PubSubConsumer(LatencyConsumer):
     kind = "pubsub"
 
-    def __init__(self, url: str, key: str) -> None:
-        super().__init__(url, key)
-        self.ps = subscribe_confirmed(self.client, key)
-
-    def receive(self) -> None:
-        get = self.ps.get_message
-        while not self.stop_event.is_set():
+    def receive(self, client: redis.Redis, handle: Callable[[bytes, float], None]) -> None:
+        ps = subscribe_confirmed(client, self.key)
+        self._ready.set()
+        get = ps.get_message
+        while not self._stop.is_set():
             msg = get(timeout=0.05)
             if msg is None or msg["type"] != "message":
                 continue
-            self.handle(msg["data"], time.time())
-        self.ps.close()
+            handle(msg["data"], time.time())
+        ps.close()
 
 
 class StreamConsumer(LatencyConsumer):
     kind = "stream"
 
-    def receive(self) -> None:
+    def receive(self, client: redis.Redis, handle: Callable[[bytes, float], None]) -> None:
         last: bytes | str = "0-0"
-        while not self.stop_event.is_set():
-            resp = cast(StreamReply, self.client.xread({self.key: last}, count=1000, block=50))
+        client.ping()
+        self._ready.set()
+        while not self._stop.is_set():
+            resp = cast(StreamReply, client.xread({self.key: last}, count=1000, block=50))
             received = time.time()
             for _key, entries in resp or ():
                 for eid, fields in entries:
                     last = eid
                     payload = fields.get(b"d")
                     if payload is not None:
-                        self.handle(payload, received)
+                        handle(payload, received)
 
 
 class ProcSampler:

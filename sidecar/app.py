@@ -66,6 +66,7 @@ class Runtime:
         # Raw batches waiting for the encoder count against the memory budget too.
         self.batcher.sealed_max_bytes = min(self.batcher.sealed_max_bytes, max(s.buffer_max_bytes, 1))
         self.sender = Sender(s, self.outbox, self.batcher, on_degraded=self.degraded, on_recovered=self.recovered)
+        self.batcher.deliver_here = self.sender.deliver_here
         self.started_at = time.time()
         self.agent_pid: int | None = None
         self.commands: queue.SimpleQueue[control.Command] = queue.SimpleQueue()

@@ -80,6 +80,9 @@ class Batcher:
         self.variation_id = variation_id
         self.producer = producer
         self.on_object = on_object  # each stdout JSON object, after its batch is queued
+        # Delivers what the outbox holds from the calling thread, or returns False (see
+        # Sender.deliver_here): a lone line sealed by the reader then needs no other thread.
+        self.deliver_here: Callable[[], bool] | None = None
         # Sections take the lock itself (a C-level context manager); the condition is for
         # wait and notify. Re-entrant: a section may call another that takes it.
         self.lock = threading.RLock()
@@ -127,7 +130,8 @@ class Batcher:
 
     def on_quiet(self, quiet: bool) -> None:
         """The reader drained the pipes (or not). On a quiet pipe with nothing on its way to
-        Redis, the reader encodes the open batch itself: one thread hop less per lone line."""
+        Redis, the reader encodes the open batch itself, and delivers it too when
+        ``deliver_here`` can: a lone line wakes no other thread."""
         work: list[tuple[Channel, int, protocol.Lines]] = []
         with self.lock:
             self._quiet = quiet
@@ -141,7 +145,12 @@ class Batcher:
                 self._sealed.clear()
             else:
                 self.cond.notify_all()
-        self._ship(work)
+        if not work:
+            return
+        direct = self.deliver_here
+        self._ship(work, wake=direct is None)
+        if direct is not None and not direct():
+            self.outbox.notify()
 
     def notify_idle(self) -> None:
         """The sender has nothing in flight: a good moment to ship what is open."""
@@ -222,7 +231,9 @@ class Batcher:
                 self._closing = True
                 self.cond.notify_all()
 
-    def _ship(self, work: list[tuple[Channel, int, protocol.Lines]]) -> None:
+    def _ship(self, work: list[tuple[Channel, int, protocol.Lines]], wake: bool = True) -> None:
+        """Encode ``work``, then queue it in the outbox (``wake``: see Outbox.put) or hand it
+        to the compressor."""
         for ch, first, batch in work:
             objects: list[dict[str, Any]] | None = [] if ch.structured and self.on_object else None
             encoded: list[Encoded] = []
@@ -235,7 +246,7 @@ class Batcher:
                 if not inline:
                     self._compressing += 1
             if inline:
-                self._queue(encoded, objects)
+                self._queue(encoded, objects, wake)
             else:
                 self._to_compress.put((encoded, objects))
             with self.lock:
@@ -258,12 +269,12 @@ class Batcher:
                     self._compressing -= 1
                     self.cond.notify_all()  # the encoder may be waiting to seal a lone line
 
-    def _queue(self, encoded: list[Encoded], objects: list[dict[str, Any]] | None) -> None:
+    def _queue(self, encoded: list[Encoded], objects: list[dict[str, Any]] | None, wake: bool = True) -> None:
         """Compress what is large enough, queue the items in order, then report the batch's
         JSON objects."""
         for key, first, n, nbytes, payload, pubs in encoded:
             payload = protocol.compress_if_large(payload, self.threshold)
-            self.outbox.put(Item(key, self.producer, first, first + n - 1, payload, n, nbytes, pubs))
+            self.outbox.put(Item(key, self.producer, first, first + n - 1, payload, n, nbytes, pubs), wake=wake)
         if objects and self.on_object is not None:
             for obj in objects:
                 self.on_object(obj)

@@ -120,6 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     signals.block()  # before any thread starts, so all inherit the mask
     signals.become_subreaper()
     launched = spawn(settings.command, agent_environment(os.environ))
+    # Once the agent runs with the normal policy: SCHED_BATCH for this thread and every thread
+    # it starts. The same share of the CPU, but a sidecar thread woken by a pipe or a reply no
+    # longer preempts the agent, Redis or a consumer on the same core.
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass  # not Linux, or refused: the normal policy
     from .app import run
 
     return run(settings, launched)

@@ -35,10 +35,13 @@ class Outbox:
         self.spool = spool
         self.when_full = when_full
         self._gap = gap_factory
-        # Sections take the lock itself (a C-level context manager); the condition is for
-        # wait and notify. Re-entrant: a section may call another that takes it.
+        # Sections take the lock itself (a C-level context manager); the conditions are for
+        # wait and notify. Re-entrant: a section may call another that takes it. The sender
+        # thread waits on ``cond`` for work; a blocked ``put`` waits on ``room``, so that an
+        # acknowledgement (room) does not wake the sender thread (no work).
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
+        self.room = threading.Condition(self.lock)
         self._q: deque[Item | DiskRef] = deque()
         self._ndisk = 0  # length of the disk prefix of _q
         self._inflight = 0  # head entries handed to the sender and not yet acknowledged
@@ -51,8 +54,10 @@ class Outbox:
         self.blocked_since: float | None = None
 
     # -- producer side -------------------------------------------------------------------
-    def put(self, item: Item, *, force: bool = False) -> None:
-        """Queue ``item``. Blocks while full under ``block`` unless ``force`` (control messages)."""
+    def put(self, item: Item, *, force: bool = False, wake: bool = True) -> None:
+        """Queue ``item``. Blocks while full under ``block`` unless ``force`` (control messages).
+        ``wake=False`` leaves the sender thread asleep: the caller delivers the item itself or
+        calls ``notify``."""
         with self.lock:
             if not force:
                 if self.when_full == "block":
@@ -60,7 +65,7 @@ class Outbox:
                         if self.blocked_since is None:
                             self.blocked_since = time.monotonic()
                             log.warning("buffer and spool are full: pausing reads, the agent will block on write")
-                        self.cond.wait(0.5)
+                        self.room.wait(0.5)
                     self.blocked_since = None
                 else:
                     while self._full(item.size) and self._drop_oldest():
@@ -71,7 +76,8 @@ class Outbox:
                         self.cond.notify_all()
                         return
             self._append(item)
-            self.cond.notify_all()
+            if wake:
+                self.cond.notify_all()
 
     def _full(self, size: int) -> bool:
         """No room for ``size`` more bytes: memory is over budget and the spool cannot take the
@@ -205,7 +211,7 @@ class Outbox:
             for _ in range(n):
                 self._remove_at(0)
             self._inflight -= n
-            self.cond.notify_all()
+            self.room.notify_all()
 
     def release_inflight(self) -> None:
         with self.lock:
@@ -224,6 +230,7 @@ class Outbox:
         with self.lock:
             self._closing = True
             self.cond.notify_all()
+            self.room.notify_all()
 
     def __len__(self) -> int:
         return len(self._q)

@@ -15,6 +15,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+_pack_command = hiredis.pack_command
+
 if TYPE_CHECKING:
     import ssl
 
@@ -67,13 +69,29 @@ def parse_url(url: str, password: str | None = None, username: str | None = None
     )
 
 
-def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
+def pack_py(args: tuple[Any, ...] | list[Any]) -> bytes:
+    """One command in RESP: bytes as they are, str as UTF-8, anything else as its str()."""
     out = [b"*%d\r\n" % len(args)]
     for a in args:
         if not isinstance(a, bytes):
             a = a.encode() if isinstance(a, str) else str(a).encode()
         out.append(b"$%d\r\n%b\r\n" % (len(a), a))
     return b"".join(out)
+
+
+def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
+    """``pack_py`` by hiredis, byte for byte (about 3x as fast) for the types it takes: bytes,
+    str, int and float; anything else (None, a bool) by ``pack_py``."""
+    try:
+        return _pack_command(args)  # type: ignore[no-any-return]
+    except TypeError:
+        return pack_py(args)
+
+
+def pack_many(commands: list[tuple[Any, ...]]) -> bytes:
+    if len(commands) == 1:
+        return pack(commands[0])
+    return b"".join([pack(c) for c in commands])
 
 
 class Connection:
@@ -92,6 +110,7 @@ class Connection:
         self.ssl_context = ssl_context
         self.client_name = client_name
         self._sock: socket.socket | None = None
+        self._timeout: float | None = None  # what the socket's timeout is set to
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._interrupted = False  # interrupt() was called: no new session on this object
 
@@ -123,6 +142,7 @@ class Connection:
                     sock.close()
                     raise
         sock.settimeout(self.socket_timeout)
+        self._timeout: float | None = self.socket_timeout
         self._sock = sock
         if self._interrupted:  # interrupt() came before there was a socket to shut down
             self.close()
@@ -152,18 +172,23 @@ class Connection:
                 pass
             self._sock = None
 
-    def pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+    def pipeline(self, commands: list[tuple[Any, ...]], timeout: float | None = None) -> list[Any]:
         """Send all commands, read all replies. Error replies come back as ReplyError objects.
 
         A socket error or timeout closes the connection and propagates (OSError): whether the
         server applied some of the commands is then unknown, which callers must tolerate.
+        ``timeout`` bounds each socket operation of this call instead of ``socket_timeout``.
         """
         if self._sock is None:
             self.connect()
         sock = self._sock
         assert sock is not None
         try:
-            sock.sendall(b"".join(pack(c) for c in commands))
+            want = self.socket_timeout if timeout is None else timeout
+            if want != self._timeout:  # settimeout costs a system call: only on a change
+                sock.settimeout(want)
+                self._timeout = want
+            sock.sendall(pack_many(commands))
             replies: list[Any] = []
             reader = self._reader
             while len(replies) < len(commands):
@@ -188,7 +213,7 @@ class Connection:
             self.connect()
         assert self._sock is not None
         try:
-            self._sock.sendall(b"".join(pack(c) for c in commands))
+            self._sock.sendall(pack_many(commands))
         except OSError:
             self.close()
             raise

@@ -114,12 +114,14 @@ class Target:
             conn = self._open(self.endpoint, use=self._set_conn)
         return conn
 
-    def execute(self, cmds: list[tuple[Any, ...]], wait_replicas: int = 0, wait_ms: int = 1000) -> list[Any]:
+    def execute(self, cmds: list[tuple[Any, ...]], wait_replicas: int = 0, wait_ms: int = 1000,
+                timeout: float | None = None) -> list[Any]:
+        """``timeout`` bounds each socket operation (see Connection.pipeline)."""
         conn = self._connection()
         send = list(cmds)
         if wait_replicas:
             send.append(("WAIT", wait_replicas, wait_ms))
-        replies = conn.pipeline(send)
+        replies = conn.pipeline(send, timeout)
         if wait_replicas:
             check_wait(replies.pop(), wait_replicas)
         return replies
@@ -138,6 +140,10 @@ class Target:
 
     def _connections(self) -> list[Connection]:
         return [self.conn] if self.conn is not None else []
+
+    def ready(self) -> bool:
+        """A request now needs no new connection, lookup or redirection: one round trip."""
+        return self.conn is not None and self.conn.connected
 
 
 def check_wait(reply: Any, wanted: int) -> None:
@@ -297,7 +303,11 @@ class ClusterTarget(Target):
             raise ReplyError("CLUSTERDOWN slot not served")
         return addr
 
-    def execute(self, cmds: list[tuple[Any, ...]], wait_replicas: int = 0, wait_ms: int = 1000) -> list[Any]:
+    def ready(self) -> bool:
+        return False  # a request may need a slot map, a node, a redirection
+
+    def execute(self, cmds: list[tuple[Any, ...]], wait_replicas: int = 0, wait_ms: int = 1000,
+                timeout: float | None = None) -> list[Any]:
         if all(a is None for a in self.slots):
             self.refresh()
         replies: list[Any] = [None] * len(cmds)
@@ -320,7 +330,7 @@ class ClusterTarget(Target):
                         send.append(cmds[i])
                     if wait_replicas:
                         send.append(("WAIT", wait_replicas, wait_ms))
-                    out = conn.pipeline(send)
+                    out = conn.pipeline(send, timeout)
                 except OSError:
                     self._forget(addr)
                     self.slots = [None] * 16384  # the node is gone: learn the new map next time

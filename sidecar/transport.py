@@ -152,6 +152,12 @@ _SCRIPTS = ((APPEND_SCRIPT, APPEND_SHA), (TOKENS_SCRIPT, TOKENS_SHA), (VARIATION
 
 MAX_PIPELINE_ITEMS = 64
 MAX_PIPELINE_BYTES = 8 << 20
+# A lone line delivered by the pipe reader itself (Sender.deliver_here) waits at most this
+# long for each socket operation; past it the connection is dropped and the sender thread
+# takes over (appends are idempotent), so the reader is back at the pipe soon in any case.
+DIRECT_TIMEOUT_S = 0.025
+# After a direct delivery failed, the sender thread delivers everything for this long.
+DIRECT_PAUSE_S = 5.0
 
 
 def idem_key(stream_key: str, cluster: bool = False) -> str:
@@ -341,6 +347,10 @@ class Sender:
         self._abandon = threading.Event()  # stop now, even mid-retry
         self._target: Target | None = None
         self._last_error = ""
+        # Held by whoever takes items from the outbox and sends them: the sender thread, or
+        # the pipe reader delivering a lone line itself (deliver_here).
+        self._turn = threading.Lock()
+        self._direct_after = 0.0  # monotonic time before which deliver_here declines
         self.thread = threading.Thread(target=self._run, name="redis-sender", daemon=True)
 
     def start(self) -> None:
@@ -369,16 +379,20 @@ class Sender:
         failures = 0
         while not self._abandon.is_set():
             try:
-                items = self.outbox.take(MAX_PIPELINE_ITEMS, MAX_PIPELINE_BYTES)
+                with self._turn:
+                    items = self.outbox.take(MAX_PIPELINE_ITEMS, MAX_PIPELINE_BYTES)
+                    if items:
+                        if not self._deliver(items):
+                            self.outbox.release_inflight()
+                            return
+                        self.outbox.ack(len(items))
                 if not items:
                     if self._stop.is_set() and self.outbox.empty():
                         return
-                    self.outbox.wait(1.0)
+                    # Stopping: the pipe reader may hold the last items (deliver_here), and
+                    # its acknowledgement does not wake this thread.
+                    self.outbox.wait(0.05 if self._stop.is_set() else 1.0)
                     continue
-                if not self._deliver(items):
-                    self.outbox.release_inflight()
-                    return
-                self.outbox.ack(len(items))
                 failures = 0
                 if self.batcher is not None and self.outbox.idle():
                     self.batcher.notify_idle()
@@ -392,6 +406,40 @@ class Sender:
                 failures += 1
                 self._abandon.wait(min(5.0, 0.1 * 2**failures))
 
+    def deliver_here(self) -> bool:
+        """Deliver what waits in the outbox from the calling thread (the pipe reader, after
+        queuing a lone line with ``wake=False``), when the sender thread is idle and one round
+        trip on an open connection will do. A lone line then costs one thread wake-up less.
+
+        False when it declined or failed: the caller must wake the sender thread
+        (``outbox.notify``), which delivers as usual, retrying. Each socket operation here
+        waits at most DIRECT_TIMEOUT_S; a slower or failed reply drops the connection (the
+        sender thread sends the items again; appends are idempotent) and leaves delivery to
+        the sender thread for DIRECT_PAUSE_S.
+        """
+        if (self.settings.min_replicas_ack or self.stats.down_since is not None or self._stop.is_set()
+                or time.monotonic() < self._direct_after or not self._turn.acquire(blocking=False)):
+            return False
+        try:
+            target = self._target
+            if target is None or not target.ready():
+                return False
+            items = self.outbox.take(MAX_PIPELINE_ITEMS, MAX_PIPELINE_BYTES)
+            if not items:
+                return True
+            try:
+                self._send(items, DIRECT_TIMEOUT_S)
+            except Exception as exc:
+                self.outbox.release_inflight()
+                self._direct_after = time.monotonic() + DIRECT_PAUSE_S
+                log.debug("direct delivery failed; the sender thread takes over", error=repr(exc))
+                return False
+            self._delivered(items)
+            self.outbox.ack(len(items))
+            return True
+        finally:
+            self._turn.release()
+
     def _deliver(self, items: list[Item]) -> bool:
         """Send until it lands. False only when abandoned."""
         try:
@@ -399,6 +447,10 @@ class Sender:
         except RETRYABLE as first_error:
             if not self._retry(items, first_error):
                 return False
+        self._delivered(items)
+        return True
+
+    def _delivered(self, items: list[Item]) -> None:
         now = time.time()
         down = self.stats.down_since
         if down is not None:
@@ -413,7 +465,6 @@ class Sender:
         for it in items:
             self.stats.records_shipped += it.records
             self.stats.bytes_shipped += it.raw_bytes
-        return True
 
     def _retry(self, items: list[Item], first_error: BaseException) -> bool:
         from tenacity import Retrying, retry_if_exception_type
@@ -487,7 +538,7 @@ class Sender:
             # A cluster keeps its healthy nodes; the failed one was dropped already.
             pass
 
-    def _send(self, items: list[Item]) -> None:
+    def _send(self, items: list[Item], timeout: float | None = None) -> None:
         target = self._target_for()
         cluster = isinstance(target, ClusterTarget)
         s = self.settings
@@ -517,7 +568,7 @@ class Sender:
                 cmds.append((publish_cmd, it.key, it.payload))
             if s.use_pubsub and it.pubs is not None:
                 cmds.extend((publish_cmd, it.key, msg) for msg in it.pubs)
-        replies = target.execute(cmds, s.min_replicas_ack)
+        replies = target.execute(cmds, s.min_replicas_ack, timeout=timeout)
         if reveals_cluster(s, target, replies):
             # Appends are idempotent, so sending the whole list again through the slot map is safe.
             replies = self._to_cluster().execute(cmds, s.min_replicas_ack)

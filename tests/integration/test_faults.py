@@ -373,7 +373,7 @@ def test_each_append_names_the_batch_before_it_in_the_pipeline() -> None:
     sent: list[tuple[Any, ...]] = []
 
     class FakeTarget:
-        def execute(self, cmds: list[tuple[Any, ...]], _acks: int) -> list[int]:
+        def execute(self, cmds: list[tuple[Any, ...]], _acks: int, timeout: float | None = None) -> list[int]:
             sent.extend(cmds)
             return [1] * len(cmds)
 
@@ -414,3 +414,35 @@ def test_exit_keeps_to_the_drain_timeout_while_redis_hangs(redis_factory: Any, s
     assert rp.returncode == 0, rp.stderr
     recs = runs.records(srv.client(), runs.keys("hang")["stdout"])
     assert b"".join(r.data for r in recs) == b"first\n" + b"".join(b"line %d\n" % i for i in range(300))
+
+
+def test_a_frozen_redis_does_not_hold_up_the_pipe_reader(redis_factory: Any, start_sidecar: Any,
+                                                         tmp_path: Path) -> None:
+    """Lone lines are delivered by the pipe reader itself while Redis answers promptly. When
+    Redis stops answering (SIGSTOP), the reader gives up on the reply within a few tens of
+    milliseconds and goes on reading: the echo keeps up with the agent all through the
+    freeze (a reader waiting out the 5 s socket timeout would echo nothing). Every line is
+    in Redis once afterwards, in order."""
+    srv: RedisServer = redis_factory()
+    client = srv.client()
+    n = 80
+    args = ["--redis-url", srv.url, "--run-id", "frz", "--socket-timeout", "5", "--retry-max-backoff", "0.5",
+            "--spool-dir", str(tmp_path / "spool")]
+    proc = start_sidecar([*args, "--", *counter(n, 20)])
+    key = runs.keys("frz")["stdout"]
+    wait_until(lambda: client.xlen(key) >= 10, timeout=15)
+    srv.stop()
+    try:
+        t_stop = time.monotonic()
+        echoed_at_stop = proc.read_stdout().count(b"\n")
+        time.sleep(1.5)
+        echoed_in_freeze = proc.read_stdout().count(b"\n") - echoed_at_stop
+    finally:
+        srv.cont()
+    frozen_s = time.monotonic() - t_stop
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    # 20 lines/s for ~1.5 s: ~30 lines; well over half must have been read and echoed
+    assert echoed_in_freeze >= 15, (echoed_in_freeze, frozen_s, cp.stderr)
+    assert cp.stdout == counter_bytes(1, n)
+    assert_exactly_once(client, key, n)

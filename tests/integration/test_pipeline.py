@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import threading
@@ -371,3 +372,18 @@ def test_tail_follow_goes_on_across_a_redis_restart(redis_server: RedisServer) -
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_the_sidecar_yields_to_the_agent_on_wake_up(redis_server: RedisServer) -> None:
+    """Every thread of the sidecar runs under SCHED_BATCH (waking up, it does not preempt the
+    agent or Redis); the agent keeps the normal policy, and so do its children."""
+    probe = ("import os, time\n"
+             "time.sleep(0.5)\n"
+             "parent = os.getppid()\n"
+             "policies = {os.sched_getscheduler(int(t)) for t in os.listdir(f'/proc/{parent}/task')}\n"
+             "print(os.sched_getscheduler(0), sorted(policies), len(policies))\n")
+    cp = _run(redis_server.url, "sched", [sys.executable, "-c", probe])
+    assert cp.returncode == 0, cp.stderr
+    mine, theirs = cp.stdout.decode().split(" ", 1)
+    assert int(mine) == os.SCHED_OTHER
+    assert theirs.split("]")[0] + "]" == f"[{os.SCHED_BATCH}]", cp.stdout

@@ -137,6 +137,41 @@ def test_wait_returns_when_item_arrives() -> None:
         t.join(2)
 
 
+def _waiter(ob: Outbox) -> tuple[threading.Thread, threading.Event]:
+    """A thread in ``ob.wait(5)``, as the sender thread waits for work; ``done`` once it returns."""
+    done = threading.Event()
+    started = threading.Event()
+
+    def run() -> None:
+        with ob.lock:
+            started.set()
+            ob.cond.wait(5.0)
+        done.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert started.wait(2)
+    return t, done
+
+
+def test_put_without_wake_and_ack_leave_the_sender_asleep() -> None:
+    """``put(wake=False)`` (the reader delivers the item itself) and ``ack`` (room, not work)
+    do not wake a thread waiting for work; a plain ``put`` and ``notify`` do."""
+    ob = Outbox(10_000, None, "block", gap_factory)
+    t, done = _waiter(ob)
+    ob.put(batch(1), wake=False)
+    assert ob.take(10, 1 << 20)[0].first == 1
+    ob.ack(1)
+    assert not done.wait(0.3), "woken without new work"
+    ob.notify()
+    assert done.wait(2)
+    t.join(2)
+    t, done = _waiter(ob)
+    ob.put(batch(6))
+    assert done.wait(2)
+    t.join(2)
+
+
 # -- block policy ------------------------------------------------------------------------
 
 

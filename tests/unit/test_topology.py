@@ -27,7 +27,7 @@ def test_a_cluster_slot_map_with_a_hole_is_read_again() -> None:
         def call(self, *args: Any) -> Any:
             return maps[0] if len(maps) == 1 else maps.pop(0)
 
-        def pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        def pipeline(self, cmds: list[tuple[Any, ...]], timeout: float | None = None) -> list[Any]:
             return [b"OK" for _ in cmds]
 
         def close(self) -> None:

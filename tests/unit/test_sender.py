@@ -1,0 +1,87 @@
+"""Sender.deliver_here: a lone line delivered by the calling thread, and when it must decline."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+from sidecar.config import build
+from sidecar.items import Item
+from sidecar.outbox import Outbox
+from sidecar.transport import DIRECT_TIMEOUT_S, Sender
+
+
+class FakeTarget:
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[tuple[int, float | None, int]] = []  # (commands, timeout, thread id)
+
+    def ready(self) -> bool:
+        return True
+
+    def execute(self, cmds: list[tuple[Any, ...]], _acks: int, timeout: float | None = None) -> list[int]:
+        self.calls.append((len(cmds), timeout, threading.get_ident()))
+        if self.fail:
+            raise ConnectionResetError("connection closed by Redis")
+        return [1] * len(cmds)
+
+    def close(self) -> None:
+        pass
+
+
+def sender_with(target: FakeTarget, **settings: Any) -> Sender:
+    s = dataclasses.replace(build({"run_id": "dh"}, {}, ("x",)), **settings)
+    outbox = Outbox(1 << 20, None, "block", lambda k, a, b: Item(k, "p", a, b, b""))
+    sender = Sender(s, outbox, None)
+    sender._target = target  # type: ignore[assignment]
+    return sender
+
+
+def lone_line(seq: int) -> Item:
+    return Item("run:dh:output:0", "p", seq, seq, b'{"type":"batch"}', 1, 6)
+
+
+def test_delivers_from_the_calling_thread_within_the_short_timeout() -> None:
+    target = FakeTarget()
+    sender = sender_with(target)
+    sender.outbox.put(lone_line(1), wake=False)
+    assert sender.deliver_here() is True
+    assert target.calls == [(1, DIRECT_TIMEOUT_S, threading.get_ident())]
+    assert sender.outbox.empty()
+    assert sender.stats.records_shipped == 1
+
+
+def test_declines_while_the_sender_thread_is_sending() -> None:
+    target = FakeTarget()
+    sender = sender_with(target)
+    sender.outbox.put(lone_line(1), wake=False)
+    with sender._turn:
+        assert sender.deliver_here() is False
+    assert target.calls == []
+    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1]  # still there for the sender thread
+
+
+def test_declines_when_replicas_must_acknowledge() -> None:
+    """--min-replicas-ack adds a WAIT of up to a second: never on the reader's time."""
+    target = FakeTarget()
+    sender = sender_with(target, min_replicas_ack=1)
+    sender.outbox.put(lone_line(1), wake=False)
+    assert sender.deliver_here() is False
+    assert target.calls == []
+    assert len(sender.outbox) == 1
+
+
+def test_a_failure_leaves_the_items_and_the_next_lines_to_the_sender_thread() -> None:
+    target = FakeTarget(fail=True)
+    sender = sender_with(target)
+    sender.outbox.put(lone_line(1), wake=False)
+    assert sender.deliver_here() is False
+    assert len(target.calls) == 1
+    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1]  # not acknowledged, not in flight
+    sender.outbox.release_inflight()
+    target.fail = False
+    sender.outbox.put(lone_line(2), wake=False)
+    assert sender.deliver_here() is False  # paused after the failure
+    assert len(target.calls) == 1
+    assert len(sender.outbox) == 2
