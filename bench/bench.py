@@ -549,6 +549,18 @@ class ProcSampler:
         used = sum(self.cpu_last[p] - self.cpu_first[p] for p in self.cpu_last)
         return 100.0 * used / (self.t_last - self.t_first)
 
+    @staticmethod
+    def combined(samplers: Sequence[ProcSampler]) -> tuple[float | None, float]:
+        """CPU in % of a core over the windows of several runs together, and their total seconds."""
+        used = 0.0
+        window = 0.0
+        for x in samplers:
+            if x.t_first is None or x.t_last is None or x.t_last - x.t_first < 0.2:
+                continue
+            used += sum(x.cpu_last[p] - x.cpu_first[p] for p in x.cpu_last)
+            window += x.t_last - x.t_first
+        return (100.0 * used / window if window else None), window
+
 
 class Bench:
     def __init__(self, url: str, sizes: Sizes, sidecar_args: list[str], log: Callable[[str], None]) -> None:
@@ -826,46 +838,48 @@ class Bench:
         self.add("naive_publish_lines_per_s", received / seconds, note=note)
 
     def latency(self) -> None:
+        """One run per consumer kind (pub/sub, then stream), each consumer alone: two consumer
+        processes woken by the same batch on two cores would wait for each other's CPU."""
         s = self.sizes
         n = int(s.latency_rate * s.latency_seconds)
         if self.sidecar_broken:
             raise Skipped(self.sidecar_broken)
         agent_text.warm(n)
-        run_id = self.run_id("latency")
-        out_key = self.keys(run_id)[0]
-        consumers: list[LatencyConsumer] = [
-            PubSubConsumer(self.url, out_key),
-            StreamConsumer(self.url, out_key),
-        ]
-        for c in consumers:
+        samplers: list[ProcSampler] = []
+        consumers: list[LatencyConsumer] = []
+        for kind in (PubSubConsumer, StreamConsumer):
+            run_id = self.run_id(f"latency-{kind.kind}")
+            c = kind(self.url, self.keys(run_id)[0])
+            consumers.append(c)
             c.start()
-        agent = [PY, WRITER, "--lines", str(n), "--rate", str(s.latency_rate)]
-        timeout = s.latency_seconds + s.run_timeout
-        try:
-            with tempfile.TemporaryFile() as err:
-                proc = subprocess.Popen(
-                    self.sidecar_cmd(run_id, agent),
-                    cwd=REPO,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                )
-                def steady() -> bool:
-                    first = consumers[1].first_at or consumers[0].first_at
-                    return first is not None and time.time() > first + 0.5
+            agent = [PY, WRITER, "--lines", str(n), "--rate", str(s.latency_rate)]
+            timeout = s.latency_seconds + s.run_timeout
+            try:
+                with tempfile.TemporaryFile() as err:
+                    proc = subprocess.Popen(
+                        self.sidecar_cmd(run_id, agent),
+                        cwd=REPO,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                    )
 
-                sampler = ProcSampler(proc.pid)
-                self.watch(proc, err, sampler, run_id, timeout, steady, 0.25)
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and any(c.lines < n and not c.error for c in consumers):
-                time.sleep(0.05)
-        finally:
-            for c in consumers:
+                    def steady(c: LatencyConsumer = c) -> bool:
+                        first = c.first_at
+                        return first is not None and time.time() > first + 0.5
+
+                    sampler = ProcSampler(proc.pid)
+                    samplers.append(sampler)
+                    self.watch(proc, err, sampler, run_id, timeout, steady, 0.25)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and c.lines < n and not c.error:
+                    time.sleep(0.05)
+            finally:
                 c.finish()
-            self.cleanup(run_id)
+                self.cleanup(run_id)
 
         for c in consumers:
-            note = f"{len(c.latencies_ms):,} lines timed, {c.lines:,} of {n:,} received"
+            note = f"{len(c.latencies_ms):,} lines timed, {c.lines:,} of {n:,} received (a run of its own)"
             if c.error:
                 note += f"; consumer error: {c.error}"
             if c.unparsed:
@@ -876,51 +890,51 @@ class Bench:
                 )
             for q in (50, 99):
                 self.add(f"latency_p{q}_ms.{c.kind}", percentile(c.latencies_ms, q), note=note)
-        window = (sampler.t_last or 0) - (sampler.t_first or 0)
-        note = f"at {s.latency_rate} lines/s over {window:.1f} s, writer excluded"
-        self.add("sidecar_cpu_pct", sampler.cpu_pct(), note=note)
+        cpu, window = ProcSampler.combined(samplers)
+        note = f"at {s.latency_rate} lines/s over {window:.1f} s of both latency runs, writer excluded"
+        self.add("sidecar_cpu_pct", cpu, note=note)
         note = "peak RSS of the sidecar and its helpers, writer excluded"
-        self.add("sidecar_rss_mb", sampler.peak_rss / MB, note=note)
+        self.add("sidecar_rss_mb", max(x.peak_rss for x in samplers) / MB, note=note)
 
     def latency_floor(self) -> None:
-        """The same consumers behind the smallest possible relay (naive.py --as-batch)."""
+        """The same consumers, each alone, behind the smallest possible relay (naive.py --as-batch)."""
         s = self.sizes
         n = int(s.latency_rate * min(s.latency_seconds, 5.0))
         agent_text.warm(n)
-        key = f"bench-floor:{os.getpid()}-{time.time_ns()}"
-        consumers: list[LatencyConsumer] = [PubSubConsumer(self.url, key), StreamConsumer(self.url, key)]
-        for c in consumers:
-            c.start()
-        cmd = [PY, NAIVE, "--lines", str(n), "--rate", str(s.latency_rate), "--as-batch"]
-        cmd += ["--redis-url", self.url, "--channel", key]
-        try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-            # CPU of the relay over the same window as sidecar_cpu_pct (writer excluded, from
-            # 0.5 s after the first line arrived): what reading and sending each line costs
-            # any process on this machine.
-            sampler = ProcSampler(proc.pid)
-            deadline = time.monotonic() + n / s.latency_rate + s.run_timeout
-            while proc.poll() is None:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    proc.wait()
-                    raise RuntimeError("the latency-floor relay timed out")
-                first = consumers[1].first_at or consumers[0].first_at
-                sampler.sample(first is not None and time.time() > first + 0.5)
-                time.sleep(0.25)
-            deadline = time.monotonic() + 3
-            while time.monotonic() < deadline and any(c.lines < n and not c.error for c in consumers):
-                time.sleep(0.05)
-        finally:
-            for c in consumers:
-                c.finish()
-            self.r.delete(key)
         floor: dict[str, dict[str, float | None]] = {}
-        for c in consumers:
+        samplers: list[ProcSampler] = []
+        for kind in (PubSubConsumer, StreamConsumer):
+            key = f"bench-floor:{os.getpid()}-{time.time_ns()}"
+            c = kind(self.url, key)
+            c.start()
+            cmd = [PY, NAIVE, "--lines", str(n), "--rate", str(s.latency_rate), "--as-batch"]
+            cmd += ["--redis-url", self.url, "--channel", key]
+            try:
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+                # CPU of the relay over the same window as sidecar_cpu_pct (writer excluded, from
+                # 0.5 s after the first line arrived): what reading and sending each line costs
+                # any process on this machine.
+                sampler = ProcSampler(proc.pid)
+                samplers.append(sampler)
+                deadline = time.monotonic() + n / s.latency_rate + s.run_timeout
+                while proc.poll() is None:
+                    if time.monotonic() > deadline:
+                        proc.kill()
+                        proc.wait()
+                        raise RuntimeError("the latency-floor relay timed out")
+                    first = c.first_at
+                    sampler.sample(first is not None and time.time() > first + 0.5)
+                    time.sleep(0.25)
+                deadline = time.monotonic() + 3
+                while time.monotonic() < deadline and c.lines < n and not c.error:
+                    time.sleep(0.05)
+            finally:
+                c.finish()
+                self.r.delete(key)
             p50, p99 = percentile(c.latencies_ms, 50), percentile(c.latencies_ms, 99)
             floor[c.kind] = {"p50": p50 and round(p50, 3), "p99": p99 and round(p99, 3), "lines": c.lines}
         self.context["latency_floor_ms"] = floor
-        cpu = sampler.cpu_pct()
+        cpu, _window = ProcSampler.combined(samplers)
         self.context["latency_floor_cpu_pct"] = cpu and round(cpu, 2)
 
     def startup(self) -> None:

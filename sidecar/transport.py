@@ -568,7 +568,14 @@ class Sender:
                 cmds.append((publish_cmd, it.key, it.payload))
             if s.use_pubsub and it.pubs is not None:
                 cmds.extend((publish_cmd, it.key, msg) for msg in it.pubs)
-        replies = target.execute(cmds, s.min_replicas_ack, timeout=timeout)
+        if not cluster:
+            # Redis writes the replies of one event-loop round last-queued-first: with this
+            # PING ahead, our own acknowledgement is queued before the messages to subscribers
+            # and the replies to blocked XREADs, so the consumers are woken first, and the
+            # sidecar (which only does bookkeeping with the reply) last.
+            replies = target.execute([("PING",), *cmds], s.min_replicas_ack, timeout=timeout)[1:]
+        else:
+            replies = target.execute(cmds, s.min_replicas_ack, timeout=timeout)
         if reveals_cluster(s, target, replies):
             # Appends are idempotent, so sending the whole list again through the slot map is safe.
             replies = self._to_cluster().execute(cmds, s.min_replicas_ack)

@@ -47,7 +47,7 @@ def test_delivers_from_the_calling_thread_within_the_short_timeout() -> None:
     sender = sender_with(target)
     sender.outbox.put(lone_line(1), wake=False)
     assert sender.deliver_here() is True
-    assert target.calls == [(1, DIRECT_TIMEOUT_S, threading.get_ident())]
+    assert target.calls == [(2, DIRECT_TIMEOUT_S, threading.get_ident())]  # PING and the append
     assert sender.outbox.empty()
     assert sender.stats.records_shipped == 1
 
@@ -85,3 +85,26 @@ def test_a_failure_leaves_the_items_and_the_next_lines_to_the_sender_thread() ->
     assert sender.deliver_here() is False  # paused after the failure
     assert len(target.calls) == 1
     assert len(sender.outbox) == 2
+
+
+def test_replies_are_matched_to_items_behind_the_leading_ping() -> None:
+    """A pipeline to one server starts with a PING (the sidecar's own reply is then queued
+    before the consumers' messages); its reply is not taken for an item's."""
+    from sidecar.resp import ReplyError
+
+    sent: list[list[tuple[Any, ...]]] = []
+
+    class Target(FakeTarget):
+        def execute(self, cmds: list[tuple[Any, ...]], _acks: int, timeout: float | None = None) -> list[Any]:
+            sent.append(cmds)
+            return [b"PONG", 1, ReplyError("SEQGAP the batch before this one was not written")]
+
+    sender = sender_with(Target())
+    try:
+        sender._send([lone_line(1), lone_line(2)])
+    except ReplyError as exc:
+        assert exc.code == "SEQGAP"
+    else:
+        raise AssertionError("the error reply of the second item was not raised")
+    assert sent[0][0] == ("PING",)
+    assert [c[0] for c in sent[0][1:]] == ["EVALSHA", "EVALSHA"]
