@@ -14,8 +14,40 @@ USAGE = "python -m sidecar [OPTIONS] -- CMD [ARG...]\n       python -m sidecar t
         "       python -m sidecar replay [--spool-dir DIR] [...]"
 
 
+def _help_width() -> int:
+    """What argparse's help formatter takes by default (shutil.get_terminal_size, less 2),
+    found without importing shutil (fnmatch, zlib, bz2, lzma: milliseconds of every start),
+    and once: argparse makes a formatter for every option it adds."""
+    try:
+        columns = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 0
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return (columns or 80) - 2
+
+
+class _Formatter(argparse.HelpFormatter):
+    width: int | None = None
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            if _Formatter.width is None:
+                _Formatter.width = _help_width()
+            width = _Formatter.width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line and exits 2."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def error(self, message: str) -> NoReturn:
         usage_error(message)

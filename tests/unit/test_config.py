@@ -602,3 +602,23 @@ def test_default_spool_dir_is_under_the_directory_tempfile_would_pick(
     expected = os.path.join(tempfile.gettempdir(), "agent-sidecar-spool")
     assert config._default_spool_dir() == expected
     assert expected.startswith(str(tmp_path / "writable")) == (tmpdir_value == "writable")
+
+
+def test_what_runs_before_the_agent_starts_imports_no_heavy_modules() -> None:
+    """Parsing the flags and building the settings (all that comes before the agent is
+    spawned) leaves out modules that cost milliseconds of every start and are not needed
+    there: shutil (argparse's help width), hashlib and hmac (OpenSSL), json, tempfile,
+    socket, ssl, asyncio."""
+    import subprocess
+    import sys
+
+    probe = ("import os, sys\n"
+             "from sidecar import cli, config\n"
+             "ns = cli.run_parser().parse_args(['--run-id', 'x', '--redis-url', 'redis://h:1/0'])\n"
+             "config.build(vars(ns), dict(os.environ), ('true',))\n"
+             "from agent_wrapper import signals\n"
+             "from agent_wrapper.process import spawn\n"
+             "heavy = ('shutil', 'hashlib', 'hmac', 'json', 'tempfile', 'socket', 'ssl', 'asyncio')\n"
+             "print(' '.join(m for m in heavy if m in sys.modules))\n")
+    cp = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60, check=True)
+    assert cp.stdout.decode().split() == [], cp.stdout
