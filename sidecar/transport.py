@@ -430,15 +430,23 @@ class Sender:
             try:
                 self._send(items, DIRECT_TIMEOUT_S)
             except Exception as exc:
-                self.outbox.release_inflight()
-                self._direct_after = time.monotonic() + DIRECT_PAUSE_S
+                self._direct_failed()
                 log.debug("direct delivery failed; the sender thread takes over", error=repr(exc))
                 return False
             self._delivered(items)
             self.outbox.ack(len(items))
             return True
+        except Exception as exc:  # a bug must not stop the pipe reader: the sender thread takes over
+            self._direct_failed()
+            log.error("unexpected error in a direct delivery; the sender thread takes over", error=repr(exc))
+            return False
         finally:
             self._turn.release()
+
+    def _direct_failed(self) -> None:
+        """What deliver_here took goes back to the outbox; the sender thread delivers for a while."""
+        self.outbox.release_inflight()
+        self._direct_after = time.monotonic() + DIRECT_PAUSE_S
 
     def _deliver(self, items: list[Item]) -> bool:
         """Send until it lands. False only when abandoned."""

@@ -108,3 +108,19 @@ def test_replies_are_matched_to_items_behind_the_leading_ping() -> None:
         raise AssertionError("the error reply of the second item was not raised")
     assert sent[0][0] == ("PING",)
     assert [c[0] for c in sent[0][1:]] == ["EVALSHA", "EVALSHA"]
+
+
+def test_an_unexpected_error_after_sending_leaves_the_items_to_the_sender_thread() -> None:
+    """A bug in the bookkeeping of a direct delivery neither escapes into the pipe reader nor
+    strands the items in flight: they are handed out again."""
+    target = FakeTarget()
+    sender = sender_with(target)
+
+    def broken(_items: list[Item]) -> None:
+        raise RuntimeError("bug")
+
+    sender._delivered = broken  # type: ignore[method-assign]
+    sender.outbox.put(lone_line(1), wake=False)
+    assert sender.deliver_here() is False
+    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1]
+    assert not sender._turn.locked()
