@@ -384,6 +384,12 @@ class LatencyConsumer:
         if not self._ready.wait(10):
             self.error = "consumer not ready within 10 s"
 
+    def wait_lines(self, n: int, seconds: float) -> None:
+        """Until ``n`` lines arrived, the consumer failed, or ``seconds`` passed."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self.lines < n and not self.error:
+            time.sleep(0.05)
+
     def _main(self) -> None:
         out: list[float] = []
         unparsed = [0]
@@ -543,12 +549,6 @@ class ProcSampler:
                 self.cpu_first.setdefault(pid, c)
                 self.cpu_last[pid] = c
 
-    def cpu_pct(self) -> float | None:
-        if self.t_first is None or self.t_last is None or self.t_last - self.t_first < 0.2:
-            return None
-        used = sum(self.cpu_last[p] - self.cpu_first[p] for p in self.cpu_last)
-        return 100.0 * used / (self.t_last - self.t_first)
-
     @staticmethod
     def combined(samplers: Sequence[ProcSampler]) -> tuple[float | None, float]:
         """CPU in % of a core over the windows of several runs together, and their total seconds."""
@@ -643,6 +643,12 @@ class Bench:
         if self.sidecar_broken:
             self.fail(self.sidecar_broken)
 
+    def sidecar_io(self, err: Any) -> dict[str, Any]:
+        """How every sidecar run is started: from the repository, without stdin, its stdout
+        dropped, its stderr into ``err``, with ``extra_env``."""
+        return {"cwd": REPO, "stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": err,
+                "env": {**os.environ, **self.extra_env} if self.extra_env else None}
+
     def run_sidecar(self, run_id: str, agent: list[str], timeout: float) -> float:
         """Runs the sidecar to completion; returns wall seconds. Raises SidecarFailure."""
         if self.sidecar_broken:
@@ -650,15 +656,7 @@ class Bench:
         with tempfile.TemporaryFile() as err:
             t0 = time.perf_counter()
             try:
-                rc = subprocess.run(
-                    self.sidecar_cmd(run_id, agent),
-                    cwd=REPO,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                    timeout=timeout,
-                    env={**os.environ, **self.extra_env} if self.extra_env else None,
-                ).returncode
+                rc = subprocess.run(self.sidecar_cmd(run_id, agent), timeout=timeout, **self.sidecar_io(err)).returncode
             except subprocess.TimeoutExpired:
                 self.sidecar_broken = f"sidecar timed out after {timeout:.0f} s (run {run_id})"
                 raise SidecarFailure(self.sidecar_broken) from None
@@ -856,13 +854,7 @@ class Bench:
             timeout = s.latency_seconds + s.run_timeout
             try:
                 with tempfile.TemporaryFile() as err:
-                    proc = subprocess.Popen(
-                        self.sidecar_cmd(run_id, agent),
-                        cwd=REPO,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.DEVNULL,
-                        stderr=err,
-                    )
+                    proc = subprocess.Popen(self.sidecar_cmd(run_id, agent), **self.sidecar_io(err))
 
                     def steady(c: LatencyConsumer = c) -> bool:
                         first = c.first_at
@@ -871,9 +863,7 @@ class Bench:
                     sampler = ProcSampler(proc.pid)
                     samplers.append(sampler)
                     self.watch(proc, err, sampler, run_id, timeout, steady, 0.25)
-                deadline = time.monotonic() + 5
-                while time.monotonic() < deadline and c.lines < n and not c.error:
-                    time.sleep(0.05)
+                c.wait_lines(n, 5.0)
             finally:
                 c.finish()
                 self.cleanup(run_id)
@@ -925,9 +915,7 @@ class Bench:
                     first = c.first_at
                     sampler.sample(first is not None and time.time() > first + 0.5)
                     time.sleep(0.25)
-                deadline = time.monotonic() + 3
-                while time.monotonic() < deadline and c.lines < n and not c.error:
-                    time.sleep(0.05)
+                c.wait_lines(n, 3.0)
             finally:
                 c.finish()
                 self.r.delete(key)
@@ -994,7 +982,7 @@ class Bench:
                    "--spool-dir", spool, "--spool-max-bytes", str(4 * written), "--drain-timeout", "1",
                    *self.sidecar_args, "--", *agent]
             t0 = time.monotonic()
-            proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(cmd, **self.sidecar_io(err))
             sampler = ProcSampler(proc.pid)
             self.watch(proc, err, sampler, run_id, timeout, lambda: False, 0.1)
             seconds = time.monotonic() - t0
