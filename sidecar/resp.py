@@ -142,7 +142,7 @@ class Connection:
                     sock.close()
                     raise
         sock.settimeout(self.socket_timeout)
-        self._timeout: float | None = self.socket_timeout
+        self._timeout = self.socket_timeout
         self._sock = sock
         if self._interrupted:  # interrupt() came before there was a socket to shut down
             self.close()

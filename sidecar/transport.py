@@ -429,7 +429,7 @@ class Sender:
                 return True
             try:
                 self._send(items, DIRECT_TIMEOUT_S)
-            except Exception as exc:
+            except RETRYABLE as exc:  # what the sender thread waits out, retrying
                 self._direct_failed()
                 log.debug("direct delivery failed; the sender thread takes over", error=repr(exc))
                 return False
