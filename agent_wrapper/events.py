@@ -2,49 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .values import Frozen, Value
 
-from .lines import Segment
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .lines import Segment
 
 STDOUT = "stdout"
 STDERR = "stderr"
 
 
-@dataclass(slots=True, frozen=True)
-class Started:
+class Started(Frozen):
+    __slots__ = ("pid", "ts")
     pid: int
     ts: float
 
 
-@dataclass(slots=True)
-class Output:
+class Output(Value):
     """Records of one stream read in one go: ``ts`` is the capture time of the read.
 
     ``segments`` are runs of records as LineSplitter returns them (see lines.Segment).
     """
 
-    stream: str
-    ts: float
-    segments: list[Segment]
-    records: int
-    nbytes: int
+    __slots__ = ("stream", "ts", "segments", "records", "nbytes")
+
+    def __init__(self, stream: str, ts: float, segments: list[Segment], records: int, nbytes: int) -> None:
+        self.stream = stream
+        self.ts = ts
+        self.segments = segments
+        self.records = records
+        self.nbytes = nbytes
 
 
-@dataclass(slots=True, frozen=True)
-class StreamClosed:
+class StreamClosed(Frozen):
+    __slots__ = ("stream", "forced")
     stream: str
     forced: bool  # reading stopped after --pipe-grace although the pipe was still open
 
 
-@dataclass(slots=True, frozen=True)
-class Exited:
+class Exited(Frozen):
+    __slots__ = ("pid", "code", "signal", "ts")
     pid: int
     code: int
     signal: int | None
     ts: float
 
 
-@dataclass(slots=True, frozen=True)
-class SpawnFailed:
+class SpawnFailed(Frozen):
+    __slots__ = ("code", "reason")
     code: int  # 126 or 127
     reason: str

@@ -8,10 +8,10 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from .events import SpawnFailed, Started
 from .exitcodes import NOT_EXECUTABLE, NOT_FOUND
+from .values import Value
 
 # Signals Python sets to SIG_IGN or handles itself; the agent must start with the defaults.
 _RESET_SIGNALS = tuple(
@@ -25,12 +25,14 @@ _RESET_SIGNALS = tuple(
 PIPE_BUFFER_BYTES = 1 << 20
 
 
-@dataclass(slots=True)
-class Agent:
-    pid: int
-    stdout_fd: int
-    stderr_fd: int
-    started: Started
+class Agent(Value):
+    __slots__ = ("pid", "stdout_fd", "stderr_fd", "started")
+
+    def __init__(self, pid: int, stdout_fd: int, stderr_fd: int, started: Started) -> None:
+        self.pid = pid
+        self.stdout_fd = stdout_fd
+        self.stderr_fd = stderr_fd
+        self.started = started
 
     def signal_group(self, sig: int) -> bool:
         """Send ``sig`` to the agent's process group. False when the group is gone."""

@@ -9,7 +9,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
 
 from agent_wrapper import signals
 from agent_wrapper.events import STDERR, STDOUT, Exited, Output, SpawnFailed, StreamClosed
@@ -24,6 +23,10 @@ from .items import Item
 from .outbox import Outbox
 from .spool import Spool, SpoolError
 from .transport import Sender, TargetPipe, subscriber_connection
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class Runtime:

@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 
@@ -29,6 +28,10 @@ from agent_wrapper.events import Output
 from . import log, protocol
 from .items import Item
 from .outbox import Outbox
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Batches the encoder may hand to the compressor before it waits for one to be queued.
 COMPRESS_AHEAD = 2

@@ -6,9 +6,12 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
 
 from .config import OPTIONS, Option, UsageError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
 USAGE = "python -m sidecar [OPTIONS] -- CMD [ARG...]\n       python -m sidecar tail RUN_ID [...]\n" \
         "       python -m sidecar replay [--spool-dir DIR] [...]"

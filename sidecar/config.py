@@ -1,13 +1,17 @@
-"""Settings: one frozen dataclass, built from flags with the environment as fallback."""
+"""Settings: one read-only value, built from flags with the environment as fallback."""
 
 from __future__ import annotations
 
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+from agent_wrapper.values import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_OUTPUT = "run:{run_id}:output:{variation_id}"
 DEFAULT_LOGS = "run:{run_id}:logs:{variation_id}"
@@ -19,15 +23,16 @@ class UsageError(ValueError):
     """A bad flag, value or URL: reported in one line, exit 2, agent not started."""
 
 
-@dataclass(frozen=True, slots=True)
-class Option:
+class Option(Frozen):
+    __slots__ = ("dest", "flag", "env", "default", "help", "kind", "choices")
+    _defaults = {"kind": "str", "choices": ()}
     dest: str
     flag: str
     env: str | None
     default: Any
     help: str
-    kind: str = "str"  # str, int, float, bool, choice, bytes
-    choices: tuple[str, ...] = ()
+    kind: str  # str, int, float, bool, choice, bytes (default: str)
+    choices: tuple[str, ...]
 
 
 def _temp_dir() -> str:
@@ -131,8 +136,9 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
+class Settings(Frozen):
+    _defaults = {"control_secret": None, "redact_patterns": (), "command": ()}
+    _hidden = ("redis_password", "control_secret")
     redis_url: str
     redis_password: str | None
     run_id: str
@@ -175,9 +181,10 @@ class Settings:
     cluster_hash_tag: bool
     min_replicas_ack: int
     redact: bool
-    control_secret: bytes | None = field(default=None, repr=False)
-    redact_patterns: tuple[str, ...] = ()
-    command: tuple[str, ...] = ()
+    control_secret: bytes | None
+    redact_patterns: tuple[str, ...]
+    command: tuple[str, ...]
+    __slots__ = tuple(__annotations__)
 
     @property
     def run_key(self) -> str:
@@ -331,11 +338,11 @@ def validate_url(url: str) -> None:
 
 
 def validate_template(name: str, template: str) -> None:
-    import string
+    from _string import formatter_parser  # what string.Formatter().parse uses, without importing string
 
     problem = ""
     try:
-        for _text, field_name, spec, conversion in string.Formatter().parse(template):
+        for _text, field_name, spec, conversion in formatter_parser(template):
             if field_name is None:
                 continue
             if field_name not in TEMPLATE_FIELDS:
@@ -379,9 +386,7 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     run_id = merged["run_id"]
     generated = False
     if not run_id:
-        import uuid
-
-        run_id = uuid.uuid4().hex[:16]
+        run_id = os.urandom(8).hex()  # 16 hex digits (the uuid module would import platform)
         generated = True
     merged["run_id"] = str(run_id)
     merged["run_id_generated"] = generated

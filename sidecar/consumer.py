@@ -10,21 +10,25 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 import redis
+
+from agent_wrapper.values import Frozen
 
 from . import protocol
 from .config import DEFAULT_LOGS, DEFAULT_OUTPUT, DEFAULT_STATUS
 from .protocol import ProtocolError, Record
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
-@dataclass(slots=True, frozen=True)
-class Gap:
+
+class Gap(Frozen):
     """Records ``first``..``last`` of ``producer`` on ``channel`` will never arrive."""
 
+    __slots__ = ("channel", "stream", "producer", "first", "last", "reason")
     channel: str
     stream: str
     producer: str
@@ -33,8 +37,8 @@ class Gap:
     reason: str  # "dropped" (the sidecar dropped them under --when-full drop) or "missing"
 
 
-@dataclass(slots=True, frozen=True)
-class Status:
+class Status(Frozen):
+    __slots__ = ("channel", "status", "seq", "producer", "msg")
     channel: str
     status: str
     seq: int
@@ -45,11 +49,11 @@ class Status:
 Event = Record | Gap | Status
 
 
-@dataclass
 class Deduper:
     """Tracks the last sequence number per (channel, producer)."""
 
-    last: dict[tuple[str, str], int] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.last: dict[tuple[str, str], int] = {}
 
     def feed(self, msg: dict[str, Any]) -> Iterator[Event]:
         kind = msg.get("type")

@@ -28,15 +28,19 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
 
 import orjson
+
+from agent_wrapper.values import Frozen
 
 from . import log
 from .config import Settings
 from .resp import Connection, ReplyError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 MAX_SKEW_S = 60.0
@@ -54,15 +58,15 @@ HEALTH_CHECK_S = 15.0
 _STOP_JOIN_S = 2.0
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(Frozen):
+    __slots__ = ("cmd", "signal", "raw")
     cmd: str  # cancel, signal, pause, resume
     signal: int | None  # the signal number for cmd "signal", else None
     raw: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class Rejection:
+class Rejection(Frozen):
+    __slots__ = ("reason", "raw")
     reason: str
     raw: dict[str, Any] | None  # the object, when the payload was one
 

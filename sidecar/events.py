@@ -20,23 +20,26 @@ Recognised without any convention (each report counted once, from the line that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from agent_wrapper.values import Frozen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 RESERVED_KEY = "sidecar_event"
 TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
-@dataclass(frozen=True, slots=True)
-class TokenReport:
+class TokenReport(Frozen):
+    __slots__ = ("source", "counts", "cost_usd", "model")
     source: str  # sidecar_event | claude_result | openai_usage
     counts: dict[str, int]  # input_tokens, output_tokens, and cache fields when known
     cost_usd: float | None
     model: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class AgentStatus:
+class AgentStatus(Frozen):
+    __slots__ = ("state", "metadata")
     state: str
     metadata: dict[str, Any]
 

@@ -21,13 +21,16 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 
 from . import log, protocol
 from .config import Settings
 from .resp import Connection, ReplyError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 HEARTBEAT = "heartbeat"
 # How long stop() waits for a beat in flight before cutting its socket, then in total.

@@ -10,14 +10,18 @@ import base64
 import binascii
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import orjson
 import zstandard
 
+from agent_wrapper.values import Frozen, Value
+
 from ._native import speedups as _speedups
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 VERSION = 1
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -92,8 +96,7 @@ def decode(payload: bytes) -> dict[str, Any]:
     return obj
 
 
-@dataclass(slots=True)
-class Lines:
+class Lines(Value):
     """Records of one stream collected for a batch, before encoding.
 
     ``segments`` are runs of records as the splitter produced them (data, count, partial);
@@ -101,10 +104,14 @@ class Lines:
     starting at or before i. ``n`` counts records, ``nbytes`` the agent's bytes.
     """
 
-    segments: list[tuple[bytes, int, bool]] = field(default_factory=list)
-    ts: list[tuple[int, float]] = field(default_factory=list)
-    n: int = 0
-    nbytes: int = 0
+    __slots__ = ("segments", "ts", "n", "nbytes")
+
+    def __init__(self, segments: list[tuple[bytes, int, bool]] | None = None,
+                 ts: list[tuple[int, float]] | None = None, n: int = 0, nbytes: int = 0) -> None:
+        self.segments = [] if segments is None else segments
+        self.ts = [] if ts is None else ts
+        self.n = n
+        self.nbytes = nbytes
 
 
 def split_lines(batch: Lines, limit: int) -> list[Lines]:
@@ -145,13 +152,15 @@ def split_lines(batch: Lines, limit: int) -> list[Lines]:
     return parts
 
 
-@dataclass(slots=True)
-class Texts:
+class Texts(Value):
     """A batch turned into JSON-ready strings."""
 
-    lines: list[str]
-    partial: list[int]
-    b64: list[int]
+    __slots__ = ("lines", "partial", "b64")
+
+    def __init__(self, lines: list[str], partial: list[int], b64: list[int]) -> None:
+        self.lines = lines
+        self.partial = partial
+        self.b64 = b64
 
 
 def texts_of(batch: Lines) -> Texts:
@@ -347,10 +356,10 @@ def encode_object(obj: dict[str, Any]) -> bytes:
     return orjson.dumps(obj)
 
 
-@dataclass(slots=True, frozen=True)
-class Record:
+class Record(Frozen):
     """One decoded output record."""
 
+    __slots__ = ("channel", "stream", "seq", "ts", "data", "partial", "json", "producer", "agent_id", "variation_id")
     channel: str
     stream: str
     seq: int

@@ -9,16 +9,18 @@ pipelines of EVALSHA/PUBLISH. The read side (`tail`, the consumer module) uses r
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 
+from agent_wrapper.values import Frozen
+
 _pack_command = hiredis.pack_command
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ssl
+    from typing import Any
 
 
 class ReplyError(Exception):
@@ -33,15 +35,18 @@ class ProtocolViolation(OSError):
     pass
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    host: str = "localhost"
-    port: int = 6379
-    unix_path: str | None = None
-    db: int = 0
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
+class Endpoint(Frozen):
+    __slots__ = ("host", "port", "unix_path", "db", "username", "password", "tls")
+    _defaults = {"host": "localhost", "port": 6379, "unix_path": None, "db": 0, "username": None, "password": None,
+                 "tls": False}
+    _hidden = ("password",)
+    host: str
+    port: int
+    unix_path: str | None
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
 
     def describe(self) -> str:
         where = self.unix_path or f"{self.host}:{self.port}"

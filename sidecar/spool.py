@@ -17,7 +17,6 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import orjson
 
@@ -36,36 +35,45 @@ class SpoolError(OSError):
     pass
 
 
-@dataclass(eq=False)
 class Segment:
-    path: str
-    live: int = 0
-    size: int = 0
-    sealed: bool = False
-    owner: ProducerDir | None = None
+    __slots__ = ("path", "live", "size", "sealed", "owner")
+
+    def __init__(self, path: str, live: int = 0, size: int = 0, sealed: bool = False,
+                 owner: ProducerDir | None = None) -> None:
+        self.path = path
+        self.live = live
+        self.size = size
+        self.sealed = sealed
+        self.owner = owner
 
 
-@dataclass(slots=True, eq=False)
 class DiskRef:
     """Where an item lies on disk, with the figures needed for accounting."""
 
-    segment: Segment
-    offset: int
-    length: int
-    key: str
-    first: int
-    last: int
-    records: int
-    raw_bytes: int
-    kind: str
+    __slots__ = ("segment", "offset", "length", "key", "first", "last", "records", "raw_bytes", "kind")
+
+    def __init__(self, segment: Segment, offset: int, length: int, key: str, first: int, last: int, records: int,
+                 raw_bytes: int, kind: str) -> None:
+        self.segment = segment
+        self.offset = offset
+        self.length = length
+        self.key = key
+        self.first = first
+        self.last = last
+        self.records = records
+        self.raw_bytes = raw_bytes
+        self.kind = kind
 
 
-@dataclass(eq=False)
 class ProducerDir:
-    path: str
-    lock_fd: int
-    segments: list[Segment] = field(default_factory=list)
-    foreign: bool = False
+    __slots__ = ("path", "lock_fd", "segments", "foreign")
+
+    def __init__(self, path: str, lock_fd: int, segments: list[Segment] | None = None,
+                 foreign: bool = False) -> None:
+        self.path = path
+        self.lock_fd = lock_fd
+        self.segments: list[Segment] = [] if segments is None else segments
+        self.foreign = foreign
 
 
 def encode_frame(item: Item) -> bytes:

@@ -7,7 +7,6 @@ import base64
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, BinaryIO
 
 import orjson
 
@@ -16,6 +15,10 @@ from .cli import _Parser, add_options
 from .config import CONNECTION_OPTIONS, OPTIONS, UsageError, build_connection, mask_url
 from .consumer import Event, Gap, RunReader, Status, channel_names
 from .protocol import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
 
 _CONN_OPTS = {*CONNECTION_OPTIONS, "output_channel", "logs_channel", "status_channel"}
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+
+from agent_wrapper.values import Frozen
 
 from .resp import Connection, Endpoint, ReplyError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 ConnFactory = Callable[[Endpoint], Connection]
 
@@ -153,8 +157,9 @@ def check_wait(reply: Any, wanted: int) -> None:
         raise ReplyError(f"NOREPLICAS only {int(reply)} of {wanted} replicas acknowledged the batch in time")
 
 
-@dataclass(frozen=True)
-class SentinelSpec:
+class SentinelSpec(Frozen):
+    __slots__ = ("sentinels", "master_name", "db", "username", "password")
+    _hidden = ("password",)
     sentinels: tuple[tuple[str, int], ...]
     master_name: str
     db: int
@@ -252,7 +257,7 @@ class ClusterTarget(Target):
     def _node(self, addr: tuple[str, int]) -> Connection:
         conn = self.nodes.get(addr)
         if conn is None:
-            conn = self._open(replace(self.endpoint, host=addr[0], port=addr[1], db=0),
+            conn = self._open(self.endpoint.replace(host=addr[0], port=addr[1], db=0),
                               use=lambda c: self.nodes.__setitem__(addr, c))
         return conn
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
@@ -25,6 +23,10 @@ from .items import Item
 from .outbox import Outbox
 from .resp import Connection, Endpoint, ReplyError, parse_url
 from .topology import ClusterTarget, SentinelTarget, Target, has_hash_tag, parse_sentinel_url
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # ARGV: producer, first, last, payload, maxlen, publish (0/1/2), ttl, prev. ``prev`` is the last
 # sequence number of the item before this one for the same key in the same pipeline (0: none):
@@ -307,14 +309,16 @@ def describe_error(exc: BaseException, url: str) -> str:
     return f"{type(exc).__name__}: {text} ({mask_url(url)})"
 
 
-@dataclass
 class Stats:
-    records_shipped: int = 0
-    bytes_shipped: int = 0
-    items_shipped: int = 0
-    last_ok: float = 0.0
-    connected: bool = False
-    down_since: float | None = None
+    __slots__ = ("records_shipped", "bytes_shipped", "items_shipped", "last_ok", "connected", "down_since")
+
+    def __init__(self) -> None:
+        self.records_shipped = 0
+        self.bytes_shipped = 0
+        self.items_shipped = 0
+        self.last_ok = 0.0
+        self.connected = False
+        self.down_since: float | None = None
 
 
 def _backoff(cap_s: float) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import subprocess
 import threading
@@ -29,7 +28,7 @@ STATS = {"records_shipped": 5, "bytes_shipped": 50, "records_waiting": 1, "spool
 def make_settings(url: str, **overrides: Any) -> config.Settings:
     values = {"redis_url": url, "run_id": "r1", "agent_id": "a1", "heartbeat_interval_s": str(INTERVAL)}
     s = config.build(values, {}, ("true",))
-    return dataclasses.replace(s, **overrides) if overrides else s
+    return s.replace(**overrides) if overrides else s
 
 
 def connector(s: config.Settings) -> Callable[[], Any]:

@@ -608,17 +608,19 @@ def test_what_runs_before_the_agent_starts_imports_no_heavy_modules() -> None:
     """Parsing the flags and building the settings (all that comes before the agent is
     spawned) leaves out modules that cost milliseconds of every start and are not needed
     there: shutil (argparse's help width), hashlib and hmac (OpenSSL), json, tempfile,
-    socket, ssl, asyncio."""
+    socket, ssl, asyncio, dataclasses and inspect, typing, uuid and platform (a generated
+    run id), string."""
     import subprocess
     import sys
 
     probe = ("import os, sys\n"
              "from sidecar import cli, config\n"
-             "ns = cli.run_parser().parse_args(['--run-id', 'x', '--redis-url', 'redis://h:1/0'])\n"
+             "ns = cli.run_parser().parse_args(['--redis-url', 'redis://h:1/0'])\n"
              "config.build(vars(ns), dict(os.environ), ('true',))\n"
              "from agent_wrapper import signals\n"
              "from agent_wrapper.process import spawn\n"
-             "heavy = ('shutil', 'hashlib', 'hmac', 'json', 'tempfile', 'socket', 'ssl', 'asyncio')\n"
+             "heavy = ('shutil', 'hashlib', 'hmac', 'json', 'tempfile', 'socket', 'ssl', 'asyncio', 'dataclasses',\n"
+             "         'inspect', 'typing', 'uuid', 'platform', 'string')\n"
              "print(' '.join(m for m in heavy if m in sys.modules))\n")
     cp = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60, check=True)
     assert cp.stdout.decode().split() == [], cp.stdout

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import json
@@ -30,7 +29,7 @@ def settings() -> config.Settings:
 
 @pytest.fixture
 def secure(settings: config.Settings) -> config.Settings:
-    return dataclasses.replace(settings, control_secret=SECRET)
+    return settings.replace(control_secret=SECRET)
 
 
 def run(payload: bytes | dict[str, Any], s: config.Settings, *, now: float = NOW,
@@ -113,7 +112,7 @@ def test_addressed_to_another_agent_is_ignored(settings: config.Settings, target
 
 
 def test_ids_are_compared_as_strings(settings: config.Settings) -> None:
-    numeric = dataclasses.replace(settings, variation_id="3", agent_id="7")
+    numeric = settings.replace(variation_id="3", agent_id="7")
     assert isinstance(run({"cmd": "pause", "variation_id": 3, "agent_id": 7}, numeric), Command)
     assert run({"cmd": "pause", "variation_id": 4}, numeric) is None
 
@@ -352,7 +351,7 @@ def test_authentication_comes_after_targeting(secure: config.Settings) -> None:
 
 def test_channel_name(settings: config.Settings) -> None:
     assert control.control_channel(settings) == "run:r1:control"
-    tagged = dataclasses.replace(settings, cluster_hash_tag=True)
+    tagged = settings.replace(cluster_hash_tag=True)
     assert control.control_channel(tagged) == "run:{r1}:control"
 
 
@@ -395,7 +394,7 @@ def test_heartbeat_stats_do_not_override_identity(settings: config.Settings) -> 
 
 
 def test_heartbeat_commands(settings: config.Settings) -> None:
-    s = dataclasses.replace(settings, heartbeat_interval_s=5.0, retention_s=3600.0)
+    s = settings.replace(heartbeat_interval_s=5.0, retention_s=3600.0)
     msg = heartbeat.build(s, pid=1, tree_metrics={}, stats={}, started_at=NOW, now=NOW)
     payload = orjson.dumps(msg)
     assert heartbeat.commands(s, msg, payload) == [
@@ -404,7 +403,7 @@ def test_heartbeat_commands(settings: config.Settings) -> None:
         ("HSET", "run:r1:variation:v1", "last_heartbeat", msg["timestamp"], "agent_id", "a1"),
         ("EXPIRE", "run:r1:variation:v1", 3600),
     ]
-    no_retention = dataclasses.replace(s, retention_s=0.0)
+    no_retention = s.replace(retention_s=0.0)
     assert [c[0] for c in heartbeat.commands(no_retention, msg, payload)] == ["PUBLISH", "SET", "HSET"]
 
 

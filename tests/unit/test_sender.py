@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Any
 
@@ -31,7 +30,7 @@ class FakeTarget:
 
 
 def sender_with(target: FakeTarget, **settings: Any) -> Sender:
-    s = dataclasses.replace(build({"run_id": "dh"}, {}, ("x",)), **settings)
+    s = build({"run_id": "dh"}, {}, ("x",)).replace(**settings)
     outbox = Outbox(1 << 20, None, "block", lambda k, a, b: Item(k, "p", a, b, b""))
     sender = Sender(s, outbox, None)
     sender._target = target  # type: ignore[assignment]
