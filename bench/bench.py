@@ -97,6 +97,8 @@ SPEC: dict[str, tuple[str, str, float | None]] = {
     "latency_p99_ms": ("ms", "<=", 5.0),
     "startup_ms": ("ms", "<=", 250),
     "wrap_overhead_ratio": ("x", "<=", 1.3),
+    "wrap_pipe_floor_ratio": ("x", "", None),
+    "wrap_buffered_ratio": ("x", "", None),
     "redis_lines_per_mb": ("lines/MB", ">=", 10_000),
     "sidecar_cpu_pct": ("% of a core", "<=", 2.0),
     "sidecar_rss_mb": ("MB", "<=", 60),
@@ -332,6 +334,27 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def timed_run(cmd: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of ``cmd`` with its stdout to /dev/null."""
+    t0 = time.perf_counter()
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env, check=True)
+    return time.perf_counter() - t0
+
+
+def timed_piped_run(cmd: list[str], env: dict[str, str]) -> float:
+    """Wall seconds of ``cmd`` with its stdout a pipe that is read to the end as it arrives."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    while os.read(fd, 1 << 16):
+        pass
+    proc.stdout.close()
+    if proc.wait() != 0:
+        raise RuntimeError(f"{cmd[:3]} exited {proc.returncode}")
+    return time.perf_counter() - t0
 
 
 def subscribe_confirmed(client: redis.Redis, channel: str) -> Any:
@@ -575,7 +598,7 @@ class Bench:
         self.sidecar_broken = ""
         self._runs = 0
         self.extra_args: list[str] = []  # for one measurement (redaction off, replica acks)
-        self.extra_env: dict[str, str] = {}  # for one measurement (native module off)
+        self.extra_env: dict[str, str | None] = {}  # for one measurement (None: unset)
         self.replica_url: str | None = None
 
     # -- helpers
@@ -645,9 +668,11 @@ class Bench:
 
     def sidecar_io(self, err: Any) -> dict[str, Any]:
         """How every sidecar run is started: from the repository, without stdin, its stdout
-        dropped, its stderr into ``err``, with ``extra_env``."""
-        return {"cwd": REPO, "stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": err,
-                "env": {**os.environ, **self.extra_env} if self.extra_env else None}
+        dropped, its stderr into ``err``, with ``extra_env`` (a variable set to None: unset)."""
+        env = None
+        if self.extra_env:
+            env = {k: v for k, v in {**os.environ, **self.extra_env}.items() if v is not None}
+        return {"cwd": REPO, "stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": err, "env": env}
 
     def run_sidecar(self, run_id: str, agent: list[str], timeout: float) -> float:
         """Runs the sidecar to completion; returns wall seconds. Raises SidecarFailure."""
@@ -943,26 +968,44 @@ class Bench:
         self.add("startup_ms", v, baseline=b, label="python -c pass", note=note)
 
     def wrap_overhead(self) -> None:
-        bare: list[float] = []
-        wrapped: list[float] = []
-        counts: list[int] = []
+        """A short agent printing 10,000 lines, bare (stdout to /dev/null) and through the
+        sidecar. Unbuffered, as the sidecar's image runs Python agents (PYTHONUNBUFFERED=1):
+        one write() per print argument and separator, 40,000 in all. Beside it, as context,
+        the same agent with its stdout a pipe that this process reads to the end (what any
+        capture of its output costs, before a sidecar does anything), and both runs again
+        with stdout block-buffered (a dozen writes)."""
+        unbuffered = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
         prog = [PY, "-c", PRINT_PROG]
+        bare: list[float] = []
+        piped: list[float] = []
+        wrapped: list[float] = []
+        bare_buf: list[float] = []
+        wrapped_buf: list[float] = []
+        counts: list[int] = []
         for _ in range(self.sizes.wrap_runs):
-            t0 = time.perf_counter()
-            subprocess.run(prog, stdout=subprocess.DEVNULL, check=True)
-            bare.append(time.perf_counter() - t0)
-            run_id = self.run_id("wrap")
-            try:
-                wrapped.append(self.run_sidecar(run_id, prog, self.sizes.short_timeout))
-                counts.append(count_stream(self.r, self.keys(run_id)[0]).lines)
-            finally:
-                self.cleanup(run_id)
+            bare.append(timed_run(prog, unbuffered))
+            piped.append(timed_piped_run(prog, unbuffered))
+            bare_buf.append(timed_run(prog, buffered))
+            for env, into in (("1", wrapped), (None, wrapped_buf)):
+                run_id = self.run_id("wrap")
+                self.extra_env = {"PYTHONUNBUFFERED": env}
+                try:
+                    into.append(self.run_sidecar(run_id, prog, self.sizes.short_timeout))
+                    counts.append(count_stream(self.r, self.keys(run_id)[0]).lines)
+                finally:
+                    self.extra_env = {}
+                    self.cleanup(run_id)
         if any(c != 10_000 for c in counts):
             self.fail(f"LINE COUNT MISMATCH (wrap runs): 10,000 lines printed per run, Redis held {counts}")
-        b = statistics.median(bare) * 1000
-        w = statistics.median(wrapped) * 1000
-        note = f"median of {len(wrapped)}: {w:.0f} ms wrapped vs {b:.0f} ms bare"
+        b, p, w = (statistics.median(x) * 1000 for x in (bare, piped, wrapped))
+        note = f"median of {len(wrapped)}: {w:.0f} ms wrapped vs {b:.0f} ms bare (unbuffered)"
         self.add("wrap_overhead_ratio", w / b, baseline=b, label="bare run, ms", ratio=None, note=note)
+        note = f"{p:.0f} ms: the bare agent's stdout into a pipe read to the end, vs {b:.0f} ms to /dev/null"
+        self.add("wrap_pipe_floor_ratio", p / b, baseline=b, label="bare run, ms", ratio=None, note=note)
+        bb, wb = (statistics.median(x) * 1000 for x in (bare_buf, wrapped_buf))
+        note = f"{wb:.0f} ms wrapped vs {bb:.0f} ms bare, stdout block-buffered"
+        self.add("wrap_buffered_ratio", wb / bb, baseline=bb, label="bare run, ms", ratio=None, note=note)
 
     def outage(self) -> None:
         """Redis unreachable for the whole run while the agent writes about 1 GB: the peak RSS
@@ -1066,6 +1109,8 @@ ORDER = (
     "latency_p99_ms.stream",
     "startup_ms",
     "wrap_overhead_ratio",
+    "wrap_pipe_floor_ratio",
+    "wrap_buffered_ratio",
     "redis_lines_per_mb",
     "sidecar_cpu_pct",
     "sidecar_rss_mb",

@@ -11,7 +11,9 @@ Every ``--heartbeat-interval`` seconds one pipeline goes to Redis:
 The beat has its own connection so it keeps its rhythm while the data path is busy shipping
 a flood or waiting out an outage. Deadlines are monotonic: a slow beat does not push the
 next ones back, and beats missed while Redis hung are skipped rather than sent in a burst.
-psutil is imported by the thread, not at module import (it is slow to import).
+The first beat goes ``FIRST_BEAT_S`` after the thread starts, and psutil (slow to import) is
+imported by the thread just before it: a run over by then, a plain command in a script for
+example, has no heartbeat (its status says it ran) and does not wait for that import.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 HEARTBEAT = "heartbeat"
+FIRST_BEAT_S = 0.1
 # How long stop() waits for a beat in flight before cutting its socket, then in total.
 _STOP_SOFT_S = 0.5
 _STOP_HARD_S = 2.0
@@ -216,6 +219,8 @@ class Heartbeat:
     # -- thread --------------------------------------------------------------------------
     def _run(self) -> None:
         try:
+            if self._stop.wait(FIRST_BEAT_S):
+                return
             try:
                 import psutil
             except ImportError:  # pragma: no cover - psutil is a dependency
