@@ -16,6 +16,15 @@ READ_SIZE = 1 << 16
 # Pipes silent this long: what a filter holds back (the start of a possible secret) goes out.
 # Long enough that a secret written in two parts a moment apart is still seen whole.
 RELEASE_AFTER_S = 1.0
+# An agent writing in many small pieces (unbuffered print: one write() per argument and
+# separator) wakes a waiting reader on every write, and each wake-up costs the agent's write
+# as much as the write itself. After BUSY_READS reads within BUSY_WINDOW_S the reader stops
+# waiting on the pipes and reads every GATHER_S instead, for as long as each look finds more;
+# the agent's writes then gather in the pipe without waking anyone. A line streamed on its
+# own (an LLM's tokens: a few writes per line, lines milliseconds apart) is never held back.
+BUSY_WINDOW_S = 0.005
+BUSY_READS = 10
+GATHER_S = 0.001
 Sink = Callable[[Output | StreamClosed], None]
 Quiet = Callable[[bool], None]
 Filter = Callable[[str, bytes, bool], bytes]
@@ -78,6 +87,8 @@ class PipeReader:
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
             by_fd[fd] = name
         last_data = time.monotonic()
+        window_start, window_reads = last_data, 0
+        gathering = False
         try:
             while by_fd:
                 with self._lock:
@@ -89,12 +100,19 @@ class PipeReader:
                         self._close(poller, by_fd, fd, name, forced=True)
                     continue
                 timeout_ms = 100 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-                ready = poller.poll(min(timeout_ms, 100))
+                ready = poller.poll(0 if gathering else min(timeout_ms, 100))
                 if not ready:
-                    if time.monotonic() - last_data >= RELEASE_AFTER_S:
+                    if gathering:  # the burst is over: what was read goes out now
+                        gathering = False
+                        if self._on_quiet is not None:
+                            self._on_quiet(True)
+                    elif time.monotonic() - last_data >= RELEASE_AFTER_S:
                         self._release_held(by_fd)
                     continue
                 last_data = time.monotonic()
+                if last_data - window_start > BUSY_WINDOW_S:
+                    window_start, window_reads = last_data, 0
+                window_reads += 1
                 quiet = True
                 for fd, _ev in ready:
                     name = by_fd.get(fd)
@@ -110,8 +128,14 @@ class PipeReader:
                     if len(chunk) == READ_SIZE:
                         quiet = False
                     self._handle(name, chunk, time.time())
+                pause = quiet and (gathering or window_reads >= BUSY_READS)
+                if pause:
+                    gathering = True
+                    quiet = False  # more is on its way: look again after GATHER_S
                 if self._on_quiet is not None:
                     self._on_quiet(quiet)
+                if pause and by_fd:
+                    time.sleep(GATHER_S)
         finally:
             for fd in list(by_fd):
                 os.close(fd)

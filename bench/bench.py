@@ -59,7 +59,7 @@ NAIVE = os.path.join(HERE, "naive.py")
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 # What --only can pick, in the order of a full run (see Bench.sections).
 SECTIONS = ("writer", "startup", "wrap", "warm-up", "bulk", "native", "replica", "flush", "naive", "latency",
-            "floor", "outage")
+            "floor", "midrate", "outage")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PRINT_PROG = "for i in range(10000): print('line', i)"
 MB = 1_000_000
@@ -80,10 +80,13 @@ class Sizes:
     short_timeout: float  # one startup or wrap run
     outage_lines: int  # written while Redis is unreachable (12.5M lines: about 1 GB)
     bulk_runs: int  # bulk runs, each followed by one without redaction; the figures are medians
+    midrate_seconds: float  # the run at MIDRATE lines/s
 
 
-FULL = Sizes(2_000_000, 1_000_000, 200_000, 100, 10.0, 10, 5, 300.0, 30.0, 12_500_000, 3)
-QUICK = Sizes(50_000, 50_000, 20_000, 100, 2.0, 3, 3, 20.0, 10.0, 200_000, 1)
+FULL = Sizes(2_000_000, 1_000_000, 200_000, 100, 10.0, 10, 5, 300.0, 30.0, 12_500_000, 3, 6.0)
+QUICK = Sizes(50_000, 50_000, 20_000, 100, 2.0, 3, 3, 20.0, 10.0, 200_000, 1, 1.5)
+# A chatty agent (a build log, a test runner): one write per line, this many a second.
+MIDRATE = 3000
 # The sidecar's default --buffer-max-bytes; the outage target is this plus 30 MB.
 BUFFER_BYTES = 64 << 20
 
@@ -103,6 +106,7 @@ SPEC: dict[str, tuple[str, str, float | None]] = {
     "redis_lines_per_mb": ("lines/MB", ">=", 10_000),
     "sidecar_cpu_pct": ("% of a core", "<=", 2.0),
     "sidecar_rss_mb": ("MB", "<=", 60),
+    "midrate_cpu_pct": ("% of a core", "", None),
     "outage_rss_mb": ("MB", "<=", BUFFER_BYTES / MB + 30),
     "bulk_no_redact_lines_per_s": ("lines/s", "", None),
     "redaction_cost_pct": ("%", "", None),
@@ -986,6 +990,29 @@ class Bench:
         cpu, _window = ProcSampler.combined(samplers)
         self.context["latency_floor_cpu_pct"] = cpu and round(cpu, 2)
 
+    def midrate(self) -> None:
+        """CPU of the sidecar while the agent writes MIDRATE lines/s, one write each: more
+        wake-ups than the latency runs, too few lines per read for bulk's economies."""
+        n = int(MIDRATE * self.sizes.midrate_seconds)
+        agent_text.warm(n)
+        run_id = self.run_id("midrate")
+        agent = [PY, WRITER, "--lines", str(n), "--rate", str(MIDRATE)]
+        try:
+            with tempfile.TemporaryFile() as err:
+                t0 = time.monotonic()
+                proc = subprocess.Popen(self.sidecar_cmd(run_id, agent), **self.sidecar_io(err))
+                sampler = ProcSampler(proc.pid)
+                self.watch(proc, err, sampler, run_id, self.sizes.midrate_seconds + self.sizes.run_timeout,
+                           lambda: time.monotonic() > t0 + 0.5, 0.25)
+            got = count_stream(self.r, self.keys(run_id)[0]).lines
+        finally:
+            self.cleanup(run_id)
+        if got != n:
+            self.fail(f"LINE COUNT MISMATCH (mid-rate run): {n:,} lines written, Redis held {got:,}")
+        cpu, window = ProcSampler.combined([sampler])
+        note = f"{MIDRATE:,} lines/s, one write each, over {window:.1f} s, writer excluded; {got:,} of {n:,} in Redis"
+        self.add("midrate_cpu_pct", cpu, note=note)
+
     def startup(self) -> None:
         base: list[float] = []
         wrapped: list[float] = []
@@ -1104,6 +1131,7 @@ class Bench:
             ("naive", f"naive PUBLISH per line, {s.naive_lines:,} lines", self.naive),
             ("latency", f"latency at {s.latency_rate} lines/s for {s.latency_seconds:g} s", self.latency),
             ("floor", "latency floor (naive relay)", self.latency_floor),
+            ("midrate", f"CPU at {MIDRATE:,} lines/s", self.midrate),
             ("outage", f"Redis down while the agent writes {s.outage_lines:,} lines", self.outage),
         ]
 
@@ -1150,6 +1178,7 @@ ORDER = (
     "redis_lines_per_mb",
     "sidecar_cpu_pct",
     "sidecar_rss_mb",
+    "midrate_cpu_pct",
     "outage_rss_mb",
     "bulk_no_redact_lines_per_s",
     "redaction_cost_pct",

@@ -1,0 +1,115 @@
+"""PipeReader on real pipes: what it hands on, and when it says the pipes are quiet."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from agent_wrapper import pipes
+from agent_wrapper.events import Output, StreamClosed
+from agent_wrapper.pipes import PipeReader
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[object] = []  # Output, StreamClosed, or ("quiet", bool)
+        self.closed = threading.Event()
+
+    def sink(self, ev: Output | StreamClosed) -> None:
+        self.events.append(ev)
+        if isinstance(ev, StreamClosed):
+            self.closed.set()
+
+    def on_quiet(self, quiet: bool) -> None:
+        self.events.append(("quiet", quiet))
+
+    def data(self) -> bytes:
+        return b"".join(seg[0] for ev in self.events if isinstance(ev, Output) for seg in ev.segments)
+
+    def reads(self) -> int:
+        return sum(isinstance(ev, Output) for ev in self.events)
+
+
+def read_child(code: str) -> Recorder:
+    """Runs ``code`` in a child whose stdout is a pipe that a PipeReader reads to the end."""
+    rec = Recorder()
+    r, w = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=w)
+    os.close(w)
+    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet)
+    reader.start()
+    assert child.wait(timeout=60) == 0
+    assert reader.join(30)
+    return rec
+
+
+def test_a_burst_of_small_writes_is_read_in_a_few_gulps_whole_and_in_order() -> None:
+    n = 20_000
+    # Two writes per line, back to back: an unbuffered print("line", i).
+    rec = read_child(f"import os\nfor i in range({n}):\n    os.write(1, b'line ')\n    os.write(1, b'%d\\n' % i)\n")
+    expected = b"".join(b"line %d\n" % i for i in range(n))
+    assert rec.data() == expected
+    assert sum(ev.records for ev in rec.events if isinstance(ev, Output)) == n
+    # Woken by every write, a reader takes thousands of reads for this; gathering, the
+    # reads are GATHER_S apart once the burst is seen.
+    assert rec.reads() < n // 20, rec.reads()
+
+
+def test_the_end_of_a_burst_is_reported_quiet() -> None:
+    rec = read_child("import os, time\nfor i in range(5000):\n    os.write(1, b'x%d\\n' % i)\ntime.sleep(0.3)\n")
+    outputs = [i for i, ev in enumerate(rec.events) if isinstance(ev, Output)]
+    after_last = rec.events[outputs[-1] + 1:]
+    assert ("quiet", True) in after_last, after_last[:3]
+
+
+@pytest.mark.parametrize("pieces", [1, 3])
+def test_lines_written_apart_are_each_reported_quiet_at_once(pieces: int) -> None:
+    """An LLM's stream: a few writes per line, lines milliseconds apart. Every line is
+    followed by quiet=True as soon as it is read: nothing is held back to gather more."""
+    code = ("import os, time\n"
+            "for i in range(20):\n"
+            f"    for p in range({pieces}):\n"
+            "        os.write(1, b'tok%d ' % p)\n"
+            "    os.write(1, b'\\n')\n"
+            "    time.sleep(0.02)\n")
+    rec = read_child(code)
+    assert rec.data().count(b"\n") == 20
+    quiet_flags = [ev[1] for ev in rec.events if isinstance(ev, tuple)]
+    assert False not in quiet_flags, rec.events[:12]
+
+
+def test_gathering_starts_only_above_the_busy_rate() -> None:
+    assert pipes.BUSY_READS / pipes.BUSY_WINDOW_S >= 1000  # reads per second
+    assert pipes.GATHER_S <= 0.002
+
+
+def test_gathering_adds_at_most_a_few_gather_periods_to_a_line_at_the_end_of_a_burst() -> None:
+    """The last line of a burst is handed on and reported quiet within a few GATHER_S of
+    being written (not after the batcher's linger)."""
+    rec = Recorder()
+    r, w = os.pipe()
+    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet)
+    reader.start()
+    try:
+        for i in range(3000):
+            os.write(w, b"b%d\n" % i)
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        os.write(w, b"last\n")
+        deadline = t0 + 5
+        while time.monotonic() < deadline:
+            evs = list(rec.events)
+            if evs and evs[-1] == ("quiet", True) and b"last\n" in rec.data():
+                break
+            time.sleep(0.0005)
+        waited = time.monotonic() - t0
+    finally:
+        os.close(w)
+        reader.join(10)
+    assert rec.data().endswith(b"last\n")
+    assert waited < 1.0, waited  # generous: only a reader that waited for a timeout would fail
