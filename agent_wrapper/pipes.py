@@ -114,6 +114,7 @@ class PipeReader:
                     window_start, window_reads = last_data, 0
                 window_reads += 1
                 quiet = True
+                closed = False
                 for fd, _ev in ready:
                     name = by_fd.get(fd)
                     if name is None:
@@ -124,11 +125,13 @@ class PipeReader:
                         chunk = b""
                     if not chunk:
                         self._close(poller, by_fd, fd, name, forced=False)
+                        closed = True
                         continue
                     if len(chunk) == READ_SIZE:
                         quiet = False
                     self._handle(name, chunk, time.time())
-                pause = quiet and (gathering or window_reads >= BUSY_READS)
+                # A stream that just closed handed on its last bytes: report quiet at once.
+                pause = quiet and not closed and (gathering or window_reads >= BUSY_READS)
                 if pause:
                     gathering = True
                     quiet = False  # more is on its way: look again after GATHER_S

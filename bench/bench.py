@@ -59,7 +59,7 @@ NAIVE = os.path.join(HERE, "naive.py")
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 # What --only can pick, in the order of a full run (see Bench.sections).
 SECTIONS = ("writer", "startup", "wrap", "warm-up", "bulk", "native", "replica", "flush", "naive", "latency",
-            "floor", "midrate", "outage")
+            "highrate", "floor", "midrate", "outage")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PRINT_PROG = "for i in range(10000): print('line', i)"
 MB = 1_000_000
@@ -81,12 +81,15 @@ class Sizes:
     outage_lines: int  # written while Redis is unreachable (12.5M lines: about 1 GB)
     bulk_runs: int  # bulk runs, each followed by one without redaction; the figures are medians
     midrate_seconds: float  # the run at MIDRATE lines/s
+    highrate_seconds: float  # each run at HIGHRATE lines/s
 
 
-FULL = Sizes(2_000_000, 1_000_000, 200_000, 100, 10.0, 10, 5, 300.0, 30.0, 12_500_000, 3, 6.0)
-QUICK = Sizes(50_000, 50_000, 20_000, 100, 2.0, 3, 3, 20.0, 10.0, 200_000, 1, 1.5)
+FULL = Sizes(2_000_000, 1_000_000, 200_000, 100, 10.0, 10, 5, 300.0, 30.0, 12_500_000, 3, 6.0, 3.0)
+QUICK = Sizes(50_000, 50_000, 20_000, 100, 2.0, 3, 3, 20.0, 10.0, 200_000, 1, 1.5, 1.0)
 # A chatty agent (a build log, a test runner): one write per line, this many a second.
 MIDRATE = 3000
+# The high rate of the latency target: p99 at most the linger (5 ms by default) plus 10 ms.
+HIGHRATE = 100_000
 # The sidecar's default --buffer-max-bytes; the outage target is this plus 30 MB.
 BUFFER_BYTES = 64 << 20
 
@@ -107,6 +110,9 @@ SPEC: dict[str, tuple[str, str, float | None]] = {
     "sidecar_cpu_pct": ("% of a core", "<=", 2.0),
     "sidecar_rss_mb": ("MB", "<=", 60),
     "midrate_cpu_pct": ("% of a core", "", None),
+    "midrate_p99_ms": ("ms", "", None),
+    "highrate_p50_ms": ("ms", "", None),
+    "highrate_p99_ms": ("ms", "<=", 15.0),
     "outage_rss_mb": ("MB", "<=", BUFFER_BYTES / MB + 30),
     "bulk_no_redact_lines_per_s": ("lines/s", "", None),
     "redaction_cost_pct": ("%", "", None),
@@ -423,9 +429,12 @@ class LatencyConsumer:
 
     kind = ""
 
-    def __init__(self, url: str, key: str) -> None:
+    def __init__(self, url: str, key: str, warmup_s: float = 0.0) -> None:
         self.url = url
         self.key = key
+        # Lines written within this long of the first one are counted but not timed: they
+        # include the ones that waited in the pipe while the sidecar started.
+        self.warmup_s = warmup_s
         ctx = multiprocessing.get_context("fork")
         self._lines = ctx.Value("q", 0, lock=False)
         self._first = ctx.Value("d", 0.0, lock=False)
@@ -465,6 +474,7 @@ class LatencyConsumer:
             dctx = zstandard.ZstdDecompressor()
             lines = self._lines
             first = self._first
+            timed_from = [0.0]
 
             def handle(payload: bytes, received: float) -> None:
                 obj = decode(payload, dctx)
@@ -479,7 +489,10 @@ class LatencyConsumer:
                     except ValueError:
                         unparsed[0] += 1
                         continue
-                    out.append((received - written) * 1000.0)
+                    if not timed_from[0]:
+                        timed_from[0] = written + self.warmup_s
+                    if written >= timed_from[0]:
+                        out.append((received - written) * 1000.0)
                 lines.value += len(texts)
 
             self.receive(client, handle)
@@ -900,23 +913,23 @@ class Bench:
             note += f" (naive.py exit {proc.returncode}; lines lost)"
         self.add("naive_publish_lines_per_s", received / seconds, note=note)
 
-    def latency(self) -> None:
-        """One run per consumer kind (pub/sub, then stream), each consumer alone: two consumer
+    def paced_runs(self, rate: int, n: int, kinds: Sequence[type[LatencyConsumer]], tag: str,
+                   warmup_s: float = 0.0) -> tuple[list[LatencyConsumer], list[ProcSampler]]:
+        """One sidecar run per consumer kind, the writer writing ``n`` lines at ``rate``
+        lines/s (one write each, stamped with its time), each consumer alone: two consumer
         processes woken by the same batch on two cores would wait for each other's CPU."""
-        s = self.sizes
-        n = int(s.latency_rate * s.latency_seconds)
         if self.sidecar_broken:
             raise Skipped(self.sidecar_broken)
         agent_text.warm(n)
         samplers: list[ProcSampler] = []
         consumers: list[LatencyConsumer] = []
-        for kind in (PubSubConsumer, StreamConsumer):
-            run_id = self.run_id(f"latency-{kind.kind}")
-            c = kind(self.url, self.keys(run_id)[0])
+        for kind in kinds:
+            run_id = self.run_id(f"{tag}-{kind.kind}")
+            c = kind(self.url, self.keys(run_id)[0], warmup_s)
             consumers.append(c)
             c.start()
-            agent = [PY, WRITER, "--lines", str(n), "--rate", str(s.latency_rate)]
-            timeout = s.latency_seconds + s.run_timeout
+            agent = [PY, WRITER, "--lines", str(n), "--rate", str(rate)]
+            timeout = n / rate + self.sizes.run_timeout
             try:
                 with tempfile.TemporaryFile() as err:
                     proc = subprocess.Popen(self.sidecar_cmd(run_id, agent), **self.sidecar_io(err))
@@ -932,24 +945,43 @@ class Bench:
             finally:
                 c.finish()
                 self.cleanup(run_id)
-
-        for c in consumers:
-            note = f"{len(c.latencies_ms):,} lines timed, {c.lines:,} of {n:,} received (a run of its own)"
-            if c.error:
-                note += f"; consumer error: {c.error}"
-            if c.unparsed:
-                note += f"; {c.unparsed} lines without a timestamp"
             if c.lines != n and c.kind == "stream":
-                self.fail(
-                    f"LINE COUNT MISMATCH (latency run): {n} lines written, {c.lines} read from the stream"
-                )
+                self.fail(f"LINE COUNT MISMATCH ({tag} run): {n:,} lines written, {c.lines:,} read from the stream")
+        return consumers, samplers
+
+    @staticmethod
+    def consumer_note(c: LatencyConsumer, n: int) -> str:
+        note = f"{len(c.latencies_ms):,} lines timed, {c.lines:,} of {n:,} received (a run of its own)"
+        if c.error:
+            note += f"; consumer error: {c.error}"
+        if c.unparsed:
+            note += f"; {c.unparsed} lines without a timestamp"
+        return note
+
+    def latency(self) -> None:
+        s = self.sizes
+        n = int(s.latency_rate * s.latency_seconds)
+        consumers, samplers = self.paced_runs(s.latency_rate, n, (PubSubConsumer, StreamConsumer), "latency")
+        for c in consumers:
             for q in (50, 99):
-                self.add(f"latency_p{q}_ms.{c.kind}", percentile(c.latencies_ms, q), note=note)
+                self.add(f"latency_p{q}_ms.{c.kind}", percentile(c.latencies_ms, q), note=self.consumer_note(c, n))
         cpu, window = ProcSampler.combined(samplers)
         note = f"at {s.latency_rate} lines/s over {window:.1f} s of both latency runs, writer excluded"
         self.add("sidecar_cpu_pct", cpu, note=note)
         note = "peak RSS of the sidecar and its helpers, writer excluded"
         self.add("sidecar_rss_mb", max(x.peak_rss for x in samplers) / MB, note=note)
+
+    def highrate(self) -> None:
+        """Latency while the agent writes HIGHRATE lines/s, one write each: batches fill,
+        and a line waits at most about the linger before its batch goes. The lines of the
+        first fifth of the run are not timed (the backlog of the sidecar's start)."""
+        n = int(HIGHRATE * self.sizes.highrate_seconds)
+        warmup = self.sizes.highrate_seconds / 5
+        consumers, _samplers = self.paced_runs(HIGHRATE, n, (PubSubConsumer, StreamConsumer), "highrate", warmup)
+        for c in consumers:
+            note = self.consumer_note(c, n)
+            self.add(f"highrate_p50_ms.{c.kind}", percentile(c.latencies_ms, 50), note=note)
+            self.add(f"highrate_p99_ms.{c.kind}", percentile(c.latencies_ms, 99), note=note)
 
     def latency_floor(self) -> None:
         """The same consumers, each alone, behind the smallest possible relay (naive.py --as-batch)."""
@@ -992,26 +1024,15 @@ class Bench:
 
     def midrate(self) -> None:
         """CPU of the sidecar while the agent writes MIDRATE lines/s, one write each: more
-        wake-ups than the latency runs, too few lines per read for bulk's economies."""
+        wake-ups than the latency runs, too few lines per read for bulk's economies. The
+        stream consumer's latency beside it."""
         n = int(MIDRATE * self.sizes.midrate_seconds)
-        agent_text.warm(n)
-        run_id = self.run_id("midrate")
-        agent = [PY, WRITER, "--lines", str(n), "--rate", str(MIDRATE)]
-        try:
-            with tempfile.TemporaryFile() as err:
-                t0 = time.monotonic()
-                proc = subprocess.Popen(self.sidecar_cmd(run_id, agent), **self.sidecar_io(err))
-                sampler = ProcSampler(proc.pid)
-                self.watch(proc, err, sampler, run_id, self.sizes.midrate_seconds + self.sizes.run_timeout,
-                           lambda: time.monotonic() > t0 + 0.5, 0.25)
-            got = count_stream(self.r, self.keys(run_id)[0]).lines
-        finally:
-            self.cleanup(run_id)
-        if got != n:
-            self.fail(f"LINE COUNT MISMATCH (mid-rate run): {n:,} lines written, Redis held {got:,}")
-        cpu, window = ProcSampler.combined([sampler])
-        note = f"{MIDRATE:,} lines/s, one write each, over {window:.1f} s, writer excluded; {got:,} of {n:,} in Redis"
+        consumers, samplers = self.paced_runs(MIDRATE, n, (StreamConsumer,), "midrate")
+        cpu, window = ProcSampler.combined(samplers)
+        note = f"{MIDRATE:,} lines/s, one write each, over {window:.1f} s, writer excluded"
         self.add("midrate_cpu_pct", cpu, note=note)
+        c = consumers[0]
+        self.add("midrate_p99_ms.stream", percentile(c.latencies_ms, 99), note=self.consumer_note(c, n))
 
     def startup(self) -> None:
         base: list[float] = []
@@ -1130,6 +1151,7 @@ class Bench:
             ("flush", f"flush, {s.flush_lines:,} lines", self.flush),
             ("naive", f"naive PUBLISH per line, {s.naive_lines:,} lines", self.naive),
             ("latency", f"latency at {s.latency_rate} lines/s for {s.latency_seconds:g} s", self.latency),
+            ("highrate", f"latency at {HIGHRATE:,} lines/s", self.highrate),
             ("floor", "latency floor (naive relay)", self.latency_floor),
             ("midrate", f"CPU at {MIDRATE:,} lines/s", self.midrate),
             ("outage", f"Redis down while the agent writes {s.outage_lines:,} lines", self.outage),
@@ -1171,6 +1193,10 @@ ORDER = (
     "latency_p99_ms.pubsub",
     "latency_p50_ms.stream",
     "latency_p99_ms.stream",
+    "highrate_p50_ms.pubsub",
+    "highrate_p99_ms.pubsub",
+    "highrate_p50_ms.stream",
+    "highrate_p99_ms.stream",
     "startup_ms",
     "wrap_overhead_ratio",
     "wrap_pipe_floor_ratio",
@@ -1179,6 +1205,7 @@ ORDER = (
     "sidecar_cpu_pct",
     "sidecar_rss_mb",
     "midrate_cpu_pct",
+    "midrate_p99_ms.stream",
     "outage_rss_mb",
     "bulk_no_redact_lines_per_s",
     "redaction_cost_pct",

@@ -96,6 +96,9 @@ class Batcher:
         # itself waiting on a full outbox under --when-full block).
         self.sealed_max_bytes = 4 << 20
         self._quiet = False
+        # The encoder waits with no open batch to time. A batch opened meanwhile wakes it on
+        # the reader's next report (on_quiet), so that its linger runs from then.
+        self._untimed = False
         self._encoding = False  # the encoder holds taken batches not yet in the outbox
         # Batches handed to the compressor and not yet in the outbox; a few at most, so that
         # the encoder works ahead by a batch or two and no further.
@@ -139,6 +142,12 @@ class Batcher:
         with self.lock:
             self._quiet = quiet
             if not quiet:
+                # More is coming (a full read, or a busy agent's writes gathering in the pipe):
+                # no seal now, but a batch opened while the encoder waits untimed must still
+                # go out within its linger.
+                if self._untimed and any(ch.open.n for ch in self.channels.values()):
+                    self._untimed = False
+                    self.cond.notify_all()
                 return
             if self._idle() and not self._sealed and not self._closing:
                 for ch in self.channels.values():
@@ -219,7 +228,9 @@ class Batcher:
                             break
                         if self._closing:
                             return
+                        self._untimed = due is None
                         self.cond.wait(1.0 if due is None else due)
+                        self._untimed = False
                     work = list(self._sealed)
                     self._sealed.clear()
                     self._encoding = True

@@ -51,6 +51,16 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 @pytest.fixture
 def make(clock: Clock) -> Iterator[Make]:
+    yield from _factory()
+
+
+@pytest.fixture
+def make_real_time() -> Iterator[Make]:
+    """``make`` on the real monotonic clock."""
+    yield from _factory()
+
+
+def _factory() -> Iterator[Make]:
     made: list[tuple[Batcher, Outbox]] = []
 
     def factory(
@@ -478,6 +488,25 @@ def test_not_quiet_waits_for_linger(make: Make, clock: Clock) -> None:
     clock.t += 0.5
     b.notify_idle()
     wait_for(ob, 1)
+
+
+def test_a_batch_opened_while_the_pipes_never_go_quiet_goes_out_within_its_linger(make_real_time: Make) -> None:
+    """The reader gathering a busy agent's writes reports quiet=False after every read. The
+    encoder, asleep with nothing open to time, is woken to time the new batch: it goes out
+    after the linger, not after the encoder's idle wait (1 s)."""
+    b, ob = make_real_time(linger_s=0.05)
+    time.sleep(0.1)  # the encoder is asleep, nothing open
+    t0 = time.monotonic()
+    b.add(out([b"x"]))
+    b.on_quiet(False)
+    deadline = t0 + 2.0
+    while not len(ob) and time.monotonic() < deadline:
+        b.add(out([b"more"]))
+        b.on_quiet(False)
+        ob.wait(0.005)
+    waited = time.monotonic() - t0
+    assert len(ob) >= 1
+    assert waited < 0.5, waited
 
 
 # -- back-pressure -----------------------------------------------------------------------

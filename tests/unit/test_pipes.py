@@ -67,6 +67,16 @@ def test_the_end_of_a_burst_is_reported_quiet() -> None:
     assert ("quiet", True) in after_last, after_last[:3]
 
 
+def test_a_stream_that_closes_during_a_burst_is_reported_quiet() -> None:
+    """The agent exits in the middle of a burst: what the reader hands on last (the end of
+    the stream) is followed by quiet=True, not left for the linger."""
+    for _ in range(3):
+        rec = read_child("import os\nfor i in range(20000):\n    os.write(1, b'x%d\\n' % i)\nos._exit(0)\n")
+        assert rec.data().count(b"\n") == 20000
+        flags = [ev for ev in rec.events if isinstance(ev, tuple)]
+        assert flags[-1] == ("quiet", True), rec.events[-4:]
+
+
 @pytest.mark.parametrize("pieces", [1, 3])
 def test_lines_written_apart_are_each_reported_quiet_at_once(pieces: int) -> None:
     """An LLM's stream: a few writes per line, lines milliseconds apart. Every line is
