@@ -186,6 +186,12 @@ class Settings(Frozen):
     command: tuple[str, ...]
     __slots__ = tuple(__annotations__)
 
+    def __repr__(self) -> str:
+        """As other values', with a password in the URL masked."""
+        shown = ", ".join(f"{name}={mask_url(value)!r}" if name == "redis_url" else f"{name}={value!r}"
+                          for name, value in self._items() if name not in self._hidden)
+        return f"Settings({shown})"
+
     @property
     def run_key(self) -> str:
         """The run id as it appears in key names: in braces with --cluster-hash-tag."""

@@ -78,3 +78,5 @@ def test_settings_keep_their_secrets_out_of_the_repr() -> None:
     s = s.replace(control_secret=b"cs-456")
     assert s.redis_password == "pw-123"
     assert "pw-123" not in repr(s) and "cs-456" not in repr(s)
+    in_url = config.build({"run_id": "r", "redis_url": "redis://u:pw-789@h:1/0"}, {}, ("true",))
+    assert "pw-789" not in repr(in_url) and "redis_url='redis://u:***@h:1/0'" in repr(in_url)
