@@ -13,9 +13,9 @@ STDERR = "stderr"
 
 
 class Started(Frozen):
-    __slots__ = ("pid", "ts")
     pid: int
     ts: float
+    __slots__ = tuple(__annotations__)
 
 
 class Output(Value):
@@ -35,20 +35,20 @@ class Output(Value):
 
 
 class StreamClosed(Frozen):
-    __slots__ = ("stream", "forced")
     stream: str
     forced: bool  # reading stopped after --pipe-grace although the pipe was still open
+    __slots__ = tuple(__annotations__)
 
 
 class Exited(Frozen):
-    __slots__ = ("pid", "code", "signal", "ts")
     pid: int
     code: int
     signal: int | None
     ts: float
+    __slots__ = tuple(__annotations__)
 
 
 class SpawnFailed(Frozen):
-    __slots__ = ("code", "reason")
     code: int  # 126 or 127
     reason: str
+    __slots__ = tuple(__annotations__)

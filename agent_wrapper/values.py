@@ -21,7 +21,8 @@ _set = object.__setattr__
 
 class Value:
     """Fields are ``__slots__`` (declared by the subclass, which is not subclassed again);
-    names in ``_hidden`` are left out of the repr (secrets)."""
+    names in ``_hidden`` are left out of the repr (secrets), and ``_field_repr`` shows the
+    others."""
 
     __slots__ = ()
     _hidden: tuple[str, ...] = ()
@@ -30,8 +31,12 @@ class Value:
         for name in self.__slots__:
             yield name, getattr(self, name)
 
+    def _field_repr(self, name: str, value: Any) -> str:
+        return repr(value)
+
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={value!r}" for name, value in self._items() if name not in self._hidden)
+        shown = ", ".join(f"{name}={self._field_repr(name, value)}" for name, value in self._items()
+                          if name not in self._hidden)
         return f"{type(self).__name__}({shown})"
 
     def __eq__(self, other: object) -> bool:
@@ -44,7 +49,9 @@ class Value:
 
 class Frozen(Value):
     """Read-only after construction, hashable; ``_defaults`` holds the values of the fields
-    a caller may leave out (immutable values only)."""
+    a caller may leave out (immutable values only). A subclass lists its fields as
+    annotations, then ``__slots__ = tuple(__annotations__)``: positional arguments follow
+    that order."""
 
     __slots__ = ()
     _defaults: dict[str, Any] = {}

@@ -390,7 +390,7 @@ def timed_wait(cmd: list[str], timeout: float, **popen: Any) -> tuple[int | None
     return (None if expired.is_set() and rc == -signal.SIGKILL else rc), seconds
 
 
-def timed_run(cmd: list[str], env: dict[str, str]) -> float:
+def timed_run(cmd: list[str], env: dict[str, str] | None = None) -> float:
     """Wall seconds of ``cmd`` with its stdout to /dev/null."""
     t0 = time.perf_counter()
     subprocess.run(cmd, stdout=subprocess.DEVNULL, env=env, check=True)
@@ -1055,9 +1055,7 @@ class Bench:
         base: list[float] = []
         wrapped: list[float] = []
         for _ in range(self.sizes.startup_runs):
-            t0 = time.perf_counter()
-            subprocess.run([PY, "-c", "pass"], check=True)
-            base.append(time.perf_counter() - t0)
+            base.append(timed_run([PY, "-c", "pass"]))
             run_id = self.run_id("startup")
             try:
                 wrapped.append(self.run_sidecar(run_id, ["true"], self.sizes.short_timeout))

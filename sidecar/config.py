@@ -24,7 +24,6 @@ class UsageError(ValueError):
 
 
 class Option(Frozen):
-    __slots__ = ("dest", "flag", "env", "default", "help", "kind", "choices")
     _defaults = {"kind": "str", "choices": ()}
     dest: str
     flag: str
@@ -33,6 +32,7 @@ class Option(Frozen):
     help: str
     kind: str  # str, int, float, bool, choice, bytes (default: str)
     choices: tuple[str, ...]
+    __slots__ = tuple(__annotations__)
 
 
 def _temp_dir() -> str:
@@ -186,11 +186,8 @@ class Settings(Frozen):
     command: tuple[str, ...]
     __slots__ = tuple(__annotations__)
 
-    def __repr__(self) -> str:
-        """As other values', with a password in the URL masked."""
-        shown = ", ".join(f"{name}={mask_url(value)!r}" if name == "redis_url" else f"{name}={value!r}"
-                          for name, value in self._items() if name not in self._hidden)
-        return f"Settings({shown})"
+    def _field_repr(self, name: str, value: Any) -> str:
+        return repr(mask_url(value) if name == "redis_url" else value)
 
     @property
     def run_key(self) -> str:

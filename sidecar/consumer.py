@@ -28,22 +28,22 @@ if TYPE_CHECKING:
 class Gap(Frozen):
     """Records ``first``..``last`` of ``producer`` on ``channel`` will never arrive."""
 
-    __slots__ = ("channel", "stream", "producer", "first", "last", "reason")
     channel: str
     stream: str
     producer: str
     first: int
     last: int
     reason: str  # "dropped" (the sidecar dropped them under --when-full drop) or "missing"
+    __slots__ = tuple(__annotations__)
 
 
 class Status(Frozen):
-    __slots__ = ("channel", "status", "seq", "producer", "msg")
     channel: str
     status: str
     seq: int
     producer: str
     msg: dict[str, Any]
+    __slots__ = tuple(__annotations__)
 
 
 Event = Record | Gap | Status

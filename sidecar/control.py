@@ -59,16 +59,16 @@ _STOP_JOIN_S = 2.0
 
 
 class Command(Frozen):
-    __slots__ = ("cmd", "signal", "raw")
     cmd: str  # cancel, signal, pause, resume
     signal: int | None  # the signal number for cmd "signal", else None
     raw: dict[str, Any]
+    __slots__ = tuple(__annotations__)
 
 
 class Rejection(Frozen):
-    __slots__ = ("reason", "raw")
     reason: str
     raw: dict[str, Any] | None  # the object, when the payload was one
+    __slots__ = tuple(__annotations__)
 
 
 def control_channel(settings: Settings) -> str:

@@ -31,17 +31,17 @@ TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", 
 
 
 class TokenReport(Frozen):
-    __slots__ = ("source", "counts", "cost_usd", "model")
     source: str  # sidecar_event | claude_result | openai_usage
     counts: dict[str, int]  # input_tokens, output_tokens, and cache fields when known
     cost_usd: float | None
     model: str | None
+    __slots__ = tuple(__annotations__)
 
 
 class AgentStatus(Frozen):
-    __slots__ = ("state", "metadata")
     state: str
     metadata: dict[str, Any]
+    __slots__ = tuple(__annotations__)
 
 
 Event = TokenReport | AgentStatus

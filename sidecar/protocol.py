@@ -359,7 +359,6 @@ def encode_object(obj: dict[str, Any]) -> bytes:
 class Record(Frozen):
     """One decoded output record."""
 
-    __slots__ = ("channel", "stream", "seq", "ts", "data", "partial", "json", "producer", "agent_id", "variation_id")
     channel: str
     stream: str
     seq: int
@@ -370,6 +369,7 @@ class Record(Frozen):
     producer: str
     agent_id: str
     variation_id: str
+    __slots__ = tuple(__annotations__)
 
     @property
     def text(self) -> str:

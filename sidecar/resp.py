@@ -36,7 +36,6 @@ class ProtocolViolation(OSError):
 
 
 class Endpoint(Frozen):
-    __slots__ = ("host", "port", "unix_path", "db", "username", "password", "tls")
     _defaults = {"host": "localhost", "port": 6379, "unix_path": None, "db": 0, "username": None, "password": None,
                  "tls": False}
     _hidden = ("password",)
@@ -47,6 +46,7 @@ class Endpoint(Frozen):
     username: str | None
     password: str | None
     tls: bool
+    __slots__ = tuple(__annotations__)
 
     def describe(self) -> str:
         where = self.unix_path or f"{self.host}:{self.port}"

@@ -158,13 +158,13 @@ def check_wait(reply: Any, wanted: int) -> None:
 
 
 class SentinelSpec(Frozen):
-    __slots__ = ("sentinels", "master_name", "db", "username", "password")
     _hidden = ("password",)
     sentinels: tuple[tuple[str, int], ...]
     master_name: str
     db: int
     username: str | None
     password: str | None
+    __slots__ = tuple(__annotations__)
 
 
 def parse_sentinel_url(url: str, password: str | None = None, username: str | None = None) -> SentinelSpec:

@@ -8,7 +8,11 @@ from agent_wrapper.values import Frozen, Value
 
 
 class Point(Frozen):
-    __slots__ = ("x", "y", "label", "secret")
+    x: int
+    y: int
+    label: str
+    secret: str | None
+    __slots__ = tuple(__annotations__)
     _defaults = {"label": "", "secret": None}
     _hidden = ("secret",)
 
