@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 
 NOT_EXECUTABLE = 126
 NOT_FOUND = 127
@@ -20,6 +19,8 @@ def from_wait_status(status: int) -> tuple[int, int | None]:
 
 
 def signal_name(sig: int) -> str:
+    import signal  # its enum, only when a name is needed (not before the agent starts)
+
     try:
         return signal.Signals(sig).name
     except ValueError:

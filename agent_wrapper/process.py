@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import _signal as signal  # `signal` without its enum wrappers (see sidecar/__main__.py)
 import errno
 import fcntl
 import os
-import signal
 import time
 from collections.abc import Mapping, Sequence
 

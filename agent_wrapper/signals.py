@@ -7,8 +7,8 @@ handlers running at awkward moments and no lost SIGCHLD.
 
 from __future__ import annotations
 
+import _signal as signal  # `signal` without its enum wrappers (see sidecar/__main__.py)
 import os
-import signal
 import time
 from collections.abc import Callable
 
@@ -36,10 +36,13 @@ def block() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
 
 
-def become_subreaper() -> bool:
-    """Orphans of the agent are re-parented to us, so we can reap them (not needed as PID 1)."""
+def become_subreaper(prctl: Callable[[], bool] | None = None) -> bool:
+    """Orphans of the agent are re-parented to us, so we can reap them (not needed as PID 1).
+    ``prctl``, when given, makes the call (PR_SET_CHILD_SUBREAPER) natively; else ctypes."""
     if os.getpid() == 1:
         return True
+    if prctl is not None:
+        return prctl()
     try:
         import ctypes
 
@@ -132,4 +135,4 @@ def next_signal(timeout_s: float) -> int | None:
     if info.si_signo == signal.SIGCHLD:
         reap(-1)
         return None
-    return info.si_signo
+    return int(info.si_signo)

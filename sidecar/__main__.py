@@ -1,5 +1,7 @@
+# The C module behind `signal`, without its enum wrappers: importing enum would cost every
+# start a millisecond or two before the agent is spawned.
+import _signal as signal
 import os
-import signal
 import sys
 
 # The signals the run command takes synchronously (agent_wrapper.signals.WAITED), blocked

@@ -2,58 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 
-from .config import OPTIONS, Option, UsageError
+from .config import OPTIONS, UsageError, plain_url
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
 USAGE = "python -m sidecar [OPTIONS] -- CMD [ARG...]\n       python -m sidecar tail RUN_ID [...]\n" \
         "       python -m sidecar replay [--spool-dir DIR] [...]"
-
-
-def _help_width() -> int:
-    """What argparse's help formatter takes by default (shutil.get_terminal_size, less 2),
-    found without importing shutil (fnmatch, zlib, bz2, lzma: milliseconds of every start),
-    and once: argparse makes a formatter for every option it adds."""
-    try:
-        columns = int(os.environ.get("COLUMNS", "0"))
-    except ValueError:
-        columns = 0
-    if columns <= 0:
-        try:
-            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns if sys.__stdout__ else 0
-        except (AttributeError, ValueError, OSError):
-            columns = 0
-    return (columns or 80) - 2
-
-
-class _Formatter(argparse.HelpFormatter):
-    width: int | None = None
-
-    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
-                 width: int | None = None) -> None:
-        if width is None:
-            if _Formatter.width is None:
-                _Formatter.width = _help_width()
-            width = _Formatter.width
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line and exits 2."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-
-    def error(self, message: str) -> NoReturn:
-        usage_error(message)
 
 
 def usage_error(message: str) -> NoReturn:
@@ -61,38 +21,44 @@ def usage_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def _help_for(opt: Option) -> str:
-    env = f"env {opt.env}" if opt.env else "no env"
-    default = {"negbool": f"{opt.dest} on", "bool": "off"}.get(opt.kind, opt.default)
-    return f"{opt.help} [{env}; default: {default}]"
+REDACT_PATTERN = "--redact-pattern"  # the one repeatable flag (argparse: action="append")
 
 
-def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> None:
-    for opt in options:
-        if opt.kind in ("negbool", "bool"):
-            parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="1", default=None,
-                                help=_help_for(opt))
-        elif opt.kind == "choice":
-            parser.add_argument(opt.flag, dest=opt.dest, choices=opt.choices, default=None, help=_help_for(opt))
+def quick_parse(opts: Sequence[str]) -> dict[str, Any] | None:
+    """The values argparse would give for ``opts`` (see argv.run_parser), when every flag is
+    in a plain form: its exact name, followed by its value as the next argument (one not
+    starting with "-") or after "=". None for anything else (--help, an abbreviation, an
+    unknown flag, a value starting with "-", an invalid choice, a missing value): argparse
+    then parses or reports it. The usual command line thus starts the agent without
+    importing argparse, whose import and parser cost every start a few milliseconds."""
+    by_flag = {opt.flag: opt for opt in OPTIONS}
+    values: dict[str, Any] = {opt.dest: None for opt in OPTIONS}
+    values["redact_patterns"] = None
+    i = 0
+    while i < len(opts):
+        arg = opts[i]
+        i += 1
+        flag, eq, value = arg.partition("=")
+        opt = by_flag.get(flag)
+        if opt is None and flag != REDACT_PATTERN:
+            return None
+        if opt is not None and opt.kind in ("bool", "negbool"):
+            if eq:
+                return None  # argparse: "ignored explicit argument"
+            values[opt.dest] = "1"
+            continue
+        if not eq:
+            if i >= len(opts) or opts[i].startswith("-"):
+                return None
+            value = opts[i]
+            i += 1
+        if opt is None:
+            values["redact_patterns"] = [*(values["redact_patterns"] or ()), value]
+        elif opt.kind == "choice" and value not in opt.choices:
+            return None
         else:
-            parser.add_argument(opt.flag, dest=opt.dest, default=None, metavar=opt.dest.upper().removesuffix("_S"),
-                                help=_help_for(opt))
-
-
-def run_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="agent-sidecar",
-        usage=USAGE,
-        description="Runs CMD as the agent, captures its stdout and stderr byte for byte, and ships them to "
-        "Redis as batched, compressed records (streams and pub/sub). Exits with the agent's exit code. "
-        "Every option can also be set by the environment variable shown; a flag wins. "
-        "REDIS_PASSWORD supplies the Redis password (preferred to putting it in the URL).",
-    )
-    add_options(parser, OPTIONS)
-    parser.add_argument("--redact-pattern", dest="redact_patterns", action="append", default=None,
-                        metavar="REGEX", help="also mask what this regular expression matches (repeatable) "
-                        "[env SIDECAR_REDACT_PATTERNS, one per line]")
-    return parser
+            values[opt.dest] = value
+    return values
 
 
 # The sidecar's own credentials: the agent gets the environment without them.
@@ -102,10 +68,12 @@ PRIVATE_ENV = ("REDIS_PASSWORD", "SIDECAR_CONTROL_SECRET")
 def agent_environment(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
     """The environment for the agent: the sidecar's, less its Redis password and control
     secret (and REDIS_URL when the URL carries a password)."""
-    from urllib.parse import urlsplit
-
     out = {k: v for k, v in env.items() if k not in PRIVATE_ENV}
     url = out.get("REDIS_URL", "")
+    if not url or plain_url(url):
+        return out
+    from urllib.parse import urlsplit
+
     try:
         has_password = "+sentinel://" in url and "@" in url or urlsplit(url).password is not None
     except ValueError:
@@ -134,14 +102,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts, command = args[:i], args[i + 1 :]
     else:
         opts, command = args, []
-    parser = run_parser()
-    ns = parser.parse_args(opts)
+    values = quick_parse(opts)
+    if values is None:
+        from .argv import run_parser
+
+        values = vars(run_parser().parse_args(opts))
     if not command:
         usage_error("no agent command given: put it after --, e.g. python -m sidecar -- python agent.py")
     from . import config
 
     try:
-        values = vars(ns)
         if values.get("redact_patterns"):
             values["redact_patterns"] = tuple(values["redact_patterns"])
         settings = config.build(values, dict(os.environ), tuple(command))
@@ -152,8 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from agent_wrapper import signals
     from agent_wrapper.process import spawn
 
+    from ._native import speedups
+
     signals.block()  # before any thread starts, so all inherit the mask
-    signals.become_subreaper()
+    signals.become_subreaper(speedups.set_child_subreaper if speedups is not None else None)
     launched = spawn(settings.command, agent_environment(os.environ))
     # Once the agent runs with the normal policy: SCHED_BATCH for this thread and every thread
     # it starts. The same share of the CPU, but a sidecar thread woken by a pipe or a reply no

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
-from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 from agent_wrapper.values import Frozen
 
@@ -273,8 +272,30 @@ def convert(opt: Option, raw: Any) -> Any:
     return raw
 
 
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def plain_url(url: str) -> bool:
+    """Whether ``url`` is redis[s]://HOST[:PORT][/DB] with a host of letters, digits, dots,
+    dashes and underscores, a port of 1 to 65535 and a numeric database: a URL that
+    validate_url accepts and that holds no password, known without urllib.parse (which
+    imports re and ipaddress: milliseconds of every start before the agent is spawned)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss"):
+        return False
+    hostport, slash, db = rest.partition("/")
+    host, colon, port = hostport.partition(":")
+    if not host or not _HOST_CHARS.issuperset(host) or (slash and db and not (db.isascii() and db.isdigit())):
+        return False
+    return not colon or (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536)
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ***, safe to print."""
+    if plain_url(url):
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
     if "+sentinel://" in url:
         scheme, rest = url.split("://", 1)
         auth, at, hosts = rest.rpartition("@")
@@ -302,6 +323,10 @@ def mask_url(url: str) -> str:
 
 
 def validate_url(url: str) -> None:
+    if plain_url(url):
+        return
+    from urllib.parse import parse_qs, urlsplit
+
     if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
         from .topology import parse_sentinel_url
 

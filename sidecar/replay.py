@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 
 from . import log
-from .cli import _Parser, add_options
+from .argv import _Parser, add_options
 from .config import CONNECTION_OPTIONS, OPTIONS, UsageError, build_connection, mask_url
 from .outbox import Outbox
 from .spool import Spool

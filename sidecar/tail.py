@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import orjson
 
 from . import protocol
-from .cli import _Parser, add_options
+from .argv import _Parser, add_options
 from .config import CONNECTION_OPTIONS, OPTIONS, UsageError, build_connection, mask_url
 from .consumer import Event, Gap, RunReader, Status, channel_names
 from .protocol import Record

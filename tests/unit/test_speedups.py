@@ -470,3 +470,18 @@ def test_sidecar_pure_python_turns_the_native_code_off(value: str, used: bool) -
     out = subprocess.run([sys.executable, "-c", "from sidecar import _native; print(_native.speedups is not None)"],
                          env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == str(used)
+
+
+def test_set_child_subreaper_makes_the_process_a_subreaper() -> None:
+    """In a child process of its own (a subreaper test process would adopt every orphan)."""
+    probe = ("import ctypes, sys\n"
+             "from sidecar import _speedups\n"
+             "libc = ctypes.CDLL(None, use_errno=True)\n"
+             "flag = ctypes.c_int(-1)\n"
+             "libc.prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER\n"
+             "before = flag.value\n"
+             "ok = _speedups.set_child_subreaper()\n"
+             "libc.prctl(37, ctypes.byref(flag), 0, 0, 0)\n"
+             "print(before, ok, flag.value)\n")
+    cp = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60, check=True)
+    assert cp.stdout.split() == [b"0", b"True", b"1"]

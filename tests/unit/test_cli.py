@@ -1,0 +1,140 @@
+"""The command line's fast path: quick_parse gives exactly what argparse gives, or steps aside;
+plain_url accepts only URLs the full validation accepts, with no password in them."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from sidecar import config
+from sidecar.argv import run_parser
+from sidecar.cli import quick_parse
+from sidecar.config import OPTIONS, UsageError, mask_url, plain_url
+
+VALUE_OPTIONS = [o for o in OPTIONS if o.kind not in ("bool", "negbool")]
+FLAG_OPTIONS = [o for o in OPTIONS if o.kind in ("bool", "negbool")]
+
+
+def argparse_values(opts: list[str]) -> dict[str, Any]:
+    return vars(run_parser().parse_args(opts))
+
+
+def a_value(rng: random.Random, opt: config.Option) -> str:
+    if opt.kind == "choice":
+        return rng.choice(opt.choices)
+    return rng.choice(["5", "redis://h:1/0", "run:{run_id}:x", "", "a b", "x=y", "10m", "1.5", "ü", "a-b"])
+
+
+def plain_command_line(rng: random.Random) -> list[str]:
+    opts: list[str] = []
+    for _ in range(rng.randrange(0, 8)):
+        kind = rng.random()
+        if kind < 0.2:
+            opts.append(rng.choice(FLAG_OPTIONS).flag)
+        elif kind < 0.3:
+            opts += ["--redact-pattern", rng.choice(["sk-[a-z]+", "x=y", ""])]
+        else:
+            opt = rng.choice(VALUE_OPTIONS)
+            value = a_value(rng, opt)
+            opts += [f"{opt.flag}={value}"] if rng.random() < 0.4 else [opt.flag, value]
+    return opts
+
+
+def test_plain_command_lines_are_parsed_as_argparse_parses_them() -> None:
+    rng = random.Random(7)
+    for _ in range(2000):
+        opts = plain_command_line(rng)
+        quick = quick_parse(opts)
+        assert quick is not None, opts
+        assert quick == argparse_values(opts), opts
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["--redis-url", "redis://h:1/0", "--no-echo", "--run-id", "r1", "--linger-ms=2"],
+        ["--run-id", "a", "--run-id", "b"],
+        ["--redact-pattern", "a", "--redact-pattern=b"],
+        ["--compress-threshold=-1"],
+        ["--transport=stream", "--wire", "per-line-json"],
+        ["--output-channel="],
+        [],
+    ],
+)
+def test_the_usual_forms_take_the_fast_path(opts: list[str]) -> None:
+    quick = quick_parse(opts)
+    assert quick is not None
+    assert quick == argparse_values(opts)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ["-h"],
+        ["--help"],
+        ["--redis-ur", "redis://h:1/0"],  # an abbreviation argparse accepts
+        ["--nope"],
+        ["--no-echo=1"],
+        ["--transport", "carrier-pigeon"],
+        ["--transport=carrier-pigeon"],
+        ["--run-id"],
+        ["--compress-threshold", "-1"],  # argparse takes it as a negative number
+        ["--run-id", "--no-echo"],
+        ["positional"],
+        [""],
+    ],
+)
+def test_anything_else_is_left_to_argparse(opts: list[str]) -> None:
+    assert quick_parse(opts) is None
+
+
+def test_left_to_argparse_means_the_same_result_or_the_same_error() -> None:
+    assert argparse_values(["--compress-threshold", "-1"])["compress_threshold"] == "-1"
+    assert argparse_values(["--redis-ur", "redis://h:1/0"])["redis_url"] == "redis://h:1/0"
+    with pytest.raises(SystemExit):
+        argparse_values(["--no-echo=1"])
+
+
+# -- plain URLs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["redis://localhost:6379/0", "redis://h", "redis://h/", "rediss://c.example.com:6380/2",
+                                 "redis://redis-0.redis_svc:1", "redis://10.0.0.1:65535/15"])
+def test_plain_urls(url: str) -> None:
+    assert plain_url(url)
+
+
+@pytest.mark.parametrize("url", ["redis://u:pw@h:1/0", "redis://[::1]:6379/0", "unix:///tmp/r.sock", "redis://h:0",
+                                 "redis://h:99999", "redis://h:", "redis://h/0/1", "redis://h/x", "redis:///0",
+                                 "redis://h?db=1", "redis://h#f", "redis+sentinel://h:26379/m", "http://h",
+                                 "redis://h:６３７９", "redis://h/０", "redis://h%41", "redis://h\t:1", ""])
+def test_urls_that_take_the_full_check(url: str) -> None:
+    assert not plain_url(url)
+
+
+def full_check(url: str, monkeypatch: pytest.MonkeyPatch) -> bool:
+    with monkeypatch.context() as m:
+        m.setattr(config, "plain_url", lambda _url: False)
+        try:
+            config.validate_url(url)
+        except UsageError:
+            return False
+        return True
+
+
+def test_a_plain_url_is_one_the_full_check_accepts_and_has_no_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(11)
+    alphabet = "redis:/@[]?#%.-_:0123456789hxé \t"
+    seen_plain = 0
+    for _ in range(20000):
+        url = rng.choice(["redis://", "rediss://", "redis:/", "unix://", ""]) + "".join(
+            rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        if plain_url(url):
+            seen_plain += 1
+            assert full_check(url, monkeypatch), url
+            assert urlsplit(url).password is None
+            assert mask_url(url) == url
+    assert seen_plain > 500
