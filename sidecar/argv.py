@@ -57,6 +57,17 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         usage_error(message)
 
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """As argparse, but a value given as exactly "--" (``--run-id=--``), which argparse
+        turns into an empty list, is a usage error rather than a list where text belongs."""
+        ns, rest = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            value = getattr(ns, action.dest, None)
+            if action.option_strings and isinstance(value, list) and (value == [] or [] in value):
+                self.error(f"argument {'/'.join(action.option_strings)}: expected one argument, not '--'")
+        return ns, rest
+
 
 def _help_for(opt: Option) -> str:
     env = f"env {opt.env}" if opt.env else "no env"

@@ -40,8 +40,8 @@ def quick_parse(opts: Sequence[str]) -> dict[str, Any] | None:
         i += 1
         flag, eq, value = arg.partition("=")
         opt = by_flag.get(flag)
-        if opt is None and flag != REDACT_PATTERN:
-            return None
+        if opt is None and flag != REDACT_PATTERN or value == "--":
+            return None  # argparse drops a value "--" (argv.py reports it)
         if opt is not None and opt.kind in ("bool", "negbool"):
             if eq:
                 return None  # argparse: "ignored explicit argument"

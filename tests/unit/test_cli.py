@@ -3,7 +3,10 @@ plain_url accepts only URLs the full validation accepts, with no password in the
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -138,3 +141,28 @@ def test_a_plain_url_is_one_the_full_check_accepts_and_has_no_password(monkeypat
             assert urlsplit(url).password is None
             assert mask_url(url) == url
     assert seen_plain > 500
+
+
+@pytest.mark.parametrize("opts", [["--run-id=--"], ["--redact-pattern=--"], ["--batch-max-records=--"],
+                                  ["--run-id", "x", "--run-id=--"]])
+def test_a_value_of_exactly_two_dashes_is_a_usage_error(opts: list[str]) -> None:
+    """argparse turns `--flag=--` into an empty list: reported, never passed on as a value."""
+    assert quick_parse(opts) is None
+    with pytest.raises(SystemExit) as exc:
+        run_parser().parse_args(opts)
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["--run-id=--", "--", "touch"], ["--redis-url=--", "--", "touch"],
+                                  ["tail", "r", "--redis-url=--"], ["tail", "r", "--variation=--"],
+                                  ["replay", "--timeout=--"], ["replay", "--spool-dir=--"]])
+def test_two_dashes_as_a_value_give_one_line_and_exit_2(argv: list[str], tmp_path: Any) -> None:
+    marker = tmp_path / "started"
+    if argv[-1] == "touch":
+        argv = [*argv, str(marker)]
+    cp = subprocess.run([sys.executable, "-m", "sidecar", *argv], capture_output=True, timeout=60,
+                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    lines = cp.stderr.decode().strip().splitlines()
+    assert cp.returncode == 2, cp.stderr
+    assert len(lines) == 1 and "expected one argument, not '--'" in lines[0], lines
+    assert not marker.exists()
