@@ -13,10 +13,12 @@ from .events import SpawnFailed, Started
 from .exitcodes import NOT_EXECUTABLE, NOT_FOUND
 from .values import Value
 
-# Signals Python sets to SIG_IGN or handles itself; the agent must start with the defaults.
-_RESET_SIGNALS = tuple(
-    s for s in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if s
-)
+# The agent starts with the default disposition of the signals Python ignores (SIGPIPE,
+# SIGXFSZ) and of those the sidecar forwards (signals.FORWARDED): a forwarded signal must take
+# effect even where the sidecar's own parent left it ignored (a shell's background job starts
+# with SIGINT and SIGQUIT ignored).
+_RESET_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                  signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 
 
 # Each pipe holds this much of the agent's output before its writes block: enough to cover
@@ -72,7 +74,7 @@ def spawn(argv: Sequence[str], env: Mapping[str, str] | None = None,
             setsigmask=(),
             setsigdef=_RESET_SIGNALS,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: an empty command name
         for fd in (out_r, out_w, err_r, err_w):
             os.close(fd)
         return _failure(argv[0], exc)
@@ -89,7 +91,9 @@ def _grow(fd: int, size: int) -> None:
         pass  # over the per-user limit or the maximum: keep what the kernel gave
 
 
-def _failure(cmd: str, exc: OSError) -> SpawnFailed:
+def _failure(cmd: str, exc: OSError | ValueError) -> SpawnFailed:
+    if not isinstance(exc, OSError):
+        return SpawnFailed(NOT_FOUND, f"{cmd!r}: command not found")
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return SpawnFailed(NOT_FOUND, f"{cmd}: command not found")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.EISDIR):

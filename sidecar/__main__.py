@@ -21,9 +21,10 @@ if __name__ == "__main__":
         code = 130
     # Everything is delivered or spooled and every file is closed: skip the interpreter's
     # teardown of modules and daemon threads, which costs tens of milliseconds per agent.
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:  # None: the descriptor was closed when Python started
+                stream.flush()
+        except (OSError, ValueError):
+            pass
     os._exit(code if isinstance(code, int) else 1)

@@ -6,7 +6,6 @@ import gc
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 
@@ -222,10 +221,12 @@ class Runtime:
                 agent.signal_group(signal.SIGSTOP)
                 self.paused = True
                 self.status("paused", pid=agent.pid)
-            elif cmd.cmd == "resume" and self.paused:
+            elif cmd.cmd == "resume":
+                # SIGCONT also when the agent (or anyone) stopped the group on its own
                 agent.signal_group(signal.SIGCONT)
-                self.paused = False
-                self.status("running", pid=agent.pid)
+                if self.paused:
+                    self.paused = False
+                    self.status("running", pid=agent.pid)
 
     def sink(self, ev: Output | StreamClosed) -> None:
         if isinstance(ev, Output):
@@ -294,7 +295,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     gc.set_threshold(GC_THRESHOLD, 20, 20)
     rt.heartbeat.start()
     rt.control.start()
-    echo = {STDOUT: sys.stdout.fileno(), STDERR: sys.stderr.fileno()} if s.echo else None
+    echo = {STDOUT: 1, STDERR: 2} if s.echo else None  # open: cli.main put /dev/null on a closed one
     reader = PipeReader(
         {STDOUT: agent.stdout_fd, STDERR: agent.stderr_fd},
         rt.sink,

@@ -17,7 +17,7 @@ USAGE = "python -m sidecar [OPTIONS] -- CMD [ARG...]\n       python -m sidecar t
 
 
 def usage_error(message: str) -> NoReturn:
-    sys.stderr.write(f"agent-sidecar: error: {message} (see --help)\n")
+    os.write(2, f"agent-sidecar: error: {message} (see --help)\n".encode("utf-8", "backslashreplace"))
     raise SystemExit(2)
 
 
@@ -83,7 +83,26 @@ def agent_environment(env: dict[str, str] | os._Environ[str]) -> dict[str, str]:
     return out
 
 
+def open_std_fds() -> None:
+    """Put /dev/null on a standard descriptor that is closed: otherwise the agent's pipes could
+    get numbers 0 to 2 and be taken for the sidecar's own stdin, stdout or stderr."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one, if lower ones are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    # Python leaves sys.stdout and sys.stderr None when their descriptor was closed at its start.
+    if sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    open_std_fds()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("tail", "replay"):
         import signal

@@ -105,7 +105,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("retry_max_s", "--retry-max-backoff", "SIDECAR_RETRY_MAX_BACKOFF", 5.0,
            "cap of the exponential reconnect backoff, seconds", kind="duration"),
     Option("retention_s", "--retention", "SIDECAR_RETENTION", 86400.0,
-           "TTL of every key written, refreshed on write (s, or with m/h/d suffix; 0: none)", kind="duration"),
+           "TTL of every key written, refreshed on write (s, or with m/h/d suffix; rounded up to whole s; 0: none)",
+           kind="duration"),
     Option("max_stream_len", "--max-stream-len", "SIDECAR_MAX_STREAM_LEN", 1_000_000,
            "approximate cap on entries per stream (0: none)", kind="int"),
     Option("heartbeat_interval_s", "--heartbeat-interval", "SIDECAR_HEARTBEAT_INTERVAL", 5.0,
@@ -195,6 +196,11 @@ class Settings(Frozen):
 
     def channel(self, template: str) -> str:
         return template.format(run_id=self.run_key, variation_id=self.variation_id, agent_id=self.agent_id)
+
+    @property
+    def ttl_s(self) -> int:
+        """--retention as EXPIRE takes it: whole seconds, rounded up (0: no TTL)."""
+        return math.ceil(self.retention_s) if self.retention_s > 0 else 0
 
     @property
     def use_stream(self) -> bool:
@@ -386,6 +392,23 @@ def validate_template(name: str, template: str) -> None:
         )
 
 
+def _check_utf8(name: str, value: str | None) -> None:
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"invalid {name}: not valid UTF-8") from None
+
+
+def check_id(name: str, value: str) -> None:
+    """A run, variation or agent id: UTF-8 text without spaces, braces or control characters
+    (it becomes part of key names and of every message)."""
+    _check_utf8(name, value)
+    if any(c in "{} \x7f" or c < " " for c in value):
+        raise UsageError(f"invalid {name} {value!r}: no spaces, braces or control characters")
+
+
 def default_agent_id(env: dict[str, str]) -> str:
     return env.get("POD_NAME") or f"{os.uname().nodename}-{os.getpid()}"  # as socket.gethostname()
 
@@ -423,12 +446,16 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     merged["spool_dir"] = merged["spool_dir"] or _default_spool_dir()
     merged["redis_password"] = env.get("REDIS_PASSWORD") or None
     if merged["redis_password_file"]:
-        merged["redis_password"] = _read_secret(merged["redis_password_file"], "--redis-password-file").decode()
+        password = _read_secret(merged["redis_password_file"], "--redis-password-file")
+        try:
+            merged["redis_password"] = password.decode()
+        except UnicodeDecodeError:
+            raise UsageError(f"--redis-password-file {merged['redis_password_file']}: not valid UTF-8") from None
     secret: bytes | None = None
     if merged["control_secret_file"]:
         secret = _read_secret(merged["control_secret_file"], "--control-secret-file")
     elif env.get("SIDECAR_CONTROL_SECRET"):
-        secret = env["SIDECAR_CONTROL_SECRET"].encode()
+        secret = env["SIDECAR_CONTROL_SECRET"].encode("utf-8", "surrogateescape")  # the variable's bytes
     merged["control_secret"] = secret
     patterns = values.get("redact_patterns") or ()
     if not patterns and env.get("SIDECAR_REDACT_PATTERNS"):
@@ -436,6 +463,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     if patterns:
         from .redaction import check_patterns
 
+        for pattern in patterns:
+            _check_utf8("--redact-pattern", pattern)
         problem = check_patterns(patterns)
         if problem:
             raise UsageError(f"invalid --redact-pattern {problem}")
@@ -445,8 +474,13 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         if path and not os.path.isfile(path):
             raise UsageError(f"--{opt.replace('_', '-')} {path}: no such file")
     for name in ("run_id", "variation_id", "agent_id"):
-        if any(c in merged[name] for c in "{}\n\r\0 "):
-            raise UsageError(f"invalid {name} {merged[name]!r}: no spaces, braces or control characters")
+        check_id(name, merged[name])
+    # Text that goes into commands and JSON must be UTF-8 (an argument or variable of other
+    # bytes arrives with surrogate escapes). File paths may be any bytes.
+    for name, shown in (("redis_url", "--redis-url"), ("output_channel", "--output-channel"),
+                        ("logs_channel", "--logs-channel"), ("status_channel", "--status-channel"),
+                        ("redis_username", "--redis-username"), ("redis_password", "REDIS_PASSWORD")):
+        _check_utf8(shown, merged[name])
     settings = Settings(command=command, **merged)
     _check_distinct_keys(settings)
     return settings

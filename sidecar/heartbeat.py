@@ -100,7 +100,7 @@ def commands(settings: Settings, msg: dict[str, Any], payload: bytes) -> list[tu
         ("SET", alive_key(settings), payload, "EX", alive_ttl(settings.heartbeat_interval_s)),
         ("HSET", vkey, "last_heartbeat", msg["timestamp"], "agent_id", settings.agent_id),
     ]
-    ttl = int(settings.retention_s)
+    ttl = settings.ttl_s
     if ttl > 0:
         cmds.append(("EXPIRE", vkey, ttl))
     return cmds

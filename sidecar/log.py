@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 TYPE_CHECKING = False
@@ -30,14 +29,23 @@ def _emit(level: str, msg: str, fields: dict[str, Any]) -> None:
 
         rec: dict[str, Any] = {"ts": time.time(), "logger": "agent-sidecar", "level": level, "msg": msg}
         rec.update(fields)
-        line = orjson.dumps(rec, default=str) + b"\n"
+        try:
+            line = orjson.dumps(rec, default=str) + b"\n"
+        except (TypeError, ValueError):  # text of other bytes than UTF-8 (a command name, a path)
+            line = orjson.dumps({k: _plain(v) for k, v in rec.items()}) + b"\n"
     else:
         extra = "".join(f" {k}={v}" for k, v in fields.items())
         line = f"{PREFIX} {level.upper()} {msg}{extra}\n".encode("utf-8", "replace")
     try:
-        os.write(sys.stderr.fileno(), line)
-    except (OSError, ValueError):
+        os.write(2, line)
+    except OSError:
         pass
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float)) and abs(value) < 2**63:
+        return value
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def debug(msg: str, **fields: Any) -> None:

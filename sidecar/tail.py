@@ -12,7 +12,7 @@ import orjson
 
 from . import protocol
 from .argv import _Parser, add_options
-from .config import CONNECTION_OPTIONS, OPTIONS, UsageError, build_connection, mask_url
+from .config import CONNECTION_OPTIONS, OPTIONS, UsageError, build_connection, check_id, mask_url
 from .consumer import Event, Gap, RunReader, Status, channel_names
 from .protocol import Record
 
@@ -58,6 +58,23 @@ def _record_json(rec: Record) -> dict[str, Any]:
     return out
 
 
+def _json_line(obj: dict[str, Any]) -> bytes:
+    """One JSON line. What orjson refuses (an integer beyond 64 bits, nesting past 255 levels:
+    entries written by someone other than a sidecar) goes through the standard library; a
+    record's parsed ``json`` object is left out as a last resort, its text stays."""
+    try:
+        return orjson.dumps(obj)
+    except (TypeError, ValueError):
+        pass
+    import json
+
+    try:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError):
+        rest = {k: v for k, v in obj.items() if k != "json"}
+        return json.dumps(rest, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+
+
 class Printer:
     def __init__(self, mode: str, stream: str | None, show_status: bool, variation: str) -> None:
         self.mode = mode
@@ -76,13 +93,7 @@ class Printer:
             if self.mode == "raw":
                 (self.out if ev.stream == "stdout" else self.err).write(ev.data)
             elif self.mode == "json":
-                rec = _record_json(ev)
-                try:
-                    line = orjson.dumps(rec)
-                except (TypeError, ValueError):  # an object too deep or with huge numbers: text only
-                    rec.pop("json", None)
-                    line = orjson.dumps(rec)
-                self.out.write(line + b"\n")
+                self.out.write(_json_line(_record_json(ev)) + b"\n")
             else:
                 tag = "out" if ev.stream == "stdout" else "err"
                 self.out.write(f"{protocol.iso_utc(ev.ts)[11:23]} {tag} | ".encode() + ev.text.encode() + b"\n")
@@ -94,7 +105,7 @@ class Printer:
             if not self.show_status:
                 return
             if self.mode == "json":
-                self.out.write(orjson.dumps(ev.msg) + b"\n")
+                self.out.write(_json_line(ev.msg) + b"\n")
             else:
                 metadata = ev.msg.get("metadata")
                 meta = " ".join(f"{k}={v}" for k, v in metadata.items()) if isinstance(metadata, dict) else ""
@@ -102,8 +113,8 @@ class Printer:
         elif isinstance(ev, Gap):
             note = f"[agent-sidecar] gap: records {ev.first}..{ev.last} of {ev.channel} {ev.reason}\n"
             if self.mode == "json":
-                self.out.write(orjson.dumps({"type": "gap", "channel": ev.channel, "stream": ev.stream,
-                                             "from": ev.first, "to": ev.last, "reason": ev.reason}) + b"\n")
+                self.out.write(_json_line({"type": "gap", "channel": ev.channel, "stream": ev.stream,
+                                           "from": ev.first, "to": ev.last, "reason": ev.reason}) + b"\n")
             elif self.mode == "raw":
                 self.gaps += 1  # stderr carries the agent's bytes only; reported by the exit status
             else:
@@ -117,6 +128,8 @@ class Printer:
 def main(argv: Sequence[str]) -> int:
     ns = parser().parse_args(list(argv))
     try:
+        check_id("RUN_ID", ns.run_id)
+        check_id("--variation", ns.variation)
         settings = build_connection(vars(ns), dict(os.environ), _CONN_OPTS)
     except UsageError as exc:
         sys.stderr.write(f"agent-sidecar tail: error: {exc}\n")

@@ -554,7 +554,7 @@ class Sender:
         target = self._target_for()
         cluster = isinstance(target, ClusterTarget)
         s = self.settings
-        ttl = int(s.retention_s)
+        ttl = s.ttl_s
         maxlen = s.max_stream_len
         publish_mode = 2 if s.pubsub == "sharded" else 1
         publish_cmd = "SPUBLISH" if s.pubsub == "sharded" else "PUBLISH"

@@ -626,3 +626,52 @@ def test_what_runs_before_the_agent_starts_imports_no_heavy_modules() -> None:
              "main(['--no-echo', '--redis-url', 'redis://h:1/0', '--linger-ms=2', '--', 'true'])\n")
     cp = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=60)
     assert cp.stdout.decode().split() == ["spawned"], (cp.stdout, cp.stderr)
+
+
+@pytest.mark.parametrize(("values", "env", "fragment"), [
+    ({"run_id": "r\udcff"}, {}, "run_id: not valid UTF-8"),
+    ({"variation_id": "\udcc3"}, {}, "variation_id: not valid UTF-8"),
+    ({}, {"AGENT_ID": "a\udcc3"}, "agent_id: not valid UTF-8"),
+    ({"run_id": "a\tb"}, {}, "control characters"),
+    ({"agent_id": "a\x7fb"}, {}, "control characters"),
+    ({"output_channel": "run:{run_id}:\udcff"}, {}, "--output-channel: not valid UTF-8"),
+    ({"redis_username": "u\udcff"}, {}, "--redis-username: not valid UTF-8"),
+    ({}, {"REDIS_PASSWORD": "p\udcff"}, "REDIS_PASSWORD: not valid UTF-8"),
+    ({"redact_patterns": ("x\udcff",)}, {}, "--redact-pattern: not valid UTF-8"),
+])
+def test_text_that_is_not_utf8_or_ids_with_control_characters_are_usage_errors(
+        values: dict[str, Any], env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        mk(values, env)
+
+
+def test_a_password_file_that_is_not_utf8_is_a_usage_error(tmp_path: Any) -> None:
+    path = tmp_path / "pw"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(UsageError, match="not valid UTF-8"):
+        mk({"redis_password_file": str(path)})
+
+
+def test_a_control_secret_from_the_environment_keeps_its_bytes() -> None:
+    assert mk(env={"SIDECAR_CONTROL_SECRET": "k\udcffey"}).control_secret == b"k\xffey"
+
+
+@pytest.mark.parametrize(("retention", "ttl"),
+                         [("0", 0), ("0.4", 1), ("1e-300", 1), ("1", 1), ("1.5", 2), ("1d", 86400)])
+def test_the_ttl_is_the_retention_rounded_up_to_whole_seconds(retention: str, ttl: int) -> None:
+    assert mk({"retention_s": retention}).ttl_s == ttl
+
+
+def test_json_diagnostics_take_text_of_other_bytes_than_utf8(capfd: pytest.CaptureFixture[str]) -> None:
+    import orjson
+
+    from sidecar import log
+
+    log.configure("json", "info")
+    try:
+        log.error("'\udcff': command not found", path="/tmp/sp\udcff", n=3, big=2**70)
+    finally:
+        log.configure("text", "info")
+    rec = orjson.loads(capfd.readouterr().err)
+    assert rec["msg"] == "'\\udcff': command not found" and rec["path"] == "/tmp/sp\\udcff"
+    assert rec["n"] == 3 and rec["big"] == str(2**70)
