@@ -62,6 +62,7 @@ class PipeReader:
         self._filter = filter
         self._splitters = {name: LineSplitter(max_line_bytes, count_lf) for name in fds}
         self._deadline: float | None = None
+        self._finish_closed = True
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.echo_dropped = 0  # echo bytes the sidecar's own stdout/stderr did not take
@@ -71,10 +72,14 @@ class PipeReader:
     def start(self) -> None:
         self.thread.start()
 
-    def stop_after(self, grace_s: float) -> None:
-        """Stop reading ``grace_s`` from now even if a pipe is still open (a grandchild holds it)."""
+    def stop_after(self, grace_s: float, *, finish_closed: bool = True) -> None:
+        """Stop reading ``grace_s`` from now a pipe that some process still holds open for
+        writing (a grandchild of the agent). A pipe whose writers are all gone is read to its
+        end whenever that comes (what it holds is finite: the reader may have been held up by
+        back-pressure), unless ``finish_closed`` is False."""
         with self._lock:
             self._deadline = time.monotonic() + grace_s
+            self._finish_closed = finish_closed
 
     def join(self, timeout: float | None = None) -> bool:
         self.thread.join(timeout)
@@ -93,13 +98,18 @@ class PipeReader:
             while by_fd:
                 with self._lock:
                     deadline = self._deadline
+                    finish_closed = self._finish_closed
                 if deadline is not None and time.monotonic() >= deadline:
                     # checked on every round: a grandchild that never stops writing must not
                     # keep the sidecar reading past --pipe-grace
                     for fd, name in list(by_fd.items()):
-                        self._close(poller, by_fd, fd, name, forced=True)
-                    continue
+                        if not (finish_closed and _writers_gone(fd)):
+                            self._close(poller, by_fd, fd, name, forced=True)
+                    if not by_fd:
+                        continue
                 timeout_ms = 100 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+                if deadline is not None and timeout_ms == 0:
+                    timeout_ms = 100  # past it: what is left are pipes without writers, read to EOF
                 ready = poller.poll(0 if gathering else min(timeout_ms, 100))
                 if not ready:
                     if gathering:  # the burst is over: what was read goes out now
@@ -188,6 +198,14 @@ class PipeReader:
         self._release(name, ts)
         self._emit(name, ts, self._splitters[name].flush())
         self._sink(StreamClosed(name, forced))
+
+
+def _writers_gone(fd: int) -> bool:
+    """Whether no process holds the pipe open for writing any more (POLLHUP): what it still
+    holds is all there will be."""
+    probe = select.poll()
+    probe.register(fd, select.POLLIN)
+    return any(events & select.POLLHUP for _fd, events in probe.poll(0))
 
 
 def _write_all(fd: int, data: bytes) -> int:

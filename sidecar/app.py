@@ -196,7 +196,7 @@ class Runtime:
             return
         log.warning("control command rejected", reason=rej.reason)
         meta: dict[str, Any] = {"reason": rej.reason}
-        if rej.raw is not None:
+        if rej.raw is not None:  # parsed by orjson and at most 32 levels deep: it encodes
             meta["command"] = {k: v for k, v in rej.raw.items() if k != "sig"}
         self.status("control_rejected", **meta)
 
@@ -209,8 +209,13 @@ class Runtime:
                 return
             agent = sup.agent
             log.info("control command", cmd=cmd.cmd, signal=signal_name(cmd.signal) if cmd.signal else None)
+            if self.cancelled and cmd.cmd in ("pause", "resume"):
+                # the agent is shutting down: a pause would freeze its clean-up until SIGKILL
+                log.info("control command ignored: the agent is being cancelled", cmd=cmd.cmd)
+                continue
             if cmd.cmd == "cancel":
                 self.cancelled = True
+                self.paused = False
                 sup.stop(signal.SIGTERM)  # with SIGCONT: a paused agent must wake to see SIGTERM
             elif cmd.cmd == "signal" and cmd.signal is not None:
                 agent.signal_group(cmd.signal)
@@ -326,7 +331,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
         if sig in signals.STOPPING:
             stops += 1
             if stops >= 2:
-                reader.stop_after(0)  # a second stop: stop reading now
+                reader.stop_after(0, finish_closed=False)  # a second stop: stop reading now
         log.info("agent has exited; still reading its pipes", pipe_grace_s=s.pipe_grace_s,
                  forwarded=signal_name(sig))
     if reader.echo_dropped:

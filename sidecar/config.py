@@ -401,6 +401,18 @@ def _check_utf8(name: str, value: str | None) -> None:
         raise UsageError(f"invalid {name}: not valid UTF-8") from None
 
 
+def _check_client_cert(cert_file: str, key_file: str | None) -> None:
+    """Load the TLS client certificate and key once, so that a wrong file is a usage error
+    rather than a handshake failing on every retry ("PEM lib")."""
+    import ssl
+
+    try:
+        ssl.create_default_context().load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError) as exc:
+        what = f"--redis-cert-file {cert_file}" + (f" / --redis-key-file {key_file}" if key_file else "")
+        raise UsageError(f"{what}: not a usable certificate and private key ({exc})") from None
+
+
 def check_id(name: str, value: str) -> None:
     """A run, variation or agent id: UTF-8 text without spaces, braces or control characters
     (it becomes part of key names and of every message)."""
@@ -473,6 +485,10 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         path = merged[opt]
         if path and not os.path.isfile(path):
             raise UsageError(f"--{opt.replace('_', '-')} {path}: no such file")
+    if merged["redis_key_file"] and not merged["redis_cert_file"]:
+        raise UsageError("--redis-key-file needs --redis-cert-file (the client certificate)")
+    if merged["redis_cert_file"]:
+        _check_client_cert(merged["redis_cert_file"], merged["redis_key_file"])
     for name in ("run_id", "variation_id", "agent_id"):
         check_id(name, merged[name])
     # Text that goes into commands and JSON must be UTF-8 (an argument or variable of other

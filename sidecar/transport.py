@@ -43,21 +43,23 @@ else
   redis.call('XADD', KEYS[1], '*', 'd', ARGV[4])
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-if ARGV[6] == '1' then
-  redis.call('PUBLISH', KEYS[1], ARGV[4])
-elseif ARGV[6] == '2' then
-  redis.call('SPUBLISH', KEYS[1], ARGV[4])
-end
 local ttl = tonumber(ARGV[7])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
 end
+if ARGV[6] == '1' then
+  redis.call('PUBLISH', KEYS[1], ARGV[4])
+elseif ARGV[6] == '2' then
+  redis.call('SPUBLISH', KEYS[1], ARGV[4])
+end
 return 1
 """
 
 # Token usage: added to per-run totals once per report (same idempotency rule as appends),
-# then announced on the metrics channel.
+# then announced on the metrics channel. A report that would take a total past what HINCRBY
+# (64-bit) or HINCRBYFLOAT keeps is not counted at all (returns 2): a script that failed half
+# way would leave the first fields added, and its retry would be skipped as a repeat.
 # ARGV: producer, seq, payload, ttl, variation, prev (as for appends), then field/value pairs.
 TOKENS_SCRIPT = """
 local hwm = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
@@ -66,6 +68,15 @@ local prev = tonumber(ARGV[6])
 if prev > 0 and hwm < prev then return redis.error_reply('SEQGAP the report before this one was not counted') end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 local prefix = 'variation:' .. ARGV[5] .. ':'
+for i = 7, #ARGV - 1, 2 do
+  local f, v = ARGV[i], tonumber(ARGV[i + 1])
+  local limit = 9e18
+  if f == 'cost_usd' then limit = 1e300 end
+  for _, field in ipairs({f, prefix .. f}) do
+    local total = (tonumber(redis.call('HGET', KEYS[1], field) or '0') or 0) + v
+    if not (total < limit) then return 2 end
+  end
+end
 for i = 7, #ARGV - 1, 2 do
   local f, v = ARGV[i], ARGV[i + 1]
   if f == 'cost_usd' then
@@ -88,7 +99,7 @@ return 1
 """
 # Each script's SHA-1, as EVALSHA names it; literal, so that start-up does not load OpenSSL
 # for hashlib (tests/unit/test_transport_scripts.py checks them against the scripts).
-TOKENS_SHA = "a2987a9ff3878880c691d76aa31d9682af1c9eaf"
+TOKENS_SHA = "9e889b784ad257de1be04b630beb06eefb08877a"
 
 # The variation hash takes a status only if it is not older than the one it holds (by the
 # status timestamp): replaying an earlier attempt's spool must not roll the state back.
@@ -148,7 +159,7 @@ def reveals_cluster(settings: Settings, target: Target, replies: list[Any]) -> b
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, ReplyError)
-APPEND_SHA = "f906e06366333bec6733158b8f2a24e6beeef7c4"
+APPEND_SHA = "e2ad484876a4b18ceb8475868f382ad2c257162e"
 # Loaded on every new connection, each checked against its digest.
 _SCRIPTS = ((APPEND_SCRIPT, APPEND_SHA), (TOKENS_SCRIPT, TOKENS_SHA), (VARIATION_SCRIPT, VARIATION_SHA))
 
@@ -355,6 +366,7 @@ class Sender:
         # the pipe reader delivering a lone line itself (deliver_here).
         self._turn = threading.Lock()
         self._direct_after = 0.0  # monotonic time before which deliver_here declines
+        self._refusals_told: set[str] = set()  # error replies already logged as warnings
         self.thread = threading.Thread(target=self._run, name="redis-sender", daemon=True)
 
     def start(self) -> None:
@@ -490,8 +502,15 @@ class Sender:
             reraise=True,
         )
         # One lost connection is routine (a restart, an idle timeout, CLIENT KILL): reconnect
-        # and try again at once; only a second failure counts as an outage.
-        log.debug("write failed; reconnecting", error=describe_error(first_error, self.settings.redis_url))
+        # and try again at once; only a second failure counts as an outage. A command Redis
+        # refused (an ACL without PUBLISH, say) is worth a warning, once per kind of error.
+        error = describe_error(first_error, self.settings.redis_url)
+        if isinstance(first_error, ReplyError) and first_error.code not in ("NOSCRIPT", "MOVED", "ASK"):
+            if error not in self._refusals_told and len(self._refusals_told) < 100:
+                self._refusals_told.add(error)
+                log.warning("Redis refused a write; retrying", error=error)
+        else:
+            log.debug("write failed; reconnecting", error=error)
         self._drop_client()
         try:
             for attempt in retrying:
@@ -560,17 +579,21 @@ class Sender:
         publish_cmd = "SPUBLISH" if s.pubsub == "sharded" else "PUBLISH"
         cmds: list[tuple[Any, ...]] = []
         before: dict[tuple[str, str], int] = {}  # (key, producer) -> last seq of the previous item here
+        tokens_at: list[int] = []  # indices of token-report scripts in cmds
         for it in items:
             prev = before.get((it.key, it.producer), 0)
             before[(it.key, it.producer)] = it.last
             if it.kind == "tokens":
+                tokens_at.append(len(cmds))
                 cmds.append(self._tokens_command(it, ttl, cluster, prev))
                 continue
             publish_inline = s.use_pubsub and it.pubs is None
             if it.kind == "status":
                 msg = orjson.loads(it.payload)
                 run = str(msg.get("run_id", ""))
-                vkey = variation_key(f"{{{run}}}" if s.cluster_hash_tag else run, str(msg.get("variation_id", "")))
+                # As the status key names the run (a spool replayed with other flags keeps its keys)
+                tagged = f"{{{run}}}" in it.key if run and run in it.key else s.cluster_hash_tag
+                vkey = variation_key(f"{{{run}}}" if tagged else run, str(msg.get("variation_id", "")))
                 cmds.append(("EVALSHA", VARIATION_SHA, 1, vkey, str(msg.get("timestamp", "")), ttl,
                              *status_hash_fields(msg)))
             if s.use_stream:
@@ -596,6 +619,10 @@ class Sender:
                 if reply.code == "NOSCRIPT":
                     target.close()  # reconnecting loads the scripts again
                 raise reply
+        for i in tokens_at:
+            if replies[i] == 2:
+                log.warning("token report not added to the run's totals: a total would pass the largest number "
+                            "Redis keeps", key=cmds[i][3], seq=cmds[i][6])
 
     @staticmethod
     def _tokens_command(it: Item, ttl: int, cluster: bool, prev: int = 0) -> tuple[Any, ...]:

@@ -15,7 +15,7 @@ import psutil
 
 from tests.helpers import REPO_ROOT, ManagedProcess, run_process, run_sidecar, sidecar_command, wait_until
 from tests.integration import runs
-from tests.redis_harness import RedisServer
+from tests.redis_harness import RedisServer, find_free_port
 
 
 def _args(url: str, run_id: str, *extra: str) -> list[str]:
@@ -99,3 +99,110 @@ def test_resume_wakes_an_agent_that_stopped_itself(redis_server: RedisServer, st
     assert cp.returncode == 0
     assert runs.stream_bytes(client, out) == b"stopping\nresumed\n"
     assert "paused" not in [m["status"] for m in runs.statuses(client, "selfstop")]
+
+
+def test_a_pause_after_cancel_does_not_freeze_the_agents_clean_up(redis_server: RedisServer,
+                                                                   start_sidecar: Any) -> None:
+    client = redis_server.client()
+    agent = [sys.executable, "-c",
+             "import signal, sys, time\n"
+             "def term(*_):\n"
+             "    for i in range(6):\n"
+             "        print('cleanup', i, flush=True); time.sleep(0.25)\n"
+             "    sys.exit(0)\n"
+             "signal.signal(signal.SIGTERM, term)\n"
+             "print('ready', flush=True)\n"
+             "while True: time.sleep(1)\n"]
+    proc = start_sidecar([*_args(redis_server.url, "cxl", "--no-echo", "--kill-grace", "5"), "--", *agent])
+    out = runs.keys("cxl")["stdout"]
+    wait_until(lambda: runs.stream_bytes(client, out) == b"ready\n", timeout=10)
+    client.publish("run:cxl:control", json.dumps({"cmd": "cancel"}))
+    wait_until(lambda: b"cleanup 0" in runs.stream_bytes(client, out), timeout=5)
+    for cmd in ("pause", "resume", "pause"):
+        client.publish("run:cxl:control", json.dumps({"cmd": cmd}))
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 0
+    assert runs.stream_bytes(client, out) == b"ready\n" + b"".join(b"cleanup %d\n" % i for i in range(6))
+    assert [m["status"] for m in runs.statuses(client, "cxl")] == ["starting", "running", "cancelled"]
+
+
+def test_a_deeply_nested_command_is_rejected_with_its_reason(redis_server: RedisServer,
+                                                             start_sidecar: Any) -> None:
+    client = redis_server.client()
+    proc = start_sidecar([*_args(redis_server.url, "rej", "--no-echo"), "--", "sleep", "30"])
+    wait_until(lambda: client.hget("run:rej:variation:0", "status") == b"running", timeout=10)
+    client.publish("run:rej:control", b'{"cmd":"cancel","x":' + b"[" * 300 + b"]" * 300 + b"}")
+    wait_until(lambda: runs.statuses(client, "rej")[-1]["status"] == "control_rejected", timeout=5)
+    assert runs.statuses(client, "rej")[-1]["metadata"] == {"reason": "nested deeper than 32 levels"}
+    assert proc.poll() is None  # the agent was not cancelled
+    client.publish("run:rej:control", json.dumps({"cmd": "cancel"}))
+    assert proc.finish(timeout=30).returncode == 143
+
+
+def test_a_token_report_that_would_overflow_a_total_is_not_counted_and_is_logged(
+        redis_server: RedisServer) -> None:
+    big = 2**53
+    agent = [sys.executable, "-c",
+             "import json\n"
+             f"for _ in range(1100): print(json.dumps({{'sidecar_event': 'tokens', 'input_tokens': {big}, "
+             "'output_tokens': 1}))\n"
+             "for _ in range(50): print(json.dumps({'sidecar_event': 'tokens', 'input_tokens': 1, "
+             "'output_tokens': 1}))\n"]
+    cp = run_sidecar([*_args(redis_server.url, "tok", "--no-echo"), "--", *agent])
+    assert cp.returncode == 0
+    totals = {k.decode(): int(v) for k, v in redis_server.client().hgetall("run:tok:tokens").items()}
+    counted = int(9e18 // big)  # 999 reports of 2**53 fit below 9e18; the rest of them do not
+    assert totals["input_tokens"] == counted * big + 50
+    assert totals["output_tokens"] == totals["reports"] == counted + 50
+    assert totals["variation:0:reports"] == counted + 50
+    assert cp.stderr.count(b"token report not added to the run's totals") == 1100 - counted
+
+
+def test_output_left_in_the_pipe_by_an_agent_that_exited_is_read_however_long_reading_was_held_up(
+        redis_factory: Any, start_sidecar: Any) -> None:
+    """Back-pressure (no spool, a small buffer, Redis away) holds the reader up past
+    --pipe-grace; the agent has exited and nobody holds its pipe: every byte still arrives."""
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    agent = [sys.executable, "-c", "import sys\nfor i in range(8000): sys.stdout.write('%05d %s\\n' % (i, 'x' * 60))"]
+    expected = b"".join(b"%05d %s\n" % (i, b"x" * 60) for i in range(8000))
+    proc = start_sidecar([*_args(url, "held", "--no-echo", "--spool-max-bytes", "0", "--buffer-max-bytes", "32k",
+                                 "--compress-threshold", "-1", "--pipe-grace", "0.5", "--drain-timeout", "20"),
+                          "--", *agent])
+    time.sleep(3.0)  # the agent is long gone, the reader waits for room
+    srv: RedisServer = redis_factory(port=port)
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert b"still held open" not in cp.stderr
+    assert runs.stream_bytes(srv.client(), runs.keys("held")["stdout"]) == expected
+
+
+def test_a_user_refused_publish_still_gets_every_key_expiring_and_one_warning(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    client.execute_command("ACL", "SETUSER", "nopub", "on", ">pw-nopub", "~*", "&*", "+@all", "-publish")
+    cp = run_sidecar([*_args(redis_server.url, "nopub", "--redis-username", "nopub", "--heartbeat-interval", "0",
+                             "--no-echo"), "--", "sh", "-c", "for i in 1 2 3; do echo line $i; sleep 0.1; done"],
+                     env={"REDIS_PASSWORD": "pw-nopub"})
+    assert cp.returncode == 0, cp.stderr
+    assert runs.stream_bytes(client, runs.keys("nopub")["stdout"]) == b"line 1\nline 2\nline 3\n"
+    ttls = {k: client.ttl(k) for k in client.scan_iter("run:nopub:*")}
+    assert ttls and all(ttl > 0 for ttl in ttls.values()), ttls
+    assert cp.stderr.count(b"Redis refused a write") == 1, cp.stderr
+
+
+def test_a_spool_replayed_without_its_hash_tag_flag_keeps_the_runs_keys_together(
+        redis_factory: Any, tmp_path: Path) -> None:
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    spool = tmp_path / "spool"
+    cp = run_sidecar([*_args(url, "ht", "--cluster-hash-tag", "--spool-dir", str(spool), "--drain-timeout", "0.5",
+                             "--socket-timeout", "1", "--heartbeat-interval", "0"), "--", "echo", "hi"])
+    assert cp.returncode == 0
+    srv: RedisServer = redis_factory(port=port)
+    rp = run_process([sys.executable, "-m", "sidecar", "replay", "--spool-dir", str(spool), "--redis-url", url,
+                      "--timeout", "30"])
+    assert rp.returncode == 0, rp.stderr
+    client = srv.client()
+    names = sorted(k.decode() for k in client.scan_iter("run:*"))
+    assert "run:{ht}:variation:0" in names
+    assert all(name.startswith("run:{ht}:") for name in names), names

@@ -675,3 +675,18 @@ def test_json_diagnostics_take_text_of_other_bytes_than_utf8(capfd: pytest.Captu
     rec = orjson.loads(capfd.readouterr().err)
     assert rec["msg"] == "'\\udcff': command not found" and rec["path"] == "/tmp/sp\\udcff"
     assert rec["n"] == 3 and rec["big"] == str(2**70)
+
+
+def test_a_client_key_without_its_certificate_is_a_usage_error(tmp_path: Any) -> None:
+    key = tmp_path / "client.key"
+    key.write_text("not used")
+    with pytest.raises(UsageError, match="--redis-key-file needs --redis-cert-file"):
+        mk({"redis_key_file": str(key)})
+
+
+def test_a_client_certificate_that_does_not_load_is_a_usage_error(tmp_path: Any) -> None:
+    cert, key = tmp_path / "client.crt", tmp_path / "client.key"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
+    key.write_text("not a key\n")
+    with pytest.raises(UsageError, match="not a usable certificate and private key"):
+        mk({"redis_cert_file": str(cert), "redis_key_file": str(key)})

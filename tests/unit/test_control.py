@@ -438,3 +438,21 @@ def test_tree_sampler_on_a_vanished_process() -> None:
     proc.wait()
     empty = {"cpu_percent": 0.0, "rss_bytes": 0, "num_procs": 0}
     assert heartbeat.TreeSampler(psutil).sample(proc.pid) == empty
+
+
+@pytest.mark.parametrize("depth", [33, 300, 1000])
+def test_a_deeply_nested_command_is_rejected_before_any_check(secure: config.Settings, depth: int) -> None:
+    """The signature check serialises the command (json.dumps recurses) and a status message
+    carries it (orjson stops at 255 levels): too deep a command is refused first, and alone."""
+    payload = (b'{"cmd":"signal","signal":"usr1","ts":%d,"x":' % NOW + b"[" * depth + b"]" * depth
+               + b',"sig":"' + b"a" * 64 + b'"}')
+    result = run(payload, secure)
+    assert "nested deeper than 32 levels" in rejected(result)
+    assert isinstance(result, Rejection) and result.raw is None
+
+
+def test_a_command_nested_32_levels_still_goes_through_the_checks(secure: config.Settings) -> None:
+    inner: Any = []
+    for _ in range(30):
+        inner = [inner]
+    assert isinstance(run(sign({"cmd": "cancel", "ts": NOW, "x": inner}, SECRET), secure), Command)
