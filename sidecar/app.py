@@ -21,11 +21,13 @@ from .config import Settings, mask_url
 from .items import Item
 from .outbox import Outbox
 from .spool import Spool, SpoolError
-from .transport import Sender, TargetPipe, subscriber_connection
+from .transport import Sender, TargetPipe, open_connection, subscriber_connection
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
+
+    from .resp import Connection
 
 
 class Runtime:
@@ -76,19 +78,33 @@ class Runtime:
         self.paused = False
         self._reject_window = 0.0
         self._rejects = 0
+        # One for the whole run: what it learns (a cluster's nodes) outlives a lost connection.
+        heartbeat_pipe = TargetPipe(s, f"agent-sidecar-heartbeat:{s.agent_id}")
         self.heartbeat = heartbeat.Heartbeat(
             s,
-            connect=lambda: TargetPipe(s, f"agent-sidecar-heartbeat:{s.agent_id}"),  # type: ignore[arg-type, return-value]
+            connect=lambda: heartbeat_pipe,  # type: ignore[arg-type, return-value]
             pid=lambda: self.agent_pid,
             stats=self.heartbeat_stats,
             started_at=self.started_at,
         )
+        self._control_attempts = 0
         self.control = control.Control(
             s,
-            connect=lambda: subscriber_connection(s, f"agent-sidecar-control:{s.agent_id}"),
+            connect=self.control_connection,
             on_command=self.commands.put,
             on_reject=self.rejected,
         )
+
+    def control_connection(self) -> Connection:
+        """The URL's server first; on a cluster, after a failed subscription, the other nodes
+        the data path knows in turn (a classic PUBLISH reaches every node), so that the
+        control channel outlives the node in the URL."""
+        self._control_attempts += 1
+        name = f"agent-sidecar-control:{self.s.agent_id}"
+        nodes = self.sender.cluster_nodes()
+        if nodes and self._control_attempts > 1:
+            return open_connection(self.s, name, nodes[self._control_attempts % len(nodes)])
+        return subscriber_connection(self.s, name)
 
     def _open_spool(self) -> Spool | None:
         if self.s.spool_max_bytes <= 0:

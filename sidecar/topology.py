@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import random
+import time
 from collections.abc import Callable
 
 from agent_wrapper.values import Frozen
 
+from . import log
 from .resp import Connection, Endpoint, ReplyError
 
 TYPE_CHECKING = False
@@ -192,18 +194,45 @@ def parse_sentinel_url(url: str, password: str | None = None, username: str | No
     )
 
 
+# How often the sentinels are asked again whom they name, while the master answers: after a
+# failover the old master takes writes until the sentinels demote it (seconds later), and its
+# resync with the new master then discards them.
+MASTER_CHECK_S = 1.0
+
+
 class SentinelTarget(Target):
-    """The master that the sentinels name, looked up again after every failure."""
+    """The master that the sentinels name, looked up again after every failure and every
+    MASTER_CHECK_S while it answers."""
 
     def __init__(self, spec: SentinelSpec, factory: ConnFactory, on_connect: Callable[[Connection], None],
                  tls: bool = False) -> None:
         super().__init__(Endpoint(), factory, on_connect)
         self.spec = spec
         self.tls = tls
+        self._checked_at = 0.0  # monotonic time the sentinels last named the master
+
+    def ready(self) -> bool:
+        return super().ready() and time.monotonic() - self._checked_at < MASTER_CHECK_S
+
+    def _still_named(self) -> None:
+        """Drop the connection when the sentinels now name another master. Sentinels that
+        cannot be asked leave it as it is: a master that answers is better than none."""
+        self._checked_at = time.monotonic()
+        try:
+            named = self._resolve()
+        except (OSError, ReplyError):
+            return
+        if (named.host, named.port) != (self.endpoint.host, self.endpoint.port):
+            log.info("the sentinels name another master; switching", master_name=self.spec.master_name,
+                     old=f"{self.endpoint.host}:{self.endpoint.port}", new=f"{named.host}:{named.port}")
+            self.close()
 
     def _connection(self) -> Connection:
+        if self.conn is not None and time.monotonic() - self._checked_at >= MASTER_CHECK_S:
+            self._still_named()
         if self.conn is None:
             self.endpoint = self._resolve()
+            self._checked_at = time.monotonic()
             conn = super()._connection()
             role = conn.call("ROLE")
             if not role or role[0] != b"master":

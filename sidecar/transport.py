@@ -265,15 +265,26 @@ def make_target(settings: Settings, on_connect: Any, name: str = "agent-sidecar"
     return Target(endpoint, factory, on_connect)
 
 
+def cluster_enabled(reply: Any) -> bool:
+    """Whether a CLUSTER INFO reply came from a cluster node: a standalone server answers with
+    an error (cluster support disabled), and so does one whose ACL refuses the command."""
+    return isinstance(reply, bytes) and b"cluster_state:" in reply
+
+
 class TargetPipe:
     """A Connection-like face (connect, pipeline, close) over a Target, for side paths such as the
     heartbeat: it follows Sentinel and Cluster like the data path, and turns into a cluster
-    client on the first MOVED reply in auto mode."""
+    client, in auto mode, on the first MOVED reply or when a new connection finds a cluster node."""
 
     def __init__(self, settings: Settings, name: str) -> None:
         self.settings = settings
-        self.target = make_target(settings, lambda _conn: None, name)
+        self._cluster_seen = False
+        self.target = make_target(settings, self._on_connect, name)
         self.connected = True  # connects lazily
+
+    def _on_connect(self, conn: Connection) -> None:
+        if self.settings.redis_mode == "auto" and type(self.target) is Target:
+            self._cluster_seen = cluster_enabled(conn.pipeline([("CLUSTER", "INFO")])[0])
 
     def connect(self) -> None:
         pass
@@ -282,6 +293,8 @@ class TargetPipe:
         self.target.interrupt()
 
     def pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        if self._cluster_seen and type(self.target) is Target:
+            self.target = ClusterTarget.replacing(self.target)
         replies = self.target.execute(cmds)
         if reveals_cluster(self.settings, self.target, replies):
             self.target = ClusterTarget.replacing(self.target)
@@ -303,8 +316,12 @@ def subscriber_connection(settings: Settings, name: str) -> Connection:
     return open_connection(settings, name)
 
 
-def open_connection(settings: Settings, name: str = "agent-sidecar") -> Connection:
+def open_connection(settings: Settings, name: str = "agent-sidecar", node: tuple[str, int] | None = None) -> Connection:
+    """A plain connection to the URL's server, or to ``node`` (a cluster node) with the same
+    credentials and TLS settings."""
     endpoint = parse_url(settings.redis_url, password=settings.redis_password, username=settings.redis_username)
+    if node is not None:
+        endpoint = endpoint.replace(host=node[0], port=node[1], db=0)
     return Connection(
         endpoint,
         socket_timeout=settings.socket_timeout_s,
@@ -367,6 +384,7 @@ class Sender:
         self._turn = threading.Lock()
         self._direct_after = 0.0  # monotonic time before which deliver_here declines
         self._refusals_told: set[str] = set()  # error replies already logged as warnings
+        self._cluster_seen = False  # a connection in auto mode found a cluster node
         self.thread = threading.Thread(target=self._run, name="redis-sender", daemon=True)
 
     def start(self) -> None:
@@ -542,8 +560,14 @@ class Sender:
 
     # -- I/O -----------------------------------------------------------------------------
     def _on_connect(self, conn: Connection) -> None:
-        """Load our scripts on every new connection."""
-        replies = conn.pipeline([("SCRIPT", "LOAD", script) for script, _sha in _SCRIPTS])
+        """Load our scripts on every new connection; in auto mode, ask a server taken for
+        standalone whether it is a cluster node (all of a run's keys may live on that node,
+        and then no MOVED would ever tell: its failover would not be followed)."""
+        cmds: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", script) for script, _sha in _SCRIPTS]
+        probe = self.settings.redis_mode == "auto" and type(self._target) is Target
+        replies = conn.pipeline([*cmds, ("CLUSTER", "INFO")] if probe else cmds)
+        if probe and cluster_enabled(replies.pop()):
+            self._cluster_seen = True
         for reply, (_script, digest) in zip(replies, _SCRIPTS, strict=True):
             if isinstance(reply, ReplyError):
                 raise reply
@@ -569,8 +593,15 @@ class Sender:
             # A cluster keeps its healthy nodes; the failed one was dropped already.
             pass
 
+    def cluster_nodes(self) -> list[tuple[str, int]]:
+        """The cluster nodes known from the slot map (any thread); empty unless a cluster."""
+        target = self._target
+        return list(target.seeds) if isinstance(target, ClusterTarget) else []
+
     def _send(self, items: list[Item], timeout: float | None = None) -> None:
         target = self._target_for()
+        if self._cluster_seen and type(target) is Target:
+            target = self._to_cluster()
         cluster = isinstance(target, ClusterTarget)
         s = self.settings
         ttl = s.ttl_s

@@ -169,3 +169,55 @@ def test_bad_sentinel_url_is_usage_error(args: list[str]) -> None:
         cp = run_process([sys.executable, "-m", "sidecar", *cmd], timeout=30)
         assert cp.returncode == 2, (cmd, cp.stderr)
         assert len(cp.stderr.decode().strip().splitlines()) == 1 and b"Traceback" not in cp.stderr
+
+
+def test_a_manual_sentinel_failover_is_followed_within_seconds(redis_sentinel: Any, start_sidecar: Any,
+                                                               tmp_path: Path) -> None:
+    """SENTINEL FAILOVER leaves the old master taking writes until the sentinels demote it,
+    seconds later, and its resync then discards them: the sidecar asks the sentinels every
+    second whom they name, and writes to the new master from then on."""
+    n = 4000
+    key = "run:mfo:output:0"
+    proc = start_sidecar([*_args(redis_sentinel.url, "mfo", tmp_path), "--", *_counter(n, 400)])
+    wait_until(lambda: redis_sentinel.master.client().exists(key) == 1, timeout=15)
+    old_addr = redis_sentinel.current_master_addr()
+    sentinel = redis_sentinel.sentinel_servers[0].client()
+    sentinel.execute_command("SENTINEL", "FAILOVER", redis_sentinel.master_name)
+    redis_sentinel.wait_for_failover(old_addr)
+    cp = proc.finish(timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    assert b"the sentinels name another master" in cp.stderr
+    seqs = _seqs(redis_sentinel.current_master().client(), key)
+    # the run takes 10 s and the failover happens in its first seconds: all but what the old
+    # master took in about a second before the switch is on the new master, in order
+    assert seqs == sorted(set(seqs)) and seqs[-1] == n
+    assert len(seqs) >= n - 1000, f"{n - len(seqs)} of {n} lines lost"
+
+
+def test_auto_mode_follows_the_failover_of_the_urls_own_node(redis_cluster: Any, start_sidecar: Any,
+                                                              tmp_path: Path) -> None:
+    """With --cluster-hash-tag every key of a run may live on the node of the URL, so no MOVED
+    ever says it is a cluster: the sidecar asks (CLUSTER INFO) on connecting. Heartbeats and
+    the control channel come back too."""
+    run = "own"
+    key = f"run:{{{run}}}:output:0"
+    node = redis_cluster.node_for_key(key)
+    url = f"redis://127.0.0.1:{node.port}/0"
+    n = 3000
+    proc = start_sidecar([*_args(url, run, tmp_path, "--cluster-hash-tag", "--heartbeat-interval", "0.5",
+                                 "--agent-id", "agent-own"), "--", *_counter(n, 300)])
+    client = redis_cluster.client()
+    alive = "agent:agent-own:alive"
+    wait_until(lambda: client.exists(key) == 1 and client.exists(alive) == 1, timeout=15)
+    redis_cluster.kill_master_of(key)
+    redis_cluster.wait_for_failover(key, node)
+    client = redis_cluster.client()
+    client.delete(alive)
+    wait_until(lambda: client.exists(alive) == 1 and client.pttl(alive) > 1000, timeout=20, message="heartbeats")
+    wait_until(lambda: len(_seqs(client, key)) > 1000, timeout=20, message="output after the failover")
+    client.publish(f"run:{{{run}}}:control", '{"cmd": "cancel"}')
+    cp = proc.finish(timeout=120)
+    assert cp.returncode == 143, cp.stderr  # cancelled: the control channel was subscribed again
+    assert b"Cluster detected" in cp.stderr
+    seqs = _seqs(client, key)
+    assert seqs == list(range(1, len(seqs) + 1))
