@@ -17,7 +17,10 @@ USAGE = "python -m sidecar [OPTIONS] -- CMD [ARG...]\n       python -m sidecar t
 
 
 def usage_error(message: str) -> NoReturn:
-    os.write(2, f"agent-sidecar: error: {message} (see --help)\n".encode("utf-8", "backslashreplace"))
+    try:
+        os.write(2, f"agent-sidecar: error: {message} (see --help)\n".encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass  # stderr gone (a closed pipe): the exit status still says it
     raise SystemExit(2)
 
 
@@ -92,8 +95,10 @@ def open_std_fds() -> None:
         except OSError:
             null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: this one, if lower ones are open
             if null != fd:
-                os.dup2(null, fd)
+                os.dup2(null, fd)  # inheritable, as dup2 makes it
                 os.close(null)
+            else:
+                os.set_inheritable(fd, True)  # os.open's are not: the agent would start without it
     # Python leaves sys.stdout and sys.stderr None when their descriptor was closed at its start.
     if sys.stdout is None:
         sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives as long as the process

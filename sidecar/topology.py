@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import random
-import time
+import threading
 from collections.abc import Callable
 
 from agent_wrapper.values import Frozen
@@ -201,38 +201,50 @@ MASTER_CHECK_S = 1.0
 
 
 class SentinelTarget(Target):
-    """The master that the sentinels name, looked up again after every failure and every
-    MASTER_CHECK_S while it answers."""
+    """The master that the sentinels name, looked up again after every failure; a watcher
+    thread asks the sentinels every MASTER_CHECK_S whom they name, so that writes leave an old
+    master within about a second of a failover. The watcher, not the write path, waits on
+    slow or unreachable sentinels."""
 
     def __init__(self, spec: SentinelSpec, factory: ConnFactory, on_connect: Callable[[Connection], None],
                  tls: bool = False) -> None:
         super().__init__(Endpoint(), factory, on_connect)
         self.spec = spec
         self.tls = tls
-        self._checked_at = 0.0  # monotonic time the sentinels last named the master
+        self.named: tuple[str, int] | None = None  # what the sentinels named at the last look
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def ready(self) -> bool:
-        return super().ready() and time.monotonic() - self._checked_at < MASTER_CHECK_S
+        return super().ready() and self.named == (self.endpoint.host, self.endpoint.port)
 
-    def _still_named(self) -> None:
-        """Drop the connection when the sentinels now name another master. Sentinels that
-        cannot be asked leave it as it is: a master that answers is better than none."""
-        self._checked_at = time.monotonic()
-        try:
-            named = self._resolve()
-        except (OSError, ReplyError):
-            return
-        if (named.host, named.port) != (self.endpoint.host, self.endpoint.port):
-            log.info("the sentinels name another master; switching", master_name=self.spec.master_name,
-                     old=f"{self.endpoint.host}:{self.endpoint.port}", new=f"{named.host}:{named.port}")
-            self.close()
+    def _watch(self) -> None:
+        while not self._watch_stop.wait(MASTER_CHECK_S):
+            try:
+                named = self._resolve()
+            except (OSError, ReplyError):
+                continue  # sentinels away: a master that answers is better than none
+            except Exception as exc:  # a bug must not end the watch silently
+                log.error("sentinel watcher error", error=repr(exc))
+                continue
+            self.named = (named.host, named.port)
+
+    def interrupt(self) -> None:
+        self._watch_stop.set()
+        super().interrupt()
 
     def _connection(self) -> Connection:
-        if self.conn is not None and time.monotonic() - self._checked_at >= MASTER_CHECK_S:
-            self._still_named()
+        current = (self.endpoint.host, self.endpoint.port)
+        if self.conn is not None and self.named is not None and self.named != current:
+            log.info("the sentinels name another master; switching", master_name=self.spec.master_name,
+                     old=f"{current[0]}:{current[1]}", new=f"{self.named[0]}:{self.named[1]}")
+            self.close()
         if self.conn is None:
             self.endpoint = self._resolve()
-            self._checked_at = time.monotonic()
+            self.named = (self.endpoint.host, self.endpoint.port)
+            if self._watcher is None and not self._watch_stop.is_set():
+                self._watcher = threading.Thread(target=self._watch, name="sentinel-watch", daemon=True)
+                self._watcher.start()
             conn = super()._connection()
             role = conn.call("ROLE")
             if not role or role[0] != b"master":
@@ -365,9 +377,10 @@ class ClusterTarget(Target):
                     if wait_replicas:
                         send.append(("WAIT", wait_replicas, wait_ms))
                     out = conn.pipeline(send, timeout)
-                except OSError:
+                except OSError as exc:
                     self._forget(addr)
                     self.slots = [None] * 16384  # the node is gone: learn the new map next time
+                    exc.redis_node = f"{addr[0]}:{addr[1]}"  # type: ignore[attr-defined]  # for describe_error
                     raise
                 if wait_replicas:
                     send.pop()

@@ -119,6 +119,19 @@ TOKEN_TOTAL_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tok
 _FINAL = ("exited", "killed", "failed", "cancelled")
 
 
+def status_key_tagged(settings: Settings, key: str, msg: dict[str, Any]) -> bool:
+    """Whether a status message's key was written with the run id in a hash tag: as the
+    status template gives it one way or the other; the setting when both or neither match."""
+    run = str(msg.get("run_id", ""))
+    fields = {"variation_id": str(msg.get("variation_id", "")), "agent_id": str(msg.get("agent_id", ""))}
+    try:
+        tagged = settings.status_channel.format(run_id=f"{{{run}}}", **fields) == key
+        plain = settings.status_channel.format(run_id=run, **fields) == key
+    except (KeyError, IndexError, ValueError):
+        return settings.cluster_hash_tag
+    return tagged if tagged != plain else settings.cluster_hash_tag
+
+
 def variation_key(run_id: str, variation_id: str) -> str:
     return f"run:{run_id}:variation:{variation_id}"
 
@@ -332,9 +345,11 @@ def open_connection(settings: Settings, name: str = "agent-sidecar", node: tuple
 
 
 def describe_error(exc: BaseException, url: str) -> str:
-    """One line, no secrets."""
+    """One line, no secrets; names the cluster node that failed when it was not the URL's."""
     text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text} ({mask_url(url)})"
+    node = getattr(exc, "redis_node", None)
+    where = f"node {node} of the cluster at {mask_url(url)}" if node else mask_url(url)
+    return f"{type(exc).__name__}: {text} ({where})"
 
 
 class Stats:
@@ -383,7 +398,7 @@ class Sender:
         # the pipe reader delivering a lone line itself (deliver_here).
         self._turn = threading.Lock()
         self._direct_after = 0.0  # monotonic time before which deliver_here declines
-        self._refusals_told: set[str] = set()  # error replies already logged as warnings
+        self._refusals_told: set[str] = set()  # codes of error replies already logged as warnings
         self._cluster_seen = False  # a connection in auto mode found a cluster node
         self.thread = threading.Thread(target=self._run, name="redis-sender", daemon=True)
 
@@ -524,8 +539,8 @@ class Sender:
         # refused (an ACL without PUBLISH, say) is worth a warning, once per kind of error.
         error = describe_error(first_error, self.settings.redis_url)
         if isinstance(first_error, ReplyError) and first_error.code not in ("NOSCRIPT", "MOVED", "ASK"):
-            if error not in self._refusals_told and len(self._refusals_told) < 100:
-                self._refusals_told.add(error)
+            if first_error.code not in self._refusals_told and len(self._refusals_told) < 100:
+                self._refusals_told.add(first_error.code)
                 log.warning("Redis refused a write; retrying", error=error)
         else:
             log.debug("write failed; reconnecting", error=error)
@@ -623,7 +638,7 @@ class Sender:
                 msg = orjson.loads(it.payload)
                 run = str(msg.get("run_id", ""))
                 # As the status key names the run (a spool replayed with other flags keeps its keys)
-                tagged = f"{{{run}}}" in it.key if run and run in it.key else s.cluster_hash_tag
+                tagged = status_key_tagged(s, it.key, msg)
                 vkey = variation_key(f"{{{run}}}" if tagged else run, str(msg.get("variation_id", "")))
                 cmds.append(("EVALSHA", VARIATION_SHA, 1, vkey, str(msg.get("timestamp", "")), ttl,
                              *status_hash_fields(msg)))

@@ -206,3 +206,11 @@ def test_a_spool_replayed_without_its_hash_tag_flag_keeps_the_runs_keys_together
     names = sorted(k.decode() for k in client.scan_iter("run:*"))
     assert "run:{ht}:variation:0" in names
     assert all(name.startswith("run:{ht}:") for name in names), names
+
+
+def test_with_its_stdin_closed_the_agent_still_gets_a_stdin(redis_server: RedisServer) -> None:
+    argv = " ".join(f"'{a}'" for a in sidecar_command(_args(redis_server.url, "nostdin", "--no-echo")))
+    agent = f"{sys.executable} -c 'import os; os.fstat(0); print(os.read(0, 10) == b\"\")'"
+    cp = run_process(["sh", "-c", f"exec {argv} -- {agent} 0<&-"], cwd=REPO_ROOT)
+    assert cp.returncode == 0, cp.stderr
+    assert runs.stream_bytes(redis_server.client(), runs.keys("nostdin")["stdout"]) == b"True\n"

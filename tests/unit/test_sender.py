@@ -123,3 +123,29 @@ def test_an_unexpected_error_after_sending_leaves_the_items_to_the_sender_thread
     assert sender.deliver_here() is False
     assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1]
     assert not sender._turn.locked()
+
+
+def test_an_error_names_the_cluster_node_that_failed_and_no_password() -> None:
+    from sidecar.transport import describe_error
+
+    exc = ConnectionRefusedError(111, "Connection refused")
+    assert describe_error(exc, "redis://u:pw@seed:7000/0") == \
+        "ConnectionRefusedError: [Errno 111] Connection refused (redis://u:***@seed:7000/0)"
+    exc.redis_node = "10.0.0.7:7002"  # type: ignore[attr-defined]  # as ClusterTarget.execute sets it
+    assert describe_error(exc, "redis://u:pw@seed:7000/0") == \
+        "ConnectionRefusedError: [Errno 111] Connection refused (node 10.0.0.7:7002 of the cluster at redis://u:***@seed:7000/0)"
+
+
+def test_a_replayed_status_names_its_variation_hash_as_its_own_key_was_named() -> None:
+    from sidecar.transport import status_key_tagged
+
+    plain = build({"run_id": "r"}, {}, ("x",))
+    tagged = build({"run_id": "r", "cluster_hash_tag": "1"}, {}, ("x",))
+    msg = {"run_id": "7", "variation_id": "0", "agent_id": "worker-7"}
+    for s in (plain, tagged):
+        assert status_key_tagged(s, "run:{7}:status", msg) is True
+        assert status_key_tagged(s, "run:7:status", msg) is False
+    # a template without the run id cannot tell: the setting decides
+    custom = plain.replace(status_channel="agent:{agent_id}:status")
+    assert status_key_tagged(custom, "agent:worker-7:status", msg) is False
+    assert status_key_tagged(custom.replace(cluster_hash_tag=True), "agent:worker-7:status", msg) is True
