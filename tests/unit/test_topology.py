@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 
 def test_a_cluster_slot_map_with_a_hole_is_read_again() -> None:
@@ -258,18 +263,11 @@ def test_interrupt_reaches_a_connection_between_set_up_and_use() -> None:
         server.close()
 
 
-def test_slow_sentinels_hold_up_the_watcher_not_the_writes() -> None:
-    """The master is asked about every second by a watcher thread: a sentinel that takes
-    seconds to answer delays no write (before, each write waited for the lookup)."""
-    import threading
-    import time
-
-    from sidecar import topology
+def _sentinel_target(master: Callable[[], list[bytes]], used: list[int]) -> Any:
+    """A SentinelTarget over fake connections: sentinels answer ``master()``, data nodes say
+    they are masters and record their port in ``used`` for each pipeline."""
     from sidecar.resp import Endpoint
     from sidecar.topology import SentinelSpec, SentinelTarget
-
-    slow = threading.Event()
-    lookups: list[float] = []
 
     class FakeConn:
         connected = True
@@ -281,62 +279,7 @@ def test_slow_sentinels_hold_up_the_watcher_not_the_writes() -> None:
             pass
 
         def call(self, *args: Any) -> Any:
-            if args[0] == "SENTINEL":
-                lookups.append(time.monotonic())
-                if slow.is_set():
-                    time.sleep(1.5)
-                return [b"127.0.0.1", b"6390"]
-            return [b"master"]
-
-        def pipeline(self, cmds: list[tuple[Any, ...]], timeout: float | None = None) -> list[Any]:
-            return [b"PONG" for _ in cmds]
-
-        def close(self) -> None:
-            pass
-
-        def interrupt(self) -> None:
-            pass
-
-    spec = SentinelSpec(sentinels=(("127.0.0.1", 26379),), master_name="m", db=0, username=None, password=None)
-    target = SentinelTarget(spec, FakeConn, lambda _c: None)  # type: ignore[arg-type]
-    old = topology.MASTER_CHECK_S
-    topology.MASTER_CHECK_S = 0.05
-    try:
-        assert target.execute([("PING",)]) == [b"PONG"]
-        slow.set()
-        t0 = time.monotonic()
-        for _ in range(20):
-            assert target.execute([("PING",)]) == [b"PONG"]
-            time.sleep(0.01)
-        assert time.monotonic() - t0 < 1.0
-        assert target.ready()
-        assert len(lookups) >= 2  # the watcher asked meanwhile
-    finally:
-        target.interrupt()
-        topology.MASTER_CHECK_S = old
-
-
-def test_the_watcher_moves_writes_to_the_master_the_sentinels_name() -> None:
-    import time
-
-    from sidecar import topology
-    from sidecar.resp import Endpoint
-    from sidecar.topology import SentinelSpec, SentinelTarget
-
-    master = [b"127.0.0.1", b"6390"]
-    used: list[int] = []
-
-    class FakeConn:
-        connected = True
-
-        def __init__(self, ep: Endpoint) -> None:
-            self.ep = ep
-
-        def connect(self) -> None:
-            pass
-
-        def call(self, *args: Any) -> Any:
-            return list(master) if args[0] == "SENTINEL" else [b"master"]
+            return master() if args[0] == "SENTINEL" else [b"master"]
 
         def pipeline(self, cmds: list[tuple[Any, ...]], timeout: float | None = None) -> list[Any]:
             used.append(self.ep.port)
@@ -349,12 +292,50 @@ def test_the_watcher_moves_writes_to_the_master_the_sentinels_name() -> None:
             pass
 
     spec = SentinelSpec(sentinels=(("127.0.0.1", 26379),), master_name="m", db=0, username=None, password=None)
-    target = SentinelTarget(spec, FakeConn, lambda _c: None)  # type: ignore[arg-type]
-    old = topology.MASTER_CHECK_S
-    topology.MASTER_CHECK_S = 0.05
+    return SentinelTarget(spec, FakeConn, lambda _c: None)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def quick_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sidecar import topology
+
+    monkeypatch.setattr(topology, "MASTER_CHECK_S", 0.05)
+
+
+def test_slow_sentinels_hold_up_the_watcher_not_the_writes(quick_checks: None) -> None:
+    """The master is asked about every second by a watcher thread: a sentinel that takes
+    seconds to answer delays no write (before, each write waited for the lookup)."""
+    slow = threading.Event()
+    lookups: list[float] = []
+
+    def master() -> list[bytes]:
+        lookups.append(time.monotonic())
+        if slow.is_set():
+            time.sleep(1.5)
+        return [b"127.0.0.1", b"6390"]
+
+    target = _sentinel_target(master, [])
+    try:
+        assert target.execute([("PING",)]) == [b"OK"]
+        slow.set()
+        t0 = time.monotonic()
+        for _ in range(20):
+            assert target.execute([("PING",)]) == [b"OK"]
+            time.sleep(0.01)
+        assert time.monotonic() - t0 < 1.0
+        assert target.ready()
+        assert len(lookups) >= 2  # the watcher asked meanwhile
+    finally:
+        target.interrupt()
+
+
+def test_the_watcher_moves_writes_to_the_master_the_sentinels_name(quick_checks: None) -> None:
+    named = [b"127.0.0.1", b"6390"]
+    used: list[int] = []
+    target = _sentinel_target(lambda: list(named), used)
     try:
         target.execute([("SET", "k", "v")])
-        master[1] = b"6391"  # a failover
+        named[1] = b"6391"  # a failover
         deadline = time.monotonic() + 5
         while target.ready() and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -363,4 +344,3 @@ def test_the_watcher_moves_writes_to_the_master_the_sentinels_name() -> None:
         assert used[0] == 6390 and used[-1] == 6391
     finally:
         target.interrupt()
-        topology.MASTER_CHECK_S = old
