@@ -107,10 +107,10 @@ class PipeReader:
                             self._close(poller, by_fd, fd, name, forced=True)
                     if not by_fd:
                         continue
-                timeout_ms = 100 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-                if deadline is not None and timeout_ms == 0:
-                    timeout_ms = 100  # past it: what is left are pipes without writers, read to EOF
-                ready = poller.poll(0 if gathering else min(timeout_ms, 100))
+                # Past the deadline what is left are pipes without writers, read to their end.
+                left = None if deadline is None else deadline - time.monotonic()
+                timeout_ms = 100 if left is None or left <= 0 else min(100, int(left * 1000))
+                ready = poller.poll(0 if gathering else timeout_ms)
                 if not ready:
                     if gathering:  # the burst is over: what was read goes out now
                         gathering = False

@@ -36,6 +36,7 @@ from agent_wrapper.values import Frozen
 
 from . import log
 from .config import Settings
+from .protocol import json_depth
 from .resp import Connection, ReplyError
 
 TYPE_CHECKING = False
@@ -208,20 +209,6 @@ def _signal_number(value: Any) -> int | str:
 MAX_DEPTH = 32
 
 
-def _deeper_than(obj: Any, limit: int) -> bool:
-    """Whether the parsed JSON value nests more than ``limit`` levels, without recursion."""
-    stack: list[tuple[Any, int]] = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > limit:
-            return True
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values() if isinstance(v, (dict, list)))
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value if isinstance(v, (dict, list)))
-    return False
-
-
 def parse(payload: bytes, *, settings: Settings, now: float, seen: ReplayCache) -> Command | Rejection | None:
     """One control message: a Command, a Rejection with a short reason, or None when it is a
     valid message addressed to another variation or agent. ``now`` is wall-clock Unix seconds."""
@@ -233,7 +220,7 @@ def parse(payload: bytes, *, settings: Settings, now: float, seen: ReplayCache) 
         return Rejection("malformed JSON", None)
     if not isinstance(obj, dict):
         return Rejection("not a JSON object", None)
-    if _deeper_than(obj, MAX_DEPTH):
+    if json_depth(obj) > MAX_DEPTH:
         return Rejection(f"nested deeper than {MAX_DEPTH} levels", None)
     if _addressed_elsewhere(obj, settings):
         return None

@@ -284,7 +284,7 @@ def encode_batch(
 MAX_JSON_DEPTH = 200
 
 
-def _depth(obj: Any) -> int:
+def json_depth(obj: Any) -> int:
     """Nesting depth of a parsed JSON value (1 for an empty object), without recursion."""
     deepest = 0
     stack: list[tuple[Any, int]] = [(obj, 1)]
@@ -346,7 +346,7 @@ def _parsed_object(text: str | bytes) -> dict[str, Any] | None:
     # deeper than the limit takes more brackets than that, and twice as many characters
     if len(text) > 2 * MAX_JSON_DEPTH:
         brackets = text.count("{") + text.count("[") if isinstance(text, str) else text.count(b"{") + text.count(b"[")
-        if brackets > MAX_JSON_DEPTH and _depth(obj) > MAX_JSON_DEPTH:
+        if brackets > MAX_JSON_DEPTH and json_depth(obj) > MAX_JSON_DEPTH:
             return None
     return obj
 

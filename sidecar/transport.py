@@ -124,11 +124,8 @@ def status_key_tagged(settings: Settings, key: str, msg: dict[str, Any]) -> bool
     status template gives it one way or the other; the setting when both or neither match."""
     run = str(msg.get("run_id", ""))
     fields = {"variation_id": str(msg.get("variation_id", "")), "agent_id": str(msg.get("agent_id", ""))}
-    try:
-        tagged = settings.status_channel.format(run_id=f"{{{run}}}", **fields) == key
-        plain = settings.status_channel.format(run_id=run, **fields) == key
-    except (KeyError, IndexError, ValueError):
-        return settings.cluster_hash_tag
+    tagged = settings.status_channel.format(run_id=f"{{{run}}}", **fields) == key
+    plain = settings.status_channel.format(run_id=run, **fields) == key
     return tagged if tagged != plain else settings.cluster_hash_tag
 
 
@@ -164,10 +161,15 @@ def status_hash_fields(msg: dict[str, Any]) -> list[Any]:
 CLUSTER_CUES = ("MOVED", "ASK", "CROSSSLOT")
 
 
+def taken_for_standalone(settings: Settings, target: Target | None) -> bool:
+    """In auto mode, a target that has not turned out to be a cluster (or Sentinel) yet."""
+    return settings.redis_mode == "auto" and type(target) is Target
+
+
 def reveals_cluster(settings: Settings, target: Target, replies: list[Any]) -> bool:
     """In auto mode, a standalone target whose replies say it is a cluster node."""
-    return (settings.redis_mode == "auto" and type(target) is Target
-            and any(isinstance(r, ReplyError) and r.code in CLUSTER_CUES for r in replies))
+    return taken_for_standalone(settings, target) and any(
+        isinstance(r, ReplyError) and r.code in CLUSTER_CUES for r in replies)
 
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
@@ -296,7 +298,7 @@ class TargetPipe:
         self.connected = True  # connects lazily
 
     def _on_connect(self, conn: Connection) -> None:
-        if self.settings.redis_mode == "auto" and type(self.target) is Target:
+        if taken_for_standalone(self.settings, self.target):
             self._cluster_seen = cluster_enabled(conn.pipeline([("CLUSTER", "INFO")])[0])
 
     def connect(self) -> None:
@@ -579,7 +581,7 @@ class Sender:
         standalone whether it is a cluster node (all of a run's keys may live on that node,
         and then no MOVED would ever tell: its failover would not be followed)."""
         cmds: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", script) for script, _sha in _SCRIPTS]
-        probe = self.settings.redis_mode == "auto" and type(self._target) is Target
+        probe = taken_for_standalone(self.settings, self._target)
         replies = conn.pipeline([*cmds, ("CLUSTER", "INFO")] if probe else cmds)
         if probe and cluster_enabled(replies.pop()):
             self._cluster_seen = True
