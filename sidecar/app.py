@@ -286,7 +286,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
             log.info("delivering output left in the spool by an earlier sidecar first", items=len(orphans))
             rt.outbox.adopt(orphans)
         if rt.spool.unusable:
-            log.warning("spool directories left by earlier sidecars could not be opened",
+            log.warning("spool directories left by earlier sidecars could not be opened or read",
                         directories=len(rt.spool.unusable), first=rt.spool.unusable[0])
         if rt.spool.skipped:
             log.info("the spool holds output of other runs; it stays there for their sidecars or for replay",

@@ -70,7 +70,7 @@ def main(argv: Sequence[str]) -> int:
                   redis=mask_url(s.redis_url), records_left=left, items_left=len(outbox))
         return 1
     if spool.unusable:
-        log.error("replay incomplete: spool directories could not be opened", directories=len(spool.unusable),
+        log.error("replay incomplete: spool directories could not be opened or read", directories=len(spool.unusable),
                   first=spool.unusable[0], delivered_items=len(refs))
         return 1
     log.info("replay complete", items=len(refs), records=records, redis=mask_url(s.redis_url))

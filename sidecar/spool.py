@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import re
+import stat
 import struct
 import time
 import zlib
@@ -105,10 +107,34 @@ def decode_body(body: bytes) -> Item:
     return Item(h["k"], h["p"], h["f"], h["l"], payload, h["r"], h["b"], pubs, h["t"])
 
 
+SEGMENT_NAME = re.compile(r"[0-9]+\.seg")
+
+
+def read_segment(path: str) -> bytes:
+    """A segment's bytes. Only a regular file is read: a symlink, a FIFO or a device in a spool
+    directory (put there by hand) raises SpoolError instead of blocking or reading forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
+        raise SpoolError(f"{path}: {reason}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SpoolError(f"{path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    except SpoolError:
+        raise
+    except OSError as exc:
+        raise SpoolError(f"{path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
 def scan(path: str) -> Iterator[tuple[int, int, Item]]:
-    """(offset, frame length, item) for each valid frame; stops at the first torn or corrupt one."""
-    with open(path, "rb") as fh:
-        data = fh.read()
+    """(offset, frame length, item) for each valid frame; stops at the first torn or corrupt one.
+    SpoolError when the segment cannot be read (see read_segment)."""
+    data = read_segment(path)
     pos = 0
     while pos < len(data):
         if len(data) - pos < _HEAD.size:
@@ -210,20 +236,30 @@ class Spool:
                 continue  # a live sidecar or a running replay owns it
             pdir = ProducerDir(path, fd, foreign=True)
             try:
-                segs = sorted((s for s in os.listdir(path) if s.endswith(".seg")),
-                              key=lambda s: int(s.split(".")[0]))
-            except (OSError, ValueError):
+                names = os.listdir(path)
+            except OSError:
                 os.close(fd)  # taken and emptied by another sidecar meanwhile
                 continue
+            segs = sorted((s for s in names if SEGMENT_NAME.fullmatch(s)), key=lambda s: int(s[:-4]))
+            strays = [s for s in names if s.endswith(".seg") and not SEGMENT_NAME.fullmatch(s)]
+            if strays:
+                log.warning("spool: files that are not segments left alone", directory=path, files=strays[:5])
             found: list[tuple[Segment, list[DiskRef], int]] = []
             refused = False
-            for seg_name in segs:
-                seg = Segment(os.path.join(path, seg_name), sealed=True, owner=pdir)
-                seg_refs = [_ref(seg, off, length, item) for off, length, item in scan(seg.path)]
-                if accept is not None and any(not accept(r.key) for r in seg_refs):
-                    refused = True
-                    break
-                found.append((seg, seg_refs, sum(r.length for r in seg_refs)))
+            try:
+                for seg_name in segs:
+                    seg = Segment(os.path.join(path, seg_name), sealed=True, owner=pdir)
+                    seg_refs = [_ref(seg, off, length, item) for off, length, item in scan(seg.path)]
+                    if accept is not None and any(not accept(r.key) for r in seg_refs):
+                        refused = True
+                        break
+                    found.append((seg, seg_refs, sum(r.length for r in seg_refs)))
+            except SpoolError as exc:
+                # Nothing of this directory is taken or deleted: its readable segments stay
+                # in order with the unreadable one until someone sees to it.
+                os.close(fd)
+                self.unusable.append(f"unreadable segment {exc}")
+                continue
             if refused:
                 os.close(fd)
                 self.skipped += 1

@@ -561,3 +561,46 @@ def test_an_orphan_that_cannot_be_locked_is_reported(tmp_path: Path, monkeypatch
     assert s.adopt_orphans() == []
     assert len(s.unusable) == 1 and "Read-only file system" in s.unusable[0]
     s.close()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo", "directory"])
+def test_a_segment_that_is_not_a_regular_file_is_reported_and_left_alone(tmp_path: Path, kind: str) -> None:
+    """A symlink to /dev/zero would be read forever and a FIFO would block: neither is read,
+    and the directory's readable segments stay where they are, in order with it."""
+    orphan = write_orphan(tmp_path, "dead", items_fixture(2, "dead"))
+    odd = orphan / "00000099.seg"
+    if kind == "symlink":
+        odd.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(odd)
+    else:
+        odd.mkdir()
+    before = seg_files(orphan)
+    s = Spool(str(tmp_path), None, 1 << 20)
+    s.open()
+    assert s.adopt_orphans() == []
+    assert len(s.unusable) == 1 and "00000099.seg" in s.unusable[0]
+    assert ("a symbolic link" if kind == "symlink" else "not a regular file") in s.unusable[0]
+    s.close()
+    assert seg_files(orphan) == before
+    # Once the odd file is gone, everything is adopted in order.
+    (odd.rmdir if kind == "directory" else odd.unlink)()
+    s = Spool(str(tmp_path), None, 1 << 20)
+    s.open()
+    assert [s.read(r).first for r in s.adopt_orphans()] == [it.first for it in items_fixture(2, "dead")]
+    s.close()
+
+
+def test_files_named_like_segments_but_not_numbered_are_left_alone(tmp_path: Path,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    orphan = write_orphan(tmp_path, "dead", items_fixture(3, "dead"))
+    (orphan / "notes.seg").write_bytes(b"not a segment")
+    s = Spool(str(tmp_path), None, 1 << 20)
+    s.open()
+    refs = s.adopt_orphans()
+    assert [s.read(r).first for r in refs] == [it.first for it in items_fixture(3, "dead")]
+    for r in refs:
+        s.release(r)
+    s.close()
+    assert "files that are not segments left alone" in capfd.readouterr().err
+    assert sorted(os.listdir(orphan)) == ["lock", "notes.seg"]
