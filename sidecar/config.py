@@ -198,6 +198,14 @@ class Settings(Frozen):
         return template.format(run_id=self.run_key, variation_id=self.variation_id, agent_id=self.agent_id)
 
     @property
+    def heartbeat_channel(self) -> str:
+        return f"agent:{self.agent_id}:heartbeat"
+
+    @property
+    def alive_key(self) -> str:
+        return f"agent:{self.agent_id}:alive"
+
+    @property
     def ttl_s(self) -> int:
         """--retention as EXPIRE takes it: whole seconds, rounded up (0: no TTL)."""
         return math.ceil(self.retention_s) if self.retention_s > 0 else 0
@@ -502,12 +510,18 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     return settings
 
 
+# Where every run's token reports are published (TOKENS_SCRIPT names it too).
+TOKENS_CHANNEL = "metrics:agent:tokens"
+
+
 def _check_distinct_keys(s: Settings) -> None:
     """Output, logs and status need keys of their own: sharing one with each other or with the
-    run's other keys would mix sequence numbers of one producer and drop records as repeats."""
+    run's other keys would mix sequence numbers of one producer and drop records as repeats,
+    and the heartbeat's SET of its alive key would overwrite a stream."""
     ours = {"--output-channel": s.channel(s.output_channel), "--logs-channel": s.channel(s.logs_channel),
             "--status-channel": s.channel(s.status_channel)}
     fixed = {f"run:{s.run_key}:{suffix}" for suffix in ("tokens", "control", f"variation:{s.variation_id}")}
+    fixed |= {s.heartbeat_channel, s.alive_key, TOKENS_CHANNEL}
     seen: dict[str, str] = {}
     for flag, key in ours.items():
         if key in seen:

@@ -42,11 +42,11 @@ _STOP_HARD_S = 2.0
 
 
 def heartbeat_channel(settings: Settings) -> str:
-    return f"agent:{settings.agent_id}:heartbeat"
+    return settings.heartbeat_channel
 
 
 def alive_key(settings: Settings) -> str:
-    return f"agent:{settings.agent_id}:alive"
+    return settings.alive_key
 
 
 def variation_hash_key(settings: Settings) -> str:

@@ -527,6 +527,10 @@ def test_channel_templates_take_plain_placeholders_only(template: str) -> None:
     ({"output_channel": "run:{run_id}:variation:{variation_id}"}, "something else"),
     ({"logs_channel": "run:{run_id}:control"}, "something else"),
     ({"output_channel": "x:idem"}, "something else"),
+    ({"output_channel": "agent:{agent_id}:alive"}, "something else"),  # the heartbeat's SET would overwrite it
+    ({"logs_channel": "agent:{agent_id}:heartbeat"}, "something else"),
+    ({"status_channel": "agent:x:heartbeat", "agent_id": "x"}, "something else"),
+    ({"output_channel": "metrics:agent:tokens"}, "something else"),
     ({"logs_channel": "run:{agent_id}:output:0", "run_id": "a", "agent_id": "a"}, "both resolve"),
 ])
 def test_output_logs_and_status_need_keys_of_their_own(values: dict[str, str], fragment: str) -> None:
