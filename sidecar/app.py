@@ -237,7 +237,7 @@ class Runtime:
                 agent.signal_group(cmd.signal)
                 if cmd.signal == signal.SIGCONT and self.paused:
                     self.paused = False
-                    self.status("running", pid=agent.pid)
+                    self.status("running", pid=agent.pid, resumed=True)
             elif cmd.cmd == "pause" and not self.paused:
                 agent.signal_group(signal.SIGSTOP)
                 self.paused = True
@@ -247,7 +247,7 @@ class Runtime:
                 agent.signal_group(signal.SIGCONT)
                 if self.paused:
                     self.paused = False
-                    self.status("running", pid=agent.pid)
+                    self.status("running", pid=agent.pid, resumed=True)
 
     def sink(self, ev: Output | StreamClosed) -> None:
         if isinstance(ev, Output):

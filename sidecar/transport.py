@@ -150,7 +150,7 @@ def status_hash_fields(msg: dict[str, Any]) -> list[Any]:
         fields += ["exit_code", meta["exit_code"]]
     if status == "killed" and "signal" in meta:
         fields += ["signal", meta["signal"]]
-    if status == "running":
+    if status == "running" and not meta.get("resumed"):  # the end of a pause is no new start
         fields += ["started_at", msg.get("timestamp", "")]
     return fields
 

@@ -110,11 +110,14 @@ def test_cancel_pause_resume_and_signal(redis_server: RedisServer, start_sidecar
     client = redis_server.client()
     proc = _start_ready(start_sidecar, client, redis_server.url, "ctl")
     agent_pid = int(client.hget("run:ctl:variation:0", "pid"))
+    started_at = client.hget("run:ctl:variation:0", "started_at")
 
     _pause(client, "ctl", agent_pid)
     assert client.hget("run:ctl:variation:0", "status") == b"paused"
     client.publish("run:ctl:control", json.dumps({"cmd": "resume"}))
     wait_until(lambda: psutil.Process(agent_pid).status() != psutil.STATUS_STOPPED, timeout=5)
+    wait_until(lambda: client.hget("run:ctl:variation:0", "status") == b"running", timeout=5)
+    assert client.hget("run:ctl:variation:0", "started_at") == started_at  # a resume is no new start
     client.publish("run:ctl:control", json.dumps({"cmd": "signal", "signal": "SIGUSR1"}))
     wait_until(lambda: b"got SIGUSR1" in _out(client, "ctl"), timeout=5)
     client.publish("run:ctl:control", json.dumps({"cmd": "cancel"}))
@@ -123,6 +126,8 @@ def test_cancel_pause_resume_and_signal(redis_server: RedisServer, start_sidecar
     assert _out(client, "ctl") == b"ready\ngot SIGUSR1\ngot SIGTERM\ncleaning up\n"
     states = _states(client, "ctl")
     assert states == ["starting", "running", "paused", "running", "cancelled"]
+    running = [m["metadata"] for m in runs.statuses(client, "ctl") if m["status"] == "running"]
+    assert running == [{"pid": agent_pid}, {"pid": agent_pid, "resumed": True}]
     assert client.hget("run:ctl:variation:0", "status") == b"cancelled"
 
 
