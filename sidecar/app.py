@@ -209,6 +209,7 @@ class Runtime:
         if self._rejects > 20:
             if self._rejects == 21:
                 log.warning("more than 20 control commands rejected this minute; not reporting each")
+            log.debug("control command rejected", reason=rej.reason)
             return
         log.warning("control command rejected", reason=rej.reason)
         meta: dict[str, Any] = {"reason": rej.reason}
@@ -406,8 +407,9 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
     if not rt.outbox.empty():
         lost_records, _ = rt.outbox.spill_all()
         where = s.spool_dir if rt.spool is not None else "nowhere (no spool)"
+        why = "a second stop signal" if told >= 2 else "the drain timeout"
         log.warning(
-            "Redis did not take all output before the drain timeout; it stays in the spool",
+            f"Redis did not take all output before {why}; it stays in the spool",
             waiting_records=rt.outbox.waiting_records,
             spool=where,
             replay=f"python -m sidecar replay --spool-dir {s.spool_dir}",

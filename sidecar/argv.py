@@ -72,6 +72,8 @@ class _Parser(argparse.ArgumentParser):
 def _help_for(opt: Option) -> str:
     env = f"env {opt.env}" if opt.env else "no env"
     default = {"negbool": f"{opt.dest} on", "bool": "off"}.get(opt.kind, opt.default)
+    if default is None:  # unset unless given (the help says what happens then)
+        return f"{opt.help} [{env}]"
     return f"{opt.help} [{env}; default: {default}]"
 
 

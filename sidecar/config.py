@@ -274,10 +274,11 @@ def convert(opt: Option, raw: Any) -> Any:
             return int(_number(parse_bytes(raw), MAX_COUNT))
         if opt.kind == "duration":
             return _number(parse_duration(raw), MAX_SECONDS)
-        if opt.kind == "negbool":
-            return raw.strip().lower() not in ("1", "true", "yes", "on")
-        if opt.kind == "bool":
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if opt.kind in ("bool", "negbool"):
+            word = raw.strip().lower()
+            if word not in _TRUE and word not in _FALSE:
+                raise ValueError("use 1, true, yes or on; 0, false, no or off")
+            return (word in _TRUE) == (opt.kind == "bool")
     except (ValueError, OverflowError) as exc:
         src = opt.flag if opt.env is None else f"{opt.flag} / {opt.env}"
         raise UsageError(f"invalid value {raw!r} for {src}: {exc}") from None
@@ -285,6 +286,9 @@ def convert(opt: Option, raw: Any) -> Any:
         raise UsageError(f"invalid value {raw!r} for {opt.flag}: choose from {', '.join(opt.choices)}")
     return raw
 
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
 
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
@@ -336,9 +340,22 @@ def mask_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
+def _bad_escape(text: str) -> bool:
+    """Whether a % in ``text`` is not followed by two hex digits."""
+    pos = text.find("%")
+    while pos >= 0:
+        pair = text[pos + 1 : pos + 3]
+        if len(pair) < 2 or not all(c in "0123456789abcdefABCDEF" for c in pair):
+            return True
+        pos = text.find("%", pos + 3)
+    return False
+
+
 def validate_url(url: str) -> None:
     if plain_url(url):
         return
+    if any(c.isspace() or c < " " or c == "\x7f" for c in url):  # urlsplit would drop tabs and newlines
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: spaces or control characters")
     from urllib.parse import parse_qs, urlsplit
 
     if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
@@ -372,6 +389,14 @@ def validate_url(url: str) -> None:
                          "path, TLS files in --redis-ca-file/--redis-cert-file/--redis-key-file)")
     if not parts.hostname:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no host")
+    if not all(c.isalnum() or c in ".-_:%" for c in parts.hostname):  # ":" and "%": IPv6, with a zone
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: bad host {parts.hostname!r}")
+    if parts.fragment or url.endswith("#"):
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no fragment (#...)")
+    userinfo = parts.netloc.rpartition("@")[0]
+    if _bad_escape(userinfo):
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: bad %-escape in the user name or password "
+                         "(write % as %25)")
     if port is not None and not 0 < port < 65536:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: bad port")
     db = parts.path.lstrip("/")
@@ -425,6 +450,8 @@ def check_id(name: str, value: str) -> None:
     """A run, variation or agent id: UTF-8 text without spaces, braces or control characters
     (it becomes part of key names and of every message)."""
     _check_utf8(name, value)
+    if not value:
+        raise UsageError(f"invalid {name}: empty")
     if any(c in "{} \x7f" or c < " " for c in value):
         raise UsageError(f"invalid {name} {value!r}: no spaces, braces or control characters")
 

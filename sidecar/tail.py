@@ -30,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
                 "which the other modes report in the output.")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--variation", default="0", help="variation id (default 0)")
+    p.add_argument("--agent-id", help="the run's agent id, for channel templates that use {agent_id}")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new output, like tail -f")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--raw", action="store_true",
@@ -131,6 +132,11 @@ def main(argv: Sequence[str]) -> int:
         check_id("RUN_ID", ns.run_id)
         check_id("--variation", ns.variation)
         settings = build_connection(vars(ns), dict(os.environ), _CONN_OPTS)
+        if ns.agent_id is not None:
+            check_id("--agent-id", ns.agent_id)
+        templates = (settings.output_channel, settings.logs_channel, settings.status_channel)
+        if ns.agent_id is None and any("{agent_id}" in t for t in templates):
+            raise UsageError("a channel template uses {agent_id}: give the run's --agent-id")
     except UsageError as exc:
         sys.stderr.write(f"agent-sidecar tail: error: {exc}\n")
         return 2
@@ -139,8 +145,8 @@ def main(argv: Sequence[str]) -> int:
     from .transport import connect
 
     run_key = f"{{{ns.run_id}}}" if settings.cluster_hash_tag else ns.run_id
-    names = channel_names(run_key, ns.variation, output=settings.output_channel, logs=settings.logs_channel,
-                          status=settings.status_channel)
+    names = channel_names(run_key, ns.variation, ns.agent_id or "", output=settings.output_channel,
+                          logs=settings.logs_channel, status=settings.status_channel)
     keys = [names["stdout"], names["stderr"]]
     if ns.stream:
         keys = [names[ns.stream]]

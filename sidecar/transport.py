@@ -568,7 +568,11 @@ class Sender:
         if self.stats.down_since is None:
             self.stats.down_since = time.time()
             self.outbox.set_durable(True)
-            log.warning("cannot write to Redis; output waits in buffer and spool, the agent keeps running", error=msg)
+            if self.batcher is None:  # replay: no agent, the spool stays as it is
+                log.warning("cannot write to Redis; retrying", error=msg)
+            else:
+                log.warning("cannot write to Redis; output waits in buffer and spool, the agent keeps running",
+                            error=msg)
             if self.on_degraded is not None:
                 self.on_degraded(self.stats.down_since, msg)
         elif msg != self._last_error:

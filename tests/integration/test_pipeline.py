@@ -354,6 +354,18 @@ def test_tail_interleaves_stdout_stderr_and_status_by_time(redis_server: RedisSe
     assert lines[-1].startswith("--- exited")
 
 
+def test_tail_of_a_run_whose_channels_name_the_agent_takes_its_agent_id(redis_server: RedisServer) -> None:
+    template = ["--output-channel", "out:{run_id}:{agent_id}"]
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "ag", "--agent-id", "pod-7", "--no-echo",
+                      *template, "--", "echo", "hello"])
+    assert cp.returncode == 0, cp.stderr
+    out, err, code = runs.tail(redis_server.url, "ag", "--raw", *template, "--agent-id", "pod-7")
+    assert (out, code) == (b"hello\n", 0), err
+    # without it, tail would read "out:ag:" and find nothing: a usage error instead
+    out, err, code = runs.tail(redis_server.url, "ag", *template)
+    assert code == 2 and out == b"" and b"--agent-id" in err and len(err.splitlines()) == 1, err
+
+
 def test_tail_follow_goes_on_across_a_redis_restart(redis_server: RedisServer) -> None:
     from tests.helpers import start_process
 

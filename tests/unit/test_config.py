@@ -205,6 +205,14 @@ def test_negbool_no_echo() -> None:
     for falsy in ("0", "false", "no", "off"):
         assert mk(env={"SIDECAR_NO_ECHO": falsy}).echo is True, falsy
     assert mk({"echo": "1"}, {"SIDECAR_NO_ECHO": "0"}).echo is False
+    assert mk(env={"SIDECAR_NO_ECHO": ""}).echo is True  # set but empty: as if unset
+
+
+@pytest.mark.parametrize("env", ["SIDECAR_NO_ECHO", "SIDECAR_NO_REDACT", "SIDECAR_CLUSTER_HASH_TAG"])
+@pytest.mark.parametrize("value", ["maybe", "2", "y", "enabled"])
+def test_a_boolean_variable_that_says_neither_is_a_usage_error(env: str, value: str) -> None:
+    with pytest.raises(UsageError, match=env):
+        mk(env={env: value})
 
 
 @pytest.mark.parametrize(
@@ -317,6 +325,9 @@ def test_transport_properties(transport: str, stream: bool, pubsub: bool) -> Non
         "rediss://cache.example.com:6380/2",
         "redis://user:pw@h:1/15",
         "redis://[::1]:6379/0",
+        "redis://[fe80::1%25eth0]:6379/0",
+        "redis://u:p%25w%41@h/0",
+        "redis://my_cache-0.svc.cluster.local:6379/0",
         "unix:///tmp/redis.sock",
         "unix:///tmp/redis.sock?db=1",
     ],
@@ -341,6 +352,14 @@ def test_valid_urls(url: str) -> None:
         "redis://h/-1",
         "redis://h/0/1",
         "unix://",
+        "redis://127.0.0.1 :6379/0",
+        "redis://x y/0",
+        "redis://h\t/0",
+        "redis://h/0#frag",
+        "redis://h/0#",
+        "redis://us%zzer:pw@h/0",
+        "redis://u:pw%4@h/0",
+        "redis://u:pw%@h/0",
     ],
 )
 def test_invalid_urls(url: str) -> None:
@@ -447,6 +466,16 @@ def test_ids_with_spaces_braces_or_controls(dest: str, bad: str) -> None:
     with pytest.raises(UsageError) as exc_info:
         mk({dest: bad})
     assert dest in str(exc_info.value)
+
+
+def test_empty_ids() -> None:
+    """An empty run or agent id is as if none was given; a variation id must be something."""
+    s = mk({"run_id": "", "agent_id": ""}, {"POD_NAME": "pod-1"})
+    assert s.run_id_generated and len(s.run_id) == 16 and s.agent_id == "pod-1"
+    with pytest.raises(UsageError, match="variation_id"):
+        mk({"variation_id": ""})
+    with pytest.raises(UsageError, match="empty"):
+        config.check_id("RUN_ID", "")
 
 
 def test_bad_pod_name_is_rejected_as_agent_id() -> None:
