@@ -52,7 +52,8 @@ def _default_spool_dir() -> str:
 # Every option of the run command. Used for argparse, --help and the README table.
 OPTIONS: tuple[Option, ...] = (
     Option("redis_url", "--redis-url", "REDIS_URL", "redis://localhost:6379/0",
-           "Redis URL (redis://, rediss:// or unix://); the password is better given by REDIS_PASSWORD"),
+           "Redis URL (redis://, rediss://, unix:// or redis+sentinel://; redis://HOST:PORT,HOST:PORT/0 names "
+           "cluster nodes); the password is better given by REDIS_PASSWORD"),
     Option("run_id", "--run-id", "RUN_ID", None, "run id; generated and printed to stderr when absent"),
     Option("variation_id", "--variation-id", "VARIATION_ID", "0", "variation id within the run"),
     Option("agent_id", "--agent-id", "AGENT_ID", None, "agent id (default: POD_NAME, else hostname-pid)"),
@@ -308,13 +309,26 @@ def plain_url(url: str) -> bool:
     return not colon or (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536)
 
 
+def split_hosts(url: str) -> list[str] | None:
+    """For redis[s]://[user[:password]@]HOST[:PORT],HOST[:PORT]...[/DB], the seed nodes of a
+    cluster: one URL per node, with the same credentials and database. None for any other URL."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("redis", "rediss"):
+        return None
+    netloc, slash, path = rest.partition("/")
+    auth, at, hosts = netloc.rpartition("@")
+    if "," not in hosts:
+        return None
+    return [f"{scheme}://{auth}{at}{host}{slash}{path}" for host in hosts.split(",")]
+
+
 def mask_url(url: str) -> str:
     """The URL with any password replaced by ***, safe to print."""
     if plain_url(url):
         return url
     from urllib.parse import urlsplit, urlunsplit
 
-    if "+sentinel://" in url:
+    if "+sentinel://" in url or split_hosts(url) is not None:
         scheme, rest = url.split("://", 1)
         auth, at, hosts = rest.rpartition("@")
         if at and ":" in auth:
@@ -358,6 +372,17 @@ def validate_url(url: str) -> None:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: spaces or control characters")
     from urllib.parse import parse_qs, urlsplit
 
+    hosts = split_hosts(url)
+    if hosts is not None:
+        for one in hosts:
+            try:
+                validate_url(one)
+            except UsageError as exc:
+                raise UsageError(f"{exc}, in {mask_url(url)!r}") from None
+        if url.partition("://")[2].partition("/")[2] not in ("", "0"):
+            raise UsageError(f"invalid Redis URL {mask_url(url)!r}: several hosts name a cluster's nodes, "
+                             "and a cluster has database 0 only")
+        return
     if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
         from .topology import parse_sentinel_url
 
@@ -469,6 +494,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
             raw = env[opt.env]
         merged[opt.dest] = opt.default if raw is None else convert(opt, raw)
     validate_url(merged["redis_url"])
+    if merged["redis_mode"] in ("standalone", "sentinel") and split_hosts(merged["redis_url"]) is not None:
+        raise UsageError(f"--redis-mode {merged['redis_mode']}: a URL with several hosts names the nodes of a cluster")
     if merged["redis_mode"] == "sentinel" and "+sentinel://" not in merged["redis_url"]:
         raise UsageError(f"--redis-mode sentinel needs a redis+sentinel:// URL, not {mask_url(merged['redis_url'])!r}")
     for key in ("output_channel", "logs_channel", "status_channel"):

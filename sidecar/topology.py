@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from agent_wrapper.values import Frozen
 
@@ -280,9 +280,10 @@ class ClusterTarget(Target):
 
     MAX_REDIRECTS = 5
 
-    def __init__(self, seed: Endpoint, factory: ConnFactory, on_connect: Callable[[Connection], None]) -> None:
+    def __init__(self, seed: Endpoint, factory: ConnFactory, on_connect: Callable[[Connection], None],
+                 more_seeds: Sequence[tuple[str, int]] = ()) -> None:
         super().__init__(seed, factory, on_connect)
-        self.seeds: list[tuple[str, int]] = [(seed.host, seed.port)]
+        self.seeds: list[tuple[str, int]] = list(dict.fromkeys([(seed.host, seed.port), *more_seeds]))
         self.slots: list[tuple[str, int] | None] = [None] * 16384
         self.nodes: dict[tuple[str, int], Connection] = {}
 

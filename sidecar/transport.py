@@ -18,7 +18,7 @@ import orjson
 
 from . import log
 from .batcher import Batcher
-from .config import Settings, mask_url
+from .config import Settings, mask_url, split_hosts
 from .items import Item
 from .outbox import Outbox
 from .resp import Connection, Endpoint, ReplyError, parse_url
@@ -232,6 +232,13 @@ def connect(settings: Settings, **overrides: Any) -> Any:
         kwargs.pop("username", None)
         return sentinel.master_for(spec.master_name, db=spec.db, password=spec.password, username=spec.username,
                                    **kwargs)
+    hosts = split_hosts(url)
+    if hosts is not None:
+        from redis.cluster import ClusterNode, RedisCluster
+
+        seeds = [parse_url(u, password=settings.redis_password, username=settings.redis_username) for u in hosts]
+        kwargs.update(username=seeds[0].username, password=seeds[0].password, ssl=tls)
+        return RedisCluster(startup_nodes=[ClusterNode(e.host, e.port) for e in seeds], **kwargs)
     cluster = settings.redis_mode == "cluster"
     if settings.redis_mode == "auto":
         probe = redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), health_check_interval=0, **kwargs)
@@ -274,9 +281,11 @@ def make_target(settings: Settings, on_connect: Any, name: str = "agent-sidecar"
     if "+sentinel://" in url or settings.redis_mode == "sentinel":
         spec = parse_sentinel_url(url, settings.redis_password, settings.redis_username)
         return SentinelTarget(spec, factory, on_connect, tls=url.startswith("rediss+"))
-    endpoint = parse_url(url, password=settings.redis_password, username=settings.redis_username)
-    if settings.redis_mode == "cluster":
-        return ClusterTarget(endpoint, factory, on_connect)
+    hosts = split_hosts(url) or [url]
+    endpoint, *more = (parse_url(u, password=settings.redis_password, username=settings.redis_username)
+                       for u in hosts)
+    if settings.redis_mode == "cluster" or more:
+        return ClusterTarget(endpoint, factory, on_connect, [(e.host, e.port) for e in more])
     return Target(endpoint, factory, on_connect)
 
 
@@ -332,9 +341,10 @@ def subscriber_connection(settings: Settings, name: str) -> Connection:
 
 
 def open_connection(settings: Settings, name: str = "agent-sidecar", node: tuple[str, int] | None = None) -> Connection:
-    """A plain connection to the URL's server, or to ``node`` (a cluster node) with the same
-    credentials and TLS settings."""
-    endpoint = parse_url(settings.redis_url, password=settings.redis_password, username=settings.redis_username)
+    """A plain connection to the URL's server (the first of several), or to ``node`` (a cluster
+    node) with the same credentials and TLS settings."""
+    url = (split_hosts(settings.redis_url) or [settings.redis_url])[0]
+    endpoint = parse_url(url, password=settings.redis_password, username=settings.redis_username)
     if node is not None:
         endpoint = endpoint.replace(host=node[0], port=node[1], db=0)
     return Connection(

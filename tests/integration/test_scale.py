@@ -13,6 +13,7 @@ from sidecar import protocol
 from sidecar.consumer import RunReader
 from sidecar.protocol import Record
 from tests.helpers import REPO_ROOT, run_process, wait_until
+from tests.integration import runs
 from tests.integration.faults import counter_bytes
 
 COUNTER = str(REPO_ROOT / "tests" / "agents" / "counter.py")
@@ -221,3 +222,36 @@ def test_auto_mode_follows_the_failover_of_the_urls_own_node(redis_cluster: Any,
     assert b"Cluster detected" in cp.stderr
     seqs = _seqs(client, key)
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_a_url_naming_several_nodes_reaches_the_cluster_when_the_first_is_down(redis_cluster: Any,
+                                                                              start_sidecar: Any,
+                                                                              tmp_path: Path) -> None:
+    """redis://NODE,NODE/0 names seed nodes: the first one is down from the start, and the
+    output, the heartbeat, the control channel and tail all find the cluster through the next."""
+    from tests.redis_harness import find_free_port
+
+    url = f"redis://127.0.0.1:{find_free_port('127.0.0.1')},127.0.0.1:{redis_cluster.seed.port}/0"
+    n = 2000
+    proc = start_sidecar([*_args(url, "seeds", tmp_path, "--heartbeat-interval", "0.3", "--agent-id", "agent-seeds"),
+                          "--", "sh", "-c", f"{' '.join(_counter(n, 2000))} && exec sleep 60"])
+    client = redis_cluster.client()
+    key = "run:seeds:output:0"
+    wait_until(lambda: len(_seqs(client, key)) == n and client.exists("agent:agent-seeds:alive") == 1, timeout=30)
+
+    def cancelled() -> bool:  # the control subscription tries the dead node first
+        client.publish("run:seeds:control", '{"cmd": "cancel"}')
+        return proc.poll() is not None
+
+    wait_until(cancelled, timeout=30, interval=0.5)
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 143, cp.stderr
+    _assert_exactly_once(client, key, n)
+    assert [m["status"] for m in runs.statuses(client, "seeds")][-1] == "cancelled"
+    out = run_process([sys.executable, "-m", "sidecar", "tail", "seeds", "--redis-url", url, "--raw"], timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == counter_bytes(1, n)
+    for mode in ("standalone", "sentinel"):
+        bad = run_process([sys.executable, "-m", "sidecar", "--redis-url", url, "--redis-mode", mode, "--", "true"],
+                          timeout=30)
+        assert bad.returncode == 2 and b"several hosts" in bad.stderr, bad.stderr

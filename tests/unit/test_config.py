@@ -400,6 +400,7 @@ def test_mask_url_hides_password() -> None:
         ),
         ("redis://u:sec@ret@h:1/0", "redis://u:***@h:1/0"),
         ("redis://u:secret@[::1]:6379/0", "redis://u:***@[::1]:6379/0"),
+        ("redis://u:sec,ret@n0:1,n1:2/0", "redis://u:***@n0:1,n1:2/0"),
     ],
 )
 def test_mask_url_variants(url: str, expected: str) -> None:
@@ -723,3 +724,34 @@ def test_a_client_certificate_that_does_not_load_is_a_usage_error(tmp_path: Any)
     key.write_text("not a key\n")
     with pytest.raises(UsageError, match="not a usable certificate and private key"):
         mk({"redis_cert_file": str(cert), "redis_key_file": str(key)})
+
+
+def test_a_url_with_several_hosts_names_cluster_nodes() -> None:
+    url = "rediss://u:p,w@n0:7000,[::1]:7001,n2/0"
+    assert config.split_hosts(url) == ["rediss://u:p,w@n0:7000/0", "rediss://u:p,w@[::1]:7001/0", "rediss://u:p,w@n2/0"]
+    assert config.split_hosts("redis://u:p,w@n0:7000/0") is None  # a comma in the password is no host list
+    assert config.split_hosts("redis+sentinel://a:1,b:2/m") is None
+    assert mk({"redis_url": url}).redis_url == url
+    assert mk({"redis_url": "redis://n0,n1", "redis_mode": "cluster"}).redis_url == "redis://n0,n1"
+    for bad, fragment in (("redis://n0:1,n1:2/3", "database 0 only"), ("redis://n0:1,,n1:2/0", "no host"),
+                          ("redis://n0:1,n1:99999/0", "Port out of range"),
+                          ("redis://u:pw@n0:1,n1:x/0", "u:***@n0:1,n1:x")):
+        with pytest.raises(UsageError, match=re.escape(fragment)) as info:
+            mk({"redis_url": bad})
+        assert "pw" not in str(info.value)
+    for mode in ("standalone", "sentinel"):
+        with pytest.raises(UsageError, match="several hosts"):
+            mk({"redis_url": "redis://n0:1,n1:2/0", "redis_mode": mode})
+
+
+def test_a_target_for_several_hosts_is_a_cluster_seeded_by_all() -> None:
+    from sidecar.topology import ClusterTarget
+    from sidecar.transport import make_target, open_connection
+
+    s = mk({"redis_url": "redis://u:pw@n0:7000,n1:7001,n0:7000/0"})
+    target = make_target(s, lambda _conn: None)
+    assert isinstance(target, ClusterTarget)
+    assert target.seeds == [("n0", 7000), ("n1", 7001)]
+    assert (target.endpoint.host, target.endpoint.port, target.endpoint.password) == ("n0", 7000, "pw")
+    conn = open_connection(s)  # connects lazily: the first node, with the URL's credentials
+    assert (conn.endpoint.host, conn.endpoint.port, conn.endpoint.username) == ("n0", 7000, "u")
