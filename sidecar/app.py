@@ -17,7 +17,7 @@ from agent_wrapper.process import Agent
 
 from . import _native, control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
-from .config import Settings, mask_url
+from .config import Settings, mask_url, url_password
 from .items import Item
 from .outbox import Outbox
 from .spool import Spool, SpoolError
@@ -70,6 +70,7 @@ class Runtime:
         # Raw batches waiting for the encoder count against the memory budget too.
         self.batcher.sealed_max_bytes = min(self.batcher.sealed_max_bytes, max(s.buffer_max_bytes, 1))
         self.sender = Sender(s, self.outbox, self.batcher, on_degraded=self.degraded, on_recovered=self.recovered)
+        self.redactor = redaction.from_settings(_secrets_env(s), s.redact_patterns, s.redact)
         self.batcher.deliver_here = self.sender.deliver_here
         self.started_at = time.time()
         self.agent_pid: int | None = None
@@ -136,6 +137,8 @@ class Runtime:
         """Queue a status message. ``agent_meta`` carries keys chosen by the agent (any names)."""
         if agent_meta:
             metadata = {**agent_meta, **metadata}
+        if self.redactor is not None:  # the command's name, a spawn error, what an agent's event says
+            metadata = self.redactor.mask_value(metadata)
         with self._seq_lock:
             if self.finished:
                 return  # the terminal status stays the last one (a late "degraded" is only logged)
@@ -265,6 +268,9 @@ def _secrets_env(s: Settings) -> dict[str, str]:
     env = dict(os.environ)
     if s.redis_password:
         env["SIDECAR_OWN_REDIS_PASSWORD"] = s.redis_password
+    in_url = url_password(s.redis_url)
+    if in_url:
+        env["SIDECAR_OWN_URL_PASSWORD"] = in_url
     if s.control_secret:
         env["SIDECAR_OWN_CONTROL_SECRET"] = s.control_secret.decode("utf-8", "surrogateescape")
     return env
@@ -303,7 +309,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
 
     result = launched
     if isinstance(result, SpawnFailed):
-        log.error(result.reason)
+        log.error(result.reason if rt.redactor is None else rt.redactor.mask_value(result.reason))
         return finish(rt, result.code, "failed", {"exit_code": result.code, "reason": result.reason})
 
     agent = result
@@ -323,7 +329,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
         rt.sink,
         on_quiet=rt.batcher.on_quiet,
         echo=echo,
-        filter=redaction.from_settings(_secrets_env(s), s.redact_patterns, s.redact),
+        filter=rt.redactor,
         max_line_bytes=s.max_line_bytes,
         count_lf=_native.speedups.count_lf if _native.speedups is not None else None,
     )

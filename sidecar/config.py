@@ -323,35 +323,27 @@ def split_hosts(url: str) -> list[str] | None:
 
 
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print."""
+    """The URL with any password replaced by ***, safe to print. Everything between the first
+    ":" after the user name and the last "@" counts as the password, so a password holding
+    "/", "?", "#" or "@" (which a URL must %-escape) is masked whole even in a malformed URL."""
     if plain_url(url):
         return url
-    from urllib.parse import urlsplit, urlunsplit
-
-    if "+sentinel://" in url or split_hosts(url) is not None:
-        scheme, rest = url.split("://", 1)
-        auth, at, hosts = rest.rpartition("@")
-        if at and ":" in auth:
-            auth = auth.split(":", 1)[0] + ":***"
-        return f"{scheme}://{auth}{at}{hosts}"
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    if parts.password is None:
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    auth, at, hosts = rest.rpartition("@")
+    if not at or ":" not in auth:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{user}:***@{host}"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    if port is not None:
-        netloc += f":{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return f"{scheme}{sep}{auth.split(':', 1)[0]}:***@{hosts}"
+
+
+def url_password(url: str) -> str | None:
+    """The password a URL carries (%-escapes decoded), as mask_url finds it; None without one."""
+    from urllib.parse import unquote
+
+    auth, at, _hosts = url.partition("://")[2].rpartition("@")
+    user, colon, password = auth.partition(":")
+    return unquote(password) if at and colon and password else None
 
 
 def _bad_escape(text: str) -> bool:
@@ -370,6 +362,11 @@ def validate_url(url: str) -> None:
         return
     if any(c.isspace() or c < " " or c == "\x7f" for c in url):  # urlsplit would drop tabs and newlines
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: spaces or control characters")
+    rest = url.partition("://")[2]
+    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+    if ends and rest.rfind("@") > min(ends):  # else urlsplit would take part of the password for the port
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: a password holding /, ? or # must be %-escaped "
+                         "(or given by REDIS_PASSWORD)")
     from urllib.parse import parse_qs, urlsplit
 
     hosts = split_hosts(url)

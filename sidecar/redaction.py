@@ -21,7 +21,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from ._native import speedups as _speedups
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 MASK = b"[REDACTED]"
+# A match reaching the end of a chunk is held back whole, up to this size, until the next
+# read, 1 s or a line end shows where it ends: a long token written in two parts is masked whole.
+MAX_HELD_SECRET = 64 << 10
 SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIALS")
 MIN_VALUE_LEN = 8
 
@@ -132,6 +139,9 @@ class Redactor:
                 break  # may still grow: decide with the next chunk
             if m.end() == m.start():
                 continue  # a user pattern that matched nothing here
+            if not final and m.end() == len(data) and len(data) - m.start() <= MAX_HELD_SECRET:
+                end = m.start()  # a token reaching the end of the chunk may go on in the next one
+                break
             out.append(data[pos : m.start()])
             out.append(MASK)
             self.masked += 1
@@ -141,6 +151,27 @@ class Redactor:
         if release < len(data):
             self._held[stream] = data[release:]
         return b"".join(out)
+
+    def mask(self, data: bytes) -> bytes:
+        """``data`` whole (no state, nothing held back) with every secret masked."""
+        if not (self.user_patterns or self._any_secret(data) or _token_starts(data)):
+            return data
+        masked = self.rx.sub(lambda m: MASK if m.end() > m.start() else b"", data)
+        self.masked += masked != data
+        return masked
+
+    def mask_value(self, value: Any) -> Any:
+        """A JSON-like value (a status message's metadata) with secrets masked in every string,
+        keys included: text the agent chose reaches Redis through it unescaped."""
+        if isinstance(value, str):
+            raw = value.encode("utf-8", "surrogatepass")
+            masked = self.mask(raw)
+            return value if masked is raw else masked.decode("utf-8", "surrogatepass")
+        if isinstance(value, dict):
+            return {self.mask_value(k): self.mask_value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.mask_value(v) for v in value]
+        return value
 
     def _any_secret(self, data: bytes) -> bool:
         """Whether some form of some secret occurs in ``data`` (with the native module, one pass
@@ -204,13 +235,13 @@ def check_patterns(patterns: Sequence[str]) -> str | None:
     for p in patterns:
         try:
             rx = re.compile(scoped(p))
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError, ValueError) as exc:  # a{99999999999}: OverflowError
             return f"{p!r}: {exc}"
         if rx.fullmatch(b"") is not None:
             return f"{p!r} matches the empty string"
     try:
         Redactor({}, patterns)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError, ValueError) as exc:
         return f"{exc} (when the patterns are combined)"
     return None
 

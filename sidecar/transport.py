@@ -259,7 +259,9 @@ def tls_context(settings: Settings) -> Any:
     """Verification on, always: a CA file adds trust, it never turns checking off."""
     import ssl
 
-    ctx = ssl.create_default_context(cafile=settings.redis_ca_file)
+    ctx = ssl.create_default_context()  # the system's CAs: with cafile= it would trust that file alone
+    if settings.redis_ca_file:
+        ctx.load_verify_locations(cafile=settings.redis_ca_file)
     if settings.redis_cert_file:
         ctx.load_cert_chain(settings.redis_cert_file, settings.redis_key_file)
     return ctx

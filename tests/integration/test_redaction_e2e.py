@@ -60,3 +60,37 @@ def test_a_secret_read_from_a_file_is_masked_too(redis_server: RedisServer, tmp_
     out = runs.stream_bytes(redis_server.client(), "run:fsec:output:0")
     assert out == b"secret: [REDACTED]\n"
     assert cp.stdout == out  # type: ignore[attr-defined]
+
+
+def test_the_password_of_the_url_is_masked_like_the_others(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    client.acl_setuser("urlu", enabled=True, passwords=["+UrlOnlyPw5555"], keys=["*"], channels=["*"],
+                       commands=["+@all"])
+    host_port = redis_server.url.split("://", 1)[1]
+    url = f"redis://urlu:UrlOnlyPw5555@{host_port}"
+    cp = run_sidecar(["--redis-url", url, "--run-id", "urlpw", "--", "sh", "-c", "echo 'a UrlOnlyPw5555 b'"])
+    assert cp.returncode == 0, cp.stderr
+    assert runs.stream_bytes(client, "run:urlpw:output:0") == b"a [REDACTED] b\n"
+    assert b"UrlOnlyPw5555" not in cp.stdout + cp.stderr
+
+
+def test_status_messages_are_masked_too(redis_server: RedisServer) -> None:
+    """What reaches the status stream decoded (an agent's event, escaped in its line) or from
+    outside the output (the command's name, the reason it could not start) is masked as well."""
+    token = "ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+    escaped = "\\u0067" + token[1:]  # JSON for the same text, which the output filter cannot see
+    db_escaped = "".join(f"\\u{ord(c):04x}" for c in DB)
+    line = f'{{"sidecar_event": "status", "state": "s", "tok": "{escaped}", "db": "{db_escaped}"}}'
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "stm", "--no-echo", "--", "sh", "-c",
+                      f"echo '{line}'"], env={"DB_PASSWORD": DB})
+    assert cp.returncode == 0, cp.stderr
+    client = redis_server.client()
+    agent = [m for m in runs.statuses(client, "stm") if m["status"] == "agent"]
+    assert agent and agent[0]["metadata"] == {"state": "s", "tok": "[REDACTED]", "db": "[REDACTED]"}
+    missing = f"/opt/{DB}/{token}"
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "stf", "--", missing], env={"DB_PASSWORD": DB})
+    assert cp.returncode == 127
+    everything = b"".join(runs.raw_payloads(client, "run:stf:status")) + cp.stderr
+    assert token.encode() not in everything and DB.encode() not in everything
+    assert [m["status"] for m in runs.statuses(client, "stf")] == ["starting", "failed"]
+    assert b"[REDACTED]" in cp.stderr

@@ -65,6 +65,23 @@ def test_tls_with_verification_and_client_certificate(redis_factory: Any, pki: P
     assert out.stdout == b"over tls\n"
 
 
+def test_the_ca_file_adds_to_the_system_cas(redis_factory: Any, pki: Path, tmp_path: Path) -> None:
+    """SSL_CERT_FILE stands in for the system's CAs, which sign the server's certificate; a CA
+    file that does not is added to them, it does not replace them."""
+    srv, port = _tls_server(redis_factory, pki)
+    url = f"rediss://127.0.0.1:{port}/0"
+    tls = ["--redis-ca-file", str(pki / "other-ca.pem")]
+    system = {"SSL_CERT_FILE": str(pki / "ca.pem")}
+    cp = run_sidecar(["--redis-url", url, *tls, "--run-id", "sysca", "--no-echo", "--drain-timeout", "5",
+                      "--spool-dir", str(tmp_path / "sp"), "--", "echo", "system ca"], env=system)
+    assert cp.returncode == 0, cp.stderr
+    assert runs.stream_bytes(srv.client(), "run:sysca:output:0") == b"system ca\n", cp.stderr
+    out = run_process([sys.executable, "-m", "sidecar", "tail", "sysca", "--redis-url", url, *tls, "--raw"],
+                      env=system)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"system ca\n"
+
+
 def test_tls_server_certificate_from_another_ca_is_refused(redis_factory: Any, pki: Path, tmp_path: Path) -> None:
     srv, port = _tls_server(redis_factory, pki)
     marker = tmp_path / "agent-ran"

@@ -250,3 +250,37 @@ def test_hold_back_finds_the_longest_start_of_a_secret_at_the_end() -> None:
         assert r._holdback(data) == expected, data
         held += expected > 0
     assert held > 1000
+
+
+@pytest.mark.parametrize("split", [100, 600, 700, 1400])
+def test_a_token_longer_than_the_hold_back_written_in_two_parts_is_masked_whole(split: int) -> None:
+    """A match that reaches the end of a read may go on in the next one: it is held back whole."""
+    token = b"eyJ" + bytes(random.Random(split).choice(b"abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(1500))
+    data = b"two " + token + b" end\n"
+    r = Redactor({}, [r"eyJ[A-Za-z0-9_\-]{20,}"])
+    assert run(r, [data[:split], data[split:]]) == b"two [REDACTED] end\n"
+    shaped = b"key " + b"github_pat_" + b"A" * 900 + b" end\n"
+    assert run(Redactor({}), [shaped[:600], shaped[600:]]) == b"key [REDACTED] end\n"
+
+
+def test_a_match_at_the_end_goes_out_masked_when_the_pipe_closes_or_goes_quiet() -> None:
+    r = Redactor({})
+    assert r("stdout", b"token " + TOKENS["github"], False) == b"token "
+    assert r("stdout", b"", True) == MASK
+
+
+def test_mask_value_masks_every_string_of_a_status_message() -> None:
+    r = Redactor({"DB_PASSWORD": "hunter2hunter2"})
+    meta = {"state": "s", "tok": TOKENS["github"].decode(), "nested": [{"hunter2hunter2": "x hunter2hunter2 y"}, 3],
+            "n": 1.5, "ok": True, "none": None}
+    assert r.mask_value(meta) == {"state": "s", "tok": "[REDACTED]", "nested": [{"[REDACTED]": "x [REDACTED] y"}, 3],
+                                  "n": 1.5, "ok": True, "none": None}
+    assert r.mask_value("plain \udc80 text") == "plain \udc80 text"  # lone surrogates survive
+
+
+@pytest.mark.parametrize("pattern", ["a{99999999999}", "(?i)a{4294967296}"])
+def test_a_pattern_python_cannot_compile_is_reported_not_raised(pattern: str) -> None:
+    from sidecar.redaction import check_patterns
+
+    problem = check_patterns([pattern])
+    assert problem is not None and "too large" in problem
