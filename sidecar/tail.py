@@ -126,6 +126,12 @@ class Printer:
         self.err.flush()
 
 
+def _brief(exc: BaseException) -> str:
+    """One line about a redis-py error, without the client's repr some of them carry."""
+    text = str(exc).partition(" : <redis.")[0]
+    return f"{type(exc).__name__}: {' '.join(text.split())}"
+
+
 def main(argv: Sequence[str]) -> int:
     ns = parser().parse_args(list(argv))
     try:
@@ -160,7 +166,7 @@ def main(argv: Sequence[str]) -> int:
         client = connect(settings, socket_timeout=None)
     except (redis.RedisError, RedisClusterException, OSError) as exc:
         sys.stderr.write(f"agent-sidecar tail: error: cannot connect to Redis at {mask_url(settings.redis_url)}: "
-                         f"{type(exc).__name__}: {exc}\n")
+                         f"{_brief(exc)}\n")
         return 1
     reader = RunReader(client, keys)
     try:
@@ -178,7 +184,7 @@ def main(argv: Sequence[str]) -> int:
         return 0
     except (redis.RedisError, RedisClusterException) as exc:
         sys.stderr.write(f"agent-sidecar tail: error: cannot read from Redis at {mask_url(settings.redis_url)}: "
-                         f"{type(exc).__name__}: {exc}\n")
+                         f"{_brief(exc)}\n")
         return 1
     finally:
         client.close()

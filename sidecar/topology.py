@@ -262,16 +262,32 @@ class SentinelTarget(Target):
         for host, port in order:
             answer: list[Any] = []
             ask = functools.partial(self._ask_master, answer)
+            sentinel = Endpoint(host=host, port=port, tls=self.tls)
             try:
-                self._open(Endpoint(host=host, port=port), setup=False, use=ask).close()
+                try:
+                    self._open(sentinel, setup=False, use=ask).close()
+                except ReplyError as exc:
+                    if exc.code != "NOAUTH" or self.spec.password is None:
+                        raise
+                    # a sentinel with a password of its own: the URL's credentials
+                    sentinel = sentinel.replace(username=self.spec.username, password=self.spec.password)
+                    self._open(sentinel, setup=False, use=ask).close()
             except (OSError, ReplyError) as exc:
                 errors.append(f"{host}:{port}: {exc}")
                 continue
             addr = answer[0]
-            if addr:
-                return Endpoint(host=addr[0].decode(), port=int(addr[1]), db=self.spec.db,
-                                username=self.spec.username, password=self.spec.password, tls=self.tls)
-            errors.append(f"{host}:{port}: does not know master {self.spec.master_name!r}")
+            if not addr:
+                errors.append(f"{host}:{port}: does not know master {self.spec.master_name!r}")
+                continue
+            try:
+                master_host, master_port = addr[0].decode(), int(addr[1])
+                if not 0 < master_port < 65536:
+                    raise ValueError(master_port)
+            except (TypeError, ValueError, IndexError, AttributeError, UnicodeDecodeError):
+                errors.append(f"{host}:{port}: answered {str(addr)[:80]}, not a master's address")
+                continue
+            return Endpoint(host=master_host, port=master_port, db=self.spec.db,
+                            username=self.spec.username, password=self.spec.password, tls=self.tls)
         raise ConnectionError("no sentinel named a master: " + "; ".join(errors))
 
 

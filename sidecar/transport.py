@@ -224,12 +224,23 @@ def connect(settings: Settings, **overrides: Any) -> Any:
     if "+sentinel://" in url or settings.redis_mode == "sentinel":
         from redis.sentinel import Sentinel
 
+        from redis.sentinel import MasterNotFoundError
+
         spec = parse_sentinel_url(url, settings.redis_password, settings.redis_username)
         if tls:
             kwargs["ssl"] = True
-        sentinel = Sentinel(list(spec.sentinels), socket_timeout=settings.socket_timeout_s)
         kwargs.pop("password", None)
         kwargs.pop("username", None)
+        # The sentinels speak TLS when the master does; they are asked without credentials
+        # first, then with the URL's (a sentinel with a password of its own), as the run does.
+        own = {k: v for k, v in kwargs.items() if k.startswith(("ssl", "socket_"))}
+        sentinel = Sentinel(list(spec.sentinels), sentinel_kwargs=own)
+        if spec.password is not None:
+            try:
+                sentinel.discover_master(spec.master_name)
+            except MasterNotFoundError:
+                own.update(username=spec.username, password=spec.password)
+                sentinel = Sentinel(list(spec.sentinels), sentinel_kwargs=own)
         return sentinel.master_for(spec.master_name, db=spec.db, password=spec.password, username=spec.username,
                                    **kwargs)
     hosts = split_hosts(url)

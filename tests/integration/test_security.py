@@ -166,3 +166,33 @@ def test_missing_files_are_usage_errors(tmp_path: Path) -> None:
         cp = run_sidecar([*args, "--", "true"])
         assert cp.returncode == 2, args
         assert len(cp.stderr.decode().strip().splitlines()) == 1
+
+
+def test_tls_sentinels_with_a_password_of_their_own(redis_factory: Any, pki: Path, tmp_path: Path) -> None:
+    """rediss+sentinel:// speaks TLS to the sentinels too; a sentinel that asks for a password
+    is given the URL's (the master's) credentials."""
+    from tests.cluster_harness import SentinelServer
+
+    srv, port = _tls_server(redis_factory, pki)
+    srv.client().config_set("requirepass", SECRET)
+    tls_port = find_free_port()
+    tls_conf = [f"tls-port {tls_port}", f"tls-cert-file {pki / 'server.pem'}", f"tls-key-file {pki / 'server.key'}",
+                f"tls-ca-cert-file {pki / 'ca.pem'}", "tls-auth-clients no", "tls-replication yes",
+                f"sentinel auth-pass tm {SECRET}"]
+    sentinel = SentinelServer(tmp_path / "sentinel", "tm", ("127.0.0.1", port), quorum=1, extra_config=tls_conf)
+    sentinel.start()
+    try:
+        sentinel.client().execute_command("ACL", "SETUSER", "default", "resetpass", f">{SECRET}")
+        url = f"rediss+sentinel://127.0.0.1:{tls_port}/tm"
+        tls = ["--redis-ca-file", str(pki / "ca.pem")]
+        cp = run_sidecar(["--redis-url", url, *tls, "--run-id", "tsn", "--no-echo", "--drain-timeout", "10",
+                          "--spool-dir", str(tmp_path / "sp"), "--", "echo", "via tls sentinels"],
+                         env={"REDIS_PASSWORD": SECRET})
+        assert cp.returncode == 0, cp.stderr
+        assert runs.stream_bytes(srv.client(password=SECRET), "run:tsn:output:0") == b"via tls sentinels\n", cp.stderr
+        out = run_process([sys.executable, "-m", "sidecar", "tail", "tsn", "--redis-url", url, *tls, "--raw"],
+                          env={"REDIS_PASSWORD": SECRET})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == b"via tls sentinels\n"
+    finally:
+        sentinel.shutdown()

@@ -344,3 +344,13 @@ def test_the_watcher_moves_writes_to_the_master_the_sentinels_name(quick_checks:
         assert used[0] == 6390 and used[-1] == 6391
     finally:
         target.interrupt()
+
+
+@pytest.mark.parametrize("answer", [[b"127.0.0.1", b"x"], [b"127.0.0.1"], [42, b"6379"], [b"h", b"99999"], b"junk"])
+def test_a_sentinel_answering_no_address_is_reported_not_raised(answer: Any) -> None:
+    target = _sentinel_target(lambda: answer, [])
+    try:
+        with pytest.raises(ConnectionError, match="not a master's address"):
+            target.execute([("PING",)])
+    finally:
+        target.interrupt()
