@@ -222,9 +222,7 @@ def connect(settings: Settings, **overrides: Any) -> Any:
     kwargs.update(overrides)
     url = settings.redis_url
     if "+sentinel://" in url or settings.redis_mode == "sentinel":
-        from redis.sentinel import Sentinel
-
-        from redis.sentinel import MasterNotFoundError
+        from redis.sentinel import MasterNotFoundError, Sentinel
 
         spec = parse_sentinel_url(url, settings.redis_password, settings.redis_username)
         if tls:
