@@ -160,8 +160,8 @@ def _addressed_elsewhere(obj: dict[str, Any], settings: Settings) -> bool:
     return False
 
 
-def _authenticate(obj: dict[str, Any], secret: bytes, now: float, seen: ReplayCache) -> str | None:
-    """None when authentic and fresh, else the reason to reject."""
+def _authenticate(obj: dict[str, Any], secret: bytes, now: float, seen: ReplayCache, run_id: str) -> str | None:
+    """None when authentic, fresh and signed for this run, else the reason to reject."""
     sig = obj.get("sig")
     if sig is None:
         return "missing signature"
@@ -181,6 +181,12 @@ def _authenticate(obj: dict[str, Any], secret: bytes, now: float, seen: ReplayCa
         return f"stale command (ts {round(now - ts, 1)} s old, limit {MAX_SKEW_S:g} s)"
     if ts > now + MAX_SKEW_S:
         return f"ts in the future ({round(ts - now, 1)} s ahead, limit {MAX_SKEW_S:g} s)"
+    # The secret is shared by every run: a command names its run, or it could be replayed on another.
+    signed_for = obj.get("run_id")
+    if signed_for is None:
+        return "missing run_id (a signed command names its run)"
+    if str(signed_for) != run_id:
+        return f"signed for run {_short(str(signed_for))}, not this one"
     if not seen.add(sig, now):
         return "replayed command (signature already used)"
     return None
@@ -225,7 +231,7 @@ def parse(payload: bytes, *, settings: Settings, now: float, seen: ReplayCache) 
     if _addressed_elsewhere(obj, settings):
         return None
     if settings.control_secret is not None:
-        reason = _authenticate(obj, settings.control_secret, now, seen)
+        reason = _authenticate(obj, settings.control_secret, now, seen, settings.run_id)
         if reason is not None:
             return Rejection(reason, obj)
     cmd = obj.get("cmd")

@@ -174,19 +174,24 @@ def test_signed_control_commands(redis_server: RedisServer, start_sidecar: Any, 
     proc = _start_ready(start_sidecar, client, redis_server.url, "sig", "--control-secret-file",
                         str(tmp_path / "secret"))
     now = int(time.time())
-    good = sign({"cmd": "signal", "signal": "SIGUSR1", "ts": now}, secret)
+    good = sign({"cmd": "signal", "signal": "SIGUSR1", "ts": now, "run_id": "sig"}, secret)
     client.publish("run:sig:control", json.dumps(good))
     wait_until(lambda: b"got SIGUSR1" in _out(client, "sig"), timeout=5)
     client.publish("run:sig:control", json.dumps(good))  # replayed
     client.publish("run:sig:control", json.dumps({"cmd": "signal", "signal": "SIGUSR2", "ts": now}))  # unsigned
-    client.publish("run:sig:control", json.dumps(sign({"cmd": "signal", "signal": "SIGUSR2", "ts": now}, b"wrong")))
-    client.publish("run:sig:control", json.dumps(sign({"cmd": "signal", "signal": "SIGUSR2", "ts": now - 300},
-                                                      secret)))  # stale
-    client.publish("run:sig:control", json.dumps(sign({"cmd": "cancel", "ts": int(time.time())}, secret)))
+    client.publish("run:sig:control", json.dumps(sign({"cmd": "signal", "signal": "SIGUSR2", "ts": now,
+                                                       "run_id": "sig"}, b"wrong")))
+    client.publish("run:sig:control", json.dumps(sign({"cmd": "signal", "signal": "SIGUSR2", "ts": now - 300,
+                                                       "run_id": "sig"}, secret)))  # stale
+    client.publish("run:sig:control", json.dumps(sign({"cmd": "signal", "signal": "SIGUSR2", "ts": now,
+                                                       "run_id": "elsewhere"}, secret)))  # another run's
+    client.publish("run:sig:control", json.dumps(sign({"cmd": "cancel", "ts": int(time.time()), "run_id": "sig"},
+                                                      secret)))
     assert proc.finish(timeout=30).returncode == 0
     assert _out(client, "sig") == b"ready\ngot SIGUSR1\ngot SIGTERM\ncleaning up\n"
     rejected = [m for m in runs.statuses(client, "sig") if m["status"] == "control_rejected"]
-    assert len(rejected) == 4
+    assert len(rejected) == 5
+    assert rejected[-1]["metadata"]["reason"] == "signed for run 'elsewhere', not this one"
     assert b"not authenticated" not in proc.read_stderr()
 
 

@@ -278,12 +278,12 @@ def test_control_with_a_secret(redis_server: RedisServer) -> None:
     ctl = started_control(s, rec)
     try:
         client = redis_server.client()
-        signed = control.sign({"cmd": "cancel", "ts": time.time()}, secret)
+        signed = control.sign({"cmd": "cancel", "ts": time.time(), "run_id": "r1"}, secret)
         client.publish("run:r1:control", orjson.dumps(signed))
         assert rec.commands.get(timeout=5).cmd == "cancel"
         client.publish("run:r1:control", orjson.dumps(signed))  # replayed
         client.publish("run:r1:control", b'{"cmd": "cancel"}')  # unsigned
-        forged = control.sign({"cmd": "cancel", "ts": time.time()}, b"not the secret")
+        forged = control.sign({"cmd": "cancel", "ts": time.time(), "run_id": "r1"}, b"not the secret")
         client.publish("run:r1:control", orjson.dumps(forged))
         reasons = [rec.rejects.get(timeout=5).reason for _ in range(3)]
         assert "replayed" in reasons[0]

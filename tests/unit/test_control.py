@@ -16,10 +16,15 @@ import orjson
 import pytest
 
 from sidecar import config, control, heartbeat
-from sidecar.control import Command, Rejection, ReplayCache, parse, sign
+from sidecar.control import Command, Rejection, ReplayCache, parse
 
 NOW = 1_700_000_000.0
 SECRET = b"s3cret-key"
+
+
+def sign(obj: dict[str, Any], secret: bytes) -> dict[str, Any]:
+    """control.sign, naming the run of the settings below unless ``obj`` names one."""
+    return control.sign({"run_id": "r1", **obj}, secret)
 
 
 @pytest.fixture
@@ -226,7 +231,7 @@ def independent_sig(obj: dict[str, Any], secret: bytes) -> str:
 def test_canonical_serialisation_matches_an_independent_computation() -> None:
     obj = {"ts": NOW, "cmd": "signal", "signal": "SIGUSR1", "variation_id": "v1", "note": "é ü \u2603",
            "nested": {"b": [1, 2.5, None, True], "a": "x"}}
-    signed = sign(obj, SECRET)
+    signed = control.sign(obj, SECRET)
     assert signed["sig"] == independent_sig(obj, SECRET)
     assert set(signed) == set(obj) | {"sig"}
     assert obj.get("sig") is None  # the input is not modified
@@ -235,7 +240,7 @@ def test_canonical_serialisation_matches_an_independent_computation() -> None:
     assert control.canonical(signed) == expected
     assert hmac.new(SECRET, expected, hashlib.sha256).hexdigest() == signed["sig"]
     # Re-signing replaces the old signature rather than signing it.
-    assert sign(signed, SECRET)["sig"] == signed["sig"]
+    assert control.sign(signed, SECRET)["sig"] == signed["sig"]
 
 
 def test_signed_command_is_accepted(secure: config.Settings) -> None:
@@ -318,6 +323,16 @@ def test_replay_is_caught_for_as_long_as_the_ts_is_acceptable(secure: config.Set
     assert isinstance(run(obj, secure, now=NOW, seen=seen), Command)
     assert "replayed" in rejected(run(obj, secure, now=NOW + 118, seen=seen))
     assert "stale" in rejected(run(obj, secure, now=NOW + 120, seen=seen))
+
+
+def test_a_signed_command_names_its_run(secure: config.Settings) -> None:
+    """The secret is shared by all runs: a command captured on one run's channel and published
+    on another's is refused there."""
+    assert rejected(run(control.sign({"cmd": "cancel", "ts": NOW}, SECRET), secure)).startswith("missing run_id")
+    other = sign({"cmd": "cancel", "ts": NOW, "run_id": "r2"}, SECRET)
+    assert rejected(run(other, secure)) == "signed for run 'r2', not this one"
+    assert isinstance(run(other, secure.replace(run_id="r2")), Command)
+    assert isinstance(run(sign({"cmd": "cancel", "ts": NOW}, SECRET), secure), Command)
 
 
 def test_rejected_signatures_are_not_remembered(secure: config.Settings) -> None:
@@ -456,3 +471,13 @@ def test_a_command_nested_32_levels_still_goes_through_the_checks(secure: config
     for _ in range(30):
         inner = [inner]
     assert isinstance(run(sign({"cmd": "cancel", "ts": NOW, "x": inner}, SECRET), secure), Command)
+
+
+def test_the_signed_command_in_the_protocol_document_verifies() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith('{"cmd": "pause", "ts": '))
+    obj = json.loads(line)
+    s = config.build({"run_id": obj["run_id"]}, {}, ("true",)).replace(control_secret=b"example-secret-0123456789")
+    assert isinstance(run(obj, s, now=obj["ts"]), Command)
