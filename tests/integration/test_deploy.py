@@ -267,9 +267,12 @@ def test_dev_credentials_are_placeholders_that_match_the_acl_file() -> None:
     acl = secret_data(find(docs, "Secret", "redis-acl"))
     passwords = acl_passwords(acl["users.acl"])
     assert passwords["default"] == []
+    sidecar, api = (secret_data(find(docs, "Secret", name)) for name in ("redis-sidecar", "redis-api"))
+    assert sidecar["control-secret"] == api["control-secret"]  # the API signs what the sidecars check
+    assert sidecar["control-secret"].startswith("CHANGE-ME-")
     expected = {
-        "sidecar": secret_data(find(docs, "Secret", "redis-sidecar"))["password"],
-        "api": secret_data(find(docs, "Secret", "redis-api"))["password"],
+        "sidecar": sidecar["password"],
+        "api": api["password"],
         "probe": acl["probe-password"],
         "admin": acl["admin-password"],
     }
@@ -332,6 +335,9 @@ def test_agent_job_template(overlay: str) -> None:
     password_volume, key = mounted_volume(pod, agent, env["REDIS_PASSWORD_FILE"])
     assert password_volume["secret"]["secretName"] == "redis-sidecar"
     assert key in [i["path"] for i in password_volume["secret"]["items"]]
+    secret_volume, key = mounted_volume(pod, agent, env["SIDECAR_CONTROL_SECRET_FILE"])
+    assert secret_volume["secret"]["secretName"] == "redis-sidecar"
+    assert {"key": "control-secret", "path": key} in secret_volume["secret"]["items"]
 
     spool_volume, rest = mounted_volume(pod, agent, env["SIDECAR_SPOOL_DIR"])
     assert "emptyDir" in spool_volume and rest == ""
