@@ -544,6 +544,11 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         path = merged[opt]
         if path and not os.path.isfile(path):
             raise UsageError(f"--{opt.replace('_', '-')} {path}: no such file")
+    tls_files = [f"--{opt.replace('_', '-')}" for opt in ("redis_ca_file", "redis_cert_file", "redis_key_file")
+                 if merged[opt]]
+    if tls_files and not merged["redis_url"].startswith("rediss"):
+        raise UsageError(f"{' and '.join(tls_files)} given, but {mask_url(merged['redis_url'])!r} is not a TLS URL "
+                         "(rediss:// or rediss+sentinel://): the password would go in plaintext")
     if merged["redis_key_file"] and not merged["redis_cert_file"]:
         raise UsageError("--redis-key-file needs --redis-cert-file (the client certificate)")
     if merged["redis_cert_file"]:

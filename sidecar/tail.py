@@ -76,6 +76,16 @@ def _json_line(obj: dict[str, Any]) -> bytes:
         return json.dumps(rest, ensure_ascii=False, separators=(",", ":"), default=str).encode()
 
 
+# Text mode shows control characters as escapes: the agent's output must not drive the
+# reader's terminal (an OSC sequence can set the window title or write to the clipboard,
+# a CR can hide what came before it on the line). --raw and --json keep every byte.
+_VISIBLE = {c: f"\\x{c:02x}" for c in (*range(32), *range(127, 160)) if c != 9}
+
+
+def _visible(text: str) -> str:
+    return text.removesuffix("\r").translate(_VISIBLE)
+
+
 class Printer:
     def __init__(self, mode: str, stream: str | None, show_status: bool, variation: str) -> None:
         self.mode = mode
@@ -97,7 +107,8 @@ class Printer:
                 self.out.write(_json_line(_record_json(ev)) + b"\n")
             else:
                 tag = "out" if ev.stream == "stdout" else "err"
-                self.out.write(f"{protocol.iso_utc(ev.ts)[11:23]} {tag} | ".encode() + ev.text.encode() + b"\n")
+                line = _visible(ev.text)
+                self.out.write(f"{protocol.iso_utc(ev.ts)[11:23]} {tag} | {line}\n".encode("utf-8", "replace"))
         elif isinstance(ev, Status):
             if str(ev.msg.get("variation_id")) != self.variation:
                 return
@@ -110,7 +121,8 @@ class Printer:
             else:
                 metadata = ev.msg.get("metadata")
                 meta = " ".join(f"{k}={v}" for k, v in metadata.items()) if isinstance(metadata, dict) else ""
-                self.out.write(f"{str(ev.msg.get('timestamp', ''))[11:23]} --- {ev.status} {meta}\n".encode())
+                text = _visible(f"{str(ev.msg.get('timestamp', ''))[11:23]} --- {ev.status} {meta}")
+                self.out.write(f"{text}\n".encode("utf-8", "replace"))
         elif isinstance(ev, Gap):
             note = f"[agent-sidecar] gap: records {ev.first}..{ev.last} of {ev.channel} {ev.reason}\n"
             if self.mode == "json":

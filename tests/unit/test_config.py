@@ -715,7 +715,20 @@ def test_a_client_key_without_its_certificate_is_a_usage_error(tmp_path: Any) ->
     key = tmp_path / "client.key"
     key.write_text("not used")
     with pytest.raises(UsageError, match="--redis-key-file needs --redis-cert-file"):
-        mk({"redis_key_file": str(key)})
+        mk({"redis_key_file": str(key), "redis_url": "rediss://h/0"})
+
+
+def test_tls_files_with_a_url_that_is_not_tls_are_a_usage_error(tmp_path: Any) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("unused")
+    for url in ("redis://u:pw@h/0", "unix:///tmp/r.sock", "redis+sentinel://s:26379/m"):
+        with pytest.raises(UsageError, match="--redis-ca-file given, but .* is not a TLS URL") as info:
+            mk({"redis_ca_file": str(ca), "redis_url": url})
+        assert "pw" not in str(info.value)
+    with pytest.raises(UsageError, match="not a TLS URL"):
+        mk(env={"REDIS_CA_FILE": str(ca)})
+    for url in ("rediss://h/0", "rediss+sentinel://s:26379/m"):
+        assert mk({"redis_ca_file": str(ca), "redis_url": url}).redis_ca_file == str(ca)
 
 
 def test_a_client_certificate_that_does_not_load_is_a_usage_error(tmp_path: Any) -> None:
@@ -723,7 +736,7 @@ def test_a_client_certificate_that_does_not_load_is_a_usage_error(tmp_path: Any)
     cert.write_text("-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n")
     key.write_text("not a key\n")
     with pytest.raises(UsageError, match="not a usable certificate and private key"):
-        mk({"redis_cert_file": str(cert), "redis_key_file": str(key)})
+        mk({"redis_cert_file": str(cert), "redis_key_file": str(key), "redis_url": "rediss://h/0"})
 
 
 def test_a_url_with_several_hosts_names_cluster_nodes() -> None:

@@ -22,3 +22,30 @@ def test_a_parsed_object_too_deep_for_any_encoder_is_left_out_and_the_text_stays
 
 def test_plain_records_are_written_by_orjson_compactly() -> None:
     assert _json_line({"seq": 1, "text": "a b"}) == b'{"seq":1,"text":"a b"}'
+
+
+def test_text_mode_shows_control_characters_as_escapes_and_raw_keeps_them() -> None:
+    import io
+
+    from sidecar.consumer import Status
+    from sidecar.protocol import Record
+    from sidecar.tail import Printer
+
+    data = b"title \x1b]0;owned\x07 clip \x1b]52;c;ZWNobw==\x07 tab\there\rhidden \xc2\x9b\r\n"
+    rec = Record(channel="run:r:output:0", stream="stdout", seq=1, ts=1_700_000_000.0, data=data, partial=False,
+                 json=None, producer="p", agent_id="a", variation_id="0")
+    status = Status(msg={"variation_id": "0", "status": "agent", "timestamp": "2026-01-01T00:00:00.000000Z",
+                         "metadata": {"state": "\x1b[2Jcleared"}}, channel="run:r:status", status="agent", seq=1,
+                    producer="p")
+    out = {}
+    for mode in ("text", "raw"):
+        p = Printer(mode, None, True, "0")
+        p.out, p.err = io.BytesIO(), io.BytesIO()
+        p.emit(rec)
+        p.emit(status)
+        out[mode] = p.out.getvalue()
+    assert out["raw"] == data
+    text = out["text"].decode()
+    assert not any(ord(c) < 32 and c not in "\t\n" or 127 <= ord(c) < 160 for c in text), text
+    assert "title \\x1b]0;owned\\x07 clip \\x1b]52;c;ZWNobw==\\x07 tab\there\\x0dhidden \\x9b\n" in text
+    assert "state=\\x1b[2Jcleared" in text
