@@ -111,7 +111,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_stream_len", "--max-stream-len", "SIDECAR_MAX_STREAM_LEN", 1_000_000,
            "approximate cap on entries per stream (0: none)", kind="int"),
     Option("heartbeat_interval_s", "--heartbeat-interval", "SIDECAR_HEARTBEAT_INTERVAL", 5.0,
-           "seconds between heartbeats on agent:{agent_id}:heartbeat (0: none)", kind="duration"),
+           "seconds between heartbeats on agent:{agent_id}:heartbeat (0: none; else at least 0.1)", kind="duration"),
     Option("redis_username", "--redis-username", "REDIS_USERNAME", None, "ACL user name"),
     Option("redis_password_file", "--redis-password-file", "REDIS_PASSWORD_FILE", None,
            "file holding the Redis password (a mounted Kubernetes Secret)"),
@@ -505,6 +505,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         raise UsageError("--batch-max-bytes and --max-line-bytes must be at least 1")
     if merged["socket_timeout_s"] <= 0:
         raise UsageError("--socket-timeout must be more than 0")
+    if 0 < merged["heartbeat_interval_s"] < MIN_HEARTBEAT_S:  # a typo must not flood Redis
+        raise UsageError(f"--heartbeat-interval must be 0 (none) or at least {MIN_HEARTBEAT_S:g} s")
     run_id = merged["run_id"]
     generated = False
     if not run_id:
@@ -565,6 +567,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     _check_distinct_keys(settings)
     return settings
 
+
+MIN_HEARTBEAT_S = 0.1
 
 # Where every run's token reports are published (TOKENS_SCRIPT names it too).
 TOKENS_CHANNEL = "metrics:agent:tokens"

@@ -768,3 +768,11 @@ def test_a_target_for_several_hosts_is_a_cluster_seeded_by_all() -> None:
     assert (target.endpoint.host, target.endpoint.port, target.endpoint.password) == ("n0", 7000, "pw")
     conn = open_connection(s)  # connects lazily: the first node, with the URL's credentials
     assert (conn.endpoint.host, conn.endpoint.port, conn.endpoint.username) == ("n0", 7000, "u")
+
+
+def test_a_heartbeat_interval_is_none_or_at_least_a_tenth_of_a_second() -> None:
+    assert mk({"heartbeat_interval_s": "0"}).heartbeat_interval_s == 0
+    assert mk({"heartbeat_interval_s": "0.1"}).heartbeat_interval_s == 0.1
+    for bad in ("1e-9", "0.05"):
+        with pytest.raises(UsageError, match="at least 0.1 s"):
+            mk({"heartbeat_interval_s": bad})
