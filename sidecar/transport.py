@@ -558,13 +558,18 @@ class Sender:
             reraise=True,
         )
         # One lost connection is routine (a restart, an idle timeout, CLIENT KILL): reconnect
-        # and try again at once; only a second failure counts as an outage. A command Redis
+        # and try again at once; only a second failure counts as an outage, or a first one
+        # that was a timeout. A command Redis
         # refused (an ACL without PUBLISH, say) is worth a warning, once per kind of error.
         error = describe_error(first_error, self.settings.redis_url)
         if isinstance(first_error, ReplyError) and first_error.code not in ("NOSCRIPT", "MOVED", "ASK"):
             if first_error.code not in self._refusals_told and len(self._refusals_told) < 100:
                 self._refusals_told.add(first_error.code)
                 log.warning("Redis refused a write; retrying", error=error)
+        elif isinstance(first_error, TimeoutError):
+            # Silent for --socket-timeout: down now. Reconnecting at once would wait as long
+            # again, with the backlog still in memory rather than on disk.
+            self._note_failure(first_error)
         else:
             log.debug("write failed; reconnecting", error=error)
         self._drop_client()

@@ -97,6 +97,32 @@ def test_redis_stalled_by_sigstop(redis_server: RedisServer, start_sidecar: Any,
     assert "degraded" in [m["status"] for m in runs.statuses(redis_server.client(), "stall")]
 
 
+def test_a_stalled_redis_counts_as_down_after_one_socket_timeout(redis_server: RedisServer, start_sidecar: Any,
+                                                                 tmp_path: Path) -> None:
+    """From then on the backlog is on disk: a sidecar SIGKILLed during the stall loses only
+    what was still in its pipe (before, the stall went unnoticed for two timeouts and the
+    output of those seconds was in memory only)."""
+    key = runs.keys("stk")["stdout"]
+    spool = tmp_path / "spool"
+    client = redis_server.client()
+    proc = start_sidecar([*sidecar_args(redis_server.url, "stk", spool), "--socket-timeout", "2", "--",
+                          *counter(100_000, 1000)])
+    wait_until(lambda: client.exists(key) == 1, timeout=10)
+    started = time.monotonic()
+    redis_server.stop()
+    wait_until(lambda: any(spool.rglob("*.seg")), timeout=3.5, message="spooling within ~1 socket timeout")
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    proc.wait()
+    proc.kill_tree()
+    redis_server.cont()
+    assert replay(redis_server.url, spool).returncode == 0
+    seqs = raw_seqs(redis_server.client(), key)
+    assert seqs == list(range(1, len(seqs) + 1)), "a prefix, in order, each once"
+    assert len(seqs) >= 1000 * (killed - started) * 0.6, f"{len(seqs)} lines: the stall's output was lost"
+
+
 def test_reply_lost_after_write_is_not_duplicated(redis_server: RedisServer, tmp_path: Path) -> None:
     with ReplyDroppingProxy(redis_server.port) as proxy:
         cp = run_sidecar([*sidecar_args(proxy.url, "dup", tmp_path / "spool"), "--", *counter(2000, 0)])
