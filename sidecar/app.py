@@ -411,17 +411,23 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
     rt.control.stop()
     rt.outbox.close()
     if not rt.outbox.empty():
-        lost_records, _ = rt.outbox.spill_all()
-        where = s.spool_dir if rt.spool is not None else "nowhere (no spool)"
+        lost_records, lost_items = rt.outbox.spill_all()
         why = "a second stop signal" if told >= 2 else "the drain timeout"
-        log.warning(
-            f"Redis did not take all output before {why}; it stays in the spool",
-            waiting_records=rt.outbox.waiting_records,
-            spool=where,
-            replay=f"python -m sidecar replay --spool-dir {s.spool_dir}",
-        )
-        if lost_records:
-            log.error("records that fit in no spool were lost", records=lost_records)
+        if lost_items < len(rt.outbox):
+            log.warning(
+                f"Redis did not take all output before {why}; it stays in the spool",
+                waiting_records=rt.outbox.waiting_records - lost_records,
+                spool=s.spool_dir,
+                replay=f"python -m sidecar replay --spool-dir {s.spool_dir}",
+            )
+        if lost_items:
+            reason = "the spool had no room for them" if rt.spool is not None else "there is no usable spool"
+            log.error(f"Redis did not take all output before {why}, and {reason}: lost", records=lost_records)
+    if rt.outbox.dropped_records:
+        log.warning("output dropped while buffer and spool were full (--when-full drop)",
+                    records=rt.outbox.dropped_records)
+    if rt.outbox.unreadable_records:
+        log.error("output lost: spool frames that could not be read back", records=rt.outbox.unreadable_records)
     if rt.spool is not None:
         rt.spool.close()
     rt.sender.close()

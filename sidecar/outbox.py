@@ -44,6 +44,8 @@ class Outbox:
         self.room = threading.Condition(self.lock)
         self._q: deque[Item | DiskRef] = deque()
         self._ndisk = 0  # length of the disk prefix of _q
+        self.unreadable_records = 0  # records of spool frames that could not be read back
+        self._unreadable_told: set[str] = set()
         self._inflight = 0  # head entries handed to the sender and not yet acknowledged
         self._durable = False
         self._closing = False
@@ -72,7 +74,7 @@ class Outbox:
                         pass
                     if self._full(item.size):
                         self._append(self._gap(item.key, item.first, item.last))
-                        self.dropped_records += item.records
+                        self._note_drop(item.records)
                         self.cond.notify_all()
                         return
             self._append(item)
@@ -129,6 +131,12 @@ class Outbox:
         self.mem_bytes -= item.size
         return True
 
+    def _note_drop(self, records: int) -> None:
+        if not self.dropped_records:
+            log.warning("buffer and spool are full: dropping the oldest waiting output (--when-full drop); "
+                        "gap markers in the streams say what is missing")
+        self.dropped_records += records
+
     def _drop_oldest(self) -> bool:
         """Replace the oldest waiting output batch in memory by a gap marker."""
         for i in range(max(self._inflight, self._ndisk), len(self._q)):
@@ -140,7 +148,7 @@ class Outbox:
             self.mem_bytes += gap.size - entry.size
             self.waiting_records -= entry.records
             self.waiting_bytes -= entry.raw_bytes
-            self.dropped_records += entry.records
+            self._note_drop(entry.records)
             prev = self._q[i - 1] if i > max(self._inflight, self._ndisk) else None
             if isinstance(prev, Item) and prev.kind == "gap" and prev.key == gap.key and prev.last + 1 == gap.first:
                 merged = self._gap(gap.key, prev.first, gap.last)
@@ -182,7 +190,7 @@ class Outbox:
                     try:
                         item = self.spool.read(entry)
                     except (OSError, SpoolError, ValueError, struct.error) as exc:
-                        log.error("spool frame unreadable, skipped", error=str(exc))
+                        self._unreadable(entry, exc)
                         self._remove_at(i)
                         continue
                 else:
@@ -192,6 +200,17 @@ class Outbox:
                 i += 1
             self._inflight = i
         return out
+
+    def _unreadable(self, ref: DiskRef, exc: BaseException) -> None:
+        """One error per segment file for its frames that cannot be read back (a spool deleted
+        or truncated under the sidecar would otherwise give one line per frame)."""
+        path = ref.segment.path
+        self.unreadable_records += ref.records
+        if path not in self._unreadable_told:
+            if len(self._unreadable_told) < 100:
+                self._unreadable_told.add(path)
+                log.error("spool frames unreadable, skipped (one report per file)", file=path, error=str(exc),
+                          records=ref.records)
 
     def _remove_at(self, i: int) -> None:
         entry = self._q[i]

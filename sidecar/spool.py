@@ -3,7 +3,8 @@
 Layout: ``SPOOL_DIR/<producer>/<n>.seg`` plus a ``lock`` file held (flock) while the
 producer lives. A directory whose lock is free belongs to a sidecar that is gone: its
 items are delivered first by the next sidecar or by ``replay``. Every frame carries its
-length and CRC32, so a tail torn by SIGKILL or a full disk is detected and skipped.
+length and CRC32, so a tail torn by SIGKILL or a full disk is detected and skipped, and so is
+a corrupt frame elsewhere (reading goes on with the next one).
 Delivery is idempotent on the Redis side, so a frame delivered before a crash and sent
 again is not duplicated in the stream.
 """
@@ -132,8 +133,9 @@ def read_segment(path: str) -> bytes:
 
 
 def scan(path: str) -> Iterator[tuple[int, int, Item]]:
-    """(offset, frame length, item) for each valid frame; stops at the first torn or corrupt one.
-    SpoolError when the segment cannot be read (see read_segment)."""
+    """(offset, frame length, item) for each valid frame. A frame whose checksum fails is
+    skipped; past a header that is not one, reading goes on at the next frame's magic (a torn
+    tail has none). SpoolError when the segment cannot be read (see read_segment)."""
     data = read_segment(path)
     pos = 0
     while pos < len(data):
@@ -143,12 +145,20 @@ def scan(path: str) -> Iterator[tuple[int, int, Item]]:
         magic, blen, crc = _HEAD.unpack_from(data, pos)
         end = pos + _HEAD.size + blen
         if magic != MAGIC or blen > MAX_FRAME or end > len(data):
-            log.warning("spool: torn or corrupt frame skipped with the rest of the file", file=path, offset=pos)
-            return
+            # A header that cannot be trusted: go on at the next frame's magic, if any (the
+            # checksum vouches for what is found there).
+            nxt = data.find(MAGIC, pos + 1)
+            if nxt < 0:
+                log.warning("spool: torn or corrupt frame at end of file skipped", file=path, offset=pos)
+                return
+            log.warning("spool: corrupt bytes skipped up to the next frame", file=path, offset=pos, to=nxt)
+            pos = nxt
+            continue
         body = data[pos + _HEAD.size : end]
         if zlib.crc32(body) != crc:
-            log.warning("spool: frame with bad checksum skipped with the rest of the file", file=path, offset=pos)
-            return
+            log.warning("spool: frame with bad checksum skipped", file=path, offset=pos)
+            pos = end
+            continue
         try:
             item = decode_body(body)
         except (ValueError, KeyError, TypeError, struct.error) as exc:

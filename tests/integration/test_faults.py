@@ -275,6 +275,10 @@ def test_when_full_drop_never_blocks_and_marks_gaps(redis_factory: Any, start_si
     for r in recs:
         assert r.data == b"line %d\n" % r.seq
     assert all(g.reason == "dropped" for g in gaps)
+    err = cp.stderr.decode()
+    assert err.count("dropping the oldest waiting output") == 1, err
+    dropped = sum(g.last - g.first + 1 for g in gaps)
+    assert f"output dropped while buffer and spool were full (--when-full drop) records={dropped}" in err, err
 
 
 def test_sigterm_to_sidecar_with_agent_that_traps_it(redis_server: RedisServer, start_sidecar: Any,
@@ -472,3 +476,15 @@ def test_a_frozen_redis_does_not_hold_up_the_pipe_reader(redis_factory: Any, sta
     assert echoed_in_freeze >= 15, (echoed_in_freeze, frozen_s, cp.stderr)
     assert cp.stdout == counter_bytes(1, n)
     assert_exactly_once(client, key, n)
+
+
+def test_without_a_usable_spool_the_exit_says_the_rest_is_lost(free_port: int, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    cp = run_sidecar([*sidecar_args(f"redis://127.0.0.1:{free_port}/0", "nosp", blocker / "spool"),
+                      "--drain-timeout", "1", "--", "sh", "-c", "echo one; echo two"])
+    assert cp.returncode == 0
+    err = cp.stderr.decode()
+    assert "disk spool unavailable" in err
+    assert "stays in the spool" not in err and "replay" not in err, err
+    assert "there is no usable spool: lost" in err and "records=2" in err, err

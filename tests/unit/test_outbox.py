@@ -527,3 +527,18 @@ def test_block_mode_blocks_when_the_spool_cannot_write(tmp_path: Path, monkeypat
     ob.close()
     t.join(5)
     sp.close()
+
+
+def test_frames_lost_from_a_deleted_spool_are_reported_once_per_file(spool: Spool,
+                                                                    capfd: pytest.CaptureFixture[str]) -> None:
+    ob = Outbox(10_000, spool, "block", gap_factory)
+    ob.set_durable(True)
+    for first in range(1, 200, 5):
+        ob.put(batch(first))
+    for seg in Path(spool.root).rglob("*.seg"):
+        seg.unlink()
+    ob.set_durable(False)
+    ob.put(batch(200))
+    assert [it.first for it in drain(ob)] == [200]
+    assert ob.unreadable_records == 40 * 5
+    assert capfd.readouterr().err.count("spool frames unreadable") == 1

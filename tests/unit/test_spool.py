@@ -352,10 +352,10 @@ def test_bad_crc_in_middle(tmp_path: Path, capfd: pytest.CaptureFixture[str]) ->
     third = sum(len(encode_frame(it)) for it in items[:2])
     data[third + HEAD + 6] ^= 0x01  # one bit of the third frame's body
     seg.write_bytes(bytes(data))
-    assert [it for _, _, it in scan(str(seg))] == items[:2]
+    assert [it for _, _, it in scan(str(seg))] == items[:2] + items[3:]  # only the damaged frame is lost
     s = Spool(str(tmp_path), "me", 1 << 20)
     s.open()
-    assert [s.read(r) for r in s.adopt_orphans()] == items[:2]
+    assert [s.read(r) for r in s.adopt_orphans()] == items[:2] + items[3:]
     s.close()
     assert "checksum" in capfd.readouterr().err
 
@@ -368,17 +368,25 @@ def test_bad_magic_in_middle(tmp_path: Path) -> None:
     second = len(encode_frame(items[0]))
     data[second : second + 4] = b"XXXX"
     seg.write_bytes(bytes(data))
-    assert [it for _, _, it in scan(str(seg))] == items[:1]
+    assert [it for _, _, it in scan(str(seg))] == [items[0], items[2]]  # on at the third frame's magic
 
 
-def test_corrupt_first_frame_yields_nothing(tmp_path: Path) -> None:
+def test_a_corrupt_first_frame_loses_only_itself(tmp_path: Path) -> None:
     items = items_fixture(2, "dead")
     orphan = write_orphan(tmp_path, "dead", items)
     seg = orphan / "00000001.seg"
     data = bytearray(seg.read_bytes())
     data[HEAD] ^= 0xFF
     seg.write_bytes(bytes(data))
-    assert list(scan(str(seg))) == []
+    assert [it for _, _, it in scan(str(seg))] == items[1:]
+
+
+def test_garbage_between_frames_and_a_magic_inside_it(tmp_path: Path) -> None:
+    a, b = Item("k", "p", 1, 1, b"first"), Item("k", "p", 2, 2, b"second")
+    path = tmp_path / "x.seg"
+    path.write_bytes(encode_frame(a) + b"junk" + MAGIC + b"\xff\xff\xff\x7f" + b"more junk" + encode_frame(b)
+                     + MAGIC + b"\x05\x00\x00\x00")
+    assert [it for _, _, it in scan(str(path))] == [a, b]
 
 
 def test_undecodable_frame_with_valid_crc_is_skipped(tmp_path: Path) -> None:
