@@ -73,5 +73,7 @@ def main(argv: Sequence[str]) -> int:
         log.error("replay incomplete: spool directories could not be opened or read", directories=len(spool.unusable),
                   first=spool.unusable[0], delivered_items=len(refs))
         return 1
+    if spool.busy:
+        log.info("spool directories held by a running sidecar or replay were left to it", directories=spool.busy)
     log.info("replay complete", items=len(refs), records=records, redis=mask_url(s.redis_url))
     return 0

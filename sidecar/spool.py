@@ -199,6 +199,7 @@ class Spool:
         self._seq = 0
         self._adopted: list[ProducerDir] = []
         self.skipped = 0  # orphaned directories adopt_orphans left alone
+        self.busy = 0  # directories another process holds (a live sidecar, a running replay)
         self.unusable: list[str] = []  # orphaned directories that could not be locked, and why
 
     def open(self) -> None:
@@ -243,7 +244,8 @@ class Spool:
                 self.unusable.append(f"{path}: {exc.strerror or exc}")
                 continue
             if fd is None:
-                continue  # a live sidecar or a running replay owns it
+                self.busy += 1  # a live sidecar or a running replay owns it
+                continue
             pdir = ProducerDir(path, fd, foreign=True)
             try:
                 names = os.listdir(path)
