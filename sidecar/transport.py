@@ -148,7 +148,7 @@ def status_hash_fields(msg: dict[str, Any]) -> list[Any]:
         fields += ["pid", meta["pid"]]
     if status in _FINAL and "exit_code" in meta:
         fields += ["exit_code", meta["exit_code"]]
-    if status == "killed" and "signal" in meta:
+    if status in ("killed", "cancelled") and "signal" in meta:  # cancelled: when it took a SIGKILL
         fields += ["signal", meta["signal"]]
     if status == "running" and not meta.get("resumed"):  # the end of a pause is no new start
         fields += ["started_at", msg.get("timestamp", "")]

@@ -51,3 +51,16 @@ def test_agent_status_metadata_cannot_overwrite_the_sidecars_fields() -> None:
     running = status_hash_fields({"status": "running", "agent_id": "a", "timestamp": "t", "producer": "p",
                                   "metadata": {"pid": 42}})
     assert dict(zip(running[::2], running[1::2], strict=True))["pid"] == 42
+
+
+def test_the_variation_hash_names_the_signal_of_a_cancelled_agent_that_was_killed() -> None:
+    def fields(status: str, meta: dict[str, object]) -> dict[str, object]:
+        out = status_hash_fields({"status": status, "agent_id": "a", "timestamp": "t", "producer": "p",
+                                  "metadata": meta})
+        return dict(zip(out[::2], out[1::2], strict=True))
+
+    assert fields("cancelled", {"exit_code": 137, "signal": "SIGKILL"})["signal"] == "SIGKILL"
+    assert fields("killed", {"exit_code": 143, "signal": "SIGTERM"})["signal"] == "SIGTERM"
+    assert "signal" not in fields("cancelled", {"exit_code": 0})
+    assert "started_at" not in fields("running", {"pid": 1, "resumed": True})
+    assert fields("running", {"pid": 1})["started_at"] == "t"
