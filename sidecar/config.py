@@ -322,28 +322,38 @@ def split_hosts(url: str) -> list[str] | None:
     return [f"{scheme}://{auth}{at}{host}{slash}{path}" for host in hosts.split(",")]
 
 
-def mask_url(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print. Everything between the first
-    ":" after the user name and the last "@" counts as the password, so a password holding
-    "/", "?", "#" or "@" (which a URL must %-escape) is masked whole even in a malformed URL."""
-    if plain_url(url):
-        return url
+def _split_auth(url: str) -> tuple[str, str, str]:
+    """(what precedes the user info, the user info, the rest after its "@"); the user info is
+    empty without one. It ends at the last "@" (so a password holding "/", "?", "#" or "@",
+    which a URL must %-escape, is taken whole even in a malformed URL), except in a unix://
+    URL, whose socket path may hold "@": there it ends before the path."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
+    if scheme == "unix":
+        head, slash, path = rest.partition("/")
+        auth, at, host = head.rpartition("@")
+        return (f"{scheme}{sep}", auth, f"{host}{slash}{path}") if at else (f"{scheme}{sep}", "", rest)
     auth, at, hosts = rest.rpartition("@")
-    if not at or ":" not in auth:
+    return (f"{scheme}{sep}", auth, hosts) if at else (f"{scheme}{sep}", "", rest)
+
+
+def mask_url(url: str) -> str:
+    """The URL with any password replaced by ***, safe to print."""
+    if plain_url(url):
         return url
-    return f"{scheme}{sep}{auth.split(':', 1)[0]}:***@{hosts}"
+    head, auth, rest = _split_auth(url)
+    if ":" not in auth:
+        return url
+    return f"{head}{auth.split(':', 1)[0]}:***@{rest}"
 
 
 def url_password(url: str) -> str | None:
     """The password a URL carries (%-escapes decoded), as mask_url finds it; None without one."""
     from urllib.parse import unquote
 
-    auth, at, _hosts = url.partition("://")[2].rpartition("@")
-    user, colon, password = auth.partition(":")
-    return unquote(password) if at and colon and password else None
+    _user, colon, password = _split_auth(url)[1].partition(":")
+    return unquote(password) if colon and password else None
 
 
 def _bad_escape(text: str) -> bool:
@@ -362,9 +372,10 @@ def validate_url(url: str) -> None:
         return
     if any(c.isspace() or c < " " or c == "\x7f" for c in url):  # urlsplit would drop tabs and newlines
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: spaces or control characters")
-    rest = url.partition("://")[2]
+    scheme, _, rest = url.partition("://")
     ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    if ends and rest.rfind("@") > min(ends):  # else urlsplit would take part of the password for the port
+    # else urlsplit would take part of the password for the port (a socket path may hold "@")
+    if scheme != "unix" and ends and rest.rfind("@") > min(ends):
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: a password holding /, ? or # must be %-escaped "
                          "(or given by REDIS_PASSWORD)")
     from urllib.parse import parse_qs, urlsplit
@@ -411,7 +422,8 @@ def validate_url(url: str) -> None:
                          "path, TLS files in --redis-ca-file/--redis-cert-file/--redis-key-file)")
     if not parts.hostname:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no host")
-    if not all(c.isalnum() or c in ".-_:%" for c in parts.hostname):  # ":" and "%": IPv6, with a zone
+    ipv6 = ":" in parts.hostname  # in brackets in the URL, maybe with a %-escaped zone
+    if not all(c.isalnum() or c in ".-_" or ipv6 and c in ":%" for c in parts.hostname):
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: bad host {parts.hostname!r}")
     if parts.fragment or url.endswith("#"):
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no fragment (#...)")

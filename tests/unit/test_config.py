@@ -330,6 +330,8 @@ def test_transport_properties(transport: str, stream: bool, pubsub: bool) -> Non
         "redis://my_cache-0.svc.cluster.local:6379/0",
         "unix:///tmp/redis.sock",
         "unix:///tmp/redis.sock?db=1",
+        "unix:///run/redis@main/redis.sock",
+        "unix://u:pw@/run/redis@main/redis.sock",
     ],
 )
 def test_valid_urls(url: str) -> None:
@@ -360,6 +362,8 @@ def test_valid_urls(url: str) -> None:
         "redis://us%zzer:pw@h/0",
         "redis://u:pw%4@h/0",
         "redis://u:pw%@h/0",
+        "redis://h%zz/0",
+        "redis://h%/0",
     ],
 )
 def test_invalid_urls(url: str) -> None:
@@ -401,6 +405,9 @@ def test_mask_url_hides_password() -> None:
         ("redis://u:sec@ret@h:1/0", "redis://u:***@h:1/0"),
         ("redis://u:secret@[::1]:6379/0", "redis://u:***@[::1]:6379/0"),
         ("redis://u:sec,ret@n0:1,n1:2/0", "redis://u:***@n0:1,n1:2/0"),
+        ("redis://u:Ab+c/DeF9==@h:1/0", "redis://u:***@h:1/0"),
+        ("unix://u:secret@/run/a:b@c/r.sock", "unix://u:***@/run/a:b@c/r.sock"),
+        ("unix:///run/a:b@c/r.sock", "unix:///run/a:b@c/r.sock"),
     ],
 )
 def test_mask_url_variants(url: str, expected: str) -> None:
