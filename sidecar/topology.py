@@ -212,6 +212,7 @@ class SentinelTarget(Target):
         self.spec = spec
         self.tls = tls
         self.named: tuple[str, int] | None = None  # what the sentinels named at the last look
+        self._sentinel_tls: dict[tuple[str, int], bool] = {}  # how each sentinel answered
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -255,23 +256,40 @@ class SentinelTarget(Target):
     def _ask_master(self, answer: list[Any], probe: Connection) -> None:
         answer.append(probe.call("SENTINEL", "get-master-addr-by-name", self.spec.master_name))
 
+    def _ask_sentinel(self, host: str, port: int, answer: list[Any]) -> None:
+        """Ask one sentinel whom it names. With rediss+sentinel:// a sentinel may listen in
+        plaintext or with TLS: plaintext is tried first (a TLS port drops it at once, where a
+        plaintext port would wait out a TLS handshake), and the way that worked is kept. A
+        sentinel that answers NOAUTH is asked again with the URL's credentials, which never
+        go out in plaintext when the URL asks for TLS."""
+        ask = functools.partial(self._ask_master, answer)
+        known = self._sentinel_tls.get((host, port))
+        ways = [known] if known is not None else [False, True] if self.tls else [False]
+        for i, tls in enumerate(ways):
+            sentinel = Endpoint(host=host, port=port, tls=tls)
+            try:
+                try:
+                    self._open(sentinel, setup=False, use=ask).close()
+                except ReplyError as exc:
+                    if exc.code != "NOAUTH" or self.spec.password is None or self.tls and not tls:
+                        raise
+                    sentinel = sentinel.replace(username=self.spec.username, password=self.spec.password)
+                    self._open(sentinel, setup=False, use=ask).close()
+            except (OSError, ReplyError) as exc:
+                if i + 1 < len(ways) and not self.interrupted:
+                    continue
+                raise exc from None
+            self._sentinel_tls[(host, port)] = tls
+            return
+
     def _resolve(self) -> Endpoint:
         errors = []
         order = list(self.spec.sentinels)
         random.shuffle(order)
         for host, port in order:
             answer: list[Any] = []
-            ask = functools.partial(self._ask_master, answer)
-            sentinel = Endpoint(host=host, port=port, tls=self.tls)
             try:
-                try:
-                    self._open(sentinel, setup=False, use=ask).close()
-                except ReplyError as exc:
-                    if exc.code != "NOAUTH" or self.spec.password is None:
-                        raise
-                    # a sentinel with a password of its own: the URL's credentials
-                    sentinel = sentinel.replace(username=self.spec.username, password=self.spec.password)
-                    self._open(sentinel, setup=False, use=ask).close()
+                self._ask_sentinel(host, port, answer)
             except (OSError, ReplyError) as exc:
                 errors.append(f"{host}:{port}: {exc}")
                 continue

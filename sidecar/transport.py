@@ -229,16 +229,25 @@ def connect(settings: Settings, **overrides: Any) -> Any:
             kwargs["ssl"] = True
         kwargs.pop("password", None)
         kwargs.pop("username", None)
-        # The sentinels speak TLS when the master does; they are asked without credentials
-        # first, then with the URL's (a sentinel with a password of its own), as the run does.
-        own = {k: v for k, v in kwargs.items() if k.startswith(("ssl", "socket_"))}
-        sentinel = Sentinel(list(spec.sentinels), sentinel_kwargs=own)
-        if spec.password is not None:
+        # The sentinels are asked as the run command asks them (SentinelTarget._ask_sentinel):
+        # in plaintext, then (rediss+sentinel://) with TLS, each without credentials, then
+        # with the URL's where they may go; the first way that names a master is kept.
+        timeouts = {"socket_timeout": settings.socket_timeout_s,
+                    "socket_connect_timeout": min(settings.socket_timeout_s, 5.0)}
+        tls_kwargs = {k: v for k, v in kwargs.items() if k.startswith("ssl")}
+        creds = {"username": spec.username, "password": spec.password} if spec.password is not None else None
+        ways = [dict(timeouts)] + ([dict(timeouts, **creds)] if creds and not tls else [])
+        if tls:
+            ways += [dict(timeouts, **tls_kwargs)] + ([dict(timeouts, **tls_kwargs, **creds)] if creds else [])
+        sentinel = None
+        for way in ways:
+            sentinel = Sentinel(list(spec.sentinels), sentinel_kwargs=way)
             try:
                 sentinel.discover_master(spec.master_name)
+                break
             except MasterNotFoundError:
-                own.update(username=spec.username, password=spec.password)
-                sentinel = Sentinel(list(spec.sentinels), sentinel_kwargs=own)
+                continue
+        assert sentinel is not None
         return sentinel.master_for(spec.master_name, db=spec.db, password=spec.password, username=spec.username,
                                    **kwargs)
     hosts = split_hosts(url)

@@ -196,3 +196,27 @@ def test_tls_sentinels_with_a_password_of_their_own(redis_factory: Any, pki: Pat
         assert out.stdout == b"via tls sentinels\n"
     finally:
         sentinel.shutdown()
+
+
+def test_plaintext_sentinels_in_front_of_a_tls_master(redis_factory: Any, pki: Path, tmp_path: Path) -> None:
+    """rediss+sentinel:// with sentinels that listen in plaintext: they are asked that way,
+    and the master is reached over TLS."""
+    from tests.cluster_harness import SentinelServer
+
+    srv, port = _tls_server(redis_factory, pki)
+    tls_conf = [f"tls-cert-file {pki / 'server.pem'}", f"tls-key-file {pki / 'server.key'}",
+                f"tls-ca-cert-file {pki / 'ca.pem'}", "tls-auth-clients no", "tls-replication yes"]
+    sentinel = SentinelServer(tmp_path / "sentinel", "tm", ("127.0.0.1", port), quorum=1, extra_config=tls_conf)
+    sentinel.start()
+    try:
+        url = f"rediss+sentinel://127.0.0.1:{sentinel.port}/tm"
+        tls = ["--redis-ca-file", str(pki / "ca.pem")]
+        cp = run_sidecar(["--redis-url", url, *tls, "--run-id", "psn", "--no-echo", "--drain-timeout", "10",
+                          "--spool-dir", str(tmp_path / "sp"), "--", "echo", "plain sentinels"])
+        assert cp.returncode == 0, cp.stderr
+        assert runs.stream_bytes(srv.client(), "run:psn:output:0") == b"plain sentinels\n", cp.stderr
+        out = run_process([sys.executable, "-m", "sidecar", "tail", "psn", "--redis-url", url, *tls, "--raw"])
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == b"plain sentinels\n"
+    finally:
+        sentinel.shutdown()
