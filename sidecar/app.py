@@ -176,8 +176,8 @@ class Runtime:
                                            **event.counts)
                 if event.cost_usd is not None:
                     msg["cost_usd"] = event.cost_usd
-                if event.model is not None:
-                    msg["model"] = event.model
+                if event.model is not None:  # the agent's text, decoded from JSON: masked like a status
+                    msg["model"] = event.model if self.redactor is None else self.redactor.mask_value(event.model)
                 item = Item(self.tokens_key, self.producer, seq, seq, protocol.encode_object(msg), kind="tokens")
                 self.tokens_seq = seq
                 self.outbox.put(item, force=True)

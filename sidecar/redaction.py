@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 MASK = b"[REDACTED]"
 # A match reaching the end of a chunk is held back whole, up to this size, until the next
 # read, 1 s or a line end shows where it ends: a long token written in two parts is masked whole.
-MAX_HELD_SECRET = 64 << 10
+MAX_HELD_SECRET = 8 << 10
 SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIALS")
 MIN_VALUE_LEN = 8
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 from tests.helpers import run_sidecar
@@ -94,3 +95,21 @@ def test_status_messages_are_masked_too(redis_server: RedisServer) -> None:
     assert token.encode() not in everything and DB.encode() not in everything
     assert [m["status"] for m in runs.statuses(client, "stf")] == ["starting", "failed"]
     assert b"[REDACTED]" in cp.stderr
+
+
+def test_token_reports_are_masked_too(redis_server: RedisServer) -> None:
+    token = "ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+    escaped = "\\u0067" + token[1:]
+    line = f'{{"sidecar_event": "tokens", "input_tokens": 5, "model": "m-{escaped}"}}'
+    sub = redis_server.client().pubsub()
+    sub.subscribe("metrics:agent:tokens")
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "tkm", "--no-echo", "--", "sh", "-c",
+                      f"echo '{line}'"])
+    assert cp.returncode == 0, cp.stderr
+    msg = sub.get_message(timeout=5)
+    sub.close()
+    assert msg is not None and msg["type"] == "message"
+    report = json.loads(msg["data"])
+    assert report["input_tokens"] == 5 and report["model"] == "m-[REDACTED]"
+    assert token.encode() not in b"".join(str(v).encode() for v in redis_server.client().hgetall("run:tkm:tokens"))
