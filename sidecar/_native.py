@@ -1,7 +1,7 @@
 """The optional native module (sidecar/_speedups.c), or None.
 
 None when it was not built (no C compiler at install time) or when SIDECAR_PURE_PYTHON is set
-to anything but "" or "0": the Python code then does the same work, slower.
+to anything but "", "0", "false", "no" or "off": the Python code then does the same work, slower.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from types import ModuleType
 
 
 def _load() -> ModuleType | None:
-    if os.environ.get("SIDECAR_PURE_PYTHON", "") not in ("", "0"):
+    if os.environ.get("SIDECAR_PURE_PYTHON", "").strip().lower() not in ("", "0", "false", "no", "off"):
         return None
     try:
         from . import _speedups  # type: ignore[attr-defined]
