@@ -107,6 +107,7 @@ class Redactor:
     def __init__(self, env: Mapping[str, str], extra_patterns: Sequence[str] = (), *,
                  min_len: int = MIN_VALUE_LEN, max_token: int = 512) -> None:
         self.values = tuple(secret_values(env, min_len))
+        self._value_set = frozenset(self.values)
         self.user_patterns = bool(extra_patterns)
         # Token shapes only where a token can begin: not inside a word ("risk-assessment-...").
         shapes = [rb"(?<![A-Za-z0-9])" + p for p in TOKEN_PATTERNS]
@@ -139,9 +140,10 @@ class Redactor:
                 break  # may still grow: decide with the next chunk
             if m.end() == m.start():
                 continue  # a user pattern that matched nothing here
-            if not final and m.end() == len(data) and len(data) - m.start() <= MAX_HELD_SECRET:
+            if (not final and m.end() == len(data) and len(data) - m.start() <= MAX_HELD_SECRET
+                    and m.group() not in self._value_set):
                 end = m.start()  # a token reaching the end of the chunk may go on in the next one
-                break
+                break  # (an environment value may not: it is masked and goes out now)
             out.append(data[pos : m.start()])
             out.append(MASK)
             self.masked += 1

@@ -284,3 +284,8 @@ def test_a_pattern_python_cannot_compile_is_reported_not_raised(pattern: str) ->
 
     problem = check_patterns([pattern])
     assert problem is not None and "too large" in problem
+
+
+def test_an_environment_secret_ending_a_read_goes_out_masked_at_once() -> None:
+    r = Redactor({"DB_PASSWORD": "my pass!word"})
+    assert r("stdout", b"Password: my pass!word", False) == b"Password: [REDACTED]"
