@@ -1300,8 +1300,10 @@ def native_module() -> bool:
 
 
 def pure_python_asked() -> bool:
-    """SIDECAR_PURE_PYTHON as the sidecar reads it (sidecar/_native.py): the runs use the Python code."""
-    return os.environ.get("SIDECAR_PURE_PYTHON", "") not in ("", "0")
+    """SIDECAR_PURE_PYTHON as the sidecar reads it: the runs use the Python code."""
+    from sidecar._native import pure_python_asked as asked
+
+    return asked(os.environ)
 
 
 def import_hooks() -> list[str]:

@@ -7,11 +7,19 @@ to anything but "", "0", "false", "no" or "off": the Python code then does the s
 from __future__ import annotations
 
 import os
-from types import ModuleType
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from types import ModuleType
+
+
+def pure_python_asked(env: Mapping[str, str] = os.environ) -> bool:
+    return env.get("SIDECAR_PURE_PYTHON", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def _load() -> ModuleType | None:
-    if os.environ.get("SIDECAR_PURE_PYTHON", "").strip().lower() not in ("", "0", "false", "no", "off"):
+    if pure_python_asked():
         return None
     try:
         from . import _speedups  # type: ignore[attr-defined]

@@ -333,7 +333,11 @@ def _split_auth(url: str) -> tuple[str, str, str]:
     if scheme == "unix":
         head, slash, path = rest.partition("/")
         auth, at, host = head.rpartition("@")
-        return (f"{scheme}{sep}", auth, f"{host}{slash}{path}") if at else (f"{scheme}{sep}", "", rest)
+        if at:
+            return f"{scheme}{sep}", auth, f"{host}{slash}{path}"
+        if ":" not in head or "@" not in path:
+            return f"{scheme}{sep}", "", rest
+        # user:pass/word@/path: a password holding "/" (refused by validate_url, masked whole)
     auth, at, hosts = rest.rpartition("@")
     return (f"{scheme}{sep}", auth, hosts) if at else (f"{scheme}{sep}", "", rest)
 
@@ -372,10 +376,8 @@ def validate_url(url: str) -> None:
         return
     if any(c.isspace() or c < " " or c == "\x7f" for c in url):  # urlsplit would drop tabs and newlines
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: spaces or control characters")
-    scheme, _, rest = url.partition("://")
-    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
-    # else urlsplit would take part of the password for the port (a socket path may hold "@")
-    if scheme != "unix" and ends and rest.rfind("@") > min(ends):
+    # else urlsplit would take part of the password for the port
+    if any(c in _split_auth(url)[1] for c in "/?#"):
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: a password holding /, ? or # must be %-escaped "
                          "(or given by REDIS_PASSWORD)")
     from urllib.parse import parse_qs, urlsplit

@@ -209,8 +209,7 @@ class Outbox:
         if path not in self._unreadable_told:
             if len(self._unreadable_told) < 100:
                 self._unreadable_told.add(path)
-                log.error("spool frames unreadable, skipped (one report per file)", file=path, error=str(exc),
-                          records=ref.records)
+                log.error("spool frames unreadable, skipped (one report per file)", file=path, error=str(exc))
 
     def _remove_at(self, i: int) -> None:
         entry = self._q[i]

@@ -144,20 +144,16 @@ def scan(path: str) -> Iterator[tuple[int, int, Item]]:
             return
         magic, blen, crc = _HEAD.unpack_from(data, pos)
         end = pos + _HEAD.size + blen
-        if magic != MAGIC or blen > MAX_FRAME or end > len(data):
-            # A header that cannot be trusted: go on at the next frame's magic, if any (the
-            # checksum vouches for what is found there).
+        body = data[pos + _HEAD.size : end]
+        if magic != MAGIC or blen > MAX_FRAME or end > len(data) or zlib.crc32(body) != crc:
+            # Not a frame the checksum vouches for, and its length may be what is wrong: go
+            # on at the next frame's magic, if any (the checksum checks what is found there).
             nxt = data.find(MAGIC, pos + 1)
             if nxt < 0:
                 log.warning("spool: torn or corrupt frame at end of file skipped", file=path, offset=pos)
                 return
-            log.warning("spool: corrupt bytes skipped up to the next frame", file=path, offset=pos, to=nxt)
+            log.warning("spool: corrupt frame skipped up to the next one", file=path, offset=pos, to=nxt)
             pos = nxt
-            continue
-        body = data[pos + _HEAD.size : end]
-        if zlib.crc32(body) != crc:
-            log.warning("spool: frame with bad checksum skipped", file=path, offset=pos)
-            pos = end
             continue
         try:
             item = decode_body(body)

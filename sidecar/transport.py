@@ -148,7 +148,7 @@ def status_hash_fields(msg: dict[str, Any]) -> list[Any]:
         fields += ["pid", meta["pid"]]
     if status in _FINAL and "exit_code" in meta:
         fields += ["exit_code", meta["exit_code"]]
-    if status in ("killed", "cancelled") and "signal" in meta:  # cancelled: when it took a SIGKILL
+    if status in ("killed", "cancelled") and "signal" in meta:  # cancelled: when a signal ended it
         fields += ["signal", meta["signal"]]
     if status == "running" and not meta.get("resumed"):  # the end of a pause is no new start
         fields += ["started_at", msg.get("timestamp", "")]
@@ -233,7 +233,7 @@ def connect(settings: Settings, **overrides: Any) -> Any:
         # in plaintext, then (rediss+sentinel://) with TLS, each without credentials, then
         # with the URL's where they may go; the first way that names a master is kept.
         timeouts = {"socket_timeout": settings.socket_timeout_s,
-                    "socket_connect_timeout": min(settings.socket_timeout_s, 5.0)}
+                    "socket_connect_timeout": min(settings.socket_timeout_s, 5.0), "retry": Retry(NoBackoff(), 0)}
         tls_kwargs = {k: v for k, v in kwargs.items() if k.startswith("ssl")}
         creds = {"username": spec.username, "password": spec.password} if spec.password is not None else None
         ways = [dict(timeouts)] + ([dict(timeouts, **creds)] if creds and not tls else [])

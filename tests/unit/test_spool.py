@@ -357,7 +357,7 @@ def test_bad_crc_in_middle(tmp_path: Path, capfd: pytest.CaptureFixture[str]) ->
     s.open()
     assert [s.read(r) for r in s.adopt_orphans()] == items[:2] + items[3:]
     s.close()
-    assert "checksum" in capfd.readouterr().err
+    assert "corrupt frame skipped" in capfd.readouterr().err
 
 
 def test_bad_magic_in_middle(tmp_path: Path) -> None:
@@ -612,3 +612,32 @@ def test_files_named_like_segments_but_not_numbered_are_left_alone(tmp_path: Pat
     s.close()
     assert "files that are not segments left alone" in capfd.readouterr().err
     assert sorted(os.listdir(orphan)) == ["lock", "notes.seg"]
+
+
+def test_a_corrupt_length_does_not_skip_the_frames_it_spans(tmp_path: Path) -> None:
+    items = [Item("k", "p", i, i, b"x" * 200) for i in range(1, 21)]
+    path = tmp_path / "x.seg"
+    frames = [encode_frame(it) for it in items]
+    data = bytearray(b"".join(frames))
+    second = len(frames[0])
+    data[second + 5] ^= 0x08  # the second frame's length grows by 2048: it would span frames 3 to 10
+    path.write_bytes(bytes(data))
+    assert [it.first for _, _, it in scan(str(path))] == [1, *range(3, 21)]
+
+
+def test_replay_exits_1_when_spool_frames_cannot_be_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capfd: pytest.CaptureFixture[str]) -> None:
+    from sidecar import replay
+    from tests.redis_harness import find_free_port
+
+    write_orphan(tmp_path, "dead", items_fixture(3, "dead"))
+
+    def vanished(self: Spool, ref: object) -> Item:
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(Spool, "read", vanished)
+    code = replay.main(["--spool-dir", str(tmp_path), "--redis-url", f"redis://127.0.0.1:{find_free_port()}/0",
+                        "--timeout", "5"])
+    err = capfd.readouterr().err
+    assert code == 1, err
+    assert "spool frames could not be read back" in err and err.count("spool frames unreadable") == 1
