@@ -17,11 +17,11 @@ from agent_wrapper.process import Agent
 
 from . import _native, control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
-from .config import Settings, mask_url, url_password
+from .config import Settings, mask_url, split_hosts, url_password
 from .items import Item
 from .outbox import Outbox
 from .spool import Spool, SpoolError
-from .transport import Sender, TargetPipe, open_connection, subscriber_connection
+from .transport import Sender, TargetPipe, cluster_enabled, open_connection, subscriber_connection
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -104,8 +104,16 @@ class Runtime:
         name = f"agent-sidecar-control:{self.s.agent_id}"
         nodes = self.sender.cluster_nodes()
         if nodes and self._control_attempts > 1:
-            return open_connection(self.s, name, nodes[self._control_attempts % len(nodes)])
-        return subscriber_connection(self.s, name)
+            conn = open_connection(self.s, name, nodes[self._control_attempts % len(nodes)])
+        else:
+            conn = subscriber_connection(self.s, name)
+        if split_hosts(self.s.redis_url) is not None or self.s.redis_mode == "cluster":
+            # Commands are published in the cluster: a server outside it (a standalone one
+            # among the seeds) must not take the subscription.
+            if not cluster_enabled(conn.pipeline([("CLUSTER", "INFO")])[0]):
+                conn.close()
+                raise ConnectionError(f"{conn.endpoint.host}:{conn.endpoint.port} is not a node of the cluster")
+        return conn
 
     def _open_spool(self) -> Spool | None:
         if self.s.spool_max_bytes <= 0:

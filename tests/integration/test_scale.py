@@ -255,3 +255,24 @@ def test_a_url_naming_several_nodes_reaches_the_cluster_when_the_first_is_down(r
         bad = run_process([sys.executable, "-m", "sidecar", "--redis-url", url, "--redis-mode", mode, "--", "true"],
                           timeout=30)
         assert bad.returncode == 2 and b"several hosts" in bad.stderr, bad.stderr
+
+
+def test_a_standalone_server_among_the_seeds_does_not_take_the_control_channel(redis_cluster: Any,
+                                                                               redis_server: Any,
+                                                                               start_sidecar: Any,
+                                                                               tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port},127.0.0.1:{redis_cluster.seed.port}/0"
+    proc = start_sidecar([*_args(url, "sa", tmp_path), "--", "sleep", "60"])
+    client = redis_cluster.client()
+    stray = redis_server.client()
+
+    def cancelled() -> bool:
+        assert stray.pubsub_channels() == []  # never subscribed outside the cluster
+        client.publish("run:sa:control", '{"cmd": "cancel"}')
+        return proc.poll() is not None
+
+    wait_until(cancelled, timeout=30, interval=0.5)
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 143, cp.stderr
+    assert b"is not a node of the cluster" in cp.stderr
+    assert [m["status"] for m in runs.statuses(client, "sa")][-1] == "cancelled"
