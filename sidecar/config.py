@@ -360,26 +360,16 @@ def url_password(url: str) -> str | None:
     return unquote(password) if colon and password else None
 
 
-def _bad_escape(text: str) -> bool:
-    """Whether a % in ``text`` is not followed by two hex digits."""
-    pos = text.find("%")
-    while pos >= 0:
-        pair = text[pos + 1 : pos + 3]
-        if len(pair) < 2 or not all(c in "0123456789abcdefABCDEF" for c in pair):
-            return True
-        pos = text.find("%", pos + 3)
-    return False
-
-
 def validate_url(url: str) -> None:
     if plain_url(url):
         return
     if any(c.isspace() or c < " " or c == "\x7f" for c in url):  # urlsplit would drop tabs and newlines
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: spaces or control characters")
-    # else urlsplit would take part of the password for the port
-    if any(c in _split_auth(url)[1] for c in "/?#"):
+    auth = _split_auth(url)[1]
+    if any(c in auth for c in "/?#"):  # else urlsplit would take part of the password for the port
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: a password holding /, ? or # must be %-escaped "
                          "(or given by REDIS_PASSWORD)")
+    import re
     from urllib.parse import parse_qs, urlsplit
 
     hosts = split_hosts(url)
@@ -429,8 +419,7 @@ def validate_url(url: str) -> None:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: bad host {parts.hostname!r}")
     if parts.fragment or url.endswith("#"):
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no fragment (#...)")
-    userinfo = parts.netloc.rpartition("@")[0]
-    if _bad_escape(userinfo):
+    if re.search("%(?![0-9A-Fa-f]{2})", auth):
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: bad %-escape in the user name or password "
                          "(write % as %25)")
     if port is not None and not 0 < port < 65536:

@@ -41,14 +41,6 @@ _STOP_SOFT_S = 0.5
 _STOP_HARD_S = 2.0
 
 
-def heartbeat_channel(settings: Settings) -> str:
-    return settings.heartbeat_channel
-
-
-def alive_key(settings: Settings) -> str:
-    return settings.alive_key
-
-
 def variation_hash_key(settings: Settings) -> str:
     return f"run:{settings.run_key}:variation:{settings.variation_id}"
 
@@ -96,8 +88,8 @@ def commands(settings: Settings, msg: dict[str, Any], payload: bytes) -> list[tu
     """The pipeline of one beat (pure)."""
     vkey = variation_hash_key(settings)
     cmds: list[tuple[Any, ...]] = [
-        ("PUBLISH", heartbeat_channel(settings), payload),
-        ("SET", alive_key(settings), payload, "EX", alive_ttl(settings.heartbeat_interval_s)),
+        ("PUBLISH", settings.heartbeat_channel, payload),
+        ("SET", settings.alive_key, payload, "EX", alive_ttl(settings.heartbeat_interval_s)),
         ("HSET", vkey, "last_heartbeat", msg["timestamp"], "agent_id", settings.agent_id),
     ]
     ttl = settings.ttl_s

@@ -206,10 +206,9 @@ class Outbox:
         or truncated under the sidecar would otherwise give one line per frame)."""
         path = ref.segment.path
         self.unreadable_records += ref.records
-        if path not in self._unreadable_told:
-            if len(self._unreadable_told) < 100:
-                self._unreadable_told.add(path)
-                log.error("spool frames unreadable, skipped (one report per file)", file=path, error=str(exc))
+        if path not in self._unreadable_told and len(self._unreadable_told) < 100:
+            self._unreadable_told.add(path)
+            log.error("spool frames unreadable, skipped (one report per file)", file=path, error=str(exc))
 
     def _remove_at(self, i: int) -> None:
         entry = self._q[i]

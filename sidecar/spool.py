@@ -120,22 +120,24 @@ def read_segment(path: str) -> bytes:
         reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or str(exc)
         raise SpoolError(f"{path}: {reason}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise SpoolError(f"{path}: not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as fh:
-            return fh.read()
-    except SpoolError:
-        raise
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        data = b""
+        if regular:
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                data = fh.read()
     except OSError as exc:
         raise SpoolError(f"{path}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
+    if not regular:
+        raise SpoolError(f"{path}: not a regular file")
+    return data
 
 
 def scan(path: str) -> Iterator[tuple[int, int, Item]]:
-    """(offset, frame length, item) for each valid frame. A frame whose checksum fails is
-    skipped; past a header that is not one, reading goes on at the next frame's magic (a torn
-    tail has none). SpoolError when the segment cannot be read (see read_segment)."""
+    """(offset, frame length, item) for each valid frame. Past a frame its checksum does not
+    vouch for, reading goes on at the next frame's magic (a torn tail has none). SpoolError
+    when the segment cannot be read (see read_segment)."""
     data = read_segment(path)
     pos = 0
     while pos < len(data):

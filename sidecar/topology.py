@@ -275,10 +275,10 @@ class SentinelTarget(Target):
                         raise
                     sentinel = sentinel.replace(username=self.spec.username, password=self.spec.password)
                     self._open(sentinel, setup=False, use=ask).close()
-            except (OSError, ReplyError) as exc:
+            except (OSError, ReplyError):
                 if i + 1 < len(ways) and not self.interrupted:
                     continue
-                raise exc from None
+                raise
             self._sentinel_tls[(host, port)] = tls
             return
 

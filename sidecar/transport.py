@@ -234,11 +234,11 @@ def connect(settings: Settings, **overrides: Any) -> Any:
         # with the URL's where they may go; the first way that names a master is kept.
         timeouts = {"socket_timeout": settings.socket_timeout_s,
                     "socket_connect_timeout": min(settings.socket_timeout_s, 5.0), "retry": Retry(NoBackoff(), 0)}
-        tls_kwargs = {k: v for k, v in kwargs.items() if k.startswith("ssl")}
-        creds = {"username": spec.username, "password": spec.password} if spec.password is not None else None
-        ways = [dict(timeouts)] + ([dict(timeouts, **creds)] if creds and not tls else [])
+        ways = [timeouts]
         if tls:
-            ways += [dict(timeouts, **tls_kwargs)] + ([dict(timeouts, **tls_kwargs, **creds)] if creds else [])
+            ways.append(dict(timeouts, **{k: v for k, v in kwargs.items() if k.startswith("ssl")}))
+        if spec.password is not None:  # after the last way: with TLS when the URL asks for it
+            ways.append(dict(ways[-1], username=spec.username, password=spec.password))
         sentinel = None
         for way in ways:
             sentinel = Sentinel(list(spec.sentinels), sentinel_kwargs=way)
@@ -568,8 +568,8 @@ class Sender:
         )
         # One lost connection is routine (a restart, an idle timeout, CLIENT KILL): reconnect
         # and try again at once; only a second failure counts as an outage, or a first one
-        # that was a timeout. A command Redis
-        # refused (an ACL without PUBLISH, say) is worth a warning, once per kind of error.
+        # that was a timeout. A command Redis refused (an ACL without PUBLISH, say) is worth a
+        # warning, once per kind of error.
         error = describe_error(first_error, self.settings.redis_url)
         if isinstance(first_error, ReplyError) and first_error.code not in ("NOSCRIPT", "MOVED", "ASK"):
             if first_error.code not in self._refusals_told and len(self._refusals_told) < 100:

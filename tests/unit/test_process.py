@@ -40,3 +40,9 @@ def test_a_pipe_size_the_kernel_refuses_leaves_the_default() -> None:
     assert not isinstance(agent, SpawnFailed)
     assert _read_all(agent.stdout_fd) == b"ok\n"
     os.waitpid(agent.pid, 0)
+
+
+def test_every_forwarded_signal_starts_the_agent_with_its_default_disposition() -> None:
+    from agent_wrapper import process, signals
+
+    assert signals.FORWARDED <= set(process._RESET_SIGNALS)
