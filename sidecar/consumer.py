@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 import redis
+from redis.exceptions import ClusterDownError
 
 from agent_wrapper.values import Frozen
 
@@ -128,6 +129,19 @@ class RunReader:
         (see ``merge_by_time``), paging through all of them together."""
         yield from merge_by_time([self._stored_key(k) for k in list(self.ids)])
 
+    def _xread(self, streams: dict[str, str], block_ms: int) -> Any:
+        """XREAD BLOCK of ``streams`` (on a cluster, all on one slot). A cluster client is
+        given the node that serves the slot: ``RedisCluster.xread`` would first ask its
+        default node which keys the command names (COMMAND GETKEYS), outside its retries and
+        slot map refresh, so once that node died every read failed alike, failover or not.
+        A read that fails on the node makes redis-py read the slot map again."""
+        client: Any = self.client
+        if not is_cluster(client):
+            return client.xread(streams, count=self.page, block=block_ms)
+        node = client.get_node_from_key(next(iter(streams)))
+        return client.execute_command("XREAD", "COUNT", self.page, "BLOCK", block_ms, "STREAMS", *streams,
+                                      *streams.values(), target_nodes=node)
+
     def follow(self, block_ms: int = 1000) -> Iterator[Event | None]:
         """New entries as they come (XREAD BLOCK); yields None on each idle timeout.
 
@@ -142,12 +156,11 @@ class RunReader:
                 if split:
                     resp = []
                     for key in list(self.ids):
-                        part = self.client.xread({key: self.ids[key]}, count=self.page,
-                                                 block=max(1, block_ms // (4 * len(self.ids))))
+                        part = self._xread({key: self.ids[key]}, max(1, block_ms // (4 * len(self.ids))))
                         resp.extend(part or [])
                 else:
-                    resp = self.client.xread(dict(self.ids), count=self.page, block=block_ms)  # type: ignore[arg-type]
-            except (redis.ConnectionError, redis.TimeoutError):
+                    resp = self._xread(dict(self.ids), block_ms)
+            except (redis.ConnectionError, redis.TimeoutError, ClusterDownError):
                 # Redis restarting or failing over: go on from the last entry read, with backoff.
                 yield None
                 time.sleep(pause)

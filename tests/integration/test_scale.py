@@ -276,3 +276,39 @@ def test_a_standalone_server_among_the_seeds_does_not_take_the_control_channel(r
     assert cp.returncode == 143, cp.stderr
     assert b"is not a node of the cluster" in cp.stderr
     assert [m["status"] for m in runs.statuses(client, "sa")][-1] == "cancelled"
+
+
+def test_tail_follow_reads_on_after_the_failover_of_its_default_node(redis_cluster: Any, start_sidecar: Any,
+                                                                      tmp_path: Path) -> None:
+    """The master killed is the one a redis-py cluster client asks which keys a command names
+    (its default node, the first master of the slot map) and also serves the run's output: both
+    ways of following (one XREAD for a single key, one XREAD per key on different slots) print
+    what is written after the failover."""
+    from sidecar.topology import key_slot
+    from tests.helpers import start_process
+
+    seed = redis_cluster.seed
+    assert redis_cluster.masters()[0] is seed  # the master of slot 0: a new client's default node
+    run = next(r for r in (f"fo-{i}" for i in range(1000)) if redis_cluster.node_for_key(f"run:{r}:output:0") is seed)
+    assert len({key_slot(f"run:{run}:{k}") for k in ("output:0", "logs:0", "status")}) == 3
+    n = 3000
+    proc = start_sidecar([*_args(redis_cluster.url, run, tmp_path), "--", *_counter(n, 300)])
+    tails = {mode: start_process([sys.executable, "-m", "sidecar", "tail", run, "--follow", "--raw", "--redis-url",
+                                  redis_cluster.url, *extra], output_dir=tmp_path / "tail")
+             for mode, extra in (("split", []), ("one key", ["--stream", "stdout"]))}
+
+    def lines(mode: str) -> int:
+        return tails[mode].read_stdout().count(b"\n")
+
+    for mode in tails:
+        wait_until(lambda m=mode: lines(m) >= 300, timeout=20, message="output before the failover")
+    seed.kill()
+    redis_cluster.wait_for_failover(f"run:{run}:output:0", seed)
+    at_failover = {mode: lines(mode) for mode in tails}
+    cp = proc.finish(timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    for mode, tail in tails.items():
+        wait_until(lambda m=mode: lines(m) >= n, timeout=30,
+                   message=lambda m=mode: f"{m}: {lines(m)} of {n} lines, {at_failover[m]} at the failover")
+        assert tail.read_stdout() == counter_bytes(1, n), mode
+        assert tail.poll() is None, tail.describe_output()  # still following
