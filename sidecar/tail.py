@@ -20,6 +20,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
+FOLLOW_BLOCK_MS = 1000
 _CONN_OPTS = {*CONNECTION_OPTIONS, "output_channel", "logs_channel", "status_channel"}
 
 
@@ -175,7 +176,9 @@ def main(argv: Sequence[str]) -> int:
     from redis.exceptions import RedisClusterException
 
     try:
-        client = connect(settings, socket_timeout=None)
+        # A read waits at most --socket-timeout beyond XREAD's block: a master that hangs
+        # (a partition, a frozen node) must not hold tail after its replica took over.
+        client = connect(settings, socket_timeout=settings.socket_timeout_s + FOLLOW_BLOCK_MS / 1000)
     except (redis.RedisError, RedisClusterException, OSError) as exc:
         sys.stderr.write(f"agent-sidecar tail: error: cannot connect to Redis at {mask_url(settings.redis_url)}: "
                          f"{_brief(exc)}\n")
@@ -186,7 +189,7 @@ def main(argv: Sequence[str]) -> int:
             printer.emit(ev)
         printer.flush()
         if ns.follow:
-            for ev in reader.follow():
+            for ev in reader.follow(FOLLOW_BLOCK_MS):
                 if ev is not None:
                     printer.emit(ev)
                 printer.flush()

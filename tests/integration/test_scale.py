@@ -312,3 +312,37 @@ def test_tail_follow_reads_on_after_the_failover_of_its_default_node(redis_clust
                    message=lambda m=mode: f"{m}: {lines(m)} of {n} lines, {at_failover[m]} at the failover")
         assert tail.read_stdout() == counter_bytes(1, n), mode
         assert tail.poll() is None, tail.describe_output()  # still following
+
+
+def test_tail_follow_reads_on_when_the_master_of_the_output_hangs(redis_cluster: Any, start_sidecar: Any,
+                                                                   tmp_path: Path) -> None:
+    """The master serving the output stops answering without closing its connections (SIGSTOP:
+    a partition, a frozen node). Its replica takes over; tail --follow, blocked in a read on the
+    hung master, gives up after --socket-timeout and prints everything written after the
+    failover."""
+    from tests.helpers import start_process
+
+    run = "hang-1"
+    key = f"run:{run}:output:0"
+    master = redis_cluster.node_for_key(key)
+    n = 3000
+    proc = start_sidecar([*_args(redis_cluster.url, run, tmp_path), "--", *_counter(n, 300)])
+    tail = start_process([sys.executable, "-m", "sidecar", "tail", run, "--follow", "--raw", "--stream", "stdout",
+                          "--socket-timeout", "1", "--redis-url", redis_cluster.url], output_dir=tmp_path / "tail")
+
+    def lines() -> int:
+        return tail.read_stdout().count(b"\n")
+
+    wait_until(lambda: lines() >= 300, timeout=20, message="output before the master hung")
+    master.stop()
+    try:
+        at_hang = lines()
+        wait_until(lambda: redis_cluster.node_for_key(key) is not master, timeout=30,
+                   message="a replica taking over the output's slot")
+        cp = proc.finish(timeout=120)
+        assert cp.returncode == 0, cp.stderr
+        wait_until(lambda: lines() >= n, timeout=30, message=lambda: f"{lines()} of {n} lines, {at_hang} at the hang")
+        assert tail.read_stdout() == counter_bytes(1, n)
+        assert tail.poll() is None, tail.describe_output()  # still following
+    finally:
+        master.cont()
