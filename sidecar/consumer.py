@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 import redis
-from redis.exceptions import ClusterDownError
+from redis.exceptions import ClusterDownError, RedisClusterException
 
 from agent_wrapper.values import Frozen
 
@@ -160,8 +160,9 @@ class RunReader:
                         resp.extend(part or [])
                 else:
                     resp = self._xread(dict(self.ids), block_ms)
-            except (redis.ConnectionError, redis.TimeoutError, ClusterDownError):
-                # Redis restarting or failing over: go on from the last entry read, with backoff.
+            except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException):
+                # Redis restarting or failing over (on a cluster, no node reachable for a while
+                # is RedisClusterException): go on from the last entry read, with backoff.
                 yield None
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)

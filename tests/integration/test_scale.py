@@ -346,3 +346,33 @@ def test_tail_follow_reads_on_when_the_master_of_the_output_hangs(redis_cluster:
         assert tail.poll() is None, tail.describe_output()  # still following
     finally:
         master.cont()
+
+
+def test_tail_follow_reads_on_after_the_whole_cluster_restarts(redis_cluster: Any, start_sidecar: Any,
+                                                                tmp_path: Path) -> None:
+    """Every node of the cluster down at once, then back (their AOF reloaded): tail --follow
+    waits, as it does for a standalone server, and prints what the sidecar delivers after."""
+    from tests.helpers import start_process
+
+    run = "all-down-1"
+    n = 3000
+    proc = start_sidecar([*_args(redis_cluster.url, run, tmp_path), "--", *_counter(n, 300)])
+    tail = start_process([sys.executable, "-m", "sidecar", "tail", run, "--follow", "--raw", "--stream", "stdout",
+                          "--socket-timeout", "1", "--redis-url", redis_cluster.url], output_dir=tmp_path / "tail")
+
+    def lines() -> int:
+        return tail.read_stdout().count(b"\n")
+
+    wait_until(lambda: lines() >= 300, timeout=20, message="output before the outage")
+    for node in redis_cluster.nodes:
+        node.kill()
+    time.sleep(2)
+    assert tail.poll() is None, tail.describe_output()  # waiting, not failed
+    for node in redis_cluster.nodes:
+        node.restart()
+    redis_cluster.wait_state_ok()
+    cp = proc.finish(timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    wait_until(lambda: lines() >= n, timeout=30, message=lambda: f"{lines()} of {n} lines")
+    assert tail.read_stdout() == counter_bytes(1, n)
+    assert tail.poll() is None, tail.describe_output()
