@@ -69,6 +69,10 @@ def main(argv: Sequence[str]) -> int:
         log.error("replay incomplete: Redis did not take everything; the rest stays in the spool",
                   redis=mask_url(s.redis_url), records_left=left, items_left=len(outbox))
         return 1
+    if spool.damaged:
+        log.error("replay incomplete: spool frames were damaged and could not be read back (what they held is lost)",
+                  frames=len(spool.damaged), first=spool.damaged[0], delivered_items=len(refs))
+        return 1
     if outbox.unreadable_records:
         log.error("replay incomplete: spool frames could not be read back", records=outbox.unreadable_records,
                   delivered_items=len(refs))

@@ -134,10 +134,12 @@ def read_segment(path: str) -> bytes:
     return data
 
 
-def scan(path: str) -> Iterator[tuple[int, int, Item]]:
+def scan(path: str, damaged: list[str] | None = None) -> Iterator[tuple[int, int, Item]]:
     """(offset, frame length, item) for each valid frame. Past a frame its checksum does not
-    vouch for, reading goes on at the next frame's magic (a torn tail has none). SpoolError
-    when the segment cannot be read (see read_segment)."""
+    vouch for, reading goes on at the next frame's magic (a torn tail has none). Each frame
+    skipped, but for a torn tail (the last append cut short by a crash, never written whole),
+    is noted in ``damaged`` as "path@offset". SpoolError when the segment cannot be read (see
+    read_segment)."""
     data = read_segment(path)
     pos = 0
     while pos < len(data):
@@ -151,8 +153,14 @@ def scan(path: str) -> Iterator[tuple[int, int, Item]]:
             # Not a frame the checksum vouches for, and its length may be what is wrong: go
             # on at the next frame's magic, if any (the checksum checks what is found there).
             nxt = data.find(MAGIC, pos + 1)
+            if nxt < 0 and magic == MAGIC and end > len(data):
+                # the last append, cut short by a crash: it was never written whole
+                log.warning("spool: torn frame at end of file skipped", file=path, offset=pos)
+                return
+            if damaged is not None:
+                damaged.append(f"{path}@{pos}")
             if nxt < 0:
-                log.warning("spool: torn or corrupt frame at end of file skipped", file=path, offset=pos)
+                log.warning("spool: corrupt frame at end of file skipped", file=path, offset=pos)
                 return
             log.warning("spool: corrupt frame skipped up to the next one", file=path, offset=pos, to=nxt)
             pos = nxt
@@ -161,6 +169,8 @@ def scan(path: str) -> Iterator[tuple[int, int, Item]]:
             item = decode_body(body)
         except (ValueError, KeyError, TypeError, struct.error) as exc:
             log.warning("spool: undecodable frame skipped", file=path, offset=pos, error=str(exc))
+            if damaged is not None:
+                damaged.append(f"{path}@{pos}")
             pos = end
             continue
         yield pos, end - pos, item
@@ -199,6 +209,7 @@ class Spool:
         self.skipped = 0  # orphaned directories adopt_orphans left alone
         self.busy = 0  # directories another process holds (a live sidecar, a running replay)
         self.unusable: list[str] = []  # orphaned directories that could not be locked, and why
+        self.damaged: list[str] = []  # frames of adopted segments that could not be read back ("path@offset")
 
     def open(self) -> None:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -259,7 +270,7 @@ class Spool:
             try:
                 for seg_name in segs:
                     seg = Segment(os.path.join(path, seg_name), sealed=True, owner=pdir)
-                    seg_refs = [_ref(seg, off, length, item) for off, length, item in scan(seg.path)]
+                    seg_refs = [_ref(seg, off, length, item) for off, length, item in scan(seg.path, self.damaged)]
                     if accept is not None and any(not accept(r.key) for r in seg_refs):
                         refused = True
                         break

@@ -232,6 +232,38 @@ def test_sidecar_sigkilled_with_spool_then_replay(redis_factory: Any, start_side
     assert raw_seqs(client, runs.keys("crash")["stdout"]) == seqs
 
 
+def test_replay_exits_1_when_a_spool_frame_was_damaged(redis_factory: Any, tmp_path: Path) -> None:
+    """A frame changed on disk in the middle of a segment: replay delivers every other frame,
+    in order, and exits 1 naming the damage, instead of reporting success."""
+    from sidecar.spool import _HEAD, MAGIC
+
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    spool = tmp_path / "spool"
+    cp = run_sidecar([*sidecar_args(url, "damaged", spool, "--drain-timeout", "0.5", "--batch-max-records", "50",
+                                    "--compress-threshold", "-1"), "--", *counter(500, 0)])
+    assert cp.returncode == 0, cp.stderr
+    [seg] = list(spool.rglob("*.seg"))
+    data = bytearray(seg.read_bytes())
+    frames = []
+    pos = 0
+    while pos < len(data):
+        magic, blen, _crc = _HEAD.unpack_from(data, pos)
+        assert magic == MAGIC
+        frames.append(pos)
+        pos += _HEAD.size + blen
+    assert len(frames) > 5
+    victim = frames[len(frames) // 2]
+    data[victim + _HEAD.size + 8] ^= 0x01  # one bit of a frame's body: its checksum fails
+    seg.write_bytes(bytes(data))
+    srv: RedisServer = redis_factory(port=port)
+    rp = replay(url, spool)
+    assert rp.returncode == 1, rp.stderr
+    assert b"damaged" in rp.stderr and b"Traceback" not in rp.stderr
+    seqs = raw_seqs(srv.client(), runs.keys("damaged")["stdout"])
+    assert 400 <= len(seqs) < 500 and seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
 def test_when_full_block_pauses_the_agent_and_loses_nothing(
     redis_factory: Any, start_sidecar: Any, tmp_path: Path
 ) -> None:

@@ -325,7 +325,9 @@ def test_torn_tail_keeps_earlier_frames(tmp_path: Path, cut: int, capfd: pytest.
     seg = orphan / "00000001.seg"
     size = seg.stat().st_size
     os.truncate(seg, size - cut)
-    assert [it for _, _, it in scan(str(seg))] == items[:3]
+    damaged: list[str] = []
+    assert [it for _, _, it in scan(str(seg), damaged)] == items[:3]
+    assert damaged == []  # an append cut short by a crash was never written whole
     s = Spool(str(tmp_path), "me", 1 << 20)
     s.open()
     refs = s.adopt_orphans()
@@ -356,6 +358,7 @@ def test_bad_crc_in_middle(tmp_path: Path, capfd: pytest.CaptureFixture[str]) ->
     s = Spool(str(tmp_path), "me", 1 << 20)
     s.open()
     assert [s.read(r) for r in s.adopt_orphans()] == items[:2] + items[3:]
+    assert s.damaged == [f"{seg}@{third}"]
     s.close()
     assert "corrupt frame skipped" in capfd.readouterr().err
 
@@ -641,3 +644,18 @@ def test_replay_exits_1_when_spool_frames_cannot_be_read_back(tmp_path: Path, mo
     err = capfd.readouterr().err
     assert code == 1, err
     assert "spool frames could not be read back" in err and err.count("spool frames unreadable") == 1
+
+
+def test_a_corrupt_last_frame_is_damage_not_a_torn_tail(tmp_path: Path) -> None:
+    """A last frame whose length fits the file but whose checksum fails was written whole and
+    changed since: it counts as damaged (replay exits 1), unlike a tail cut short."""
+    items = items_fixture(3, "dead")
+    orphan = write_orphan(tmp_path, "dead", items)
+    seg = orphan / "00000001.seg"
+    data = bytearray(seg.read_bytes())
+    last = sum(len(encode_frame(it)) for it in items[:2])
+    data[-1] ^= 0x01
+    seg.write_bytes(bytes(data))
+    damaged: list[str] = []
+    assert [it for _, _, it in scan(str(seg), damaged)] == items[:2]
+    assert damaged == [f"{seg}@{last}"]
