@@ -508,6 +508,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         raise UsageError("--batch-max-bytes and --max-line-bytes must be at least 1")
     if merged["socket_timeout_s"] <= 0:
         raise UsageError("--socket-timeout must be more than 0")
+    if merged["retry_max_s"] < MIN_RETRY_BACKOFF_S:  # 0 would retry in a busy loop while Redis is down
+        raise UsageError(f"--retry-max-backoff must be at least {MIN_RETRY_BACKOFF_S:g} s")
     if 0 < merged["heartbeat_interval_s"] < MIN_HEARTBEAT_S:  # a typo must not flood Redis
         raise UsageError(f"--heartbeat-interval must be 0 (none) or at least {MIN_HEARTBEAT_S:g} s")
     run_id = merged["run_id"]
@@ -572,6 +574,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
 
 
 MIN_HEARTBEAT_S = 0.1
+# The backoff's first wait: a smaller cap would retry a Redis that is down in a busy loop.
+MIN_RETRY_BACKOFF_S = 0.05
 
 # Where every run's token reports are published (TOKENS_SCRIPT names it too).
 TOKENS_CHANNEL = "metrics:agent:tokens"

@@ -45,6 +45,9 @@ def main(argv: Sequence[str]) -> int:
         return 2
     log.configure(s.log_format, s.log_level)
     if not os.path.isdir(s.spool_dir):
+        if os.path.lexists(s.spool_dir):
+            sys.stderr.write(f"agent-sidecar replay: error: --spool-dir {s.spool_dir} is not a directory\n")
+            return 2
         log.info("nothing to replay: no spool directory", spool_dir=s.spool_dir)
         return 0
     spool = Spool(s.spool_dir, None, 0)

@@ -166,3 +166,16 @@ def test_two_dashes_as_a_value_give_one_line_and_exit_2(argv: list[str], tmp_pat
     assert cp.returncode == 2, cp.stderr
     assert len(lines) == 1 and "expected one argument, not '--'" in lines[0], lines
     assert not marker.exists()
+
+
+def test_replay_of_a_spool_dir_that_is_a_file_is_a_usage_error(tmp_path: Any) -> None:
+    """A mistyped --spool-dir naming a file must not read as "nothing to replay", exit 0."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    afile = tmp_path / "not-a-dir"
+    afile.write_text("x")
+    base = [sys.executable, "-m", "sidecar", "replay", "--redis-url", "redis://127.0.0.1:1/0", "--spool-dir"]
+    cp = subprocess.run([*base, str(afile)], capture_output=True, timeout=60, cwd=root)
+    assert cp.returncode == 2 and cp.stderr.decode().strip() == \
+        f"agent-sidecar replay: error: --spool-dir {afile} is not a directory", cp.stderr
+    cp = subprocess.run([*base, str(tmp_path / "absent")], capture_output=True, timeout=60, cwd=root)
+    assert cp.returncode == 0 and b"nothing to replay" in cp.stderr, cp.stderr

@@ -536,6 +536,7 @@ def test_settings_are_frozen() -> None:
     ("retention_s", "inf"), ("retention_s", "nan"), ("retention_s", "1e30"), ("max_stream_len", "-5"),
     ("kill_grace_s", "nan"), ("heartbeat_interval_s", "inf"), ("compress_threshold", "-2"),
     ("buffer_max_bytes", "1e30"), ("spool_max_bytes", "nan"), ("min_replicas_ack", "-1"),
+    ("retry_max_s", "0"), ("retry_max_s", "0.01"),
 ])
 def test_non_finite_negative_or_huge_numbers_are_usage_errors(dest: str, raw: str) -> None:
     with pytest.raises(UsageError):
