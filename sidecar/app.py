@@ -292,7 +292,8 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     any thread, see cli.main), or report that it could not be started."""
     log.configure(s.log_format, s.log_level)
     if s.run_id_generated:
-        log.info("generated run id", run_id=s.run_id)
+        # a warning: at --log-level warning the run would otherwise go out under an id nobody knows
+        log.warning("no run id given (--run-id, RUN_ID): generated one", run_id=s.run_id)
     rt = Runtime(s)
     if rt.spool is not None:
         ours = {ch.key for ch in rt.channels.values()} | {rt.status_key, rt.tokens_key}

@@ -54,7 +54,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis_url", "--redis-url", "REDIS_URL", "redis://localhost:6379/0",
            "Redis URL (redis://, rediss://, unix:// or redis+sentinel://; redis://HOST:PORT,HOST:PORT/0 names "
            "cluster nodes); the password is better given by REDIS_PASSWORD"),
-    Option("run_id", "--run-id", "RUN_ID", None, "run id; generated and printed to stderr when absent"),
+    Option("run_id", "--run-id", "RUN_ID", None, "run id; when absent, generated and printed to stderr (a warning)"),
     Option("variation_id", "--variation-id", "VARIATION_ID", "0", "variation id within the run"),
     Option("agent_id", "--agent-id", "AGENT_ID", None, "agent id (default: POD_NAME, else hostname-pid)"),
     Option("echo", "--no-echo", "SIDECAR_NO_ECHO", True,

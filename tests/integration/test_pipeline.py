@@ -279,9 +279,10 @@ def test_env_configures_and_flags_win(redis_server: RedisServer, redis_client: r
 
 
 def test_generated_run_id_is_printed(redis_server: RedisServer, redis_client: redis.Redis) -> None:
-    cp = run_sidecar(["--redis-url", redis_server.url, "--no-echo", "--", "echo", "x"])
+    cp = run_sidecar(["--redis-url", redis_server.url, "--no-echo", "--log-level", "warning", "--", "echo", "x"])
     assert cp.returncode == 0
     line = next(x for x in cp.stderr.decode().splitlines() if "run_id=" in x)
+    assert "WARNING" in line
     run_id = line.split("run_id=")[1].split()[0]
     assert runs.stream_bytes(redis_client, runs.keys(run_id)["stdout"]) == b"x\n"
 
