@@ -30,6 +30,10 @@ if TYPE_CHECKING:
     from .resp import Connection
 
 
+# Token reports with unusable fields that are logged, per run (an agent may send thousands).
+IGNORED_REPORTS_TOLD = 5
+
+
 class Runtime:
     """Everything one run owns, wired together."""
 
@@ -41,6 +45,7 @@ class Runtime:
         self.finished = False
         self.tokens_key = f"run:{s.run_key}:tokens"
         self.tokens_seq = 0
+        self.ignored_reports = 0  # token reports with fields left out (see _report_ignored)
         self._seq_lock = threading.Lock()  # status comes from several threads
         self.base: dict[str, Any] = {
             "v": protocol.VERSION,
@@ -176,7 +181,10 @@ class Runtime:
         event = events.classify(obj)
         if isinstance(event, events.AgentStatus):
             self.status("agent", event.metadata, state=event.state)
-        elif isinstance(event, events.TokenReport):
+            return
+        if isinstance(event, (events.TokenReport, events.UnusableReport)) and event.ignored:
+            self._report_ignored(event)
+        if isinstance(event, events.TokenReport):
             with self._seq_lock:
                 seq = self.tokens_seq + 1
                 msg: dict[str, Any] = dict(self.base, type="tokens", channel=self.tokens_key, seq=seq,
@@ -189,6 +197,16 @@ class Runtime:
                 item = Item(self.tokens_key, self.producer, seq, seq, protocol.encode_object(msg), kind="tokens")
                 self.tokens_seq = seq
                 self.outbox.put(item, force=True)
+
+    def _report_ignored(self, event: events.TokenReport | events.UnusableReport) -> None:
+        """Fields of a token report that are not counts (not a whole number from 0 to 2^53) or
+        not a cost: left out, and said, for the first few reports of a run."""
+        self.ignored_reports += 1
+        if self.ignored_reports <= IGNORED_REPORTS_TOLD:
+            counted = "the rest counted" if isinstance(event, events.TokenReport) else "nothing counted"
+            last = {"more": "not logged again"} if self.ignored_reports == IGNORED_REPORTS_TOLD else {}
+            log.warning(f"token report fields ignored, not usable numbers; {counted}", source=event.source,
+                        fields=",".join(event.ignored), **last)
 
     def degraded(self, since: float, error: str) -> None:
         self.status("degraded", since=protocol.iso_utc(since), error=error,

@@ -35,6 +35,15 @@ class TokenReport(Frozen):
     counts: dict[str, int]  # input_tokens, output_tokens, and cache fields when known
     cost_usd: float | None
     model: str | None
+    ignored: tuple[str, ...]  # fields present but not usable (see _int, _cost): left out
+    __slots__ = tuple(__annotations__)
+    _defaults = {"ignored": ()}
+
+
+class UnusableReport(Frozen):
+    """A token report none of whose counts is usable: nothing is counted."""
+    source: str
+    ignored: tuple[str, ...]
     __slots__ = tuple(__annotations__)
 
 
@@ -44,7 +53,7 @@ class AgentStatus(Frozen):
     __slots__ = tuple(__annotations__)
 
 
-Event = TokenReport | AgentStatus
+Event = TokenReport | UnusableReport | AgentStatus
 
 
 # Counts are added up in Redis with HINCRBY, whose range is a signed 64-bit integer; a
@@ -69,13 +78,28 @@ def _cost(v: Any) -> float | None:
     return float(v)
 
 
-def _counts(usage: dict[str, Any], mapping: dict[str, str]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _report(source: str, usage: dict[str, Any], mapping: dict[str, str], obj: dict[str, Any],
+            cost_field: str | None) -> TokenReport | UnusableReport | None:
+    """The counts of ``usage`` named by ``mapping`` (source field -> counted field) that are
+    usable, the cost and model of ``obj``; the fields present but unusable are named."""
+    counts: dict[str, int] = {}
+    ignored: list[str] = []
     for src, dst in mapping.items():
-        n = _int(usage.get(src))
+        v = usage.get(src)
+        n = _int(v)
         if n is not None:
-            out[dst] = n
-    return out
+            counts[dst] = n
+        elif v is not None:
+            ignored.append(src)
+    if not counts:
+        return UnusableReport(source, tuple(ignored)) if ignored else None
+    cost = None
+    if cost_field is not None and obj.get(cost_field) is not None:
+        cost = _cost(obj[cost_field])
+        if cost is None:
+            ignored.append(cost_field)
+    model = obj.get("model")
+    return TokenReport(source, counts, cost, model[:200] if isinstance(model, str) else None, tuple(ignored))
 
 
 def classify(obj: dict[str, Any]) -> Event | None:
@@ -83,12 +107,7 @@ def classify(obj: dict[str, Any]) -> Event | None:
     kind = obj.get(RESERVED_KEY)
     if kind is not None:
         if kind == "tokens":
-            counts = _counts(obj, {f: f for f in TOKEN_FIELDS})
-            if not counts:
-                return None
-            model = obj.get("model")
-            return TokenReport("sidecar_event", counts, _cost(obj.get("cost_usd")),
-                               model[:200] if isinstance(model, str) else None)
+            return _report("sidecar_event", obj, {f: f for f in TOKEN_FIELDS}, obj, "cost_usd")
         if kind == "status":
             state = obj.get("state")
             if not isinstance(state, str) or not state:
@@ -100,15 +119,8 @@ def classify(obj: dict[str, Any]) -> Event | None:
     if not isinstance(usage, dict):
         return None
     if obj.get("type") == "result":
-        counts = _counts(usage, {f: f for f in TOKEN_FIELDS})
-        if counts:
-            model = obj.get("model")
-            return TokenReport("claude_result", counts, _cost(obj.get("total_cost_usd")),
-                               model[:200] if isinstance(model, str) else None)
-        return None
+        return _report("claude_result", usage, {f: f for f in TOKEN_FIELDS}, obj, "total_cost_usd")
     if "prompt_tokens" in usage or "completion_tokens" in usage:
-        counts = _counts(usage, {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"})
-        if counts:
-            model = obj.get("model")
-            return TokenReport("openai_usage", counts, None, model[:200] if isinstance(model, str) else None)
+        return _report("openai_usage", usage, {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"},
+                       obj, None)
     return None

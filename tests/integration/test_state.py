@@ -185,10 +185,26 @@ def test_hostile_event_lines_neither_stop_the_data_path_nor_spoil_a_batch(
     totals = {k.decode(): v.decode() for k, v in client.hgetall("run:ev:tokens").items()}
     # the 1e30 count is ignored (its output_tokens still counts), the 10^23 result counts its output only
     assert int(totals["input_tokens"]) == 7 and int(totals["output_tokens"]) == 8, totals
+    told = [x for x in cp.stderr.decode().splitlines() if "token report fields ignored" in x]
+    assert len(told) == 2 and all("fields=input_tokens" in x and "the rest counted" in x for x in told), cp.stderr
     out, err, code = runs.tail(redis_server.url, "ev", "--json")
     assert code == 0 and b"Traceback" not in err
     printed = [orjson.loads(x) for x in out.splitlines()]
     assert [p["text"].encode() for p in printed if p.get("stream") == "stdout"] == lines
+
+
+def test_unusable_token_reports_count_nothing_and_are_logged_a_few_times(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    line = '{"sidecar_event":"tokens","input_tokens":"lots","output_tokens":-5}'
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "badtok", "--no-echo", "--", sys.executable, "-c",
+                      f"for _ in range(8): print({line!r})"])
+    assert cp.returncode == 0, cp.stderr
+    told = [x for x in cp.stderr.decode().splitlines() if "token report fields ignored" in x]
+    assert len(told) == 5, cp.stderr  # IGNORED_REPORTS_TOLD, then silence
+    assert all("nothing counted" in x and "fields=input_tokens,output_tokens" in x for x in told)
+    assert "more=not logged again" in told[-1] and "more=" not in told[0]
+    assert not client.exists("run:badtok:tokens")
+    assert runs.stream_bytes(client, "run:badtok:output:0") == (line + "\n").encode() * 8
 
 
 def test_replaying_an_earlier_attempt_does_not_roll_the_variation_hash_back(redis_factory: object,

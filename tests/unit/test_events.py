@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.events import MAX_COUNT, AgentStatus, TokenReport, classify
+from sidecar.events import MAX_COUNT, AgentStatus, TokenReport, UnusableReport, classify
 from sidecar.transport import status_hash_fields
 
 
@@ -22,17 +22,23 @@ def test_token_shapes_are_recognised() -> None:
 @pytest.mark.parametrize("bad", [-1, 1e30, MAX_COUNT + 1, float("inf"), float("nan"), 1.5, True, "12", None, [1]])
 def test_counts_outside_the_exact_range_are_ignored(bad: Any) -> None:
     ev = classify({"sidecar_event": "tokens", "input_tokens": bad, "output_tokens": 2})
-    assert ev == TokenReport("sidecar_event", {"output_tokens": 2}, None, None)
+    ignored = () if bad is None else ("input_tokens",)  # a null field is as good as absent
+    assert ev == TokenReport("sidecar_event", {"output_tokens": 2}, None, None, ignored)
 
 
-def test_a_report_with_no_usable_count_is_no_event() -> None:
-    assert classify({"sidecar_event": "tokens", "input_tokens": 1e30}) is None
+def test_a_report_with_no_usable_count_counts_nothing_and_names_the_fields() -> None:
+    assert classify({"sidecar_event": "tokens", "input_tokens": 1e30, "output_tokens": "x"}) == \
+        UnusableReport("sidecar_event", ("input_tokens", "output_tokens"))
+    assert classify({"type": "result", "usage": {"input_tokens": -1}}) == UnusableReport("claude_result",
+                                                                                         ("input_tokens",))
+    assert classify({"sidecar_event": "tokens"}) is None
+    assert classify({"type": "result", "usage": {"other": 1}}) is None
 
 
 @pytest.mark.parametrize("bad", [-0.5, 1e13, float("inf"), float("nan"), True])
 def test_unusable_costs_are_ignored(bad: Any) -> None:
     ev = classify({"sidecar_event": "tokens", "input_tokens": 1, "cost_usd": bad})
-    assert isinstance(ev, TokenReport) and ev.cost_usd is None
+    assert isinstance(ev, TokenReport) and ev.cost_usd is None and ev.ignored == ("cost_usd",)
 
 
 def test_long_model_names_and_states_are_cut() -> None:
