@@ -294,6 +294,14 @@ _FALSE = ("0", "false", "no", "off", "")
 _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
+MAX_DB = (1 << 31) - 1  # Redis counts its databases in an int
+
+
+def _db_ok(text: str) -> bool:
+    """A database number Redis could have: ASCII digits, at most MAX_DB."""
+    return text.isascii() and text.isdigit() and int(text) <= MAX_DB
+
+
 def plain_url(url: str) -> bool:
     """Whether ``url`` is redis[s]://HOST[:PORT][/DB] with a host of letters, digits, dots,
     dashes and underscores, a port of 1 to 65535 and a numeric database: a URL that
@@ -304,7 +312,7 @@ def plain_url(url: str) -> bool:
         return False
     hostport, slash, db = rest.partition("/")
     host, colon, port = hostport.partition(":")
-    if not host or not _HOST_CHARS.issuperset(host) or (slash and db and not (db.isascii() and db.isdigit())):
+    if not host or not _HOST_CHARS.issuperset(host) or (slash and db and not _db_ok(db)):
         return False
     return not colon or (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536)
 
@@ -406,8 +414,9 @@ def validate_url(url: str) -> None:
         if set(query) - {"db"}:
             raise UsageError(f"invalid Redis URL {mask_url(url)!r}: unix:// takes only the query parameter db")
         for db_text in query.get("db", []):
-            if not db_text.isdigit():
-                raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number, not {db_text!r}")
+            if not _db_ok(db_text):
+                raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number from 0 to "
+                                 f"{MAX_DB}, not {db_text!r}")
         return
     if parts.query:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no query parameters (the database goes in the "
@@ -425,8 +434,9 @@ def validate_url(url: str) -> None:
     if port is not None and not 0 < port < 65536:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: bad port")
     db = parts.path.lstrip("/")
-    if db and not db.isdigit():
-        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number, not {db!r}")
+    if db and not _db_ok(db):
+        raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number from 0 to {MAX_DB}, "
+                         f"not {db!r}")
 
 
 def validate_template(name: str, template: str) -> None:
