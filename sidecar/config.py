@@ -225,12 +225,14 @@ _SUFFIX = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "kib": 1 << 10, "mib": 1 <<
 _DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_bytes(text: str) -> int:
+def parse_bytes(text: str) -> float:
+    """Bytes: a whole number, or a number with a suffix (``1.5k``; ``convert`` then checks it is
+    finite, in range, and takes its whole part)."""
     t = text.strip().lower()
     for suffix in sorted(_SUFFIX, key=len, reverse=True):
         if t.endswith(suffix) and t[: -len(suffix)].strip():
             num = t[: -len(suffix)].strip()
-            return int(float(num) * _SUFFIX[suffix])
+            return float(num) * _SUFFIX[suffix]
     return int(t)
 
 
@@ -245,7 +247,9 @@ def parse_duration(text: str) -> float:
 # TTL or counter overflows downstream (thread waits, EXPIRE, JSON doubles).
 MAX_SECONDS = 1e8  # about three years
 MAX_COUNT = 1 << 53
-_INT_MIN = {"compress_threshold": -1}
+_INT_MIN = {"compress_threshold": -1, "batch_max_records": 1}
+_WHAT = {"int": "a whole number", "float": "a number", "bytes": "a size (a number, with k, m, g, KiB, MiB or GiB if "
+         "you like)", "duration": "a duration (seconds, or a number with s, m, h or d)"}
 
 
 def _number(value: float, limit: float) -> float:
@@ -263,18 +267,23 @@ def convert(opt: Option, raw: Any) -> Any:
     if not isinstance(raw, str):
         return raw
     try:
+        if opt.kind in _WHAT:
+            try:
+                parsed = {"int": int, "float": float, "bytes": parse_bytes, "duration": parse_duration}[opt.kind](raw)
+            except ValueError:
+                raise ValueError(f"not {_WHAT[opt.kind]}") from None
         if opt.kind == "int":
-            value_i = int(raw)
+            value_i = parsed
             low = _INT_MIN.get(opt.dest, 0)
             if not low <= value_i <= MAX_COUNT:
                 raise ValueError(f"must be between {low} and {MAX_COUNT}")
             return value_i
         if opt.kind == "float":
-            return _number(float(raw), MAX_SECONDS)
+            return _number(parsed, MAX_SECONDS)
         if opt.kind == "bytes":
-            return int(_number(parse_bytes(raw), MAX_COUNT))
+            return int(_number(parsed, MAX_COUNT))
         if opt.kind == "duration":
-            return _number(parse_duration(raw), MAX_SECONDS)
+            return _number(parsed, MAX_SECONDS)
         if opt.kind in ("bool", "negbool"):
             word = raw.strip().lower()
             if word not in _TRUE and word not in _FALSE:
@@ -560,7 +569,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     for opt in ("redis_ca_file", "redis_cert_file", "redis_key_file"):
         path = merged[opt]
         if path and not os.path.isfile(path):
-            raise UsageError(f"--{opt.replace('_', '-')} {path}: no such file")
+            why = "not a file" if os.path.exists(path) else "no such file"
+            raise UsageError(f"--{opt.replace('_', '-')} {path}: {why}")
     tls_files = [f"--{opt.replace('_', '-')}" for opt in ("redis_ca_file", "redis_cert_file", "redis_key_file")
                  if merged[opt]]
     if tls_files and not merged["redis_url"].startswith("rediss"):

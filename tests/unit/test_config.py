@@ -789,3 +789,20 @@ def test_a_heartbeat_interval_is_none_or_at_least_a_tenth_of_a_second() -> None:
     for bad in ("1e-9", "0.05"):
         with pytest.raises(UsageError, match="at least 0.1 s"):
             mk({"heartbeat_interval_s": bad})
+
+
+@pytest.mark.parametrize(("dest", "raw", "says"), [
+    ("batch_max_bytes", "1XB", "not a size"), ("buffer_max_bytes", "abc", "not a size"),
+    ("batch_max_records", "1.5", "not a whole number"), ("linger_ms", "x", "not a number"),
+    ("heartbeat_interval_s", "1x", "not a duration"), ("batch_max_bytes", "1e400k", "must be a finite number"),
+    ("batch_max_records", "0", "must be between 1 and"), ("batch_max_records", "-1", "must be between 1 and"),
+])
+def test_a_bad_number_is_named_in_plain_words(dest: str, raw: str, says: str) -> None:
+    with pytest.raises(UsageError) as exc:
+        mk({dest: raw})
+    assert says in str(exc.value) and "int()" not in str(exc.value) and "float" not in str(exc.value)
+
+
+def test_a_tls_file_that_is_a_directory_is_not_called_missing(tmp_path: Any) -> None:
+    with pytest.raises(UsageError, match="not a file"):
+        mk({"redis_url": "rediss://h:1/0", "redis_ca_file": str(tmp_path)})
