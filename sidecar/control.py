@@ -123,15 +123,20 @@ def canonical(obj: dict[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def signature(obj: dict[str, Any], secret: bytes) -> str:
+def signature(obj: dict[str, Any], secret: bytes | str) -> str:
+    """HMAC-SHA256 of ``obj``'s canonical form; a str secret is taken as its UTF-8 bytes."""
     import hashlib  # only with a control secret: OpenSSL's start-up is not paid without one
     import hmac
 
+    if isinstance(secret, str):
+        secret = secret.encode("utf-8", "surrogateescape")
     return hmac.new(secret, canonical(obj), hashlib.sha256).hexdigest()
 
 
-def sign(obj: dict[str, Any], secret: bytes) -> dict[str, Any]:
-    """``obj`` with ``sig`` added (any old ``sig`` replaced). Put ``ts`` in first: it is signed too."""
+def sign(obj: dict[str, Any], secret: bytes | str) -> dict[str, Any]:
+    """``obj`` with ``sig`` added (any old ``sig`` replaced). Put ``ts`` in first: it is signed too.
+    ``secret``: the secret file's bytes without its trailing newline (as the sidecar reads it),
+    or the same as a str."""
     signed = {k: v for k, v in obj.items() if k != "sig"}
     signed["sig"] = signature(signed, secret)
     return signed
@@ -222,7 +227,9 @@ def parse(payload: bytes, *, settings: Settings, now: float, seen: ReplayCache) 
         return Rejection(f"payload too large ({len(payload)} bytes, limit {MAX_PAYLOAD_BYTES})", None)
     try:
         obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("depth limit exceeded"):  # orjson stops past 1024 levels
+            return Rejection(f"nested deeper than {MAX_DEPTH} levels", None)
         return Rejection("malformed JSON", None)
     if not isinstance(obj, dict):
         return Rejection("not a JSON object", None)

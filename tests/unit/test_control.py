@@ -22,7 +22,7 @@ NOW = 1_700_000_000.0
 SECRET = b"s3cret-key"
 
 
-def sign(obj: dict[str, Any], secret: bytes) -> dict[str, Any]:
+def sign(obj: dict[str, Any], secret: bytes | str) -> dict[str, Any]:
     """control.sign, naming the run of the settings below unless ``obj`` names one."""
     return control.sign({"run_id": "r1", **obj}, secret)
 
@@ -243,6 +243,12 @@ def test_canonical_serialisation_matches_an_independent_computation() -> None:
     assert control.sign(signed, SECRET)["sig"] == signed["sig"]
 
 
+def test_a_secret_given_as_text_signs_as_its_utf8_bytes(secure: config.Settings) -> None:
+    signed = sign({"cmd": "cancel", "ts": NOW}, SECRET.decode())
+    assert signed == sign({"cmd": "cancel", "ts": NOW}, SECRET)
+    assert isinstance(run(signed, secure), Command)
+
+
 def test_signed_command_is_accepted(secure: config.Settings) -> None:
     for obj in ({"cmd": "cancel", "ts": NOW}, {"cmd": "signal", "signal": "term", "ts": int(NOW) - 30},
                 {"cmd": "pause", "ts": NOW + 59.5, "agent_id": "a1"}, {"cmd": "resume", "ts": NOW - 60}):
@@ -455,7 +461,7 @@ def test_tree_sampler_on_a_vanished_process() -> None:
     assert heartbeat.TreeSampler(psutil).sample(proc.pid) == empty
 
 
-@pytest.mark.parametrize("depth", [33, 300, 1000])
+@pytest.mark.parametrize("depth", [33, 300, 1000, 20000])
 def test_a_deeply_nested_command_is_rejected_before_any_check(secure: config.Settings, depth: int) -> None:
     """The signature check serialises the command (json.dumps recurses) and a status message
     carries it (orjson stops at 255 levels): too deep a command is refused first, and alone."""
