@@ -616,6 +616,43 @@ def _check_distinct_keys(s: Settings) -> None:
         if key in fixed or key.endswith(":idem"):
             raise UsageError(f"{flag} resolves to {key!r}, a key the sidecar uses for something else")
         seen[key] = flag
+    # The sidecars of the run's other variations (and agents) use the same templates: none of
+    # our keys may be what one of them resolves to there (the defaults cannot).
+    if (s.output_channel, s.logs_channel, s.status_channel) == (DEFAULT_OUTPUT, DEFAULT_LOGS, DEFAULT_STATUS):
+        return
+    import re
+
+    templates = {"--output-channel": s.output_channel, "--logs-channel": s.logs_channel,
+                 "--status-channel": s.status_channel}
+    theirs = {flag: _key_pattern(t, s.run_key) for flag, t in templates.items()}
+    theirs["the variation hash"] = re.escape(f"run:{s.run_key}:variation:") + _ANY_VARIATION
+    for flag, key in ours.items():
+        for other, pattern in theirs.items():
+            if other != flag and re.fullmatch(pattern, key):
+                raise UsageError(f"{flag} resolves to {key!r}, which is {other} of another variation or agent "
+                                 "of the run: each needs a key of its own")
+
+
+# Another agent's id: no spaces or braces (check_id), and taken to hold no ':' either, the
+# separator of key names. Another variation's id: taken to be a number, as variations are
+# counted ('run:R:{variation_id}' beside a status key 'run:R:status' is not refused for the sake
+# of a variation named 'status').
+_ANY_ID = r"[^\s{}:]+"
+_ANY_VARIATION = r"[0-9]+"
+
+
+def _key_pattern(template: str, run_key: str) -> str:
+    """A regular expression of the keys ``template`` resolves to for any variation and agent
+    of the run."""
+    import re
+    from _string import formatter_parser
+
+    out = []
+    for literal, field, _spec, _conv in formatter_parser(template):
+        out.append(re.escape(literal))
+        if field is not None:
+            out.append({"run_id": re.escape(run_key), "variation_id": _ANY_VARIATION}.get(field, _ANY_ID))
+    return "".join(out)
 
 
 def _read_secret(path: str, flag: str) -> bytes:

@@ -806,3 +806,23 @@ def test_a_bad_number_is_named_in_plain_words(dest: str, raw: str, says: str) ->
 def test_a_tls_file_that_is_a_directory_is_not_called_missing(tmp_path: Any) -> None:
     with pytest.raises(UsageError, match="not a file"):
         mk({"redis_url": "rediss://h:1/0", "redis_ca_file": str(tmp_path)})
+
+
+@pytest.mark.parametrize(("values", "says"), [
+    ({"variation_id": "x", "status_channel": "run:{run_id}:output:0"}, "--output-channel of another variation"),
+    ({"variation_id": "x", "output_channel": "run:{run_id}:variation:0"}, "the variation hash of another"),
+    ({"agent_id": "a", "output_channel": "o:{run_id}:{agent_id}", "logs_channel": "o:{run_id}:b"},
+     "--output-channel of another variation or agent"),
+])
+def test_a_key_of_another_variation_or_agent_of_the_run_is_a_usage_error(values: dict[str, str], says: str) -> None:
+    with pytest.raises(UsageError, match=says):
+        mk({"run_id": "r", **values})
+
+
+@pytest.mark.parametrize("values", [
+    {"output_channel": "run:{run_id}:{variation_id}", "logs_channel": "run:{run_id}:{variation_id}:err"},
+    {"output_channel": "out:{run_id}:{variation_id}", "logs_channel": "log:{run_id}:{variation_id}"},
+    {"variation_id": "7", "status_channel": "run:{run_id}:status:{variation_id}"},
+])
+def test_templates_that_keep_variations_apart_are_accepted(values: dict[str, str]) -> None:
+    mk({"run_id": "r", **values})
