@@ -319,6 +319,9 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
         if orphans:
             log.info("delivering output left in the spool by an earlier sidecar first", items=len(orphans))
             rt.outbox.adopt(orphans)
+        if rt.spool.damaged:
+            log.error("output lost: spool frames left by an earlier sidecar were damaged on disk",
+                      places=len(rt.spool.damaged), first=rt.spool.damaged[0])
         if rt.spool.unusable:
             log.warning("spool directories left by earlier sidecars could not be opened or read",
                         directories=len(rt.spool.unusable), first=rt.spool.unusable[0])

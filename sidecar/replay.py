@@ -12,7 +12,7 @@ from . import log
 from .argv import _Parser, add_options
 from .config import CONNECTION_OPTIONS, OPTIONS, UsageError, build_connection, mask_url
 from .outbox import Outbox
-from .spool import Spool
+from .spool import DAMAGED_SUFFIX, Spool
 from .transport import Sender
 
 _OPTS = {*CONNECTION_OPTIONS, "spool_dir", "transport", "retry_max_s", "retention_s", "max_stream_len", "pubsub",
@@ -68,21 +68,25 @@ def main(argv: Sequence[str]) -> int:
     left = outbox.waiting_records
     spool.close()
     sender.close()
+    failed = False
     if not outbox.empty():
         log.error("replay incomplete: Redis did not take everything; the rest stays in the spool",
                   redis=mask_url(s.redis_url), records_left=left, items_left=len(outbox))
-        return 1
+        failed = True
     if spool.damaged:
-        log.error("replay incomplete: spool frames were damaged and could not be read back (what they held is lost)",
-                  frames=len(spool.damaged), first=spool.damaged[0], delivered_items=len(refs))
-        return 1
+        log.error("replay incomplete: spool data damaged on disk was skipped, what it held is lost; its "
+                  f"segments are kept as *.seg{DAMAGED_SUFFIX}", places=len(spool.damaged), first=spool.damaged[0],
+                  delivered_items=len(refs))
+        failed = True
     if outbox.unreadable_records:
         log.error("replay incomplete: spool frames could not be read back", records=outbox.unreadable_records,
                   delivered_items=len(refs))
-        return 1
+        failed = True
     if spool.unusable:
         log.error("replay incomplete: spool directories could not be opened or read", directories=len(spool.unusable),
                   first=spool.unusable[0], delivered_items=len(refs))
+        failed = True
+    if failed:
         return 1
     if spool.busy:
         log.info("spool directories held by a running sidecar or replay were left to it", directories=spool.busy)

@@ -27,6 +27,7 @@ from . import log
 from .items import Item
 
 MAGIC = b"ASP1"
+DAMAGED_SUFFIX = ".damaged"  # what a delivered segment with damaged frames is kept as
 _HEAD = struct.Struct("<4sII")  # magic, body length, crc32 of body
 _U32 = struct.Struct("<I")
 SEGMENT_BYTES = 16 << 20
@@ -39,7 +40,7 @@ class SpoolError(OSError):
 
 
 class Segment:
-    __slots__ = ("path", "live", "size", "sealed", "owner")
+    __slots__ = ("path", "live", "size", "sealed", "owner", "damaged")
 
     def __init__(self, path: str, live: int = 0, size: int = 0, sealed: bool = False,
                  owner: ProducerDir | None = None) -> None:
@@ -48,6 +49,7 @@ class Segment:
         self.size = size
         self.sealed = sealed
         self.owner = owner
+        self.damaged = False  # frames of it could not be read back: kept, renamed, once delivered
 
 
 class DiskRef:
@@ -136,35 +138,39 @@ def read_segment(path: str) -> bytes:
 
 def scan(path: str, damaged: list[str] | None = None) -> Iterator[tuple[int, int, Item]]:
     """(offset, frame length, item) for each valid frame. Past a frame its checksum does not
-    vouch for, reading goes on at the next frame's magic (a torn tail has none). Each frame
-    skipped, but for a torn tail (the last append cut short by a crash, never written whole),
-    is noted in ``damaged`` as "path@offset". SpoolError when the segment cannot be read (see
-    read_segment)."""
+    vouch for, reading goes on at the next frame's magic. Each frame skipped is noted in
+    ``damaged`` as "path@offset", but for a torn tail: the last append cut short by a crash
+    (a frame whose header promises more bytes than the file holds, with no valid frame after
+    it: what its cut-off bytes hold, the magic included, is not searched for frames to
+    blame). A damaged last frame that looks cut short passes for a torn tail. SpoolError when
+    the segment cannot be read (see read_segment)."""
     data = read_segment(path)
     pos = 0
+    pending: list[int] = []  # offsets skipped since the last valid frame
+    torn_at: int | None = None  # the first of them, when it looks like an append cut short
     while pos < len(data):
         if len(data) - pos < _HEAD.size:
-            log.warning("spool: torn frame at end of file skipped", file=path, offset=pos)
-            return
+            if not pending:
+                torn_at = pos
+            pending.append(pos)
+            break
         magic, blen, crc = _HEAD.unpack_from(data, pos)
         end = pos + _HEAD.size + blen
         body = data[pos + _HEAD.size : end]
         if magic != MAGIC or blen > MAX_FRAME or end > len(data) or zlib.crc32(body) != crc:
             # Not a frame the checksum vouches for, and its length may be what is wrong: go
             # on at the next frame's magic, if any (the checksum checks what is found there).
+            if not pending and magic == MAGIC and end > len(data):
+                torn_at = pos
+            pending.append(pos)
             nxt = data.find(MAGIC, pos + 1)
-            if nxt < 0 and magic == MAGIC and end > len(data):
-                # the last append, cut short by a crash: it was never written whole
-                log.warning("spool: torn frame at end of file skipped", file=path, offset=pos)
-                return
-            if damaged is not None:
-                damaged.append(f"{path}@{pos}")
             if nxt < 0:
-                log.warning("spool: corrupt frame at end of file skipped", file=path, offset=pos)
-                return
-            log.warning("spool: corrupt frame skipped up to the next one", file=path, offset=pos, to=nxt)
+                break
             pos = nxt
             continue
+        if pending:  # a valid frame follows: what was skipped was damaged, not torn
+            _damaged(path, pending, damaged)
+            pending, torn_at = [], None
         try:
             item = decode_body(body)
         except (ValueError, KeyError, TypeError, struct.error) as exc:
@@ -175,6 +181,17 @@ def scan(path: str, damaged: list[str] | None = None) -> Iterator[tuple[int, int
             continue
         yield pos, end - pos, item
         pos = end
+    if pending and torn_at is not None:
+        log.warning("spool: torn frame at end of file skipped (an append cut short by a crash)", file=path,
+                    offset=torn_at)
+    elif pending:
+        _damaged(path, pending, damaged)
+
+
+def _damaged(path: str, offsets: list[int], damaged: list[str] | None) -> None:
+    log.warning("spool: damaged frames skipped", file=path, offsets=",".join(map(str, offsets[:10])))
+    if damaged is not None:
+        damaged.extend(f"{path}@{off}" for off in offsets)
 
 
 def _try_lock(path: str) -> int | None:
@@ -265,12 +282,19 @@ class Spool:
             strays = [s for s in names if s.endswith(".seg") and not SEGMENT_NAME.fullmatch(s)]
             if strays:
                 log.warning("spool: files that are not segments left alone", directory=path, files=strays[:5])
+            kept = [s for s in names if s.endswith(".seg" + DAMAGED_SUFFIX)]
+            if kept:
+                log.warning("spool: segments with damaged frames, kept for inspection (delete them when done)",
+                            directory=path, files=kept[:5])
             found: list[tuple[Segment, list[DiskRef], int]] = []
+            damaged_before = len(self.damaged)
             refused = False
             try:
                 for seg_name in segs:
                     seg = Segment(os.path.join(path, seg_name), sealed=True, owner=pdir)
+                    before = len(self.damaged)
                     seg_refs = [_ref(seg, off, length, item) for off, length, item in scan(seg.path, self.damaged)]
+                    seg.damaged = len(self.damaged) > before
                     if accept is not None and any(not accept(r.key) for r in seg_refs):
                         refused = True
                         break
@@ -280,10 +304,12 @@ class Spool:
                 # in order with the unreadable one until someone sees to it.
                 os.close(fd)
                 self.unusable.append(f"unreadable segment {exc}")
+                del self.damaged[damaged_before:]  # not taken: not ours to report
                 continue
             if refused:
                 os.close(fd)
                 self.skipped += 1
+                del self.damaged[damaged_before:]
                 continue
             for seg, seg_refs, nbytes in found:
                 pdir.segments.append(seg)
@@ -395,8 +421,13 @@ class Spool:
         self._own.segments.append(self._write_seg)
 
     def _unlink(self, seg: Segment) -> None:
+        """Delete a delivered segment; one with damaged frames is kept as ``*.seg.damaged``
+        for inspection (its directory stays)."""
         try:
-            os.unlink(seg.path)
+            if seg.damaged:
+                os.replace(seg.path, seg.path + DAMAGED_SUFFIX)
+            else:
+                os.unlink(seg.path)
         except FileNotFoundError:
             pass
         if seg.owner is not None and seg in seg.owner.segments:

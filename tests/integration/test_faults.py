@@ -232,10 +232,23 @@ def test_sidecar_sigkilled_with_spool_then_replay(redis_factory: Any, start_side
     assert raw_seqs(client, runs.keys("crash")["stdout"]) == seqs
 
 
+def _frame_offsets(data: bytes) -> list[int]:
+    """Where each frame of an intact spool segment starts."""
+    from sidecar.spool import _HEAD, MAGIC
+
+    out, pos = [], 0
+    while pos < len(data):
+        magic, blen, _crc = _HEAD.unpack_from(data, pos)
+        assert magic == MAGIC
+        out.append(pos)
+        pos += _HEAD.size + blen
+    return out
+
+
 def test_replay_exits_1_when_a_spool_frame_was_damaged(redis_factory: Any, tmp_path: Path) -> None:
     """A frame changed on disk in the middle of a segment: replay delivers every other frame,
     in order, and exits 1 naming the damage, instead of reporting success."""
-    from sidecar.spool import _HEAD, MAGIC
+    from sidecar.spool import _HEAD
 
     port = find_free_port()
     url = f"redis://127.0.0.1:{port}/0"
@@ -245,13 +258,7 @@ def test_replay_exits_1_when_a_spool_frame_was_damaged(redis_factory: Any, tmp_p
     assert cp.returncode == 0, cp.stderr
     [seg] = list(spool.rglob("*.seg"))
     data = bytearray(seg.read_bytes())
-    frames = []
-    pos = 0
-    while pos < len(data):
-        magic, blen, _crc = _HEAD.unpack_from(data, pos)
-        assert magic == MAGIC
-        frames.append(pos)
-        pos += _HEAD.size + blen
+    frames = _frame_offsets(bytes(data))
     assert len(frames) > 5
     victim = frames[len(frames) // 2]
     data[victim + _HEAD.size + 8] ^= 0x01  # one bit of a frame's body: its checksum fails
@@ -262,6 +269,35 @@ def test_replay_exits_1_when_a_spool_frame_was_damaged(redis_factory: Any, tmp_p
     assert b"damaged" in rp.stderr and b"Traceback" not in rp.stderr
     seqs = raw_seqs(srv.client(), runs.keys("damaged")["stdout"])
     assert 400 <= len(seqs) < 500 and seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # the segment is kept for inspection, under a name no sidecar reads again
+    assert not seg.exists() and Path(f"{seg}.damaged").read_bytes() == bytes(data)
+    again = replay(url, spool)
+    assert again.returncode == 0 and b"kept for inspection" in again.stderr, again.stderr
+    assert raw_seqs(srv.client(), runs.keys("damaged")["stdout"]) == seqs
+
+
+def test_the_next_sidecar_of_a_run_reports_damaged_spool_frames_it_adopts(redis_factory: Any,
+                                                                           tmp_path: Path) -> None:
+    from sidecar.spool import _HEAD
+
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    spool = tmp_path / "spool"
+    args = sidecar_args(url, "adopt-damaged", spool, "--drain-timeout", "0.5", "--batch-max-records", "50",
+                        "--compress-threshold", "-1")
+    assert run_sidecar([*args, "--", *counter(300, 0)]).returncode == 0
+    [seg] = list(spool.rglob("*.seg"))
+    data = bytearray(seg.read_bytes())
+    frames = _frame_offsets(bytes(data))
+    data[frames[len(frames) // 2] + _HEAD.size + 8] ^= 0x01  # a frame's body, in the middle: output
+    seg.write_bytes(bytes(data))
+    srv: RedisServer = redis_factory(port=port)
+    cp = run_sidecar([*args, "--", *counter(10, 0)])
+    assert cp.returncode == 0 and b"Traceback" not in cp.stderr
+    assert b"output lost: spool frames left by an earlier sidecar were damaged" in cp.stderr, cp.stderr
+    assert Path(f"{seg}.damaged").exists()
+    recs = runs.records(srv.client(), runs.keys("adopt-damaged")["stdout"])
+    assert 250 <= len(recs) < 310
 
 
 def test_when_full_block_pauses_the_agent_and_loses_nothing(

@@ -343,7 +343,9 @@ def test_torn_inside_header(tmp_path: Path) -> None:
     seg = orphan / "00000001.seg"
     keep = sum(len(encode_frame(it)) for it in items[:2]) + 5  # 5 bytes of the third frame's header
     os.truncate(seg, keep)
-    assert [it for _, _, it in scan(str(seg))] == items[:2]
+    damaged: list[str] = []
+    assert [it for _, _, it in scan(str(seg), damaged)] == items[:2]
+    assert damaged == []
 
 
 def test_bad_crc_in_middle(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
@@ -360,7 +362,7 @@ def test_bad_crc_in_middle(tmp_path: Path, capfd: pytest.CaptureFixture[str]) ->
     assert [s.read(r) for r in s.adopt_orphans()] == items[:2] + items[3:]
     assert s.damaged == [f"{seg}@{third}"]
     s.close()
-    assert "corrupt frame skipped" in capfd.readouterr().err
+    assert "damaged frames skipped" in capfd.readouterr().err
 
 
 def test_bad_magic_in_middle(tmp_path: Path) -> None:
@@ -659,3 +661,27 @@ def test_a_corrupt_last_frame_is_damage_not_a_torn_tail(tmp_path: Path) -> None:
     damaged: list[str] = []
     assert [it for _, _, it in scan(str(seg), damaged)] == items[:2]
     assert damaged == [f"{seg}@{last}"]
+
+
+@pytest.mark.parametrize("cut", [5, 40])
+def test_a_torn_tail_holding_the_magic_in_its_text_is_still_a_torn_tail(tmp_path: Path, cut: int) -> None:
+    """The agent's text may hold the magic (b"ASP1"): reading goes on there, finds no valid
+    frame, and the cut-short append is a torn tail, not damage."""
+    a = Item("k", "p", 1, 1, b"first")
+    b = Item("k", "p", 2, 2, b"model " + MAGIC + b" ready " + MAGIC + b"\x10\x00\x00\x00 and more text after it")
+    path = tmp_path / "x.seg"
+    path.write_bytes(encode_frame(a) + encode_frame(b)[:-cut])
+    damaged: list[str] = []
+    assert [it for _, _, it in scan(str(path), damaged)] == [a]
+    assert damaged == []
+
+
+def test_skipped_bytes_followed_by_a_valid_frame_are_damage(tmp_path: Path) -> None:
+    a, b, c = (Item("k", "p", i, i, b"text " + MAGIC + b" %d" % i) for i in (1, 2, 3))
+    fb = bytearray(encode_frame(b))
+    fb[-1] ^= 1  # written whole, changed since
+    path = tmp_path / "x.seg"
+    path.write_bytes(encode_frame(a) + bytes(fb) + encode_frame(c))
+    damaged: list[str] = []
+    assert [it for _, _, it in scan(str(path), damaged)] == [a, c]
+    assert damaged and damaged[0] == f"{path}@{len(encode_frame(a))}"
