@@ -589,7 +589,7 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
                         ("redis_username", "--redis-username"), ("redis_password", "REDIS_PASSWORD")):
         _check_utf8(shown, merged[name])
     settings = Settings(command=command, **merged)
-    _check_distinct_keys(settings)
+    _check_distinct_keys(settings, others=bool(command))
     return settings
 
 
@@ -601,7 +601,7 @@ MIN_RETRY_BACKOFF_S = 0.05
 TOKENS_CHANNEL = "metrics:agent:tokens"
 
 
-def _check_distinct_keys(s: Settings) -> None:
+def _check_distinct_keys(s: Settings, *, others: bool = True) -> None:
     """Output, logs and status need keys of their own: sharing one with each other or with the
     run's other keys would mix sequence numbers of one producer and drop records as repeats,
     and the heartbeat's SET of its alive key would overwrite a stream."""
@@ -616,34 +616,34 @@ def _check_distinct_keys(s: Settings) -> None:
         if key in fixed or key.endswith(":idem"):
             raise UsageError(f"{flag} resolves to {key!r}, a key the sidecar uses for something else")
         seen[key] = flag
-    # The sidecars of the run's other variations (and agents) use the same templates: none of
-    # our keys may be what one of them resolves to there (the defaults cannot).
-    if (s.output_channel, s.logs_channel, s.status_channel) == (DEFAULT_OUTPUT, DEFAULT_LOGS, DEFAULT_STATUS):
+    # The sidecars of the run's other variations use the same templates: none of our keys may be
+    # what one of them resolves to there (the defaults cannot). Not checked for readers (tail,
+    # replay: ``others`` False), which write nothing of their own.
+    defaults = (DEFAULT_OUTPUT, DEFAULT_LOGS, DEFAULT_STATUS)
+    if not others or (s.output_channel, s.logs_channel, s.status_channel) == defaults:
         return
     import re
 
     templates = {"--output-channel": s.output_channel, "--logs-channel": s.logs_channel,
                  "--status-channel": s.status_channel}
-    theirs = {flag: _key_pattern(t, s.run_key) for flag, t in templates.items()}
+    theirs = {flag: _key_pattern(t, s.run_key, s.agent_id) for flag, t in templates.items()}
     theirs["the variation hash"] = re.escape(f"run:{s.run_key}:variation:") + _ANY_VARIATION
     for flag, key in ours.items():
         for other, pattern in theirs.items():
             if other != flag and re.fullmatch(pattern, key):
-                raise UsageError(f"{flag} resolves to {key!r}, which is {other} of another variation or agent "
-                                 "of the run: each needs a key of its own")
+                raise UsageError(f"{flag} resolves to {key!r}, which is {other} of another variation of the "
+                                 "run: each needs a key of its own")
 
 
-# Another agent's id: no spaces or braces (check_id), and taken to hold no ':' either, the
-# separator of key names. Another variation's id: taken to be a number, as variations are
-# counted ('run:R:{variation_id}' beside a status key 'run:R:status' is not refused for the sake
-# of a variation named 'status').
-_ANY_ID = r"[^\s{}:]+"
+# Another variation's id: taken to be a number, as variations are counted ('run:R:{variation_id}'
+# beside a status key 'run:R:status' is not refused for the sake of a variation named 'status').
+# {agent_id} stays this sidecar's own: what another agent's id may be is anyone's guess.
 _ANY_VARIATION = r"[0-9]+"
 
 
-def _key_pattern(template: str, run_key: str) -> str:
-    """A regular expression of the keys ``template`` resolves to for any variation and agent
-    of the run."""
+def _key_pattern(template: str, run_key: str, agent_id: str) -> str:
+    """A regular expression of the keys ``template`` resolves to for any (numbered) variation
+    of the run and this sidecar's agent id."""
     import re
     from _string import formatter_parser
 
@@ -651,7 +651,7 @@ def _key_pattern(template: str, run_key: str) -> str:
     for literal, field, _spec, _conv in formatter_parser(template):
         out.append(re.escape(literal))
         if field is not None:
-            out.append({"run_id": re.escape(run_key), "variation_id": _ANY_VARIATION}.get(field, _ANY_ID))
+            out.append({"run_id": re.escape(run_key), "variation_id": _ANY_VARIATION}.get(field, re.escape(agent_id)))
     return "".join(out)
 
 

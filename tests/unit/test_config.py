@@ -811,8 +811,8 @@ def test_a_tls_file_that_is_a_directory_is_not_called_missing(tmp_path: Any) -> 
 @pytest.mark.parametrize(("values", "says"), [
     ({"variation_id": "x", "status_channel": "run:{run_id}:output:0"}, "--output-channel of another variation"),
     ({"variation_id": "x", "output_channel": "run:{run_id}:variation:0"}, "the variation hash of another"),
-    ({"agent_id": "a", "output_channel": "o:{run_id}:{agent_id}", "logs_channel": "o:{run_id}:b"},
-     "--output-channel of another variation or agent"),
+    ({"agent_id": "a", "variation_id": "x", "output_channel": "o:{run_id}:{agent_id}:{variation_id}",
+      "logs_channel": "o:{run_id}:{agent_id}:3"}, "--output-channel of another variation"),
 ])
 def test_a_key_of_another_variation_or_agent_of_the_run_is_a_usage_error(values: dict[str, str], says: str) -> None:
     with pytest.raises(UsageError, match=says):
@@ -823,6 +823,18 @@ def test_a_key_of_another_variation_or_agent_of_the_run_is_a_usage_error(values:
     {"output_channel": "run:{run_id}:{variation_id}", "logs_channel": "run:{run_id}:{variation_id}:err"},
     {"output_channel": "out:{run_id}:{variation_id}", "logs_channel": "log:{run_id}:{variation_id}"},
     {"variation_id": "7", "status_channel": "run:{run_id}:status:{variation_id}"},
+    {"output_channel": "run:{run_id}:{agent_id}"},
+    {"output_channel": "o:{run_id}:{agent_id}", "logs_channel": "o:{run_id}:{agent_id}-err"},
+    {"output_channel": "{run_id}:{agent_id}", "logs_channel": "{run_id}:{agent_id}:err",
+     "status_channel": "{run_id}:status"},
 ])
 def test_templates_that_keep_variations_apart_are_accepted(values: dict[str, str]) -> None:
     mk({"run_id": "r", **values})
+
+
+def test_readers_do_not_check_the_keys_of_other_variations() -> None:
+    """tail reads what was written: templates a sidecar refuses now must not lock a reader out."""
+    values = {"variation_id": "x", "status_channel": "run:{run_id}:output:0", "run_id": "r"}
+    with pytest.raises(UsageError):
+        mk(values)
+    config.build_connection(values, {})
