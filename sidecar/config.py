@@ -308,7 +308,7 @@ MAX_DB = (1 << 31) - 1  # Redis counts its databases in an int
 
 def _db_ok(text: str) -> bool:
     """A database number Redis could have: ASCII digits, at most MAX_DB."""
-    return text.isascii() and text.isdigit() and int(text) <= MAX_DB
+    return text.isascii() and text.isdigit() and len(text) <= 10 and int(text) <= MAX_DB
 
 
 def plain_url(url: str) -> bool:

@@ -184,8 +184,13 @@ def parse_sentinel_url(url: str, password: str | None = None, username: str | No
         host, _, port = h.strip().rpartition(":")
         if not host:
             host, port = port, "26379"
+        if not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
+            raise ValueError(f"bad port {port!r}")
         sentinels.append((host.strip("[]"), int(port)))
-    db = int(parts[1]) if len(parts) > 1 else 0
+    db_text = parts[1] if len(parts) > 1 else "0"
+    if not (db_text.isascii() and db_text.isdigit() and len(db_text) <= 10 and int(db_text) < 1 << 31):
+        raise ValueError(f"database must be a number from 0 to {(1 << 31) - 1}, not {db_text!r}")
+    db = int(db_text)
     url_user, _, url_pass = auth.partition(":") if auth else ("", "", "")
     return SentinelSpec(
         tuple(sentinels), parts[0], db,
