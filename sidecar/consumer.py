@@ -101,6 +101,9 @@ class RunReader:
         self.page = page
         self.dedupe = Deduper()
         self.errors = 0
+        # While follow() cannot read: since when (time.monotonic()) and why; None when it can.
+        self.failing_since: float | None = None
+        self.failure: BaseException | None = None
 
     def _decode_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]], key: str) -> Iterator[Event]:
         for entry_id, fields in entries:
@@ -160,14 +163,18 @@ class RunReader:
                         resp.extend(part or [])
                 else:
                     resp = self._xread(dict(self.ids), block_ms)
-            except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException):
+            except (redis.ConnectionError, redis.TimeoutError, ClusterDownError, RedisClusterException) as exc:
                 # Redis restarting or failing over (on a cluster, no node reachable for a while
                 # is RedisClusterException): go on from the last entry read, with backoff.
+                if self.failing_since is None:
+                    self.failing_since = time.monotonic()
+                self.failure = exc
                 yield None
                 time.sleep(pause)
                 pause = min(pause * 2, 5.0)
                 continue
             pause = 0.1
+            self.failing_since = None
             if not resp:
                 yield None
                 continue

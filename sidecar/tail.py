@@ -6,6 +6,7 @@ import argparse
 import base64
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import orjson
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
 FOLLOW_BLOCK_MS = 1000
+STILL_TRYING_AFTER_S = 30.0  # --follow says so once when Redis cannot be read for this long
 _CONN_OPTS = {*CONNECTION_OPTIONS, "output_channel", "logs_channel", "status_channel"}
 
 
@@ -189,10 +191,21 @@ def main(argv: Sequence[str]) -> int:
             printer.emit(ev)
         printer.flush()
         if ns.follow:
+            told = False
             for ev in reader.follow(FOLLOW_BLOCK_MS):
                 if ev is not None:
                     printer.emit(ev)
                 printer.flush()
+                since = reader.failing_since
+                if since is None:
+                    told = False
+                elif not told and time.monotonic() - since >= STILL_TRYING_AFTER_S and mode != "raw" \
+                        and reader.failure is not None:
+                    # once per outage; with --raw, stderr carries only the agent's bytes
+                    told = True
+                    sys.stderr.write(f"[agent-sidecar] cannot read from Redis at {mask_url(settings.redis_url)} for "
+                                     f"{STILL_TRYING_AFTER_S:g} s, still trying: {_brief(reader.failure)}\n")
+                    sys.stderr.flush()
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -1,8 +1,9 @@
-"""tail's JSON lines for entries a sidecar would not write (huge integers, deep nesting)."""
+"""tail: JSON lines of odd entries, text mode escapes, --follow through an outage."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from sidecar.tail import _json_line
 
@@ -49,3 +50,45 @@ def test_text_mode_shows_control_characters_as_escapes_and_raw_keeps_them() -> N
     assert not any(ord(c) < 32 and c not in "\t\n" or 127 <= ord(c) < 160 for c in text), text
     assert "title \\x1b]0;owned\\x07 clip \\x1b]52;c;ZWNobw==\\x07 tab\there\\x0dhidden \\x9b\n" in text
     assert "state=\\x1b[2Jcleared" in text
+
+
+def test_follow_says_once_per_outage_that_redis_cannot_be_read(monkeypatch: Any, capfd: Any) -> None:
+    """tail --follow retries a Redis it cannot read for as long as it takes, and says so once
+    the outage has lasted STILL_TRYING_AFTER_S (not in --raw, whose stderr is the agent's)."""
+    import fakeredis
+    import redis
+
+    from sidecar import consumer, tail, transport
+
+    real = fakeredis.FakeRedis()
+    calls = {"n": 0}
+    # reads: two fail, one answers (an empty XREAD), two fail, then Ctrl-C
+    script = ["fail", "fail", "ok", "fail", "fail", "stop"]
+
+    class Flaky:
+        def xrange(self, *a: Any, **k: Any) -> Any:
+            return real.xrange(*a, **k)
+
+        def xread(self, *a: Any, **k: Any) -> Any:
+            step = script[min(calls["n"], len(script) - 1)]
+            calls["n"] += 1
+            if step == "fail":
+                raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused.")
+            if step == "stop":
+                raise KeyboardInterrupt
+            return []
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(transport, "connect", lambda *a, **k: Flaky())
+    monkeypatch.setattr(tail, "STILL_TRYING_AFTER_S", 0.0)
+    monkeypatch.setattr(consumer.time, "sleep", lambda s: None)
+    assert tail.main(["r1", "--follow", "--redis-url", "redis://127.0.0.1:1/0"]) == 130
+    err = capfd.readouterr().err
+    notes = [x for x in err.splitlines() if "still trying" in x]
+    assert len(notes) == 2, err  # one per outage
+    assert "ConnectionError: Error 111" in notes[0] and "redis://127.0.0.1:1/0" in notes[0]
+    calls["n"] = 0
+    assert tail.main(["r1", "--follow", "--raw", "--redis-url", "redis://127.0.0.1:1/0"]) == 130
+    assert "still trying" not in capfd.readouterr().err
