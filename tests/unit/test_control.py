@@ -247,6 +247,10 @@ def test_a_secret_given_as_text_signs_as_its_utf8_bytes(secure: config.Settings)
     signed = sign({"cmd": "cancel", "ts": NOW}, SECRET.decode())
     assert signed == sign({"cmd": "cancel", "ts": NOW}, SECRET)
     assert isinstance(run(signed, secure), Command)
+    text = "s\u00e9cret-\u00fc"
+    assert sign({"cmd": "cancel", "ts": NOW}, text) == sign({"cmd": "cancel", "ts": NOW}, text.encode())
+    assert isinstance(run(sign({"cmd": "cancel", "ts": NOW}, text), secure.replace(control_secret=text.encode())),
+                      Command)
 
 
 def test_signed_command_is_accepted(secure: config.Settings) -> None:
