@@ -51,10 +51,14 @@ Event = Record | Gap | Status
 
 
 class Deduper:
-    """Tracks the last sequence number per (channel, producer)."""
+    """Tracks the last sequence number per (channel, producer). ``from_start``: the messages
+    are read from the start of their streams, so a producer's first records (seq 1 on) must
+    be there; missing ones (trimmed by --max-stream-len, lost with a Redis that kept nothing)
+    are reported as a gap. Otherwise the first message seen starts each sequence."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, from_start: bool = False) -> None:
         self.last: dict[tuple[str, str], int] = {}
+        self.from_start = from_start
 
     def feed(self, msg: dict[str, Any]) -> Iterator[Event]:
         kind = msg.get("type")
@@ -62,10 +66,11 @@ class Deduper:
         producer = str(msg.get("producer", ""))
         key = (channel, producer)
         prev = self.last.get(key, 0)
+        known = prev > 0 or self.from_start  # where this producer's sequence stands
         if kind == protocol.BATCH:
             records = list(protocol.iter_records(msg))  # checked whole before anything is yielded
             first = int(msg.get("seq", 0))
-            if first > prev + 1 and prev > 0:
+            if first > prev + 1 and known:
                 yield Gap(channel, str(msg.get("stream", "")), producer, prev + 1, first - 1, "missing")
             for rec in records:
                 if rec.seq > prev:
@@ -73,7 +78,7 @@ class Deduper:
             self.last[key] = max(prev, first + len(records) - 1)
         elif kind == protocol.GAP:
             first, last = int(msg["from"]), int(msg["to"])
-            if first > prev + 1 and prev > 0:
+            if first > prev + 1 and known:
                 yield Gap(channel, str(msg.get("stream", "")), producer, prev + 1, first - 1, "missing")
             if last > prev:
                 yield Gap(channel, str(msg.get("stream", "")), producer, max(first, prev + 1), last, "dropped")
@@ -99,7 +104,7 @@ class RunReader:
         self.client = client
         self.ids = {k: start_id for k in keys}
         self.page = page
-        self.dedupe = Deduper()
+        self.dedupe = Deduper(from_start=start_id == "0-0")
         self.errors = 0
         # While follow() cannot read: since when (time.monotonic()) and why; None when it can.
         self.failing_since: float | None = None

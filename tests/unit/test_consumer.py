@@ -149,6 +149,18 @@ def test_first_batch_seen_starts_the_sequence_without_gap() -> None:
     assert not any(isinstance(e, Gap) for e in ev)
 
 
+def test_read_from_the_start_a_producer_whose_first_records_are_missing_has_a_gap() -> None:
+    """Trimmed by --max-stream-len, or lost with a Redis that kept nothing: from the start of
+    the stream a producer's records begin at 1, and what is not there is reported."""
+    d = Deduper(from_start=True)
+    got = list(d.feed(batch_msg(5, 2)))
+    assert isinstance(got[0], Gap) and (got[0].first, got[0].last, got[0].reason) == (1, 4, "missing")
+    assert [r.seq for r in got[1:]] == [5, 6]
+    assert [type(e) for e in d.feed(batch_msg(1, 3, producer="p2"))] == [Record] * 3  # another producer from 1
+    late = Deduper()  # joined live: the first message seen starts the sequence
+    assert [type(e) for e in late.feed(batch_msg(5, 2))] == [Record, Record]
+
+
 def test_late_batch_after_gap_is_dropped() -> None:
     d = Deduper()
     list(d.feed(batch_msg(1, 2)))
@@ -343,7 +355,7 @@ def test_follow_never_puts_the_final_status_before_the_output_it_follows() -> No
         if ev is None:
             break
         got.append(ev)
-    assert _texts(got) == ["oline5", "oline6", "<exited>"]
+    assert _texts(got) == ["<gap>", "oline5", "oline6", "<exited>"]  # records 1-4 are not in the stream
 
 
 def test_hostile_entries_are_counted_and_skipped_never_fatal() -> None:
