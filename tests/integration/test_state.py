@@ -121,6 +121,11 @@ def test_every_key_gets_the_retention_ttl_and_streams_are_capped(redis_server: R
             assert 7000 < ttl <= 7200, (k, ttl)
     length = client.xlen("run:ret:output:0")
     assert 50 <= length < 200, length  # approximate trimming keeps about the cap
+    # what was trimmed is reported: the output is not all there
+    out, _err, rc = runs.tail(redis_server.url, "ret", "--raw")
+    assert rc == 3 and out.endswith(b"line %d\n" % (n - 1)) and not out.startswith(b"line 0\n")
+    _text, err, rc = runs.tail(redis_server.url, "ret")
+    assert rc == 0 and err.decode().startswith("[agent-sidecar] gap: records 1..") and b" missing" in err, err
 
 
 def test_retention_zero_means_no_ttl(redis_server: RedisServer) -> None:
