@@ -425,7 +425,7 @@ def validate_url(url: str) -> None:
         for db_text in query.get("db", []):
             if not _db_ok(db_text):
                 raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number from 0 to "
-                                 f"{MAX_DB}, not {db_text!r}")
+                                 f"{MAX_DB}, not {db_text[:20]!r}")
         return
     if parts.query:
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no query parameters (the database goes in the "
@@ -445,7 +445,7 @@ def validate_url(url: str) -> None:
     db = parts.path.lstrip("/")
     if db and not _db_ok(db):
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number from 0 to {MAX_DB}, "
-                         f"not {db!r}")
+                         f"not {db[:20]!r}")
 
 
 def validate_template(name: str, template: str) -> None:

@@ -104,7 +104,7 @@ class RunReader:
         self.client = client
         self.ids = {k: start_id for k in keys}
         self.page = page
-        self.dedupe = Deduper(from_start=start_id == "0-0")
+        self.dedupe = Deduper(from_start=start_id in ("0", "0-0", "-"))
         self.errors = 0
         # While follow() cannot read: since when (time.monotonic()) and why; None when it can.
         self.failing_since: float | None = None
@@ -160,6 +160,7 @@ class RunReader:
         split = is_cluster(self.client) and len({key_slot(k) for k in self.ids}) > 1
         pause = 0.1
         while True:
+            started = time.monotonic()
             try:
                 if split:
                     resp = []
@@ -172,7 +173,7 @@ class RunReader:
                 # Redis restarting or failing over (on a cluster, no node reachable for a while
                 # is RedisClusterException): go on from the last entry read, with backoff.
                 if self.failing_since is None:
-                    self.failing_since = time.monotonic()
+                    self.failing_since = started  # a hung server fails a read only at its timeout
                 self.failure = exc
                 yield None
                 time.sleep(pause)

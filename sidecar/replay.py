@@ -12,7 +12,7 @@ from . import log
 from .argv import _Parser, add_options
 from .config import CONNECTION_OPTIONS, OPTIONS, UsageError, build_connection, mask_url
 from .outbox import Outbox
-from .spool import DAMAGED_SUFFIX, Spool
+from .spool import DAMAGED_DIR, Spool
 from .transport import Sender
 
 _OPTS = {*CONNECTION_OPTIONS, "spool_dir", "transport", "retry_max_s", "retention_s", "max_stream_len", "pubsub",
@@ -74,8 +74,9 @@ def main(argv: Sequence[str]) -> int:
                   redis=mask_url(s.redis_url), records_left=left, items_left=len(outbox))
         failed = True
     if spool.damaged:
-        log.error("replay incomplete: spool data damaged on disk was skipped, what it held is lost; its "
-                  f"segments are kept as *.seg{DAMAGED_SUFFIX}", places=len(spool.damaged), first=spool.damaged[0],
+        log.error("replay incomplete: spool data damaged on disk was skipped, what it held is lost; once the "
+                  "rest of a segment is delivered, the segment is kept for inspection in "
+                  f"{os.path.join(s.spool_dir, DAMAGED_DIR)}", places=len(spool.damaged), first=spool.damaged[0],
                   delivered_items=len(refs))
         failed = True
     if outbox.unreadable_records:

@@ -27,7 +27,9 @@ from . import log
 from .items import Item
 
 MAGIC = b"ASP1"
-DAMAGED_SUFFIX = ".damaged"  # what a delivered segment with damaged frames is kept as
+# Where a delivered segment with damaged frames is kept, for inspection: a hidden directory of
+# the spool root (adoption skips dot-names), so that its producer directory can go.
+DAMAGED_DIR = ".damaged"
 _HEAD = struct.Struct("<4sII")  # magic, body length, crc32 of body
 _U32 = struct.Struct("<I")
 SEGMENT_BYTES = 16 << 20
@@ -49,7 +51,7 @@ class Segment:
         self.size = size
         self.sealed = sealed
         self.owner = owner
-        self.damaged = False  # frames of it could not be read back: kept, renamed, once delivered
+        self.damaged = False  # frames of it could not be read back: kept in DAMAGED_DIR once delivered
 
 
 class DiskRef:
@@ -138,20 +140,20 @@ def read_segment(path: str) -> bytes:
 
 def scan(path: str, damaged: list[str] | None = None) -> Iterator[tuple[int, int, Item]]:
     """(offset, frame length, item) for each valid frame. Past a frame its checksum does not
-    vouch for, reading goes on at the next frame's magic. Each frame skipped is noted in
+    vouch for, reading goes on at the next frame's magic. Each place skipped is noted in
     ``damaged`` as "path@offset", but for a torn tail: the last append cut short by a crash
-    (a frame whose header promises more bytes than the file holds, with no valid frame after
-    it: what its cut-off bytes hold, the magic included, is not searched for frames to
-    blame). A damaged last frame that looks cut short passes for a torn tail. SpoolError when
-    the segment cannot be read (see read_segment)."""
+    (a frame that starts with the magic but ends past the end of the file, or the start of
+    one shorter than a header, with no valid frame after it; whatever follows its start is
+    taken as part of it). A damaged last frame that looks cut short passes for a torn tail.
+    SpoolError when the segment cannot be read (see read_segment)."""
     data = read_segment(path)
     pos = 0
-    pending: list[int] = []  # offsets skipped since the last valid frame
-    torn_at: int | None = None  # the first of them, when it looks like an append cut short
+    pending: list[int] = []  # places skipped since the last valid frame
+    cut_at: int | None = None  # the first of them that looks like an append cut short
     while pos < len(data):
         if len(data) - pos < _HEAD.size:
-            if not pending:
-                torn_at = pos
+            if cut_at is None and MAGIC.startswith(data[pos : pos + len(MAGIC)]):
+                cut_at = pos
             pending.append(pos)
             break
         magic, blen, crc = _HEAD.unpack_from(data, pos)
@@ -160,8 +162,8 @@ def scan(path: str, damaged: list[str] | None = None) -> Iterator[tuple[int, int
         if magic != MAGIC or blen > MAX_FRAME or end > len(data) or zlib.crc32(body) != crc:
             # Not a frame the checksum vouches for, and its length may be what is wrong: go
             # on at the next frame's magic, if any (the checksum checks what is found there).
-            if not pending and magic == MAGIC and end > len(data):
-                torn_at = pos
+            if cut_at is None and magic == MAGIC and end > len(data):
+                cut_at = pos
             pending.append(pos)
             nxt = data.find(MAGIC, pos + 1)
             if nxt < 0:
@@ -170,7 +172,7 @@ def scan(path: str, damaged: list[str] | None = None) -> Iterator[tuple[int, int
             continue
         if pending:  # a valid frame follows: what was skipped was damaged, not torn
             _damaged(path, pending, damaged)
-            pending, torn_at = [], None
+            pending, cut_at = [], None
         try:
             item = decode_body(body)
         except (ValueError, KeyError, TypeError, struct.error) as exc:
@@ -181,11 +183,15 @@ def scan(path: str, damaged: list[str] | None = None) -> Iterator[tuple[int, int
             continue
         yield pos, end - pos, item
         pos = end
-    if pending and torn_at is not None:
-        log.warning("spool: torn frame at end of file skipped (an append cut short by a crash)", file=path,
-                    offset=torn_at)
-    elif pending:
-        _damaged(path, pending, damaged)
+    if pending:
+        # No valid frame after them. From the first place that looks cut short on, it is the
+        # torn tail; what comes before it was damaged.
+        lost = pending if cut_at is None else pending[: pending.index(cut_at)]
+        if lost:
+            _damaged(path, lost, damaged)
+        if cut_at is not None:
+            log.warning("spool: torn frame at end of file skipped (an append cut short by a crash)", file=path,
+                        offset=cut_at)
 
 
 def _damaged(path: str, offsets: list[int], damaged: list[str] | None) -> None:
@@ -260,6 +266,14 @@ class Spool:
             names = sorted(os.listdir(self.root), key=lambda n: _mtime(os.path.join(self.root, n)))
         except OSError:
             return refs
+        if DAMAGED_DIR in names:
+            try:
+                kept = os.listdir(os.path.join(self.root, DAMAGED_DIR))
+            except OSError:
+                kept = []
+            if kept:
+                log.warning("spool: segments with damaged frames kept for inspection (delete them when done)",
+                            directory=os.path.join(self.root, DAMAGED_DIR), files=len(kept))
         for name in names:
             path = os.path.join(self.root, name)
             if name.startswith(".") or self._own is not None and path == self._own.path or not os.path.isdir(path):
@@ -282,10 +296,6 @@ class Spool:
             strays = [s for s in names if s.endswith(".seg") and not SEGMENT_NAME.fullmatch(s)]
             if strays:
                 log.warning("spool: files that are not segments left alone", directory=path, files=strays[:5])
-            kept = [s for s in names if s.endswith(".seg" + DAMAGED_SUFFIX)]
-            if kept:
-                log.warning("spool: segments with damaged frames, kept for inspection (delete them when done)",
-                            directory=path, files=kept[:5])
             found: list[tuple[Segment, list[DiskRef], int]] = []
             damaged_before = len(self.damaged)
             refused = False
@@ -421,15 +431,20 @@ class Spool:
         self._own.segments.append(self._write_seg)
 
     def _unlink(self, seg: Segment) -> None:
-        """Delete a delivered segment; one with damaged frames is kept as ``*.seg.damaged``
-        for inspection (its directory stays)."""
+        """Delete a delivered segment; one with damaged frames is moved to DAMAGED_DIR for
+        inspection, as ``<producer directory>-<segment>``."""
         try:
             if seg.damaged:
-                os.replace(seg.path, seg.path + DAMAGED_SUFFIX)
+                kept = os.path.join(self.root, DAMAGED_DIR)
+                os.makedirs(kept, mode=0o700, exist_ok=True)
+                name = f"{os.path.basename(os.path.dirname(seg.path))}-{os.path.basename(seg.path)}"
+                os.replace(seg.path, os.path.join(kept, name))
             else:
                 os.unlink(seg.path)
         except FileNotFoundError:
             pass
+        except OSError as exc:  # kept where it is, then: the next look at the spool reports it again
+            log.warning("spool: a damaged segment could not be set aside", file=seg.path, error=str(exc))
         if seg.owner is not None and seg in seg.owner.segments:
             seg.owner.segments.remove(seg)
 

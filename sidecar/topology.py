@@ -189,7 +189,8 @@ def parse_sentinel_url(url: str, password: str | None = None, username: str | No
         sentinels.append((host.strip("[]"), int(port)))
     db_text = parts[1] if len(parts) > 1 else "0"
     if not (db_text.isascii() and db_text.isdigit() and len(db_text) <= 10 and int(db_text) < 1 << 31):
-        raise ValueError(f"database must be a number from 0 to {(1 << 31) - 1}, not {db_text!r}")
+        shown = db_text if len(db_text) <= 20 else db_text[:20] + "..."
+        raise ValueError(f"database must be a number from 0 to {(1 << 31) - 1}, not {shown!r}")
     db = int(db_text)
     url_user, _, url_pass = auth.partition(":") if auth else ("", "", "")
     return SentinelSpec(

@@ -270,7 +270,8 @@ def test_replay_exits_1_when_a_spool_frame_was_damaged(redis_factory: Any, tmp_p
     seqs = raw_seqs(srv.client(), runs.keys("damaged")["stdout"])
     assert 400 <= len(seqs) < 500 and seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     # the segment is kept for inspection, under a name no sidecar reads again
-    assert not seg.exists() and Path(f"{seg}.damaged").read_bytes() == bytes(data)
+    kept = spool / ".damaged" / f"{seg.parent.name}-{seg.name}"
+    assert not seg.parent.exists() and kept.read_bytes() == bytes(data)
     again = replay(url, spool)
     assert again.returncode == 0 and b"kept for inspection" in again.stderr, again.stderr
     assert raw_seqs(srv.client(), runs.keys("damaged")["stdout"]) == seqs
@@ -295,7 +296,7 @@ def test_the_next_sidecar_of_a_run_reports_damaged_spool_frames_it_adopts(redis_
     cp = run_sidecar([*args, "--", *counter(10, 0)])
     assert cp.returncode == 0 and b"Traceback" not in cp.stderr
     assert b"output lost: spool frames left by an earlier sidecar were damaged" in cp.stderr, cp.stderr
-    assert Path(f"{seg}.damaged").exists()
+    assert (spool / ".damaged" / f"{seg.parent.name}-{seg.name}").exists() and not seg.parent.exists()
     recs = runs.records(srv.client(), runs.keys("adopt-damaged")["stdout"])
     assert 250 <= len(recs) < 310
 

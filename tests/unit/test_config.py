@@ -820,7 +820,7 @@ def test_a_tls_file_that_is_a_directory_is_not_called_missing(tmp_path: Any) -> 
     ({"agent_id": "a", "variation_id": "x", "output_channel": "o:{run_id}:{agent_id}:{variation_id}",
       "logs_channel": "o:{run_id}:{agent_id}:3"}, "--output-channel of another variation"),
 ])
-def test_a_key_of_another_variation_or_agent_of_the_run_is_a_usage_error(values: dict[str, str], says: str) -> None:
+def test_a_key_of_another_variation_of_the_run_is_a_usage_error(values: dict[str, str], says: str) -> None:
     with pytest.raises(UsageError, match=says):
         mk({"run_id": "r", **values})
 

@@ -685,3 +685,26 @@ def test_skipped_bytes_followed_by_a_valid_frame_are_damage(tmp_path: Path) -> N
     damaged: list[str] = []
     assert [it for _, _, it in scan(str(path), damaged)] == [a, c]
     assert damaged and damaged[0] == f"{path}@{len(encode_frame(a))}"
+
+
+def test_a_short_remainder_is_a_torn_tail_only_if_it_could_start_a_frame(tmp_path: Path) -> None:
+    a = Item("k", "p", 1, 1, b"first")
+    for tail, torn in ((MAGIC[:3], True), (MAGIC + b"\x05", True), (b"\0" * 11, False), (b"garbage-gar", False),
+                       (b"\0" * 12, False)):
+        path = tmp_path / "x.seg"
+        path.write_bytes(encode_frame(a) + tail)
+        damaged: list[str] = []
+        assert [it for _, _, it in scan(str(path), damaged)] == [a]
+        assert damaged == ([] if torn else [f"{path}@{len(encode_frame(a))}"]), tail
+
+
+def test_a_damaged_frame_before_a_torn_tail_is_the_only_damage(tmp_path: Path) -> None:
+    items = items_fixture(3, "dead")
+    frames = [encode_frame(it) for it in items]
+    second = bytearray(frames[1])
+    second[-1] ^= 1
+    path = tmp_path / "x.seg"
+    path.write_bytes(frames[0] + bytes(second) + frames[2][:-5])
+    damaged: list[str] = []
+    assert [it for _, _, it in scan(str(path), damaged)] == items[:1]
+    assert damaged == [f"{path}@{len(frames[0])}"]
