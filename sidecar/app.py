@@ -17,7 +17,7 @@ from agent_wrapper.process import Agent
 
 from . import _native, control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
-from .config import Settings, mask_url, split_hosts, url_password
+from .config import DEFAULT_REDIS_URL, Settings, empty_redis_url, mask_url, split_hosts, url_password
 from .items import Item
 from .outbox import Outbox
 from .spool import Spool, SpoolError
@@ -333,6 +333,8 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     warning = control.insecure_warning(s)
     if warning:
         log.warning(warning)
+    if empty_redis_url(dict(os.environ), s.redis_url):
+        log.warning("REDIS_URL is set but empty: using the default", redis=DEFAULT_REDIS_URL)
     log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id,
               native=_native.speedups is not None)
     rt.status("starting", command=os.path.basename(s.command[0]))

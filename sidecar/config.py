@@ -49,9 +49,10 @@ def _default_spool_dir() -> str:
     return os.path.join(_temp_dir(), "agent-sidecar-spool")
 
 
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 # Every option of the run command. Used for argparse, --help and the README table.
 OPTIONS: tuple[Option, ...] = (
-    Option("redis_url", "--redis-url", "REDIS_URL", "redis://localhost:6379/0",
+    Option("redis_url", "--redis-url", "REDIS_URL", DEFAULT_REDIS_URL,
            "Redis URL (redis://, rediss://, unix:// or redis+sentinel://; redis://HOST:PORT,HOST:PORT/0 names "
            "cluster nodes); the password is better given by REDIS_PASSWORD"),
     Option("run_id", "--run-id", "RUN_ID", None, "run id; when absent, generated and printed to stderr (a warning)"),
@@ -653,6 +654,12 @@ def _key_pattern(template: str, run_key: str, agent_id: str) -> str:
         if field is not None:
             out.append({"run_id": re.escape(run_key), "variation_id": _ANY_VARIATION}.get(field, re.escape(agent_id)))
     return "".join(out)
+
+
+def empty_redis_url(env: dict[str, str], url: str) -> bool:
+    """REDIS_URL set but empty (counted as unset) and the default URL in use: in a Job, more
+    likely a value that went missing than a wish for localhost."""
+    return env.get("REDIS_URL") == "" and url == DEFAULT_REDIS_URL
 
 
 def _read_secret(path: str, flag: str) -> bytes:

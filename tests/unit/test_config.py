@@ -844,3 +844,9 @@ def test_readers_do_not_check_the_keys_of_other_variations() -> None:
     with pytest.raises(UsageError):
         mk(values)
     config.build_connection(values, {})
+
+
+def test_an_empty_redis_url_variable_is_noticed() -> None:
+    assert config.empty_redis_url({"REDIS_URL": ""}, mk({}, env={"REDIS_URL": ""}).redis_url)
+    assert not config.empty_redis_url({}, mk({}).redis_url)  # not set at all: the default, as documented
+    assert not config.empty_redis_url({"REDIS_URL": ""}, "redis://h:1/0")  # --redis-url given
