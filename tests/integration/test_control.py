@@ -113,7 +113,8 @@ def test_cancel_pause_resume_and_signal(redis_server: RedisServer, start_sidecar
     started_at = client.hget("run:ctl:variation:0", "started_at")
 
     _pause(client, "ctl", agent_pid)
-    assert client.hget("run:ctl:variation:0", "status") == b"paused"
+    # the agent is stopped first, then the state is written
+    wait_until(lambda: client.hget("run:ctl:variation:0", "status") == b"paused", timeout=5)
     client.publish("run:ctl:control", json.dumps({"cmd": "resume"}))
     wait_until(lambda: psutil.Process(agent_pid).status() != psutil.STATUS_STOPPED, timeout=5)
     wait_until(lambda: client.hget("run:ctl:variation:0", "status") == b"running", timeout=5)
