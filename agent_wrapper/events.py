@@ -36,8 +36,10 @@ class Output(Value):
 
 class StreamClosed(Frozen):
     stream: str
-    forced: bool  # reading stopped after --pipe-grace although the pipe was still open
+    forced: bool  # reading stopped before the end (--pipe-grace, or a stop) although the pipe was open
+    unread: int  # bytes still in the pipe when a forced close stopped reading it
     __slots__ = tuple(__annotations__)
+    _defaults = {"unread": 0}
 
 
 class Exited(Frozen):

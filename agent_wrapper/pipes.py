@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import stat
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -193,11 +196,12 @@ class PipeReader:
     def _close(self, poller: select.poll, by_fd: dict[int, str], fd: int, name: str, *, forced: bool) -> None:
         poller.unregister(fd)
         del by_fd[fd]
+        unread = _pending(fd) if forced else 0
         os.close(fd)
         ts = time.time()
         self._release(name, ts)
         self._emit(name, ts, self._splitters[name].flush())
-        self._sink(StreamClosed(name, forced))
+        self._sink(StreamClosed(name, forced, unread))
 
 
 def _writers_gone(fd: int) -> bool:
@@ -206,6 +210,14 @@ def _writers_gone(fd: int) -> bool:
     probe = select.poll()
     probe.register(fd, select.POLLIN)
     return any(events & select.POLLHUP for _fd, events in probe.poll(0))
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting in the pipe (FIONREAD); 0 where that cannot be asked."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
+    except OSError:
+        return 0
 
 
 def _write_all(fd: int, data: bytes) -> int:

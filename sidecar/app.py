@@ -82,6 +82,7 @@ class Runtime:
         self.commands: queue.SimpleQueue[control.Command] = queue.SimpleQueue()
         self.cancelled = False
         self.paused = False
+        self.reading_cut = ""  # why reading the pipes was stopped before their end, if it was
         self._reject_window = 0.0
         self._rejects = 0
         # One for the whole run: what it learns (a cluster's nodes) outlives a lost connection.
@@ -282,9 +283,21 @@ class Runtime:
     def sink(self, ev: Output | StreamClosed) -> None:
         if isinstance(ev, Output):
             self.batcher.add(ev)
+        elif ev.forced and self.reading_cut:
+            if ev.unread:
+                log.warning(f"stopped reading the agent's {ev.stream} ({self.reading_cut}): what the pipe still "
+                            "held is lost", unread_bytes=ev.unread)
         elif ev.forced:
             log.warning(f"{ev.stream} still held open by a process after the agent exited; stopped reading",
-                        pipe_grace_s=self.s.pipe_grace_s)
+                        pipe_grace_s=self.s.pipe_grace_s, unread_bytes=ev.unread)
+
+    def cut_reading(self, reader: PipeReader, why: str) -> None:
+        """Stop reading the agent's pipes now, also where back-pressure holds the reader up:
+        what is being encoded goes into the buffer past its limit (finish spools it, or marks
+        it by a gap marker where the spool has no room)."""
+        self.reading_cut = why
+        reader.stop_after(0, finish_closed=False)
+        self.outbox.close()
 
 
 
@@ -367,7 +380,11 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     )
     reader.start()
 
+    stop_asked = False
+
     def on_signal(sig: int) -> None:
+        nonlocal stop_asked
+        stop_asked = stop_asked or sig in signals.STOPPING
         log.info("forwarding signal to the agent", signal=signal_name(sig))
 
     def on_kill() -> None:
@@ -378,17 +395,26 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     rt.control.stop()
     reader.stop_after(s.pipe_grace_s)
     stops = 0
+    drain_deadline = time.monotonic() + s.drain_timeout_s
     while not reader.join(0.1):
         sig = signals.next_signal(0)
-        if sig is None:
+        if sig is not None:
+            agent.signal_group(sig)  # what is left of the agent's group (a process holding the pipes)
+            if sig in signals.STOPPING:
+                stops += 1
+            log.info("agent has exited; still reading its pipes", pipe_grace_s=s.pipe_grace_s,
+                     forwarded=signal_name(sig))
+        if rt.reading_cut:
             continue
-        agent.signal_group(sig)  # what is left of the agent's group (a process holding the pipes)
-        if sig in signals.STOPPING:
-            stops += 1
-            if stops >= 2:
-                reader.stop_after(0, finish_closed=False)  # a second stop: stop reading now
-        log.info("agent has exited; still reading its pipes", pipe_grace_s=s.pipe_grace_s,
-                 forwarded=signal_name(sig))
+        if stops >= 2:
+            rt.cut_reading(reader, "a second stop signal")
+        elif ((stop_asked or stops) and rt.outbox.blocked_since is not None
+              and time.monotonic() >= drain_deadline):
+            # Asked to stop (the pod is going away) while Redis is away and buffer and spool are
+            # full: the pipes could wait for ever. Stop reading, so that what waits in memory
+            # and the final status reach the spool before the runtime's SIGKILL.
+            rt.cut_reading(reader, "a stop signal, Redis unreachable and buffer and spool full "
+                           "--drain-timeout after the agent exited")
     if reader.echo_dropped:
         log.warning("the sidecar's own stdout/stderr did not keep up: output dropped from the echo only, "
                     "not from Redis", bytes=reader.echo_dropped)
@@ -400,18 +426,23 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     }
     if exited.signal is not None:
         meta["signal"] = signal_name(exited.signal)
+    # Reading cut short: the time to deliver ran from the agent's exit.
+    until = drain_deadline if rt.reading_cut else None
     if rt.cancelled:
-        return finish(rt, exited.code, "cancelled", meta)
+        return finish(rt, exited.code, "cancelled", meta, until, stops)
     if exited.signal is not None:
-        return finish(rt, exited.code, "killed", meta)
-    return finish(rt, exited.code, "exited", meta)
+        return finish(rt, exited.code, "killed", meta, until, stops)
+    return finish(rt, exited.code, "exited", meta, until, stops)
 
 
-def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
-    """Flush, report ``final``, deliver within --drain-timeout, leave the rest in the spool."""
+def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any], deadline: float | None = None,
+           told: int = 0) -> int:
+    """Flush, report ``final``, deliver within --drain-timeout (or by ``deadline``), leave the
+    rest in the spool; ``told``: stop signals since the agent exited (at two, stop waiting)."""
     s = rt.s
-    deadline = time.monotonic() + s.drain_timeout_s
-    if not rt.batcher.close(timeout=s.drain_timeout_s):
+    if deadline is None:
+        deadline = time.monotonic() + s.drain_timeout_s
+    if not rt.batcher.close(timeout=max(0.0, deadline - time.monotonic())):
         # Full and Redis away (or the machine starved of CPU): let the last batches into the
         # buffer over its limit. Encoding is bounded work, so waiting for it loses nothing.
         rt.outbox.close()
@@ -419,8 +450,7 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
             log.error("encoder did not finish; output still in memory is lost")
     rt.status(final, terminal=True, **meta)  # after the last output batch, so consumers see all output first
     rt.sender.finish()
-    told = 0
-    while not rt.sender.join(0.05):
+    while told < 2 and not rt.sender.join(0.05):
         left = deadline - time.monotonic()
         if left <= 0:
             break
@@ -443,18 +473,22 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any]) -> int:
     rt.control.stop()
     rt.outbox.close()
     if not rt.outbox.empty():
-        lost_records, lost_items = rt.outbox.spill_all()
+        gapped, lost_records, lost_items = rt.outbox.spill_all()
         why = "a second stop signal" if told >= 2 else "the drain timeout"
         if lost_items < len(rt.outbox):
             log.warning(
                 f"Redis did not take all output before {why}; it stays in the spool",
-                waiting_records=rt.outbox.waiting_records - lost_records,
+                waiting_records=rt.outbox.spooled_records(),
                 spool=s.spool_dir,
                 replay=f"python -m sidecar replay --spool-dir {s.spool_dir}",
             )
+        if gapped:
+            log.error(f"Redis did not take all output before {why}, and the spool had no room for it: lost, "
+                      "gap markers in the spool say what is missing", records=gapped)
         if lost_items:
-            reason = "the spool had no room for them" if rt.spool is not None else "there is no usable spool"
-            log.error(f"Redis did not take all output before {why}, and {reason}: lost", records=lost_records)
+            reason = "the spool could not be written" if rt.spool is not None else "there is no usable spool"
+            log.error(f"Redis did not take all output before {why}, and {reason}: lost", records=lost_records,
+                      messages=lost_items)
     if rt.outbox.dropped_records:
         log.warning("output dropped while buffer and spool were full (--when-full drop)",
                     records=rt.outbox.dropped_records)

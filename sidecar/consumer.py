@@ -34,7 +34,7 @@ class Gap(Frozen):
     producer: str
     first: int
     last: int
-    reason: str  # "dropped" (the sidecar dropped them under --when-full drop) or "missing"
+    reason: str  # "dropped" (a gap marker: --when-full drop, or no room in the spool at exit) or "missing"
     __slots__ = tuple(__annotations__)
 
 

@@ -168,13 +168,56 @@ class Outbox:
                 while self._spill_one():
                     pass
 
-    def spill_all(self) -> tuple[int, int]:
-        """Move what is in memory to the spool. Returns (records, items) that did not fit."""
+    def spill_all(self) -> tuple[int, int, int]:
+        """At exit, move what is in memory to the spool. Output batches that do not fit are
+        replaced by gap markers; gap markers and status messages go in even past the spool's
+        limit (they are small, and a consumer must learn how the run ended and what is
+        missing). Returns (records replaced by gap markers, records lost, items lost): lost
+        means not written at all (no spool, or the disk refused the write)."""
         with self.lock:
             while self._spill_one():
                 pass
-            lost = [e for e in list(self._q)[self._ndisk :] if isinstance(e, Item)]
-            return sum(e.records for e in lost), len(lost)
+            rest = [e for e in list(self._q)[self._ndisk :] if isinstance(e, Item)]
+            if self.spool is None or not rest or not self.spool.usable():
+                return 0, sum(e.records for e in rest), len(rest)
+            for _ in rest:
+                self._remove_at(len(self._q) - 1)
+            small: list[tuple[Item, int]] = []  # (item, output records it stands for)
+            for e in rest:
+                if e.kind == "batch":
+                    self._gap_for(small, e)
+                else:
+                    small.append((e, 0))
+            gapped = sum(n for _, n in small)
+            for i, (e, _) in enumerate(small):
+                ref = self._to_disk(e)
+                if ref is None:
+                    left = small[i:]
+                    for x, _ in left:  # kept in memory, as without a spool: lost at exit
+                        self._q.append(x)
+                        self.mem_bytes += x.size
+                    lost = sum(n for _, n in left)
+                    return gapped - lost, lost, len(left)
+                self._q.append(ref)
+                self._ndisk += 1
+            return gapped, 0, 0
+
+    def spooled_records(self) -> int:
+        with self.lock:
+            return sum(self._q[i].records for i in range(self._ndisk))
+
+    def _gap_for(self, out: list[tuple[Item, int]], batch: Item) -> None:
+        """Append a gap marker for ``batch`` to ``out``, merged into the last marker of the same
+        key when the ranges touch."""
+        for j in range(len(out) - 1, -1, -1):
+            prev, n = out[j]
+            if prev.key != batch.key:
+                continue
+            if prev.kind == "gap" and n and prev.last + 1 == batch.first:
+                out[j] = (self._gap(batch.key, prev.first, batch.last), n + batch.records)
+                return
+            break
+        out.append((self._gap(batch.key, batch.first, batch.last), batch.records))
 
     # -- sender side ---------------------------------------------------------------------
     def take(self, max_items: int, max_bytes: int) -> list[Item]:

@@ -340,6 +340,10 @@ class Spool:
             return False
         return time.monotonic() >= self._failed_until
 
+    def usable(self) -> bool:
+        """Open for writing and not failing, whatever its byte budget."""
+        return self._own is not None and time.monotonic() >= self._failed_until
+
     def write(self, item: Item) -> DiskRef:
         assert self._own is not None
         frame = encode_frame(item)

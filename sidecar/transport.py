@@ -606,8 +606,8 @@ class Sender:
             if self.batcher is None:  # replay: no agent, the spool stays as it is
                 log.warning("cannot write to Redis; retrying", error=msg)
             else:
-                log.warning("cannot write to Redis; output waits in buffer and spool, the agent keeps running",
-                            error=msg)
+                where = "buffer and spool" if self.outbox.spool is not None else "the memory buffer (no spool)"
+                log.warning(f"cannot write to Redis; output waits in {where}, the agent keeps running", error=msg)
             if self.on_degraded is not None:
                 self.on_degraded(self.stats.down_since, msg)
         elif msg != self._last_error:

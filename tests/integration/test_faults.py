@@ -179,6 +179,43 @@ def test_down_for_whole_run_then_replay(redis_factory: Any, tmp_path: Path) -> N
     assert not any(spool.rglob("*.seg"))
 
 
+def test_a_full_spool_at_exit_keeps_the_final_status_and_marks_the_rest(redis_factory: Any, start_sidecar: Any,
+                                                                        tmp_path: Path) -> None:
+    """Redis down, buffer and spool full, the agent blocked on write, then SIGTERM: what the
+    spool holds is kept, what waited in memory becomes one gap marker, and the final status
+    still follows, past the spool's limit."""
+    port = find_free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    spool = tmp_path / "spool"
+    proc = start_sidecar([*sidecar_args(url, "fullsp", spool), "--spool-max-bytes", "64KiB", "--buffer-max-bytes",
+                          "64KiB", "--compress-threshold", "-1", "--drain-timeout", "1", "--", *counter(10**7, 0)])
+    proc.wait_for_output("buffer and spool are full", timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 128 + signal.SIGTERM, cp.stderr
+    assert b"gap markers in the spool say what is missing" in cp.stderr, cp.stderr
+    assert b"stopped reading the agent's stdout (a stop signal, Redis unreachable" in cp.stderr, cp.stderr
+    srv: RedisServer = redis_factory(port=port)
+    rp = replay(url, spool)
+    assert rp.returncode == 0, rp.stderr
+    client = srv.client()
+    key = runs.keys("fullsp")["stdout"]
+    seqs = raw_seqs(client, key)
+    kept = len(seqs)
+    assert kept > 0 and seqs == list(range(1, kept + 1))
+    assert runs.stream_bytes(client, key) == counter_bytes(1, kept)
+    final = runs.statuses(client, "fullsp")[-1]
+    assert final["status"] == "killed", final
+    captured = final["metadata"]["records"]
+    assert captured > kept
+    assert [(g.first, g.last, g.reason) for g in runs.gaps(client, key)] == [(kept + 1, captured, "dropped")]
+    assert f"records={captured - kept}".encode() in cp.stderr, cp.stderr
+    assert client.hget("run:fullsp:variation:0", "status") == b"killed"
+    out, _err, rc = runs.tail(url, "fullsp", "--raw")
+    assert rc == 3
+    assert out == counter_bytes(1, kept)
+
+
 def test_next_sidecar_of_the_run_delivers_old_spool_first(redis_factory: Any, tmp_path: Path) -> None:
     port = find_free_port()
     url = f"redis://127.0.0.1:{port}/0"
@@ -411,6 +448,43 @@ def test_second_sigterm_during_drain_says_what_it_waits_for(free_port: int, star
     assert any((tmp_path / "spool").rglob("*.seg"))
 
 
+def test_stop_signals_end_reading_held_up_by_a_full_buffer(start_sidecar: Any, tmp_path: Path) -> None:
+    """Redis down, buffer and spool full, the agent blocked on write: SIGTERM ends the agent,
+    and two more stop signals end the reading of its full pipe at once (no --drain-timeout
+    wait), leaving the final status in the spool."""
+    url = f"redis://127.0.0.1:{find_free_port()}/0"
+    spool = tmp_path / "spool"
+    proc = start_sidecar([*sidecar_args(url, "stops", spool), "--spool-max-bytes", "64KiB", "--buffer-max-bytes",
+                          "64KiB", "--compress-threshold", "-1", "--drain-timeout", "600", "--",
+                          *counter(10**7, 0)])
+    proc.wait_for_output("buffer and spool are full", timeout=30)
+    agent = psutil.Process(proc.pid).children()[0]
+    proc.send_signal(signal.SIGTERM)
+    agent.wait(timeout=10)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait_for_output("agent has exited; still reading its pipes", timeout=10)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 128 + signal.SIGTERM, cp.stderr
+    assert b"stopped reading the agent's stdout (a second stop signal)" in cp.stderr, cp.stderr
+    assert b"gap markers in the spool say what is missing" in cp.stderr, cp.stderr
+    statuses = [it for it in _spooled(spool) if it.kind == "status"]
+    assert b'"killed"' in statuses[-1].payload
+
+
+def _spooled(spool: Path) -> list[Any]:
+    from sidecar.spool import _HEAD, decode_body
+
+    items = []
+    for seg in sorted(spool.rglob("*.seg")):
+        data = seg.read_bytes()
+        for pos in _frame_offsets(data):
+            (blen,) = _HEAD.unpack_from(data, pos)[1:2]
+            items.append(decode_body(data[pos + _HEAD.size : pos + _HEAD.size + blen]))
+    return items
+
+
 def test_grandchild_holding_the_pipe_does_not_hang(redis_server: RedisServer, tmp_path: Path) -> None:
     t0 = time.monotonic()
     cp = run_sidecar([*sidecar_args(redis_server.url, "held", tmp_path / "spool"), "--pipe-grace", "0.5", "--",
@@ -555,5 +629,6 @@ def test_without_a_usable_spool_the_exit_says_the_rest_is_lost(free_port: int, t
     assert cp.returncode == 0
     err = cp.stderr.decode()
     assert "disk spool unavailable" in err
+    assert "output waits in the memory buffer (no spool)" in err, err
     assert "stays in the spool" not in err and "replay" not in err, err
     assert "there is no usable spool: lost" in err and "records=2" in err, err

@@ -122,7 +122,7 @@ def test_spill_all_without_spool_reports_what_is_left() -> None:
     ob.put(batch(1, 5))
     ob.put(batch(6, 2))
     ob.put(status(1), force=True)
-    assert ob.spill_all() == (7, 3)
+    assert ob.spill_all() == (0, 7, 3)
     assert len(ob) == 3
 
 
@@ -430,22 +430,89 @@ def test_spill_all_moves_memory_to_disk(spool: Spool) -> None:
     for it in items:
         ob.put(it)
     assert spool.bytes == 0
-    assert ob.spill_all() == (0, 0)
+    assert ob.spill_all() == (0, 0, 0)
     assert ob.mem_bytes == 0
     assert spool.bytes == sum(len(encode_frame(it)) for it in items)
     assert drain(ob) == items
 
 
-def test_spill_all_reports_what_did_not_fit(tmp_path: Path) -> None:
+def test_spill_all_marks_what_did_not_fit_by_one_gap(tmp_path: Path) -> None:
     sp = Spool(str(tmp_path), "prod", len(encode_frame(batch(1))) * 2)
     sp.open()
     try:
         ob = Outbox(10_000, sp, "block", gap_factory)
         for i in range(5):
             ob.put(batch(1 + 5 * i, 5))
-        assert ob.spill_all() == (15, 3)
-        assert ob.mem_bytes == 3 * ITEM_SIZE
-        assert [it.first for it in drain(ob)] == [1, 6, 11, 16, 21]
+        assert ob.spill_all() == (15, 0, 0)
+        assert ob.mem_bytes == 0
+        assert ob.spooled_records() == 10
+        assert spans(drain(ob)) == [("batch", "out", 1, 5), ("batch", "out", 6, 10), ("gap", "out", 11, 25)]
+    finally:
+        sp.close()
+
+
+def test_spill_all_writes_final_status_and_gaps_past_the_spool_limit(tmp_path: Path) -> None:
+    limit = len(encode_frame(batch(1)))
+    sp = Spool(str(tmp_path), "prod", limit)
+    sp.open()
+    try:
+        ob = Outbox(10_000, sp, "block", gap_factory)
+        ob.put(batch(1, 5))  # fits
+        ob.put(status(1), force=True)
+        ob.put(batch(6, 5))
+        ob.put(batch(1, 3, key="err"))
+        ob.put(batch(11, 5))
+        ob.put(batch(4, 2, key="err"))
+        ob.put(status(2), force=True)  # the final status
+        assert ob.spill_all() == (15, 0, 0)
+        assert sp.bytes > limit
+        assert ob.mem_bytes == 0
+        assert spans(drain(ob)) == [
+            ("batch", "out", 1, 5),
+            ("status", "status", 1, 1),
+            ("gap", "out", 6, 15),
+            ("gap", "err", 1, 5),
+            ("status", "status", 2, 2),
+        ]
+    finally:
+        sp.close()
+
+
+def test_spill_all_keeps_a_dropped_range_apart_from_new_gaps(tmp_path: Path) -> None:
+    sp = Spool(str(tmp_path), "prod", 1)
+    sp.open()
+    try:
+        ob = Outbox(10_000, sp, "block", gap_factory)
+        ob.put(gap_factory("out", 1, 5))  # from --when-full drop: already counted as dropped
+        ob.put(batch(6, 5))
+        assert ob.spill_all() == (5, 0, 0)
+        assert spans(drain(ob)) == [("gap", "out", 1, 5), ("gap", "out", 6, 10)]
+    finally:
+        sp.close()
+
+
+def test_spill_all_reports_what_the_disk_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sp = Spool(str(tmp_path), "prod", 1)
+    sp.open()
+    try:
+        ob = Outbox(10_000, sp, "block", gap_factory)
+        ob.put(batch(1, 5))
+        ob.put(batch(1, 4, key="err"))
+        ob.put(status(1), force=True)
+        real = sp.write
+        calls = []
+
+        def write(item: Item):  # type: ignore[no-untyped-def]
+            calls.append(item.kind)
+            if len(calls) > 1:
+                raise OSError(28, "No space left on device")
+            return real(item)
+
+        monkeypatch.setattr(sp, "write", write)
+        assert ob.spill_all() == (5, 4, 2)
+        assert ob.spooled_records() == 0
+        assert len(ob) == 3
+        assert spans(drain(ob)) == [("gap", "out", 1, 5), ("gap", "err", 1, 4), ("status", "status", 1, 1)]
     finally:
         sp.close()
 
