@@ -46,3 +46,28 @@ def test_every_forwarded_signal_starts_the_agent_with_its_default_disposition() 
     from agent_wrapper import process, signals
 
     assert signals.FORWARDED <= set(process._RESET_SIGNALS)
+
+
+def test_a_repeated_stop_does_not_postpone_the_sigkill() -> None:
+    import signal
+
+    from agent_wrapper.process import Agent
+    from agent_wrapper.signals import Supervisor
+
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # as the sidecar's main thread has it
+    try:
+        agent = spawn(["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.05; done"])
+        assert isinstance(agent, Agent)
+        assert os.read(agent.stdout_fd, 16) == b"ready\n"  # the trap is set
+        sup = Supervisor(agent, 0.5)
+        sup.stop()
+        first = sup._kill_at
+        time.sleep(0.1)
+        sup.stop()  # a second cancel
+        assert sup._kill_at == first
+        exited = sup.wait()
+        assert exited.signal == signal.SIGKILL and sup.killed_after_grace
+        os.close(agent.stdout_fd)
+        os.close(agent.stderr_fd)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
