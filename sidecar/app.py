@@ -21,7 +21,7 @@ from .config import DEFAULT_REDIS_URL, Settings, empty_redis_url, mask_url, spli
 from .items import Item
 from .outbox import Outbox
 from .spool import Spool, SpoolError
-from .transport import Sender, TargetPipe, cluster_enabled, open_connection, subscriber_connection
+from .transport import Sender, TargetPipe, cluster_enabled, idem_key, open_connection, subscriber_connection
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -93,6 +93,7 @@ class Runtime:
             pid=lambda: self.agent_pid,
             stats=self.heartbeat_stats,
             started_at=self.started_at,
+            keep_alive=self.run_keys(),
         )
         self._control_attempts = 0
         self.control = control.Control(
@@ -101,6 +102,16 @@ class Runtime:
             on_command=self.commands.put,
             on_reject=self.rejected,
         )
+
+    def run_keys(self) -> tuple[str, ...]:
+        """The keys this sidecar writes besides the variation hash, with the idempotency hash
+        of each stream under both names (on a cluster it carries a hash tag; which one is in
+        use is known only once connected)."""
+        keys: list[str] = []
+        for key in (*(c.key for c in self.channels.values()), self.status_key, self.tokens_key):
+            keys.append(key)
+            keys.extend(idem_key(key, cluster) for cluster in (False, True))
+        return tuple(dict.fromkeys(keys))
 
     def control_connection(self) -> Connection:
         """The URL's server first; on a cluster, after a failed subscription, the other nodes

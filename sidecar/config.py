@@ -107,7 +107,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("retry_max_s", "--retry-max-backoff", "SIDECAR_RETRY_MAX_BACKOFF", 5.0,
            "cap of the exponential reconnect backoff, seconds", kind="duration"),
     Option("retention_s", "--retention", "SIDECAR_RETENTION", 86400.0,
-           "TTL of every key written, refreshed on write (s, or with m/h/d suffix; rounded up to whole s; 0: none)",
+           "TTL of every key written, refreshed on write and by the heartbeat while the run goes on "
+           "(s, or with m/h/d suffix; rounded up to whole s; 0: none)",
            kind="duration"),
     Option("max_stream_len", "--max-stream-len", "SIDECAR_MAX_STREAM_LEN", 1_000_000,
            "approximate cap on entries per stream (0: none)", kind="int"),

@@ -6,7 +6,10 @@ Every ``--heartbeat-interval`` seconds one pipeline goes to Redis:
 * ``SET agent:{agent_id}:alive <json> EX <ceil(3 * interval), at least 1>``: the key vanishes
   on its own when the sidecar stops beating, whatever the reason;
 * ``HSET run:{run_id}:variation:{variation_id} last_heartbeat <timestamp> agent_id <id>``
-  (and ``EXPIRE`` with ``--retention`` when that is positive).
+  (and ``EXPIRE`` with ``--retention`` when that is positive);
+* every quarter of ``--retention`` (at least one interval), ``EXPIRE`` of the run's other
+  keys (streams and their idempotency hashes, the token totals): writes refresh a key's TTL,
+  and a key the run leaves quiet (often stderr) must not expire while the run goes on.
 
 The beat has its own connection so it keeps its rhythm while the data path is busy shipping
 a flood or waiting out an outage. Deadlines are monotonic: a slow beat does not push the
@@ -84,8 +87,16 @@ def build(
     return msg
 
 
-def commands(settings: Settings, msg: dict[str, Any], payload: bytes) -> list[tuple[Any, ...]]:
-    """The pipeline of one beat (pure)."""
+def refresh_period(settings: Settings) -> float:
+    """Seconds between two refreshes of the run's keys' TTLs (0: none)."""
+    if settings.ttl_s <= 0:
+        return 0.0
+    return max(settings.heartbeat_interval_s, settings.ttl_s / 4)
+
+
+def commands(settings: Settings, msg: dict[str, Any], payload: bytes,
+             keep_alive: tuple[str, ...] = ()) -> list[tuple[Any, ...]]:
+    """The pipeline of one beat (pure); ``keep_alive``: keys whose TTL it renews."""
     vkey = variation_hash_key(settings)
     cmds: list[tuple[Any, ...]] = [
         ("PUBLISH", settings.heartbeat_channel, payload),
@@ -95,6 +106,7 @@ def commands(settings: Settings, msg: dict[str, Any], payload: bytes) -> list[tu
     ttl = settings.ttl_s
     if ttl > 0:
         cmds.append(("EXPIRE", vkey, ttl))
+        cmds.extend(("EXPIRE", key, ttl) for key in keep_alive)  # a key not (yet) written: 0, no effect
     return cmds
 
 
@@ -170,8 +182,12 @@ class Heartbeat:
         pid: Callable[[], int | None],
         stats: Callable[[], dict[str, Any]],
         started_at: float,
+        keep_alive: tuple[str, ...] = (),
     ) -> None:
         self.settings = settings
+        self.keep_alive = keep_alive
+        self._refresh_s = refresh_period(settings) if keep_alive else 0.0
+        self._refreshed_at = time.monotonic()  # the keys are new: their first writes set the TTL
         self.interval_s = settings.heartbeat_interval_s
         self._connect = connect
         self._pid = pid
@@ -256,9 +272,12 @@ class Heartbeat:
                 conn.connect()
             if self._stop.is_set():
                 return
-            for reply in conn.pipeline(commands(self.settings, msg, payload)):
+            refresh = bool(self._refresh_s) and time.monotonic() - self._refreshed_at >= self._refresh_s
+            for reply in conn.pipeline(commands(self.settings, msg, payload, self.keep_alive if refresh else ())):
                 if isinstance(reply, ReplyError):
                     raise reply
+            if refresh:
+                self._refreshed_at = time.monotonic()
         except Exception as exc:  # OSError, ReplyError, or anything the connect callable raises
             self._drop()
             if not self._stop.is_set():

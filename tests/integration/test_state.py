@@ -128,6 +128,22 @@ def test_every_key_gets_the_retention_ttl_and_streams_are_capped(redis_server: R
     assert rc == 0 and err.decode().startswith("[agent-sidecar] gap: records 1..") and b" missing" in err, err
 
 
+def test_a_quiet_key_outlives_the_retention_while_the_run_goes_on(redis_server: RedisServer) -> None:
+    """stderr written once at the start, then a run twice as long as --retention: the heartbeat
+    renews the TTL of the run's keys, so the quiet logs stream is still there at the end."""
+    client = redis_server.client()
+    agent = "import os, time\nos.write(2, b'early\\n'); os.write(1, b'a\\n'); time.sleep(6); os.write(1, b'b\\n')"
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "quiet", "--no-echo", "--retention", "3",
+                      "--heartbeat-interval", "0.5", "--", sys.executable, "-c", agent])
+    assert cp.returncode == 0, cp.stderr
+    keys = runs.keys("quiet")
+    assert runs.stream_bytes(client, keys["stderr"]) == b"early\n"
+    assert runs.stream_bytes(client, keys["stdout"]) == b"a\nb\n"
+    for key in (keys["stderr"], keys["stderr"] + ":idem", keys["stdout"] + ":idem", keys["status"]):
+        assert 0 < client.pttl(key) <= 3000, key
+    assert not client.exists(keys["stderr"] + "}:idem") and not client.exists("{" + keys["stderr"] + "}:idem")
+
+
 def test_retention_zero_means_no_ttl(redis_server: RedisServer) -> None:
     client = redis_server.client()
     cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "keep", "--no-echo", "--retention", "0",

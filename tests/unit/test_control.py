@@ -430,6 +430,42 @@ def test_heartbeat_commands(settings: config.Settings) -> None:
     ]
     no_retention = s.replace(retention_s=0.0)
     assert [c[0] for c in heartbeat.commands(no_retention, msg, payload)] == ["PUBLISH", "SET", "HSET"]
+    assert heartbeat.commands(s, msg, payload, ("k1", "k2"))[-3:] == [
+        ("EXPIRE", "run:r1:variation:v1", 3600), ("EXPIRE", "k1", 3600), ("EXPIRE", "k2", 3600)]
+    assert len(heartbeat.commands(no_retention, msg, payload, ("k1",))) == 3
+
+
+def test_heartbeat_renews_the_run_keys_once_a_period(settings: config.Settings,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(heartbeat.time, "monotonic", lambda: clock[0])
+    sent: list[list[tuple[Any, ...]]] = []
+
+    class Conn:
+        connected = True
+
+        def pipeline(self, cmds: list[tuple[Any, ...]]) -> list[int]:
+            sent.append(cmds)
+            return [1] * len(cmds)
+
+    s = settings.replace(heartbeat_interval_s=5.0, retention_s=40.0)  # a refresh every 10 s
+    hb = heartbeat.Heartbeat(s, connect=Conn, pid=lambda: None, stats=dict, started_at=0.0,
+                             keep_alive=("k1", "k2"))
+    sampler = heartbeat.TreeSampler(None)
+    renewed = []
+    for _ in range(7):  # beats at 1000, 1005, ... 1030
+        hb._beat(sampler)
+        renewed.append([c[1] for c in sent[-1] if c[0] == "EXPIRE" and c[1].startswith("k")])
+        clock[0] += 5.0
+    assert renewed == [[], [], ["k1", "k2"], [], ["k1", "k2"], [], ["k1", "k2"]]
+
+
+@pytest.mark.parametrize(("interval", "retention", "period"),
+                         [(5.0, 86400.0, 21600.0), (5.0, 8.0, 5.0), (0.5, 3.0, 0.75), (5.0, 0.0, 0.0)])
+def test_heartbeat_refresh_period(settings: config.Settings, interval: float, retention: float,
+                                  period: float) -> None:
+    s = settings.replace(heartbeat_interval_s=interval, retention_s=retention)
+    assert heartbeat.refresh_period(s) == period
 
 
 @pytest.mark.parametrize(("interval", "ttl"), [(0.1, 1), (0.2, 1), (1 / 3, 1), (0.34, 2), (1.0, 3), (1.1, 4),
