@@ -294,10 +294,9 @@ class Runtime:
     def sink(self, ev: Output | StreamClosed) -> None:
         if isinstance(ev, Output):
             self.batcher.add(ev)
-        elif ev.forced and self.reading_cut:
-            if ev.unread:
-                log.warning(f"stopped reading the agent's {ev.stream} ({self.reading_cut}): what the pipe still "
-                            "held is lost", unread_bytes=ev.unread)
+        elif ev.forced and self.reading_cut and ev.unread:
+            log.warning(f"stopped reading the agent's {ev.stream} ({self.reading_cut}): what the pipe still "
+                        "held is lost", unread_bytes=ev.unread)
         elif ev.forced:
             log.warning(f"{ev.stream} still held open by a process after the agent exited; stopped reading",
                         pipe_grace_s=self.s.pipe_grace_s, unread_bytes=ev.unread)
@@ -420,11 +419,12 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
         if stops >= 2:
             rt.cut_reading(reader, "a second stop signal")
         elif ((stop_asked or stops) and rt.outbox.blocked_since is not None
-              and time.monotonic() >= drain_deadline):
+              and rt.sender.stats.down_since is not None and time.monotonic() >= drain_deadline):
             # Asked to stop (the pod is going away) while Redis is away and buffer and spool are
             # full: the pipes could wait for ever. Stop reading, so that what waits in memory
             # and the final status reach the spool before the runtime's SIGKILL.
-            rt.cut_reading(reader, "a stop signal, Redis unreachable and buffer and spool full "
+            full = "buffer and spool full" if rt.spool is not None else "buffer full"
+            rt.cut_reading(reader, f"a stop signal, Redis unreachable and {full} "
                            "--drain-timeout after the agent exited")
     if reader.echo_dropped:
         log.warning("the sidecar's own stdout/stderr did not keep up: output dropped from the echo only, "
@@ -437,19 +437,21 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     }
     if exited.signal is not None:
         meta["signal"] = signal_name(exited.signal)
-    # Reading cut short: the time to deliver ran from the agent's exit.
+    # Reading cut short: the time to deliver ran from the agent's exit. A stop signal after the
+    # agent exited counts towards leaving the drain (the next one leaves).
     until = drain_deadline if rt.reading_cut else None
+    told = min(stops, 1)
     if rt.cancelled:
-        return finish(rt, exited.code, "cancelled", meta, until, stops)
+        return finish(rt, exited.code, "cancelled", meta, until, told)
     if exited.signal is not None:
-        return finish(rt, exited.code, "killed", meta, until, stops)
-    return finish(rt, exited.code, "exited", meta, until, stops)
+        return finish(rt, exited.code, "killed", meta, until, told)
+    return finish(rt, exited.code, "exited", meta, until, told)
 
 
 def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any], deadline: float | None = None,
            told: int = 0) -> int:
     """Flush, report ``final``, deliver within --drain-timeout (or by ``deadline``), leave the
-    rest in the spool; ``told``: stop signals since the agent exited (at two, stop waiting)."""
+    rest in the spool; ``told``: stop signals already counted (at two, stop waiting)."""
     s = rt.s
     if deadline is None:
         deadline = time.monotonic() + s.drain_timeout_s
@@ -487,9 +489,11 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any], deadline: f
         gapped, lost_records, lost_items = rt.outbox.spill_all()
         why = "a second stop signal" if told >= 2 else "the drain timeout"
         if lost_items < len(rt.outbox):
+            spooled = rt.outbox.spooled_records()
+            what = "all output" if spooled else "the run's last messages"
             log.warning(
-                f"Redis did not take all output before {why}; it stays in the spool",
-                waiting_records=rt.outbox.spooled_records(),
+                f"Redis did not take {what} before {why}; {'it stays' if spooled else 'they stay'} in the spool",
+                waiting_records=spooled,
                 spool=s.spool_dir,
                 replay=f"python -m sidecar replay --spool-dir {s.spool_dir}",
             )

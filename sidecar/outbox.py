@@ -49,6 +49,7 @@ class Outbox:
         self._inflight = 0  # head entries handed to the sender and not yet acknowledged
         self._durable = False
         self._closing = False
+        self._final = False  # spill_all has run: the queue is what the spool holds, the sender is done
         self.mem_bytes = 0
         self.waiting_records = 0
         self.waiting_bytes = 0
@@ -66,7 +67,8 @@ class Outbox:
                     while self._full(item.size) and not self._closing:
                         if self.blocked_since is None:
                             self.blocked_since = time.monotonic()
-                            log.warning("buffer and spool are full: pausing reads, the agent will block on write")
+                            full = "buffer and spool are full" if self.spool is not None else "buffer is full"
+                            log.warning(f"{full}: pausing reads, the agent will block on write")
                         self.room.wait(0.5)
                     self.blocked_since = None
                 else:
@@ -133,7 +135,8 @@ class Outbox:
 
     def _note_drop(self, records: int) -> None:
         if not self.dropped_records:
-            log.warning("buffer and spool are full: dropping the oldest waiting output (--when-full drop); "
+            full = "buffer and spool are full" if self.spool is not None else "buffer is full"
+            log.warning(f"{full}: dropping the oldest waiting output (--when-full drop); "
                         "gap markers in the streams say what is missing")
         self.dropped_records += records
 
@@ -173,8 +176,15 @@ class Outbox:
         replaced by gap markers; gap markers and status messages go in even past the spool's
         limit (they are small, and a consumer must learn how the run ended and what is
         missing). Returns (records replaced by gap markers, records lost, items lost): lost
-        means not written at all (no spool, or the disk refused the write)."""
+        means not written at all (no spool, or the disk refused the write).
+
+        Batches the sender may still get into Redis (in flight, or sent before a lost reply)
+        can be among them: the append script writes a gap marker unless all of its range
+        already landed, and consumers count as dropped only what no batch delivered. From now
+        on the sender's acknowledgements are ignored (a late one must not release a frame)."""
         with self.lock:
+            self._final = True
+            self._inflight = 0
             while self._spill_one():
                 pass
             rest = [e for e in list(self._q)[self._ndisk :] if isinstance(e, Item)]
@@ -224,6 +234,8 @@ class Outbox:
         """The next items not yet handed out, without removing them (see ``ack``)."""
         out: list[Item] = []
         with self.lock:
+            if self._final:
+                return out
             size = 0
             i = self._inflight
             while i < len(self._q) and len(out) < max_items and size < max_bytes:
@@ -268,6 +280,8 @@ class Outbox:
     def ack(self, n: int) -> None:
         """The first ``n`` handed-out items are delivered."""
         with self.lock:
+            if self._final:
+                return
             for _ in range(n):
                 self._remove_at(0)
             self._inflight -= n

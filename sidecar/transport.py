@@ -28,10 +28,13 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-# ARGV: producer, first, last, payload, maxlen, publish (0/1/2), ttl, prev. ``prev`` is the last
-# sequence number of the item before this one for the same key in the same pipeline (0: none):
-# unless that item landed, this one must not, or the high-water mark would jump over it and
-# its retry would be skipped as a repeat.
+# ARGV: producer, first, last, payload, maxlen, publish (0/1/2), ttl, prev. ``first`` is what
+# the high-water mark is compared with: a batch's first sequence number (a batch lands whole or
+# not at all), and a gap marker's last (a marker is needed unless its whole range landed: one
+# made at exit can cover batches sent before a lost reply). ``prev`` is the last sequence
+# number of the item before this one for the same key in the same pipeline (0: none): unless
+# that item landed, this one must not, or the high-water mark would jump over it and its retry
+# would be skipped as a repeat.
 APPEND_SCRIPT = """
 local hwm = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 if hwm >= tonumber(ARGV[2]) then return 0 end
@@ -684,8 +687,9 @@ class Sender:
                 cmds.append(("EVALSHA", VARIATION_SHA, 1, vkey, str(msg.get("timestamp", "")), ttl,
                              *status_hash_fields(msg)))
             if s.use_stream:
-                cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key, cluster), it.producer, it.first,
-                             it.last, it.payload, maxlen, publish_mode if publish_inline else 0, ttl, prev))
+                cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key, cluster), it.producer,
+                             it.last if it.kind == "gap" else it.first, it.last, it.payload, maxlen,
+                             publish_mode if publish_inline else 0, ttl, prev))
             elif publish_inline:
                 cmds.append((publish_cmd, it.key, it.payload))
             if s.use_pubsub and it.pubs is not None:

@@ -1,9 +1,11 @@
-"""Tools for fault injection: exact accounting of what reached a stream, and a reply-dropping proxy."""
+"""Tools for fault injection: exact accounting of what reached a stream, a reply-dropping proxy and a
+throttling one."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from typing import Any
 
 import redis
@@ -84,11 +86,7 @@ class ReplyDroppingProxy:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.close()
-                except OSError:
-                    pass
+            _close_all(src, dst)
 
     def close(self) -> None:
         self._closed = True
@@ -104,3 +102,34 @@ class ReplyDroppingProxy:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class ThrottlingProxy(ReplyDroppingProxy):
+    """TCP proxy to Redis that passes what the client sends at ``rate`` bytes/s: a Redis that
+    is reachable and answers, only slower than the agent writes."""
+
+    def __init__(self, upstream_port: int, rate: float) -> None:
+        self.rate = rate
+        super().__init__(upstream_port)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, to_server: bool) -> None:
+        try:
+            while True:
+                data = src.recv(4096 if to_server else 65536)
+                if not data:
+                    break
+                dst.sendall(data)
+                if to_server:
+                    time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            _close_all(src, dst)
+
+
+def _close_all(*socks: socket.socket) -> None:
+    for s in socks:
+        try:
+            s.close()
+        except OSError:
+            pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -14,7 +15,7 @@ import redis
 
 from tests.helpers import REPO_ROOT, run_process, run_sidecar, wait_until
 from tests.integration import runs
-from tests.integration.faults import ReplyDroppingProxy, counter_bytes, raw_seqs
+from tests.integration.faults import ReplyDroppingProxy, ThrottlingProxy, counter_bytes, raw_seqs
 from tests.redis_harness import RedisServer, find_free_port
 
 COUNTER = str(REPO_ROOT / "tests" / "agents" / "counter.py")
@@ -448,10 +449,65 @@ def test_second_sigterm_during_drain_says_what_it_waits_for(free_port: int, star
     assert any((tmp_path / "spool").rglob("*.seg"))
 
 
+def test_a_stop_signal_does_not_cut_reading_while_a_slow_redis_answers(redis_server: RedisServer,
+                                                                         start_sidecar: Any, tmp_path: Path) -> None:
+    """Redis reachable through a 300 KB/s link, buffer and spool full, SIGTERM to an agent that
+    ignores it and writes on: the pipe is read to its end (Redis is slow, not away), and every
+    line arrives."""
+    n = 100_000
+    spool = tmp_path / "spool"
+    with ThrottlingProxy(redis_server.port, 300_000) as proxy:
+        proc = start_sidecar([*sidecar_args(proxy.url, "slowr", spool), "--spool-max-bytes", "64KiB",
+                              "--buffer-max-bytes", "64KiB", "--compress-threshold", "-1", "--socket-timeout", "10",
+                              "--drain-timeout", "1", "--kill-grace", "120", "--", "sh", "-c",
+                              f"trap '' TERM; exec {sys.executable} {COUNTER} --lines {n} --rate 0"])
+        proc.wait_for_output("buffer and spool are full", timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        cp = proc.finish(timeout=120)
+    assert cp.returncode == 0, cp.stderr
+    assert b"stopped reading" not in cp.stderr, cp.stderr
+    assert replay(redis_server.url, spool).returncode == 0
+    assert_exactly_once(redis_server.client(), runs.keys("slowr")["stdout"], n)
+
+
+def test_stop_signals_after_exit_end_reading_but_not_the_drain_to_a_healthy_redis(
+        redis_server: RedisServer, start_sidecar: Any, tmp_path: Path) -> None:
+    """A grandchild in a session of its own holds the pipe after the agent exits: the first
+    stop signal reports, the second ends the reading; the drain still delivers everything and
+    the final status to a healthy Redis."""
+    n = 50_000
+    proc = start_sidecar([*sidecar_args(redis_server.url, "hold2", tmp_path / "spool"), "--pipe-grace", "60",
+                          "--drain-timeout", "30", "--", "sh", "-c",
+                          f"{sys.executable} {COUNTER} --lines {n} --rate 0; setsid sleep 60 & exit 0"])
+    client = redis_server.client()
+    holders: list[psutil.Process] = []
+    try:
+        wait_until(lambda: any(m["status"] == "running" for m in runs.statuses(client, "hold2")), timeout=15)
+        [running] = [m for m in runs.statuses(client, "hold2") if m["status"] == "running"]
+        agent_pid = running["metadata"]["pid"]
+        wait_until(lambda: not psutil.pid_exists(agent_pid)
+                   or psutil.Process(agent_pid).status() == psutil.STATUS_ZOMBIE, timeout=30)
+        holders += psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait_for_output("agent has exited; still reading its pipes", timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        cp = proc.finish(timeout=30)
+    finally:
+        for p in holders:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    assert cp.returncode == 0, cp.stderr
+    assert b"held open by a process" in cp.stderr, cp.stderr
+    assert_exactly_once(client, runs.keys("hold2")["stdout"], n)
+    assert runs.statuses(client, "hold2")[-1]["status"] == "exited"
+    assert client.hget("run:hold2:variation:0", "status") == b"exited"
+
+
 def test_stop_signals_end_reading_held_up_by_a_full_buffer(start_sidecar: Any, tmp_path: Path) -> None:
-    """Redis down, buffer and spool full, the agent blocked on write: SIGTERM ends the agent,
-    and two more stop signals end the reading of its full pipe at once (no --drain-timeout
-    wait), leaving the final status in the spool."""
+    """Redis down, buffer and spool full, the agent blocked on write: SIGTERM ends the agent;
+    after its exit the first stop signal reports, the second ends the reading of its full pipe
+    at once (no --drain-timeout wait), the third ends the drain, leaving the final status in
+    the spool."""
     url = f"redis://127.0.0.1:{find_free_port()}/0"
     spool = tmp_path / "spool"
     proc = start_sidecar([*sidecar_args(url, "stops", spool), "--spool-max-bytes", "64KiB", "--buffer-max-bytes",
@@ -465,9 +521,12 @@ def test_stop_signals_end_reading_held_up_by_a_full_buffer(start_sidecar: Any, t
     proc.wait_for_output("agent has exited; still reading its pipes", timeout=10)
     assert proc.poll() is None
     proc.send_signal(signal.SIGTERM)
+    proc.wait_for_output("stopped reading the agent's stdout (a second stop signal)", timeout=10)
+    assert proc.poll() is None  # draining
+    proc.send_signal(signal.SIGTERM)
     cp = proc.finish(timeout=30)
     assert cp.returncode == 128 + signal.SIGTERM, cp.stderr
-    assert b"stopped reading the agent's stdout (a second stop signal)" in cp.stderr, cp.stderr
+    assert b"second stop signal during drain: leaving the rest in the spool" in cp.stderr, cp.stderr
     assert b"gap markers in the spool say what is missing" in cp.stderr, cp.stderr
     statuses = [it for it in _spooled(spool) if it.kind == "status"]
     assert b'"killed"' in statuses[-1].payload
@@ -559,6 +618,43 @@ def test_each_append_names_the_batch_before_it_in_the_pipeline() -> None:
     appends = [c for c in sent if c[0] == "EVALSHA"]
     assert [(c[3], c[5], c[6], c[-1]) for c in appends] == [
         ("k1", "p", 1, 0), ("k1", "p", 11, 10), ("k2", "p", 1, 0), ("k1", "q", 1, 0), ("k1", "p", 13, 12)]
+
+
+def test_a_gap_marker_lands_unless_its_whole_range_did(redis_server: RedisServer) -> None:
+    """A marker made at exit can cover batches sent before a lost reply: it is written unless
+    every record it names already landed, and consumers count as dropped only the rest."""
+    from sidecar import protocol
+    from sidecar.config import build
+    from sidecar.items import Item
+    from sidecar.outbox import Outbox
+    from sidecar.transport import APPEND_SCRIPT, Sender
+
+    client = redis_server.client()
+    client.script_load(APPEND_SCRIPT)
+
+    class RealTarget:
+        def execute(self, cmds: list[tuple[Any, ...]], _acks: int, timeout: float | None = None) -> list[Any]:
+            return [client.execute_command(*c) for c in cmds]
+
+    key = runs.keys("gl")["stdout"]
+    settings = build({"run_id": "gl", "redis_url": redis_server.url}, {}, ("x",))
+
+    def gap(first: int, last: int) -> Item:
+        msg = {"v": 1, "type": "gap", "channel": key, "stream": "stdout", "producer": "p", "seq": first,
+               "n": last - first + 1, "from": first, "to": last}
+        return Item(key, "p", first, last, protocol.encode_object(msg), kind="gap")
+
+    sender = Sender(settings, Outbox(1 << 20, None, "block", lambda k, a, b: gap(a, b)), None)
+    sender._target = RealTarget()  # type: ignore[assignment]
+    batch = protocol.encode_object({"v": 1, "type": "batch", "channel": key, "stream": "stdout", "producer": "p",
+                                    "seq": 1, "n": 5, "lines": ["l1", "l2", "l3", "l4", "l5"]})
+    sender._send([Item(key, "p", 1, 5, batch, 5, 15)])
+    sender._send([gap(1, 5)])  # all of it landed: nothing to write
+    sender._send([gap(3, 10)])  # 3..5 landed, 6..10 did not
+    sender._send([gap(3, 10)])  # a retry writes nothing twice
+    assert [protocol.decode(f[b"d"])["type"] for _id, f in client.xrange(key)] == ["batch", "gap"]
+    assert [(g.first, g.last) for g in runs.gaps(client, key)] == [(6, 10)]
+    assert runs.stream_bytes(client, key) == b"l1\nl2\nl3\nl4\nl5\n"
 
 
 def test_exit_keeps_to_the_drain_timeout_while_redis_hangs(redis_factory: Any, start_sidecar: Any,
