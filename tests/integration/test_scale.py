@@ -221,7 +221,14 @@ def test_auto_mode_follows_the_failover_of_the_urls_own_node(redis_cluster: Any,
     assert cp.returncode == 143, cp.stderr  # cancelled: the control channel was subscribed again
     assert b"Cluster detected" in cp.stderr
     seqs = _seqs(client, key)
-    assert seqs == list(range(1, len(seqs) + 1))
+    assert seqs == sorted(set(seqs)), "in order, none repeated"
+    # Replication is asynchronous (no --min-replicas-ack here): what the killed master had
+    # acknowledged and not yet passed on is lost with it, one stretch of at most about a second
+    # of output; everything written after the failover is there.
+    missing = sorted(set(range(1, seqs[-1] + 1)) - set(seqs))
+    if missing:
+        assert missing == list(range(missing[0], missing[-1] + 1)), missing
+    assert len(missing) <= 300, f"{len(missing)} lines lost"
 
 
 def test_a_url_naming_several_nodes_reaches_the_cluster_when_the_first_is_down(redis_cluster: Any,
