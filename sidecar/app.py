@@ -297,6 +297,9 @@ class Runtime:
         elif ev.forced and self.reading_cut and ev.unread:
             log.warning(f"stopped reading the agent's {ev.stream} ({self.reading_cut}): what the pipe still "
                         "held is lost", unread_bytes=ev.unread)
+        elif ev.forced and self.reading_cut:
+            log.warning(f"{ev.stream} still held open by a process after the agent exited; stopped reading "
+                        f"({self.reading_cut})")
         elif ev.forced:
             log.warning(f"{ev.stream} still held open by a process after the agent exited; stopped reading",
                         pipe_grace_s=self.s.pipe_grace_s, unread_bytes=ev.unread)
@@ -505,8 +508,8 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any], deadline: f
             log.error(f"Redis did not take all output before {why}, and {reason}: lost", records=lost_records,
                       messages=lost_items)
     if rt.outbox.dropped_records:
-        log.warning("output dropped while buffer and spool were full (--when-full drop)",
-                    records=rt.outbox.dropped_records)
+        full = "buffer and spool were full" if rt.spool is not None else "the buffer was full"
+        log.warning(f"output dropped while {full} (--when-full drop)", records=rt.outbox.dropped_records)
     if rt.outbox.unreadable_records:
         log.error("output lost: spool frames that could not be read back", records=rt.outbox.unreadable_records)
     if rt.spool is not None:

@@ -21,6 +21,7 @@ from .items import Item
 from .spool import DiskRef, Spool, SpoolError
 
 GapFactory = Callable[[str, int, int], Item]
+PAUSED_TOLD_EVERY_S = 60.0  # the warning that reading pauses, at most this often
 
 
 class Outbox:
@@ -55,6 +56,7 @@ class Outbox:
         self.waiting_bytes = 0
         self.dropped_records = 0
         self.blocked_since: float | None = None
+        self._paused_told: float | None = None
 
     # -- producer side -------------------------------------------------------------------
     def put(self, item: Item, *, force: bool = False, wake: bool = True) -> None:
@@ -66,9 +68,13 @@ class Outbox:
                 if self.when_full == "block":
                     while self._full(item.size) and not self._closing:
                         if self.blocked_since is None:
-                            self.blocked_since = time.monotonic()
-                            full = "buffer and spool are full" if self.spool is not None else "buffer is full"
-                            log.warning(f"{full}: pausing reads, the agent will block on write")
+                            self.blocked_since = now = time.monotonic()
+                            if self._paused_told is None or now - self._paused_told >= PAUSED_TOLD_EVERY_S:
+                                # once a minute at most: a Redis slower than the agent blocks
+                                # and frees it many times a second
+                                self._paused_told = now
+                                full = "buffer and spool are full" if self.spool is not None else "buffer is full"
+                                log.warning(f"{full}: pausing reads, the agent will block on write")
                         self.room.wait(0.5)
                     self.blocked_since = None
                 else:

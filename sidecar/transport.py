@@ -28,22 +28,35 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-# ARGV: producer, first, last, payload, maxlen, publish (0/1/2), ttl, prev. ``first`` is what
-# the high-water mark is compared with: a batch's first sequence number (a batch lands whole or
-# not at all), and a gap marker's last (a marker is needed unless its whole range landed: one
-# made at exit can cover batches sent before a lost reply). ``prev`` is the last sequence
-# number of the item before this one for the same key in the same pipeline (0: none): unless
-# that item landed, this one must not, or the high-water mark would jump over it and its retry
-# would be skipped as a repeat.
+# ARGV: producer, first, last, payload, maxlen, publish (0/1/2), ttl, prev, gap (1: a gap
+# marker). A batch lands whole or not at all: it is skipped when the high-water mark has reached
+# its first sequence number. A gap marker is skipped only when every record it names landed:
+# one made at exit can cover batches sent before a lost reply that did land; its JSON then
+# names only the rest (from, seq, n). ``prev`` is the last sequence number of the item before
+# this one for the same key in the same pipeline (0: none): unless that item landed, this one
+# must not, or the high-water mark would jump over it and its retry would be skipped as a
+# repeat.
 APPEND_SCRIPT = """
 local hwm = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-if hwm >= tonumber(ARGV[2]) then return 0 end
+local first, last, payload = tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+if ARGV[9] == '1' then
+  if hwm >= last then return 0 end
+  if hwm >= first then
+    local m = cjson.decode(payload)
+    m['from'] = hwm + 1
+    m['seq'] = hwm + 1
+    m['n'] = last - hwm
+    payload = cjson.encode(m)
+  end
+elseif hwm >= first then
+  return 0
+end
 local prev = tonumber(ARGV[8])
 if prev > 0 and hwm < prev then return redis.error_reply('SEQGAP the batch before this one was not written') end
 if ARGV[5] ~= '0' then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', ARGV[4])
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*', 'd', payload)
 else
-  redis.call('XADD', KEYS[1], '*', 'd', ARGV[4])
+  redis.call('XADD', KEYS[1], '*', 'd', payload)
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 local ttl = tonumber(ARGV[7])
@@ -52,9 +65,9 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[2], ttl)
 end
 if ARGV[6] == '1' then
-  redis.call('PUBLISH', KEYS[1], ARGV[4])
+  redis.call('PUBLISH', KEYS[1], payload)
 elseif ARGV[6] == '2' then
-  redis.call('SPUBLISH', KEYS[1], ARGV[4])
+  redis.call('SPUBLISH', KEYS[1], payload)
 end
 return 1
 """
@@ -177,7 +190,7 @@ def reveals_cluster(settings: Settings, target: Target, replies: list[Any]) -> b
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
 RETRYABLE: tuple[type[BaseException], ...] = (OSError, ReplyError)
-APPEND_SHA = "e2ad484876a4b18ceb8475868f382ad2c257162e"
+APPEND_SHA = "1e7cd01a506c9e4920b071c77732193a434c3e33"
 # Loaded on every new connection, each checked against its digest.
 _SCRIPTS = ((APPEND_SCRIPT, APPEND_SHA), (TOKENS_SCRIPT, TOKENS_SHA), (VARIATION_SCRIPT, VARIATION_SHA))
 
@@ -687,9 +700,9 @@ class Sender:
                 cmds.append(("EVALSHA", VARIATION_SHA, 1, vkey, str(msg.get("timestamp", "")), ttl,
                              *status_hash_fields(msg)))
             if s.use_stream:
-                cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key, cluster), it.producer,
-                             it.last if it.kind == "gap" else it.first, it.last, it.payload, maxlen,
-                             publish_mode if publish_inline else 0, ttl, prev))
+                cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key, cluster), it.producer, it.first,
+                             it.last, it.payload, maxlen, publish_mode if publish_inline else 0, ttl, prev,
+                             1 if it.kind == "gap" else 0))
             elif publish_inline:
                 cmds.append((publish_cmd, it.key, it.payload))
             if s.use_pubsub and it.pubs is not None:

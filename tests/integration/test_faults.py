@@ -385,7 +385,7 @@ def test_when_full_drop_never_blocks_and_marks_gaps(redis_factory: Any, start_si
     err = cp.stderr.decode()
     assert err.count("dropping the oldest waiting output") == 1, err
     dropped = sum(g.last - g.first + 1 for g in gaps)
-    assert f"output dropped while buffer and spool were full (--when-full drop) records={dropped}" in err, err
+    assert f"output dropped while the buffer was full (--when-full drop) records={dropped}" in err, err  # no spool
 
 
 def test_sigterm_to_sidecar_with_agent_that_traps_it(redis_server: RedisServer, start_sidecar: Any,
@@ -616,13 +616,13 @@ def test_each_append_names_the_batch_before_it_in_the_pipeline() -> None:
              Item("k2", "p", 1, 3, b"c", 3, 1), Item("k1", "q", 1, 1, b"d", 1, 1), Item("k1", "p", 13, 13, b"e", 1, 1)]
     sender._send(items)
     appends = [c for c in sent if c[0] == "EVALSHA"]
-    assert [(c[3], c[5], c[6], c[-1]) for c in appends] == [
+    assert [(c[3], c[5], c[6], c[12]) for c in appends] == [
         ("k1", "p", 1, 0), ("k1", "p", 11, 10), ("k2", "p", 1, 0), ("k1", "q", 1, 0), ("k1", "p", 13, 12)]
 
 
 def test_a_gap_marker_lands_unless_its_whole_range_did(redis_server: RedisServer) -> None:
     """A marker made at exit can cover batches sent before a lost reply: it is written unless
-    every record it names already landed, and consumers count as dropped only the rest."""
+    every record it names already landed, and then names only the rest."""
     from sidecar import protocol
     from sidecar.config import build
     from sidecar.items import Item
@@ -646,6 +646,9 @@ def test_a_gap_marker_lands_unless_its_whole_range_did(redis_server: RedisServer
 
     sender = Sender(settings, Outbox(1 << 20, None, "block", lambda k, a, b: gap(a, b)), None)
     sender._target = RealTarget()  # type: ignore[assignment]
+    sub = client.pubsub(ignore_subscribe_messages=True)
+    sub.subscribe(key)
+    wait_until(lambda: client.pubsub_numsub(key)[0][1] == 1, timeout=5)
     batch = protocol.encode_object({"v": 1, "type": "batch", "channel": key, "stream": "stdout", "producer": "p",
                                     "seq": 1, "n": 5, "lines": ["l1", "l2", "l3", "l4", "l5"]})
     sender._send([Item(key, "p", 1, 5, batch, 5, 15)])
@@ -653,8 +656,19 @@ def test_a_gap_marker_lands_unless_its_whole_range_did(redis_server: RedisServer
     sender._send([gap(3, 10)])  # 3..5 landed, 6..10 did not
     sender._send([gap(3, 10)])  # a retry writes nothing twice
     assert [protocol.decode(f[b"d"])["type"] for _id, f in client.xrange(key)] == ["batch", "gap"]
+    # the marker as written names only what did not land, for readers without the batch before it
+    written = protocol.decode(client.xrange(key)[-1][1][b"d"])
+    assert (written["from"], written["to"], written["seq"], written["n"]) == (6, 10, 6, 5)
+    assert written["producer"] == "p" and written["channel"] == key
     assert [(g.first, g.last) for g in runs.gaps(client, key)] == [(6, 10)]
     assert runs.stream_bytes(client, key) == b"l1\nl2\nl3\nl4\nl5\n"
+    published = []
+    deadline = time.monotonic() + 1  # long enough for a repeat to show up too
+    while time.monotonic() < deadline:
+        if (m := sub.get_message(timeout=0.2)) is not None:
+            published.append(protocol.decode(m["data"]))
+    sub.close()
+    assert [(p["type"], p["seq"], p["n"]) for p in published] == [("batch", 1, 5), ("gap", 6, 5)]
 
 
 def test_exit_keeps_to_the_drain_timeout_while_redis_hangs(redis_factory: Any, start_sidecar: Any,

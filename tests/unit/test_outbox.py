@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,6 +215,27 @@ def test_block_policy_waits_until_ack_frees_space() -> None:
     finally:
         ob.close()
         t.join(1.0)
+
+
+def test_the_pause_warning_is_not_repeated_when_reads_pause_often(capfd: pytest.CaptureFixture[str]) -> None:
+    """A Redis slower than the agent blocks and frees the reader many times a second."""
+    ob = Outbox(250, None, "block", gap_factory)
+    ob.put(batch(1))
+    ob.put(batch(6))
+    try:
+        for i in range(3):
+            t, done = _put_in_thread(ob, batch(11 + 5 * i))
+            deadline = time.monotonic() + 5
+            while ob.blocked_since is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert ob.blocked_since is not None
+            got = ob.take(1, 1 << 20)
+            ob.ack(len(got))
+            assert done.wait(1.0)
+            t.join(1.0)
+    finally:
+        ob.close()
+    assert capfd.readouterr().err.count("pausing reads") == 1
 
 
 def test_block_policy_force_does_not_wait() -> None:
