@@ -659,6 +659,7 @@ def test_a_gap_marker_lands_unless_its_whole_range_did(redis_server: RedisServer
     # the marker as written names only what did not land, for readers without the batch before it
     written = protocol.decode(client.xrange(key)[-1][1][b"d"])
     assert (written["from"], written["to"], written["seq"], written["n"]) == (6, 10, 6, 5)
+    assert all(type(written[f]) is int for f in ("from", "to", "seq", "n", "v"))
     assert written["producer"] == "p" and written["channel"] == key
     assert [(g.first, g.last) for g in runs.gaps(client, key)] == [(6, 10)]
     assert runs.stream_bytes(client, key) == b"l1\nl2\nl3\nl4\nl5\n"
