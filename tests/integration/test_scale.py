@@ -63,6 +63,22 @@ def test_cluster_master_killed_mid_run(redis_cluster: Any, start_sidecar: Any, t
     assert b"Cluster detected" in cp.stderr
 
 
+def test_cluster_heartbeat_renews_the_ttl_of_keys_on_every_shard(redis_cluster: Any, tmp_path: Path) -> None:
+    """Without a hash tag the run's keys are spread over the shards: the heartbeat's renewal
+    reaches each of them, so a stderr written once outlives a --retention shorter than the run."""
+    agent = "import os, time\nos.write(2, b'early\\n'); os.write(1, b'a\\n'); time.sleep(6); os.write(1, b'b\\n')"
+    cp = run_process([sys.executable, "-m", "sidecar", *_args(redis_cluster.url, "clq", tmp_path, "--retention", "3",
+                                                              "--heartbeat-interval", "0.5"),
+                      "--", sys.executable, "-c", agent], timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    client = redis_cluster.client()
+    keys = runs.keys("clq")
+    assert len({redis_cluster.node_for_key(k).port for k in keys.values()}) > 1, "keys on more than one shard"
+    assert runs.stream_bytes(client, keys["stderr"]) == b"early\n"
+    for key in (keys["stderr"], "{" + keys["stderr"] + "}:idem", keys["stdout"], keys["status"]):
+        assert 0 < client.pttl(key) <= 3000, key
+
+
 def test_cluster_tail_and_consumer_read_a_run(redis_cluster: Any, tmp_path: Path) -> None:
     for extra, run_id in (((), "cl-plain"), (("--cluster-hash-tag", "--pubsub", "sharded"), "cl-tag")):
         cmd = ["sh", "-c", "for i in $(seq 1 300); do echo out $i; echo err $i >&2; done"]
