@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
 import stat
-import struct
-import termios
 import threading
 import time
 from collections.abc import Callable
@@ -213,7 +210,12 @@ def _writers_gone(fd: int) -> bool:
 
 
 def _pending(fd: int) -> int:
-    """Bytes waiting in the pipe (FIONREAD); 0 where that cannot be asked."""
+    """Bytes waiting in the pipe (FIONREAD); 0 where that cannot be asked. Imports here: only
+    a forced close needs them, start-up does not."""
+    import fcntl
+    import struct
+    import termios
+
     try:
         return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0])
     except OSError:

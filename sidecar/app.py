@@ -426,9 +426,8 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
             # Asked to stop (the pod is going away) while Redis is away and buffer and spool are
             # full: the pipes could wait for ever. Stop reading, so that what waits in memory
             # and the final status reach the spool before the runtime's SIGKILL.
-            full = "buffer and spool full" if rt.spool is not None else "buffer full"
-            rt.cut_reading(reader, f"a stop signal, Redis unreachable and {full} "
-                           "--drain-timeout after the agent exited")
+            rt.cut_reading(reader, f"a stop signal, Redis unreachable and {rt.outbox.full_text()} "
+                           ", --drain-timeout after the agent exited")
     if reader.echo_dropped:
         log.warning("the sidecar's own stdout/stderr did not keep up: output dropped from the echo only, "
                     "not from Redis", bytes=reader.echo_dropped)
@@ -442,13 +441,8 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
         meta["signal"] = signal_name(exited.signal)
     # Reading cut short: the time to deliver ran from the agent's exit. A stop signal after the
     # agent exited counts towards leaving the drain (the next one leaves).
-    until = drain_deadline if rt.reading_cut else None
-    told = min(stops, 1)
-    if rt.cancelled:
-        return finish(rt, exited.code, "cancelled", meta, until, told)
-    if exited.signal is not None:
-        return finish(rt, exited.code, "killed", meta, until, told)
-    return finish(rt, exited.code, "exited", meta, until, told)
+    final = "cancelled" if rt.cancelled else "killed" if exited.signal is not None else "exited"
+    return finish(rt, exited.code, final, meta, drain_deadline if rt.reading_cut else None, min(stops, 1))
 
 
 def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any], deadline: float | None = None,

@@ -73,8 +73,7 @@ class Outbox:
                                 # once a minute at most: a Redis slower than the agent blocks
                                 # and frees it many times a second
                                 self._paused_told = now
-                                full = "buffer and spool are full" if self.spool is not None else "buffer is full"
-                                log.warning(f"{full}: pausing reads, the agent will block on write")
+                                log.warning(f"{self.full_text()}: pausing reads, the agent will block on write")
                         self.room.wait(0.5)
                     self.blocked_since = None
                 else:
@@ -139,10 +138,12 @@ class Outbox:
         self.mem_bytes -= item.size
         return True
 
+    def full_text(self) -> str:
+        return "buffer and spool are full" if self.spool is not None else "buffer is full"
+
     def _note_drop(self, records: int) -> None:
         if not self.dropped_records:
-            full = "buffer and spool are full" if self.spool is not None else "buffer is full"
-            log.warning(f"{full}: dropping the oldest waiting output (--when-full drop); "
+            log.warning(f"{self.full_text()}: dropping the oldest waiting output (--when-full drop); "
                         "gap markers in the streams say what is missing")
         self.dropped_records += records
 
@@ -186,8 +187,8 @@ class Outbox:
 
         Batches the sender may still get into Redis (in flight, or sent before a lost reply)
         can be among them: the append script writes a gap marker unless all of its range
-        already landed, and consumers count as dropped only what no batch delivered. From now
-        on the sender's acknowledgements are ignored (a late one must not release a frame)."""
+        already landed, and then names only the rest. From now on the sender's
+        acknowledgements are ignored (a late one must not release a frame)."""
         with self.lock:
             self._final = True
             self._inflight = 0

@@ -336,9 +336,7 @@ class Spool:
         """Within the byte budget, and not failing: after a failed write (a full disk) the
         spool counts as full for WRITE_RETRY_S, so --when-full applies instead of memory
         growing without bound."""
-        if self._own is None or self.bytes + nbytes > self.max_bytes:
-            return False
-        return time.monotonic() >= self._failed_until
+        return self.bytes + nbytes <= self.max_bytes and self.usable()
 
     def usable(self) -> bool:
         """Open for writing and not failing, whatever its byte budget."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +54,22 @@ def contents(ob: Outbox) -> list[Item]:
     the sender takes nothing more)."""
     assert ob.spool is not None or not ob._ndisk
     return [e if isinstance(e, Item) else ob.spool.read(e) for e in ob._q]  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def make_spool(tmp_path: Path) -> Iterator[Callable[[int], Spool]]:
+    """Open spools of a given byte limit under tmp_path; closed at teardown."""
+    opened: list[Spool] = []
+
+    def make(limit: int) -> Spool:
+        sp = Spool(str(tmp_path), "prod", limit)
+        sp.open()
+        opened.append(sp)
+        return sp
+
+    yield make
+    for sp in opened:
+        sp.close()
 
 
 @pytest.fixture
@@ -279,9 +295,8 @@ def test_block_policy_accepts_oversized_item_when_empty() -> None:
         t.join(1.0)
 
 
-def test_block_policy_with_full_spool_blocks(tmp_path: Path) -> None:
-    sp = Spool(str(tmp_path), "prod", len(encode_frame(batch(1))))
-    sp.open()
+def test_block_policy_with_full_spool_blocks(make_spool: Callable[[int], Spool]) -> None:
+    sp = make_spool(len(encode_frame(batch(1))))
     ob = Outbox(250, sp, "block", gap_factory)
     try:
         for i in range(3):
@@ -296,7 +311,6 @@ def test_block_policy_with_full_spool_blocks(tmp_path: Path) -> None:
         assert [it.first for it in got + drain(ob)] == [1, 6, 11, 16]
     finally:
         ob.close()
-        sp.close()
 
 
 # -- drop policy -------------------------------------------------------------------------
@@ -465,85 +479,70 @@ def test_spill_all_moves_memory_to_disk(spool: Spool) -> None:
     assert contents(ob) == items
 
 
-def test_spill_all_marks_what_did_not_fit_by_one_gap(tmp_path: Path) -> None:
-    sp = Spool(str(tmp_path), "prod", len(encode_frame(batch(1))) * 2)
-    sp.open()
-    try:
-        ob = Outbox(10_000, sp, "block", gap_factory)
-        for i in range(5):
-            ob.put(batch(1 + 5 * i, 5))
-        assert ob.spill_all() == (15, 0, 0)
-        assert ob.mem_bytes == 0
-        assert ob.spooled_records() == 10
-        assert spans(contents(ob)) == [("batch", "out", 1, 5), ("batch", "out", 6, 10), ("gap", "out", 11, 25)]
-    finally:
-        sp.close()
+def test_spill_all_marks_what_did_not_fit_by_one_gap(make_spool: Callable[[int], Spool]) -> None:
+    sp = make_spool(len(encode_frame(batch(1))) * 2)
+    ob = Outbox(10_000, sp, "block", gap_factory)
+    for i in range(5):
+        ob.put(batch(1 + 5 * i, 5))
+    assert ob.spill_all() == (15, 0, 0)
+    assert ob.mem_bytes == 0
+    assert ob.spooled_records() == 10
+    assert spans(contents(ob)) == [("batch", "out", 1, 5), ("batch", "out", 6, 10), ("gap", "out", 11, 25)]
 
 
-def test_spill_all_writes_final_status_and_gaps_past_the_spool_limit(tmp_path: Path) -> None:
+def test_spill_all_writes_final_status_and_gaps_past_the_spool_limit(make_spool: Callable[[int], Spool]) -> None:
     limit = len(encode_frame(batch(1)))
-    sp = Spool(str(tmp_path), "prod", limit)
-    sp.open()
-    try:
-        ob = Outbox(10_000, sp, "block", gap_factory)
-        ob.put(batch(1, 5))  # fits
-        ob.put(status(1), force=True)
-        ob.put(batch(6, 5))
-        ob.put(batch(1, 3, key="err"))
-        ob.put(batch(11, 5))
-        ob.put(batch(4, 2, key="err"))
-        ob.put(status(2), force=True)  # the final status
-        assert ob.spill_all() == (15, 0, 0)
-        assert sp.bytes > limit
-        assert ob.mem_bytes == 0
-        assert spans(contents(ob)) == [
-            ("batch", "out", 1, 5),
-            ("status", "status", 1, 1),
-            ("gap", "out", 6, 15),
-            ("gap", "err", 1, 5),
-            ("status", "status", 2, 2),
-        ]
-    finally:
-        sp.close()
+    sp = make_spool(limit)
+    ob = Outbox(10_000, sp, "block", gap_factory)
+    ob.put(batch(1, 5))  # fits
+    ob.put(status(1), force=True)
+    ob.put(batch(6, 5))
+    ob.put(batch(1, 3, key="err"))
+    ob.put(batch(11, 5))
+    ob.put(batch(4, 2, key="err"))
+    ob.put(status(2), force=True)  # the final status
+    assert ob.spill_all() == (15, 0, 0)
+    assert sp.bytes > limit
+    assert ob.mem_bytes == 0
+    assert spans(contents(ob)) == [
+        ("batch", "out", 1, 5),
+        ("status", "status", 1, 1),
+        ("gap", "out", 6, 15),
+        ("gap", "err", 1, 5),
+        ("status", "status", 2, 2),
+    ]
 
 
-def test_spill_all_keeps_a_dropped_range_apart_from_new_gaps(tmp_path: Path) -> None:
-    sp = Spool(str(tmp_path), "prod", 1)
-    sp.open()
-    try:
-        ob = Outbox(10_000, sp, "block", gap_factory)
-        ob.put(gap_factory("out", 1, 5))  # from --when-full drop: already counted as dropped
-        ob.put(batch(6, 5))
-        assert ob.spill_all() == (5, 0, 0)
-        assert spans(contents(ob)) == [("gap", "out", 1, 5), ("gap", "out", 6, 10)]
-    finally:
-        sp.close()
+def test_spill_all_keeps_a_dropped_range_apart_from_new_gaps(make_spool: Callable[[int], Spool]) -> None:
+    sp = make_spool(1)
+    ob = Outbox(10_000, sp, "block", gap_factory)
+    ob.put(gap_factory("out", 1, 5))  # from --when-full drop: already counted as dropped
+    ob.put(batch(6, 5))
+    assert ob.spill_all() == (5, 0, 0)
+    assert spans(contents(ob)) == [("gap", "out", 1, 5), ("gap", "out", 6, 10)]
 
 
-def test_spill_all_reports_what_the_disk_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sp = Spool(str(tmp_path), "prod", 1)
-    sp.open()
-    try:
-        ob = Outbox(10_000, sp, "block", gap_factory)
-        ob.put(batch(1, 5))
-        ob.put(batch(1, 4, key="err"))
-        ob.put(status(1), force=True)
-        real = sp.write
-        calls = []
+def test_spill_all_reports_what_the_disk_refused(make_spool: Callable[[int], Spool],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    sp = make_spool(1)
+    ob = Outbox(10_000, sp, "block", gap_factory)
+    ob.put(batch(1, 5))
+    ob.put(batch(1, 4, key="err"))
+    ob.put(status(1), force=True)
+    real = sp.write
+    calls = []
 
-        def write(item: Item):  # type: ignore[no-untyped-def]
-            calls.append(item.kind)
-            if len(calls) > 1:
-                raise OSError(28, "No space left on device")
-            return real(item)
+    def write(item: Item):  # type: ignore[no-untyped-def]
+        calls.append(item.kind)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(item)
 
-        monkeypatch.setattr(sp, "write", write)
-        assert ob.spill_all() == (5, 4, 2)
-        assert ob.spooled_records() == 0
-        assert len(ob) == 3
-        assert spans(contents(ob)) == [("gap", "out", 1, 5), ("gap", "err", 1, 4), ("status", "status", 1, 1)]
-    finally:
-        sp.close()
+    monkeypatch.setattr(sp, "write", write)
+    assert ob.spill_all() == (5, 4, 2)
+    assert ob.spooled_records() == 0
+    assert len(ob) == 3
+    assert spans(contents(ob)) == [("gap", "out", 1, 5), ("gap", "err", 1, 4), ("status", "status", 1, 1)]
 
 
 def test_adopt_puts_orphan_items_first(tmp_path: Path) -> None:
@@ -575,25 +574,21 @@ def test_adopt_puts_orphan_items_first(tmp_path: Path) -> None:
         sp.close()
 
 
-def test_drop_policy_with_spool_uses_disk_before_dropping(tmp_path: Path) -> None:
-    sp = Spool(str(tmp_path), "prod", len(encode_frame(batch(1))) * 2)
-    sp.open()
-    try:
-        ob = Outbox(250, sp, "drop", gap_factory)
-        for i in range(4):
-            ob.put(batch(1 + 5 * i))
-        assert ob.dropped_records == 0
-        assert sp.bytes > 0
-        ob.put(batch(21))  # disk full: the memory batches go, disk items stay
-        assert ob.dropped_records == 10
-        assert spans(drain(ob)) == [
-            ("batch", "out", 1, 5),
-            ("batch", "out", 6, 10),
-            ("gap", "out", 11, 20),
-            ("batch", "out", 21, 25),
-        ]
-    finally:
-        sp.close()
+def test_drop_policy_with_spool_uses_disk_before_dropping(make_spool: Callable[[int], Spool]) -> None:
+    sp = make_spool(len(encode_frame(batch(1))) * 2)
+    ob = Outbox(250, sp, "drop", gap_factory)
+    for i in range(4):
+        ob.put(batch(1 + 5 * i))
+    assert ob.dropped_records == 0
+    assert sp.bytes > 0
+    ob.put(batch(21))  # disk full: the memory batches go, disk items stay
+    assert ob.dropped_records == 10
+    assert spans(drain(ob)) == [
+        ("batch", "out", 1, 5),
+        ("batch", "out", 6, 10),
+        ("gap", "out", 11, 20),
+        ("batch", "out", 21, 25),
+    ]
 
 
 def test_block_mode_blocks_when_the_spool_cannot_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -640,21 +635,17 @@ def test_frames_lost_from_a_deleted_spool_are_reported_once_per_file(spool: Spoo
     assert capfd.readouterr().err.count("spool frames unreadable") == 1
 
 
-def test_a_late_acknowledgement_after_spill_all_changes_nothing(tmp_path: Path) -> None:
-    sp = Spool(str(tmp_path), "prod", 1)
-    sp.open()
-    try:
-        ob = Outbox(10_000, sp, "block", gap_factory)
-        for i in range(4):
-            ob.put(batch(1 + 5 * i, 5))
-        ob.put(status(1), force=True)
-        assert len(ob.take(2, 1 << 20)) == 2  # in flight when the drain ran out
-        assert ob.spill_all() == (20, 0, 0)
-        ob.ack(2)  # the sender got its reply after all
-        ob.release_inflight()
-        assert ob.take(10, 1 << 20) == []  # and takes nothing more
-        assert len(ob) == 2 and ob.spooled_records() == 0
-        assert spans(contents(ob)) == [("gap", "out", 1, 20), ("status", "status", 1, 1)]
-        assert sp.bytes == sum(len(encode_frame(it)) for it in (gap_factory("out", 1, 20), status(1)))
-    finally:
-        sp.close()
+def test_a_late_acknowledgement_after_spill_all_changes_nothing(make_spool: Callable[[int], Spool]) -> None:
+    sp = make_spool(1)
+    ob = Outbox(10_000, sp, "block", gap_factory)
+    for i in range(4):
+        ob.put(batch(1 + 5 * i, 5))
+    ob.put(status(1), force=True)
+    assert len(ob.take(2, 1 << 20)) == 2  # in flight when the drain ran out
+    assert ob.spill_all() == (20, 0, 0)
+    ob.ack(2)  # the sender got its reply after all
+    ob.release_inflight()
+    assert ob.take(10, 1 << 20) == []  # and takes nothing more
+    assert len(ob) == 2 and ob.spooled_records() == 0
+    assert spans(contents(ob)) == [("gap", "out", 1, 20), ("status", "status", 1, 1)]
+    assert sp.bytes == sum(len(encode_frame(it)) for it in (gap_factory("out", 1, 20), status(1)))
