@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import stat
@@ -67,6 +68,9 @@ class PipeReader:
         self.bytes_read = 0
         self.echo_dropped = 0  # echo bytes the sidecar's own stdout/stderr did not take
         self._made_nonblocking = [fd for fd in set(self._echo.values()) if _nonblocking(fd)]
+        # Written to by stop_after: the reader waits on the pipes with no timeout while nothing
+        # is due, and must see a new deadline at once. Closed (-1) when the reader ends.
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.thread = threading.Thread(target=self.run, name="pipe-reader", daemon=True)
 
     def start(self) -> None:
@@ -80,6 +84,11 @@ class PipeReader:
         with self._lock:
             self._deadline = time.monotonic() + grace_s
             self._finish_closed = finish_closed
+            if self._wake_w >= 0:
+                try:
+                    os.write(self._wake_w, b"\0")
+                except OSError:  # full (BlockingIOError): a wake-up is pending already
+                    pass
 
     def join(self, timeout: float | None = None) -> bool:
         self.thread.join(timeout)
@@ -91,9 +100,13 @@ class PipeReader:
         for name, fd in self._fds.items():
             poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
             by_fd[fd] = name
+        wake = self._wake_r
+        poller.register(wake, select.POLLIN)
         last_data = time.monotonic()
         window_start, window_reads = last_data, 0
         gathering = False
+        # Whether what a filter holds back went out since the last data (RELEASE_AFTER_S).
+        released = self._filter is None
         try:
             while by_fd:
                 with self._lock:
@@ -107,19 +120,22 @@ class PipeReader:
                             self._close(poller, by_fd, fd, name, forced=True)
                     if not by_fd:
                         continue
-                # Past the deadline what is left are pipes without writers, read to their end.
-                left = None if deadline is None else deadline - time.monotonic()
-                timeout_ms = 100 if left is None or left <= 0 else min(100, int(left * 1000))
-                ready = poller.poll(0 if gathering else timeout_ms)
+                ready = poller.poll(0 if gathering else _wait_ms(deadline, None if released else last_data))
+                if len(ready) > 1 or ready and ready[0][0] == wake:
+                    ready = _without(ready, wake)
+                    if not ready:
+                        continue  # stop_after: look at the deadline
                 if not ready:
                     if gathering:  # the burst is over: what was read goes out now
                         gathering = False
                         if self._on_quiet is not None:
                             self._on_quiet(True)
-                    elif time.monotonic() - last_data >= RELEASE_AFTER_S:
+                    elif not released and time.monotonic() - last_data >= RELEASE_AFTER_S:
+                        released = True
                         self._release_held(by_fd)
                     continue
                 last_data = time.monotonic()
+                released = self._filter is None
                 if last_data - window_start > BUSY_WINDOW_S:
                     window_start, window_reads = last_data, 0
                 window_reads += 1
@@ -152,6 +168,10 @@ class PipeReader:
         finally:
             for fd in list(by_fd):
                 os.close(fd)
+            with self._lock:
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+                self._wake_r = self._wake_w = -1
             for fd in self._made_nonblocking:
                 try:
                     os.set_blocking(fd, True)
@@ -199,6 +219,35 @@ class PipeReader:
         self._release(name, ts)
         self._emit(name, ts, self._splitters[name].flush())
         self._sink(StreamClosed(name, forced, unread))
+
+
+def _wait_ms(deadline: float | None, unreleased_since: float | None) -> int:
+    """How long the reader may wait on the pipes (poll's timeout, -1: until something
+    happens): until ``deadline`` (stop_after), or until what a filter holds back is due to go
+    out (RELEASE_AFTER_S after the last data at ``unreleased_since``). Past the deadline
+    what is left are pipes without writers, read to their end: a short timeout suffices."""
+    now = time.monotonic()
+    due = None if unreleased_since is None else unreleased_since + RELEASE_AFTER_S
+    if deadline is not None:
+        due = deadline if due is None else min(due, deadline)
+    if due is None:
+        return -1
+    left = due - now
+    if left <= 0:
+        return 0 if unreleased_since is not None and now - unreleased_since >= RELEASE_AFTER_S else 100
+    return max(1, math.ceil(left * 1000))
+
+
+def _without(ready: list[tuple[int, int]], wake: int) -> list[tuple[int, int]]:
+    """``ready`` without the wake-up pipe, which is emptied if it was among them."""
+    rest = [r for r in ready if r[0] != wake]
+    if len(rest) != len(ready):
+        try:
+            while os.read(wake, 64):
+                pass
+        except OSError:  # BlockingIOError: empty
+            pass
+    return rest
 
 
 def _writers_gone(fd: int) -> bool:

@@ -29,11 +29,26 @@ FORWARDED = frozenset(
 )
 STOPPING = frozenset({signal.SIGTERM, signal.SIGINT})
 WAITED = FORWARDED | {signal.SIGCHLD}
+# Sent by the process to its own waiting thread (``wake``): something for ``tick`` to do. Never
+# forwarded. A real-time signal: each one sent is queued, none is merged or lost.
+WAKE = signal.SIGRTMIN + 1
+_WAITED_OR_WAKE = WAITED | {WAKE}
 PR_SET_CHILD_SUBREAPER = 36
+_blocked = False  # block() was called: WAKE can be sent without killing the process
 
 
 def block() -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
+    global _blocked
+    signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED_OR_WAKE)
+    _blocked = True
+
+
+def wake(thread_id: int) -> None:
+    """From any thread: have ``Supervisor.wait`` in thread ``thread_id`` run its tick now.
+    Sent before the wait begins, it stays pending (blocked) and is taken by the first look.
+    Nothing is sent before ``block()``: unblocked, a real-time signal ends the process."""
+    if _blocked:
+        signal.pthread_kill(thread_id, WAKE)
 
 
 def become_subreaper(prctl: Callable[[], bool] | None = None) -> bool:
@@ -92,15 +107,16 @@ class Supervisor:
         if self._kill_at is None:
             self._kill_at = time.monotonic() + self.kill_grace_s
 
-    def wait(self, tick: Callable[[], None] | None = None, tick_s: float = 0.1) -> Exited:
-        """Block until the agent exits. ``tick`` runs at least every ``tick_s`` (control commands)."""
+    def wait(self, tick: Callable[[], None] | None = None, tick_s: float = 1.0) -> Exited:
+        """Block until the agent exits. ``tick`` runs on every ``wake`` of this thread and at
+        least every ``tick_s`` (control commands); an idle wait wakes no more often than that."""
         while True:
             timeout = tick_s
             if self._kill_at is not None:
                 timeout = max(0.0, min(timeout, self._kill_at - time.monotonic()))
-            info = signal.sigtimedwait(WAITED, timeout)
+            info = signal.sigtimedwait(_WAITED_OR_WAKE, timeout)
             if info is not None and info.si_signo not in WAITED:
-                info = None  # a debugger attaching (ptrace) can wake us with no signal of ours
+                info = None  # WAKE, or a debugger attaching (ptrace) with no signal of ours
             if info is not None:
                 if info.si_signo == signal.SIGCHLD:
                     status = reap(self.agent.pid)

@@ -80,6 +80,7 @@ class Runtime:
         self.started_at = time.time()
         self.agent_pid: int | None = None
         self.commands: queue.SimpleQueue[control.Command] = queue.SimpleQueue()
+        self.main_thread = threading.get_ident()  # where run() waits for the agent and applies them
         self.cancelled = False
         self.paused = False
         self.reading_cut = ""  # why reading the pipes was stopped before their end, if it was
@@ -99,7 +100,7 @@ class Runtime:
         self.control = control.Control(
             s,
             connect=self.control_connection,
-            on_command=self.commands.put,
+            on_command=self.command,
             on_reject=self.rejected,
         )
 
@@ -258,8 +259,14 @@ class Runtime:
             meta["command"] = {k: v for k, v in rej.raw.items() if k != "sig"}
         self.status("control_rejected", **meta)
 
+    def command(self, cmd: control.Command) -> None:
+        """Control thread: queue ``cmd`` for the main thread and wake it."""
+        self.commands.put(cmd)
+        signals.wake(self.main_thread)
+
     def apply_commands(self, sup: signals.Supervisor) -> None:
-        """Main thread, every supervisor tick: carry out what the control channel asked."""
+        """Main thread, on every supervisor tick (each command wakes it): carry out what the
+        control channel asked."""
         while True:
             try:
                 cmd = self.commands.get_nowait()

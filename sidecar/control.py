@@ -52,7 +52,6 @@ ALLOWED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2
 _FORBIDDEN_SIGNALS = {"SIGKILL": "cancel", "SIGSTOP": "pause"}
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
-READ_TIMEOUT_S = 0.5
 RECONNECT_MAX_S = 5.0
 # With no traffic for this long, PING the server; no answer within the socket timeout: reconnect.
 HEALTH_CHECK_S = 15.0
@@ -348,13 +347,21 @@ class Control:
 
     def _listen(self) -> None:
         conn = self._conn = self._connect()
+        if self._stop.is_set():  # stop() came before there was a connection to interrupt
+            return
         conn.connect()
         conn.send(("SUBSCRIBE", self.channel))
         last_rx = time.monotonic()
         ping_sent: float | None = None
         confirmed = False
+        timeout_s = self.settings.socket_timeout_s
         while not self._stop.is_set():
-            msg = conn.read(READ_TIMEOUT_S)
+            # Wait for a message until the next check is due; stop() interrupts the read.
+            if ping_sent is not None:
+                wait = timeout_s - (time.monotonic() - ping_sent)
+            else:
+                wait = (HEALTH_CHECK_S if confirmed else timeout_s) - (time.monotonic() - last_rx)
+            msg = conn.read(max(0.01, wait + 0.01))
             now = time.monotonic()
             if msg is None:
                 if ping_sent is not None and now - ping_sent > self.settings.socket_timeout_s:

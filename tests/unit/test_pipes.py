@@ -123,3 +123,68 @@ def test_gathering_adds_at_most_a_few_gather_periods_to_a_line_at_the_end_of_a_b
         reader.join(10)
     assert rec.data().endswith(b"last\n")
     assert waited < 1.0, waited  # generous: only a reader that waited for a timeout would fail
+
+
+def test_stop_after_wakes_a_reader_waiting_on_a_silent_pipe() -> None:
+    # The writer stays open and writes nothing: the reader waits on the pipe with no timeout,
+    # and only the wake-up of stop_after lets it see its deadline.
+    rec = Recorder()
+    r, w = os.pipe()
+    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet)
+    reader.start()
+    try:
+        os.write(w, b"first\n")
+        deadline = time.monotonic() + 10
+        while rec.data() != b"first\n" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rec.data() == b"first\n"
+        time.sleep(0.3)
+        reader.stop_after(0)
+        assert reader.join(10), "the reader did not notice stop_after"
+        assert rec.closed.is_set()
+        closed = [ev for ev in rec.events if isinstance(ev, StreamClosed)]
+        assert [(ev.stream, ev.forced) for ev in closed] == [("stdout", True)]
+    finally:
+        os.close(w)
+    reader.stop_after(0)  # after the reader ended: its wake-up pipe is gone, nothing is written
+
+
+def test_what_a_filter_holds_back_goes_out_once_the_pipes_are_quiet() -> None:
+    # A filter holding back what follows the last newline (as the redactor holds the start
+    # of a possible secret) is asked for it once after RELEASE_AFTER_S of silence, not again
+    # and again while the pipe stays silent.
+    finals: list[float] = []
+    held: dict[str, bytes] = {}
+
+    def holding_filter(stream: str, chunk: bytes, final: bool) -> bytes:
+        data = held.pop(stream, b"") + chunk
+        if final:
+            finals.append(time.monotonic())
+            return data
+        cut = data.rfind(b"\n") + 1
+        held[stream] = data[cut:]
+        return data[:cut]
+
+    rec = Recorder()
+    r, w = os.pipe()
+    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet, filter=holding_filter)
+    reader.start()
+    try:
+        os.write(w, b"whole\npart")
+        written = time.monotonic()
+        deadline = written + 10
+        while not finals and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert finals and finals[0] - written >= pipes.RELEASE_AFTER_S * 0.9
+        assert rec.data() == b"whole\n"  # the released "part" waits in the splitter for its newline
+        time.sleep(pipes.RELEASE_AFTER_S * 1.5)
+        assert len(finals) == 1
+        os.write(w, b"more\n")  # new data: the next quiet spell releases again
+        deadline = time.monotonic() + 10
+        while len(finals) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(finals) == 2
+    finally:
+        os.close(w)
+    assert reader.join(10)
+    assert rec.data() == b"whole\npartmore\n"

@@ -6,6 +6,8 @@ import os
 import sys
 import time
 
+import pytest
+
 from agent_wrapper.events import SpawnFailed
 from agent_wrapper.process import PIPE_BUFFER_BYTES, spawn
 
@@ -71,3 +73,47 @@ def test_a_repeated_stop_does_not_postpone_the_sigkill() -> None:
         os.close(agent.stderr_fd)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def test_a_wake_from_another_thread_runs_the_tick_before_its_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The control thread queues a command and wakes the waiting main thread: the command must
+    # not wait for the supervisor's periodic tick (here a minute away).
+    import signal
+    import threading
+
+    from agent_wrapper import signals
+    from agent_wrapper.process import Agent
+    from agent_wrapper.signals import Supervisor
+
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD, signals.WAKE])
+    monkeypatch.setattr(signals, "_blocked", True)  # as signals.block() leaves it, for this thread only
+    try:
+        agent = spawn(["sleep", "120"])
+        assert isinstance(agent, Agent)
+        sup = Supervisor(agent, 5.0)
+        ticks: list[float] = []
+
+        def tick() -> None:
+            ticks.append(time.monotonic())
+            sup.stop()  # as a cancel command does
+
+        main = threading.get_ident()
+        threading.Timer(0.2, signals.wake, args=(main,)).start()
+        started = time.monotonic()
+        exited = sup.wait(tick=tick, tick_s=60.0)
+        assert ticks and ticks[0] - started < 30, "the wake-up did not run the tick"
+        assert exited.signal == signal.SIGTERM
+        os.close(agent.stdout_fd)
+        os.close(agent.stderr_fd)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def test_no_wake_is_sent_before_the_signals_are_blocked() -> None:
+    # Unblocked, the real-time signal would end the process (its default action).
+    import threading
+
+    from agent_wrapper import signals
+
+    assert not signals._blocked  # pytest never calls signals.block()
+    signals.wake(threading.get_ident())  # must be a no-op: the test process lives on
