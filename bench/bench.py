@@ -60,7 +60,7 @@ NAIVE = os.path.join(HERE, "naive.py")
 DEFAULT_JSON = os.path.join(HERE, "results", "latest.json")
 # What --only can pick, in the order of a full run (see Bench.sections).
 SECTIONS = ("writer", "startup", "wrap", "warm-up", "bulk", "native", "replica", "flush", "naive", "latency",
-            "highrate", "floor", "midrate", "outage")
+            "highrate", "floor", "midrate", "idle", "outage")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PRINT_PROG = "for i in range(10000): print('line', i)"
 MB = 1_000_000
@@ -83,14 +83,17 @@ class Sizes:
     bulk_runs: int  # bulk runs, each followed by one without redaction; the figures are medians
     midrate_seconds: float  # the run at MIDRATE lines/s
     highrate_seconds: float  # each run at HIGHRATE lines/s
+    idle_seconds: float  # the run of a silent agent
 
 
-FULL = Sizes(2_000_000, 1_000_000, 200_000, 100, 10.0, 10, 5, 300.0, 30.0, 12_500_000, 3, 6.0, 3.0)
-QUICK = Sizes(50_000, 50_000, 20_000, 100, 2.0, 3, 3, 20.0, 10.0, 200_000, 1, 1.5, 1.0)
+FULL = Sizes(2_000_000, 1_000_000, 200_000, 100, 10.0, 10, 5, 300.0, 30.0, 12_500_000, 3, 6.0, 3.0, 20.0)
+QUICK = Sizes(50_000, 50_000, 20_000, 100, 2.0, 3, 3, 20.0, 10.0, 200_000, 1, 1.5, 1.0, 4.0)
 # A chatty agent (a build log, a test runner): one write per line, this many a second.
 MIDRATE = 3000
 # The high rate of the latency target: p99 at most the linger (5 ms by default) plus 10 ms.
 HIGHRATE = 100_000
+# The idle run's window starts this long after the sidecar: its start-up is not idleness.
+IDLE_SETTLE_S = 2.0
 # The sidecar's default --buffer-max-bytes; the outage target is this plus 30 MB.
 BUFFER_BYTES = 64 << 20
 
@@ -112,6 +115,7 @@ SPEC: dict[str, tuple[str, str, float | None]] = {
     "sidecar_rss_mb": ("MB", "<=", 60),
     "midrate_cpu_pct": ("% of a core", "", None),
     "midrate_p99_ms": ("ms", "", None),
+    "idle_cpu_pct": ("% of a core", "", None),
     "highrate_p50_ms": ("ms", "", None),
     "highrate_p99_ms": ("ms", "<=", 15.0),
     "outage_rss_mb": ("MB", "<=", BUFFER_BYTES / MB + 30),
@@ -1051,6 +1055,30 @@ class Bench:
         c = consumers[0]
         self.add("midrate_p99_ms.stream", percentile(c.latencies_ms, 99), note=self.consumer_note(c, n))
 
+    def idle(self) -> None:
+        """CPU of the sidecar of an agent that writes nothing (one waiting on a model's reply,
+        most agents most of the time): heartbeats and whatever else wakes it. The writer
+        writes one line at its start and one at its end; the window starts
+        IDLE_SETTLE_S after the sidecar did, when its start-up is over."""
+        seconds = self.sizes.idle_seconds
+        run_id = self.run_id("idle")
+        agent = [PY, WRITER, "--lines", "2", "--rate", str(1.0 / (IDLE_SETTLE_S + seconds))]
+        try:
+            with tempfile.TemporaryFile() as err:
+                proc = subprocess.Popen(self.sidecar_cmd(run_id, agent), **self.sidecar_io(err))
+                started = time.monotonic()
+                sampler = ProcSampler(proc.pid)
+                self.watch(proc, err, sampler, run_id, IDLE_SETTLE_S + seconds + self.sizes.run_timeout,
+                           lambda: time.monotonic() > started + IDLE_SETTLE_S, 0.5)
+            count = count_stream(self.r, self.keys(run_id)[0])
+        finally:
+            self.cleanup(run_id)
+        if count.lines != 2:
+            self.fail(f"LINE COUNT MISMATCH (idle run): 2 lines written, {count.lines} in the stream")
+        cpu, window = ProcSampler.combined([sampler])
+        note = f"an agent silent for {window:.1f} s, heartbeat every 5 s, writer excluded"
+        self.add("idle_cpu_pct", cpu, note=note)
+
     def startup(self) -> None:
         base: list[float] = []
         wrapped: list[float] = []
@@ -1172,6 +1200,7 @@ class Bench:
             ("highrate", f"latency at {HIGHRATE:,} lines/s", self.highrate),
             ("floor", "latency floor (naive relay)", self.latency_floor),
             ("midrate", f"CPU at {MIDRATE:,} lines/s", self.midrate),
+            ("idle", f"CPU of a silent agent's sidecar, {s.idle_seconds:g} s", self.idle),
             ("outage", f"Redis down while the agent writes {s.outage_lines:,} lines", self.outage),
         ]
 
@@ -1224,6 +1253,7 @@ ORDER = (
     "sidecar_rss_mb",
     "midrate_cpu_pct",
     "midrate_p99_ms.stream",
+    "idle_cpu_pct",
     "outage_rss_mb",
     "bulk_no_redact_lines_per_s",
     "redaction_cost_pct",
