@@ -136,11 +136,12 @@ class TreeSampler:
                 root = ps.Process(pid)
             members = [root]
             try:
-                members += root.children(recursive=True)
                 if root.ppid() == os.getpid():
-                    # orphans of the agent are re-parented to the sidecar (subreaper or PID 1)
-                    known = {p.pid for p in members}
-                    members += [p for p in ps.Process(os.getpid()).children(recursive=True) if p.pid not in known]
+                    # The agent's tree and its orphans, re-parented to the sidecar (subreaper or
+                    # PID 1): all of the sidecar's descendants, found in one scan of /proc.
+                    members += [p for p in ps.Process(os.getpid()).children(recursive=True) if p.pid != root.pid]
+                else:
+                    members += root.children(recursive=True)
             except gone:
                 pass
         except gone:
