@@ -26,6 +26,9 @@ RELEASE_AFTER_S = 1.0
 BUSY_WINDOW_S = 0.005
 BUSY_READS = 10
 GATHER_S = 0.001
+# The longest single wait on the pipes: poll() takes a C int of milliseconds, and a deadline
+# may lie years ahead (--pipe-grace).
+MAX_WAIT_MS = 86_400_000
 Sink = Callable[[Output | StreamClosed], None]
 Quiet = Callable[[bool], None]
 Filter = Callable[[str, bytes, bool], bytes]
@@ -227,15 +230,15 @@ def _wait_ms(deadline: float | None, unreleased_since: float | None) -> int:
     out (RELEASE_AFTER_S after the last data at ``unreleased_since``). Past the deadline
     what is left are pipes without writers, read to their end: a short timeout suffices."""
     now = time.monotonic()
-    due = None if unreleased_since is None else unreleased_since + RELEASE_AFTER_S
+    left = None if unreleased_since is None else unreleased_since + RELEASE_AFTER_S - now
     if deadline is not None:
-        due = deadline if due is None else min(due, deadline)
-    if due is None:
+        after_deadline = deadline - now if deadline > now else 0.1
+        left = after_deadline if left is None else min(left, after_deadline)
+    if left is None:
         return -1
-    left = due - now
     if left <= 0:
-        return 0 if unreleased_since is not None and now - unreleased_since >= RELEASE_AFTER_S else 100
-    return max(1, math.ceil(left * 1000))
+        return 0
+    return min(math.ceil(left * 1000), MAX_WAIT_MS)
 
 
 def _without(ready: list[tuple[int, int]], wake: int) -> list[tuple[int, int]]:

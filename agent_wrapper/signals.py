@@ -29,26 +29,23 @@ FORWARDED = frozenset(
 )
 STOPPING = frozenset({signal.SIGTERM, signal.SIGINT})
 WAITED = FORWARDED | {signal.SIGCHLD}
-# Sent by the process to its own waiting thread (``wake``): something for ``tick`` to do. Never
-# forwarded. A real-time signal: each one sent is queued, none is merged or lost.
-WAKE = signal.SIGRTMIN + 1
-_WAITED_OR_WAKE = WAITED | {WAKE}
 PR_SET_CHILD_SUBREAPER = 36
-_blocked = False  # block() was called: WAKE can be sent without killing the process
 
 
 def block() -> None:
-    global _blocked
-    signal.pthread_sigmask(signal.SIG_BLOCK, _WAITED_OR_WAKE)
-    _blocked = True
+    signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
 
 
 def wake(thread_id: int) -> None:
     """From any thread: have ``Supervisor.wait`` in thread ``thread_id`` run its tick now.
-    Sent before the wait begins, it stays pending (blocked) and is taken by the first look.
-    Nothing is sent before ``block()``: unblocked, a real-time signal ends the process."""
-    if _blocked:
-        signal.pthread_kill(thread_id, WAKE)
+
+    The wake-up is a SIGCHLD to that thread: the wait takes it already, and a SIGCHLD that
+    did not come from the agent's exit only runs the tick. A standard signal is never refused
+    (a real-time one is, once the user's queue of pending signals is full) and repeats merge
+    into one, so a flood of commands queues nothing. Sent before the wait begins, it stays
+    pending (blocked) and is taken by the first look; where it is not blocked, its default
+    action is to be ignored."""
+    signal.pthread_kill(thread_id, signal.SIGCHLD)
 
 
 def become_subreaper(prctl: Callable[[], bool] | None = None) -> bool:
@@ -108,15 +105,16 @@ class Supervisor:
             self._kill_at = time.monotonic() + self.kill_grace_s
 
     def wait(self, tick: Callable[[], None] | None = None, tick_s: float = 1.0) -> Exited:
-        """Block until the agent exits. ``tick`` runs on every ``wake`` of this thread and at
-        least every ``tick_s`` (control commands); an idle wait wakes no more often than that."""
+        """Block until the agent exits. ``tick`` runs on every ``wake`` of this thread (and
+        every SIGCHLD) and at least every ``tick_s`` (control commands); an idle wait wakes no
+        more often than that."""
         while True:
             timeout = tick_s
             if self._kill_at is not None:
                 timeout = max(0.0, min(timeout, self._kill_at - time.monotonic()))
-            info = signal.sigtimedwait(_WAITED_OR_WAKE, timeout)
+            info = signal.sigtimedwait(WAITED, timeout)
             if info is not None and info.si_signo not in WAITED:
-                info = None  # WAKE, or a debugger attaching (ptrace) with no signal of ours
+                info = None  # a debugger attaching (ptrace) can wake us with no signal of ours
             if info is not None:
                 if info.si_signo == signal.SIGCHLD:
                     status = reap(self.agent.pid)
@@ -126,13 +124,13 @@ class Supervisor:
                             self.agent.signal_group(signal.SIGKILL)
                         code, sig = from_wait_status(status)
                         return Exited(self.agent.pid, code, sig, time.time())
-                    continue
-                if info.si_signo in STOPPING:
+                    # an orphan reaped, or a wake-up: the tick runs
+                elif info.si_signo in STOPPING:
                     self.stop(info.si_signo)
                 else:
                     self.agent.signal_group(info.si_signo)
-                if self._on_signal is not None:  # after forwarding: logging may be slow
-                    self._on_signal(info.si_signo)
+                if self._on_signal is not None and info.si_signo != signal.SIGCHLD:
+                    self._on_signal(info.si_signo)  # after forwarding: logging may be slow
             if self._kill_at is not None and time.monotonic() >= self._kill_at:
                 self._kill_at = float("inf")
                 self.killed_after_grace = True

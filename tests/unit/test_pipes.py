@@ -188,3 +188,24 @@ def test_what_a_filter_holds_back_goes_out_once_the_pipes_are_quiet() -> None:
         os.close(w)
     assert reader.join(10)
     assert rec.data() == b"whole\npartmore\n"
+
+
+def test_a_deadline_years_ahead_is_waited_for_in_pieces() -> None:
+    # --pipe-grace takes up to ~3 years; poll() takes at most ~24 days of milliseconds.
+    rec = Recorder()
+    r, w = os.pipe()
+    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet)
+    reader.start()
+    try:
+        reader.stop_after(30 * 86400.0)
+        time.sleep(0.2)
+        assert reader.thread.is_alive()
+        os.write(w, b"still read\n")
+        deadline = time.monotonic() + 10
+        while rec.data() != b"still read\n" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rec.data() == b"still read\n"
+        reader.stop_after(0)
+        assert reader.join(10)
+    finally:
+        os.close(w)
