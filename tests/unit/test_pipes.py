@@ -7,6 +7,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -33,6 +35,25 @@ class Recorder:
 
     def reads(self) -> int:
         return sum(isinstance(ev, Output) for ev in self.events)
+
+
+def eventually(done: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Whether ``done()`` came true within ``seconds`` (polled every 10 ms)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def open_reader(**kwargs: Any) -> tuple[Recorder, PipeReader, int]:
+    """A started PipeReader on a new pipe whose write end (returned) the test holds open."""
+    rec = Recorder()
+    r, w = os.pipe()
+    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet, **kwargs)
+    reader.start()
+    return rec, reader, w
 
 
 def read_child(code: str) -> Recorder:
@@ -128,16 +149,10 @@ def test_gathering_adds_at_most_a_few_gather_periods_to_a_line_at_the_end_of_a_b
 def test_stop_after_wakes_a_reader_waiting_on_a_silent_pipe() -> None:
     # The writer stays open and writes nothing: the reader waits on the pipe with no timeout,
     # and only the wake-up of stop_after lets it see its deadline.
-    rec = Recorder()
-    r, w = os.pipe()
-    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet)
-    reader.start()
+    rec, reader, w = open_reader()
     try:
         os.write(w, b"first\n")
-        deadline = time.monotonic() + 10
-        while rec.data() != b"first\n" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert rec.data() == b"first\n"
+        assert eventually(lambda: rec.data() == b"first\n")
         time.sleep(0.3)
         reader.stop_after(0)
         assert reader.join(10), "the reader did not notice stop_after"
@@ -165,25 +180,17 @@ def test_what_a_filter_holds_back_goes_out_once_the_pipes_are_quiet() -> None:
         held[stream] = data[cut:]
         return data[:cut]
 
-    rec = Recorder()
-    r, w = os.pipe()
-    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet, filter=holding_filter)
-    reader.start()
+    rec, reader, w = open_reader(filter=holding_filter)
     try:
         os.write(w, b"whole\npart")
         written = time.monotonic()
-        deadline = written + 10
-        while not finals and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert finals and finals[0] - written >= pipes.RELEASE_AFTER_S * 0.9
+        assert eventually(lambda: bool(finals))
+        assert finals[0] - written >= pipes.RELEASE_AFTER_S * 0.9
         assert rec.data() == b"whole\n"  # the released "part" waits in the splitter for its newline
         time.sleep(pipes.RELEASE_AFTER_S * 1.5)
         assert len(finals) == 1
         os.write(w, b"more\n")  # new data: the next quiet spell releases again
-        deadline = time.monotonic() + 10
-        while len(finals) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(finals) == 2
+        assert eventually(lambda: len(finals) == 2)
     finally:
         os.close(w)
     assert reader.join(10)
@@ -192,19 +199,13 @@ def test_what_a_filter_holds_back_goes_out_once_the_pipes_are_quiet() -> None:
 
 def test_a_deadline_years_ahead_is_waited_for_in_pieces() -> None:
     # --pipe-grace takes up to ~3 years; poll() takes at most ~24 days of milliseconds.
-    rec = Recorder()
-    r, w = os.pipe()
-    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet)
-    reader.start()
+    rec, reader, w = open_reader()
     try:
         reader.stop_after(30 * 86400.0)
         time.sleep(0.2)
         assert reader.thread.is_alive()
         os.write(w, b"still read\n")
-        deadline = time.monotonic() + 10
-        while rec.data() != b"still read\n" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert rec.data() == b"still read\n"
+        assert eventually(lambda: rec.data() == b"still read\n")
         reader.stop_after(0)
         assert reader.join(10)
     finally:
