@@ -356,21 +356,23 @@ class Control:
         confirmed = False
         timeout_s = self.settings.socket_timeout_s
         while not self._stop.is_set():
-            # Wait for a message until the next check is due; stop() interrupts the read.
+            # The next check: a reply to PING or SUBSCRIBE overdue, or a health check due.
+            # Until then wait for a message; stop() interrupts the read.
             if ping_sent is not None:
-                wait = timeout_s - (time.monotonic() - ping_sent)
+                due = ping_sent + timeout_s
             else:
-                wait = (HEALTH_CHECK_S if confirmed else timeout_s) - (time.monotonic() - last_rx)
-            msg = conn.read(max(0.01, wait + 0.01))
+                due = last_rx + (HEALTH_CHECK_S if confirmed else timeout_s)
+            msg = conn.read(max(0.01, due - time.monotonic() + 0.01))
             now = time.monotonic()
             if msg is None:
-                if ping_sent is not None and now - ping_sent > self.settings.socket_timeout_s:
+                if now <= due:
+                    continue
+                if ping_sent is not None:
                     raise TimeoutError("no reply to PING on the control connection")
-                if not confirmed and now - last_rx > self.settings.socket_timeout_s:
+                if not confirmed:
                     raise TimeoutError("no reply to SUBSCRIBE")
-                if confirmed and ping_sent is None and now - last_rx > HEALTH_CHECK_S:
-                    conn.send(("PING",))
-                    ping_sent = now
+                conn.send(("PING",))
+                ping_sent = now
                 continue
             last_rx = now
             ping_sent = None

@@ -312,6 +312,31 @@ def test_control_starts_while_redis_is_down(redis_server: RedisServer) -> None:
         assert time.monotonic() - t0 < 1.0
 
 
+def test_a_frozen_server_is_found_by_the_health_check_and_left(redis_server: RedisServer,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A silent control connection PINGs after HEALTH_CHECK_S; a server that does not answer
+    # within the socket timeout is given up, and the listener subscribes again once it is back.
+    monkeypatch.setattr(control, "HEALTH_CHECK_S", 0.5)
+    s = make_settings(redis_server.url, socket_timeout_s=1.0)
+    rec = Recorder()
+    ctl = started_control(s, rec)
+    try:
+        redis_server.stop()
+        try:
+            deadline = time.monotonic() + 10
+            while ctl.subscribed.is_set() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert not ctl.subscribed.is_set(), "the frozen server was not noticed"
+        finally:
+            redis_server.cont()
+        assert ctl.subscribed.wait(10), "not subscribed again"
+        assert ctl.subscriptions == 2
+        redis_server.client().publish("run:r1:control", b'{"cmd": "cancel"}')
+        assert rec.commands.get(timeout=5).cmd == "cancel"
+    finally:
+        ctl.stop()
+
+
 def test_stop_is_prompt_while_redis_hangs(redis_server: RedisServer) -> None:
     """SIGSTOPped server: the heartbeat is stuck in a pipeline, the listener in a read."""
     s = make_settings(redis_server.url, socket_timeout_s=30.0)
