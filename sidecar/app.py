@@ -84,8 +84,9 @@ class Runtime:
         self.cancelled = False
         self.paused = False
         self.reading_cut = ""  # why reading the pipes was stopped before their end, if it was
-        self._reject_window = 0.0
-        self._rejects = 0
+        # A flood on the control channel must flood neither the status stream nor the log.
+        self._reject_budget = log.Budget("more than 20 control commands rejected this minute; not reporting each")
+        self._command_budget = log.Budget("more than 20 control commands this minute; not logging each")
         # One for the whole run: what it learns (a cluster's nodes) outlives a lost connection.
         heartbeat_pipe = TargetPipe(s, f"agent-sidecar-heartbeat:{s.agent_id}")
         self.heartbeat = heartbeat.Heartbeat(
@@ -243,14 +244,7 @@ class Runtime:
         }
 
     def rejected(self, rej: control.Rejection) -> None:
-        # A flood of garbage on the control channel must not flood the status stream.
-        now = time.monotonic()
-        if now - self._reject_window > 60:
-            self._reject_window, self._rejects = now, 0
-        self._rejects += 1
-        if self._rejects > 20:
-            if self._rejects == 21:
-                log.warning("more than 20 control commands rejected this minute; not reporting each")
+        if not self._reject_budget.take():
             log.debug("control command rejected", reason=rej.reason)
             return
         log.warning("control command rejected", reason=rej.reason)
@@ -273,10 +267,13 @@ class Runtime:
             except queue.Empty:
                 return
             agent = sup.agent
-            log.info("control command", cmd=cmd.cmd, signal=signal_name(cmd.signal) if cmd.signal else None)
+            # the first cancel is always told: it ends the run
+            first_cancel = cmd.cmd == "cancel" and not self.cancelled
+            report = log.info if first_cancel or self._command_budget.take() else log.debug
+            report("control command", cmd=cmd.cmd, signal=signal_name(cmd.signal) if cmd.signal else None)
             if self.cancelled and cmd.cmd in ("pause", "resume"):
                 # the agent is shutting down: a pause would freeze its clean-up until SIGKILL
-                log.info("control command ignored: the agent is being cancelled", cmd=cmd.cmd)
+                report("control command ignored: the agent is being cancelled", cmd=cmd.cmd)
                 continue
             if cmd.cmd == "cancel":
                 self.cancelled = True

@@ -48,6 +48,28 @@ def _plain(value: Any) -> Any:
     return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+class Budget:
+    """At most ``limit`` reports per ``window_s``: a flood (of control commands, say) must not
+    flood the sidecar's own log. ``take`` says whether this one may be reported; the first
+    one over the budget in a window gets ``over`` logged as a warning, once."""
+
+    def __init__(self, over: str, limit: int = 20, window_s: float = 60.0) -> None:
+        self.over = over
+        self.limit = limit
+        self.window_s = window_s
+        self._start = 0.0
+        self._count = 0
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        if now - self._start > self.window_s:
+            self._start, self._count = now, 0
+        self._count += 1
+        if self._count == self.limit + 1:
+            warning(self.over)
+        return self._count <= self.limit
+
+
 def debug(msg: str, **fields: Any) -> None:
     _emit("debug", msg, fields)
 

@@ -265,3 +265,32 @@ def test_heartbeat_counts_the_agents_orphans(redis_server: RedisServer, start_si
     proc.finish(timeout=30)
     sub.close()
     assert max(counts) >= 5, counts  # sh, its sleep and the three orphaned sleeps
+
+
+def test_a_flood_of_commands_is_carried_out_but_logged_and_reported_within_budget(redis_server: RedisServer,
+                                                                                  start_sidecar: Any) -> None:
+    """Anyone who may publish on the control channel could otherwise fill the sidecar's log
+    (one INFO line per command) and the status stream (one control_rejected per bad one)."""
+    client = redis_server.client()
+    proc = _start_ready(start_sidecar, client, redis_server.url, "fld")
+    agent_pid = int(client.hget("run:fld:variation:0", "pid"))
+    for _ in range(60):
+        client.publish("run:fld:control", b"not json")
+    for _ in range(150):
+        client.publish("run:fld:control", json.dumps({"cmd": "resume"}))
+    _pause(client, "fld", agent_pid)  # still carried out after the flood
+    wait_until(lambda: client.hget("run:fld:variation:0", "status") == b"paused", timeout=5)
+    client.publish("run:fld:control", json.dumps({"cmd": "cancel"}))
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 0  # woken by the cancel, the agent handles SIGTERM
+    assert _out(client, "fld") == b"ready\ngot SIGTERM\ncleaning up\n"
+    rejected = [m for m in runs.statuses(client, "fld") if m["status"] == "control_rejected"]
+    assert len(rejected) == 20
+    assert _states(client, "fld")[-2:] == ["paused", "cancelled"]
+    err = cp.stderr.decode()
+    assert err.count("WARNING control command rejected") == 20
+    assert err.count("more than 20 control commands rejected this minute") == 1
+    # 152 commands: 20 logged, then the warning; the cancel, the run's end, is always logged
+    assert err.count("INFO control command cmd=") == 21
+    assert err.count("more than 20 control commands this minute; not logging each") == 1
+    assert "INFO control command cmd=cancel" in err
