@@ -446,6 +446,9 @@ class Sender:
         # the pipe reader delivering a lone line itself (deliver_here).
         self._turn = threading.Lock()
         self._direct_after = 0.0  # monotonic time before which deliver_here declines
+        # The agent's output decides how many token reports overflow: its log must not.
+        self._overflow_budget = log.Budget("more than 20 token reports not added to the totals this minute; "
+                                           "not logging each")
         self._refusals_told: set[str] = set()  # codes of error replies already logged as warnings
         self._cluster_seen = False  # a connection in auto mode found a cluster node
         self.thread = threading.Thread(target=self._run, name="redis-sender", daemon=True)
@@ -724,7 +727,7 @@ class Sender:
                     target.close()  # reconnecting loads the scripts again
                 raise reply
         for i in tokens_at:
-            if replies[i] == 2:
+            if replies[i] == 2 and self._overflow_budget.take():
                 log.warning("token report not added to the run's totals: a total would pass the largest number "
                             "Redis keeps", key=cmds[i][3], seq=cmds[i][6])
 
