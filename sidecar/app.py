@@ -104,6 +104,7 @@ class Runtime:
             on_command=self.command,
             on_reject=self.rejected,
         )
+        self.sender.on_master_switch = self.control.master_moved
 
     def run_keys(self) -> tuple[str, ...]:
         """The keys this sidecar writes besides the variation hash, with the idempotency hash
@@ -270,7 +271,7 @@ class Runtime:
             # the first cancel is always told: it ends the run
             first_cancel = cmd.cmd == "cancel" and not self.cancelled
             report = log.info if first_cancel or self._command_budget.take() else log.debug
-            report("control command", cmd=cmd.cmd, signal=signal_name(cmd.signal) if cmd.signal else None)
+            report("control command", cmd=cmd.cmd, **({"signal": signal_name(cmd.signal)} if cmd.signal else {}))
             if self.cancelled and cmd.cmd in ("pause", "resume"):
                 # the agent is shutting down: a pause would freeze its clean-up until SIGKILL
                 report("control command ignored: the agent is being cancelled", cmd=cmd.cmd)

@@ -52,7 +52,6 @@ ALLOWED_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2
 _FORBIDDEN_SIGNALS = {"SIGKILL": "cancel", "SIGSTOP": "pause"}
 _HEX_SHA256 = re.compile(r"[0-9a-f]{64}")
 
-RECONNECT_MAX_S = 5.0
 # With no traffic for this long, PING the server; no answer within the socket timeout: reconnect.
 HEALTH_CHECK_S = 15.0
 _STOP_JOIN_S = 2.0
@@ -270,12 +269,22 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc) or type(exc).__name__}"
 
 
+def _at(conn: Connection, addr: tuple[str, int]) -> Connection:
+    """A new connection like ``conn`` (credentials, TLS, timeouts, name), to another server."""
+    return Connection(conn.endpoint.replace(host=addr[0], port=addr[1]), socket_timeout=conn.socket_timeout,
+                      connect_timeout=conn.connect_timeout, ssl_context=conn.ssl_context,
+                      client_name=conn.client_name)
+
+
 class Control:
     """Listens on the control channel from a daemon thread with its own connection.
 
     ``on_command`` / ``on_reject`` are called from that thread and must return quickly
     (queue the work for the main thread). The subscription is renewed after any connection
-    loss, with exponential backoff and jitter capped at 5 s.
+    loss, with exponential backoff and jitter capped at --retry-max-backoff; at once, with no
+    backoff, when ``master_moved`` says the sentinels name another master (a failover: the old
+    master keeps its subscribers until the sentinels demote it, seconds later, and commands
+    published on the new one would reach no one meanwhile).
     """
 
     def __init__(
@@ -296,6 +305,8 @@ class Control:
         self._thread: threading.Thread | None = None
         self._conn: Connection | None = None
         self._down_since: float | None = None
+        self._moved_to: tuple[str, int] | None = None  # set by master_moved, read by the thread
+        self._next: Connection | None = None  # the connection to try next, instead of connect()
         self.subscribed = threading.Event()  # set while subscribed (tests, diagnostics)
         self.subscriptions = 0  # successful SUBSCRIBEs, the first included
 
@@ -316,6 +327,15 @@ class Control:
             conn.interrupt()  # wake a blocked read now
         thread.join(_STOP_JOIN_S)
 
+    def master_moved(self, addr: tuple[str, int]) -> None:
+        """The sentinels name ``addr`` as the master now (any thread): a subscription on
+        another server is given up and made again at once, on the master they name."""
+        conn = self._conn
+        if conn is None or (conn.endpoint.host, conn.endpoint.port) == addr:
+            return  # connecting (it asks the sentinels), or there already
+        self._moved_to = addr
+        conn.interrupt()
+
     # -- thread --------------------------------------------------------------------------
     def _run(self) -> None:
         failures = 0  # consecutive failed attempts
@@ -327,6 +347,15 @@ class Control:
             except Exception as exc:  # OSError, ReplyError, or a bug: never out of the thread
                 if self._stop.is_set():
                     return
+                moved, self._moved_to = self._moved_to, None
+                if moved is not None and self._conn is not None:
+                    log.info("the sentinels name another master; moving the control subscription",
+                             channel=self.channel, new=f"{moved[0]}:{moved[1]}")
+                    self.subscribed.clear()
+                    failures = 0
+                    # straight to it: a sentinel asked now may not know of the failover yet
+                    self._next = _at(self._conn, moved)
+                    continue
                 if self.subscribed.is_set():  # it worked until now: a fresh outage
                     failures = 0
                     self.subscribed.clear()
@@ -338,7 +367,7 @@ class Control:
                 if not isinstance(exc, OSError | ReplyError):
                     log.error("control listener error", error=repr(exc))
                 if wait is None:
-                    wait = _backoff(RECONNECT_MAX_S)
+                    wait = _backoff(self.settings.retry_max_s)
                 delay = wait(SimpleNamespace(attempt_number=failures))
             finally:
                 self._drop()
@@ -346,7 +375,8 @@ class Control:
                 return
 
     def _listen(self) -> None:
-        conn = self._conn = self._connect()
+        conn, self._next = self._next, None
+        conn = self._conn = conn or self._connect()
         if self._stop.is_set():  # stop() came before there was a connection to interrupt
             return
         conn.connect()

@@ -218,6 +218,9 @@ class SentinelTarget(Target):
         self.spec = spec
         self.tls = tls
         self.named: tuple[str, int] | None = None  # what the sentinels named at the last look
+        # Called from the watcher when the sentinels name another master than at its last look
+        # (a failover): whoever else holds a connection to the old master can leave it too.
+        self.on_switch: Callable[[tuple[str, int]], None] | None = None
         self._sentinel_tls: dict[tuple[str, int], bool] = {}  # how each sentinel answered
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -234,7 +237,12 @@ class SentinelTarget(Target):
             except Exception as exc:  # a bug must not end the watch silently
                 log.error("sentinel watcher error", error=repr(exc))
                 continue
-            self.named = (named.host, named.port)
+            before, self.named = self.named, (named.host, named.port)
+            if before is not None and before != self.named and self.on_switch is not None:
+                try:
+                    self.on_switch(self.named)
+                except Exception as exc:
+                    log.error("sentinel switch callback error", error=repr(exc))
 
     def interrupt(self) -> None:
         self._watch_stop.set()

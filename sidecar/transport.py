@@ -451,6 +451,9 @@ class Sender:
                                            "not logging each")
         self._refusals_told: set[str] = set()  # codes of error replies already logged as warnings
         self._cluster_seen = False  # a connection in auto mode found a cluster node
+        # On Sentinel, called (from the target's watcher) with the master the sentinels name
+        # after a failover; the control subscription follows the data path with it.
+        self.on_master_switch: Callable[[tuple[str, int]], None] | None = None
         self.thread = threading.Thread(target=self._run, name="redis-sender", daemon=True)
 
     def start(self) -> None:
@@ -652,6 +655,8 @@ class Sender:
     def _target_for(self) -> Target:
         if self._target is None:
             self._target = make_target(self.settings, self._on_connect, f"agent-sidecar:{self.settings.agent_id}")
+            if isinstance(self._target, SentinelTarget):
+                self._target.on_switch = self.on_master_switch
         return self._target
 
     def _to_cluster(self) -> Target:
@@ -719,8 +724,12 @@ class Sender:
         else:
             replies = target.execute(cmds, s.min_replicas_ack, timeout=timeout)
         if reveals_cluster(s, target, replies):
-            # Appends are idempotent, so sending the whole list again through the slot map is safe.
-            replies = self._to_cluster().execute(cmds, s.min_replicas_ack)
+            # Appends are idempotent, so sending the items again through the slot map is safe.
+            # The commands are built again: on a cluster the :idem keys have other names (sent as
+            # they were, they would be refused as CROSSSLOT and retried, with a warning).
+            self._to_cluster()
+            self._send(items, timeout)
+            return
         for reply in replies:
             if isinstance(reply, ReplyError):
                 if reply.code == "NOSCRIPT":

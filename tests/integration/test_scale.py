@@ -117,6 +117,9 @@ def test_any_node_of_a_cluster_will_do_for_any_run(redis_cluster: Any, tmp_path:
                           "--drain-timeout", "10", "--", "echo", run_id], timeout=60)
         assert cp.returncode == 0, cp.stderr
         assert b"stays in the spool" not in cp.stderr, (run_id, key_slot(f"run:{run_id}:variation:0"))
+        # finding a cluster is routine, not a refused write: the commands are built again with
+        # the cluster's :idem key names (sent as they were, they are refused as CROSSSLOT)
+        assert b"refused a write" not in cp.stderr, cp.stderr
     for run_id in run_ids:
         recs = [r for r in RunReader(client, [f"run:{run_id}:output:0"]).stored() if isinstance(r, Record)]
         assert [r.data for r in recs] == [run_id.encode() + b"\n"]
@@ -399,3 +402,25 @@ def test_tail_follow_reads_on_after_the_whole_cluster_restarts(redis_cluster: An
     wait_until(lambda: lines() >= n, timeout=30, message=lambda: f"{lines()} of {n} lines")
     assert tail.read_stdout() == counter_bytes(1, n)
     assert tail.poll() is None, tail.describe_output()
+
+
+def test_the_control_subscription_follows_a_manual_sentinel_failover(redis_sentinel: Any, start_sidecar: Any,
+                                                                     tmp_path: Path) -> None:
+    """The old master keeps its subscribers until the sentinels demote it, seconds after a
+    SENTINEL FAILOVER: meanwhile a command PUBLISHed on the new master would reach no one. The
+    control subscription moves to the new master with the data path, within about a second."""
+    proc = start_sidecar([*_args(redis_sentinel.url, "cfo", tmp_path), "--", *_counter(100_000, 2000)])
+    channel = "run:cfo:control"
+    wait_until(lambda: redis_sentinel.master.client().pubsub_numsub(channel)[0][1] == 1, timeout=15)
+    old_addr = redis_sentinel.current_master_addr()
+    sentinel = redis_sentinel.sentinel_servers[0].client()
+    sentinel.execute_command("SENTINEL", "FAILOVER", redis_sentinel.master_name)
+    redis_sentinel.wait_for_failover(old_addr)
+    new = redis_sentinel.current_master().client()
+    # well before the sentinels demote the old master (about 8-10 s)
+    wait_until(lambda: new.pubsub_numsub(channel)[0][1] == 1, timeout=4)
+    assert new.publish(channel, b'{"cmd": "cancel"}') == 1
+    cp = proc.finish(timeout=60)
+    assert cp.returncode == 143, cp.stderr
+    assert b"moving the control subscription" in cp.stderr
+    assert b"control channel unavailable" not in cp.stderr
