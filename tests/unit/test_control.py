@@ -527,3 +527,35 @@ def test_the_signed_command_in_the_protocol_document_verifies() -> None:
     obj = json.loads(line)
     s = config.build({"run_id": obj["run_id"]}, {}, ("true",)).replace(control_secret=b"example-secret-0123456789")
     assert isinstance(run(obj, s, now=obj["ts"]), Command)
+
+
+def test_resubscribing_backs_off_up_to_retry_max_backoff(settings: config.Settings,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait between attempts to subscribe again grows to --retry-max-backoff, as the data
+    path's does (PROTOCOL §13)."""
+    caps: list[float] = []
+    real = control._backoff
+
+    def recording(cap_s: float) -> Any:
+        caps.append(cap_s)
+        return real(cap_s)
+
+    monkeypatch.setattr(control, "_backoff", recording)
+    s = settings.replace(retry_max_s=0.25)
+    attempts: list[float] = []
+
+    def refused() -> Any:
+        attempts.append(time.monotonic())
+        raise ConnectionRefusedError("no Redis")
+
+    ctl = control.Control(s, connect=refused, on_command=lambda _c: None, on_reject=lambda _r: None)
+    ctl.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(attempts) < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        ctl.stop()
+    assert caps == [0.25]
+    assert len(attempts) >= 8
+    assert max(b - a for a, b in zip(attempts, attempts[1:], strict=False)) < 2.0
