@@ -409,6 +409,7 @@ def validate_url(url: str) -> None:
             parse_sentinel_url(url)
         except ValueError as exc:
             raise UsageError(f"invalid Sentinel URL {mask_url(url)!r}: {exc}") from None
+        _validate_sentinel_parts(url, auth)
         return
     try:
         parts = urlsplit(url)
@@ -421,6 +422,8 @@ def validate_url(url: str) -> None:
     if parts.scheme == "unix":
         if not parts.path:
             raise UsageError(f"invalid Redis URL {mask_url(url)!r}: unix:// needs a socket path")
+        if parts.fragment or url.endswith("#"):
+            raise UsageError(f"invalid Redis URL {mask_url(url)!r}: no fragment (#...)")
         query = parse_qs(parts.query, keep_blank_values=True)
         if set(query) - {"db"}:
             raise UsageError(f"invalid Redis URL {mask_url(url)!r}: unix:// takes only the query parameter db")
@@ -448,6 +451,30 @@ def validate_url(url: str) -> None:
     if db and not _db_ok(db):
         raise UsageError(f"invalid Redis URL {mask_url(url)!r}: database must be a number from 0 to {MAX_DB}, "
                          f"not {db[:20]!r}")
+
+
+def _validate_sentinel_parts(url: str, auth: str) -> None:
+    """The checks validate_url makes of a redis:// URL, for the parts of a Sentinel URL that
+    parse_sentinel_url takes as they come: each sentinel's host, the credentials' %-escapes,
+    and a path of master name and database only, without query or fragment."""
+    import re
+
+    shown = mask_url(url)
+    if "?" in url or "#" in url:
+        raise UsageError(f"invalid Sentinel URL {shown!r}: no query parameters or fragment")
+    if re.search("%(?![0-9A-Fa-f]{2})", auth):
+        raise UsageError(f"invalid Sentinel URL {shown!r}: bad %-escape in the user name or password "
+                         "(write % as %25)")
+    hosts, _, path = url.partition("://")[2].rpartition("@")[2].partition("/")
+    if len([p for p in path.split("/") if p]) > 2:
+        raise UsageError(f"invalid Sentinel URL {shown!r}: the path is /master_name[/db]")
+    for host in hosts.split(","):
+        if not host.strip() or host.strip().startswith(":"):
+            raise UsageError(f"invalid Sentinel URL {shown!r}: a sentinel without a host")
+        try:
+            validate_url(f"redis://{host.strip()}/0")
+        except UsageError:
+            raise UsageError(f"invalid Sentinel URL {shown!r}: bad sentinel address {host!r}") from None
 
 
 def validate_template(name: str, template: str) -> None:
@@ -558,7 +585,9 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     merged["control_secret"] = secret
     patterns = values.get("redact_patterns") or ()
     if not patterns and env.get("SIDECAR_REDACT_PATTERNS"):
-        patterns = tuple(p for p in env["SIDECAR_REDACT_PATTERNS"].split("\n") if p)
+        # one per line; a CRLF file (a ConfigMap written on Windows) must not leave a "\r" at
+        # the end of each pattern, which would then never match
+        patterns = tuple(p for p in env["SIDECAR_REDACT_PATTERNS"].replace("\r\n", "\n").split("\n") if p)
     if patterns:
         from .redaction import check_patterns
 

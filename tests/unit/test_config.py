@@ -333,6 +333,9 @@ def test_transport_properties(transport: str, stream: bool, pubsub: bool) -> Non
         "unix:///tmp/redis.sock?db=1",
         "unix:///run/redis@main/redis.sock",
         "unix://u:pw@/run/redis@main/redis.sock",
+        "redis+sentinel://s1:26379,s2:26379,[::1]:26379/mymaster/2",
+        "redis+sentinel://u:p%25w@s1/mymaster",
+        "rediss+sentinel://s1:26379/mymaster",
     ],
 )
 def test_valid_urls(url: str) -> None:
@@ -361,6 +364,16 @@ def test_valid_urls(url: str) -> None:
         "redis+sentinel://h:26379/mymaster/\u0661",
         "redis+sentinel://h:99999/mymaster",
         "redis+sentinel://h:-1/mymaster",
+        "redis+sentinel://h:26379/mymaster/0/extra",
+        "redis+sentinel://h:26379/mymaster?x=y",
+        "redis+sentinel://h:26379/mymaster#frag",
+        "redis+sentinel://bad_host!:26379/mymaster",
+        "redis+sentinel://h%41:26379/mymaster",
+        "redis+sentinel://h:26379,/mymaster",
+        "redis+sentinel://:26379/mymaster",
+        "redis+sentinel://[::1:26379/mymaster",
+        "redis+sentinel://u:pw%zz@h:26379/mymaster",
+        "unix:///tmp/r.sock#frag",
         "redis://h:1/99999999999",
         "redis://h/\u00b2",
         "unix:///tmp/r.sock?db=2147483648",
@@ -602,6 +615,11 @@ def test_unix_socket_database_must_be_a_number() -> None:
 def test_redact_patterns_are_checked_as_they_will_be_used(patterns: tuple[str, ...], fragment: str) -> None:
     with pytest.raises(UsageError, match=re.escape(fragment)):
         mk({"redact_patterns": patterns})
+
+
+def test_redact_patterns_variable_with_crlf_lines() -> None:
+    s = mk(env={"SIDECAR_REDACT_PATTERNS": "ID-\\d+\r\nfoo\r\n"})
+    assert s.redact_patterns == ("ID-\\d+", "foo")
 
 
 def test_leading_inline_flags_in_a_redact_pattern_are_accepted() -> None:
