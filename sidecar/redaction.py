@@ -232,6 +232,40 @@ def scoped(pattern: str) -> bytes:
     return (f"(?{flags}:{pattern})" if flags else pattern).encode()
 
 
+def nested_repeat(pattern: bytes) -> bool:
+    """Whether ``pattern`` holds an unbounded repeat inside a repeat that may run more than
+    once, such as ``(\\w+\\s?)+``: the shape of regular expressions whose backtracking takes
+    exponential time on a near miss, during which Python's ``re`` holds the interpreter (no
+    other thread, no signal handler runs). Possessive repeats and atomic groups do not
+    backtrack into themselves and pass."""
+    from re import _constants as c
+    from re import _parser
+
+    def walk(items: Any, repeated: bool) -> bool:
+        for op, av in items:
+            if op in (c.MAX_REPEAT, c.MIN_REPEAT):
+                _low, high, body = av
+                if repeated and high == c.MAXREPEAT:
+                    return True
+                if walk(body, repeated or high > 1):
+                    return True
+            elif op is c.SUBPATTERN:
+                if walk(av[-1], repeated):
+                    return True
+            elif op is c.BRANCH:
+                if any(walk(branch, repeated) for branch in av[1]):
+                    return True
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                if walk(av[1], repeated):
+                    return True
+            elif op is c.GROUPREF_EXISTS:
+                if any(walk(branch, repeated) for branch in av[1:] if branch is not None):
+                    return True
+        return False
+
+    return walk(_parser.parse(pattern), False)
+
+
 def check_patterns(patterns: Sequence[str]) -> str | None:
     """Why these user patterns cannot be used, or None."""
     for p in patterns:
@@ -241,6 +275,9 @@ def check_patterns(patterns: Sequence[str]) -> str | None:
             return f"{p!r}: {exc}"
         if rx.fullmatch(b"") is not None:
             return f"{p!r} matches the empty string"
+        if nested_repeat(scoped(p)):
+            return (f"{p!r} repeats a repeat, like (a+)+: on some output it takes exponential time, and "
+                    "the sidecar would hang; write it without the nesting, or make the inner repeat possessive (a++)")
     try:
         Redactor({}, patterns)
     except (re.error, OverflowError, RecursionError, ValueError) as exc:

@@ -611,10 +611,19 @@ def test_unix_socket_database_must_be_a_number() -> None:
     (("ab[",), "unterminated"),
     (("(?P<a>x)", "(?P<a>y)"), "combined"),
     (("x(?i)y",), "global flags"),
+    (("(\\w+\\s?)+=",), "repeats a repeat"),
+    (("ok=\\S+", "(?i)(?:[a-z]*,)*x"), "repeats a repeat"),
+    (("(?:(?=(a+)+))b",), "repeats a repeat"),
 ])
 def test_redact_patterns_are_checked_as_they_will_be_used(patterns: tuple[str, ...], fragment: str) -> None:
     with pytest.raises(UsageError, match=re.escape(fragment)):
         mk({"redact_patterns": patterns})
+
+
+@pytest.mark.parametrize("pattern", ["(\\d{1,3}\\.){3}\\d+", "(?:ab|cd)+", "(\\w++\\s?)+=", "(?>\\w+\\s?)+=",
+                                     "(a+)?b", "token: *[a-z0-9]+"])
+def test_redact_patterns_without_a_repeated_repeat_are_accepted(pattern: str) -> None:
+    assert mk({"redact_patterns": (pattern,)}).redact_patterns == (pattern,)
 
 
 def test_redact_patterns_variable_with_crlf_lines() -> None:

@@ -289,3 +289,21 @@ def test_a_pattern_python_cannot_compile_is_reported_not_raised(pattern: str) ->
 def test_an_environment_secret_ending_a_read_goes_out_masked_at_once() -> None:
     r = Redactor({"DB_PASSWORD": "my pass!word"})
     assert r("stdout", b"Password: my pass!word", False) == b"Password: [REDACTED]"
+
+
+def test_a_repeated_repeat_is_refused_and_its_possessive_form_accepted() -> None:
+    """(\\w+\\s?)+= against a near miss ("aaa...a!") backtracks exponentially, holding the
+    interpreter all the while; with a possessive inner repeat it matches the same texts in
+    linear time."""
+    import re
+
+    from sidecar.redaction import check_patterns, nested_repeat
+
+    pattern = r"(\w+\s?)+="
+    assert nested_repeat(pattern.encode())
+    assert "repeats a repeat" in (check_patterns([pattern]) or "")
+    safe = r"(\w++\s?)+="
+    assert check_patterns([safe]) is None
+    assert re.search(safe.encode(), b"a" * 10_000 + b"!") is None
+    for text in (b"ab cd=", b"x=", b"a b c d e=f"):
+        assert re.search(safe.encode(), text).group() == re.search(pattern.encode(), text).group()
