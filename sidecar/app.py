@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 
 # Token reports with unusable fields that are logged, per run (an agent may send thousands).
 IGNORED_REPORTS_TOLD = 5
+# Agent states (status events) passed on as status messages: a burst of this many, then this
+# many a second; past that only the latest state goes out, once a second. The status stream
+# is the run's, shared by its variations, and trimmed to --max-stream-len: a chatty agent
+# must not push the lifecycle statuses out of it.
+AGENT_STATES_BURST = 20
+AGENT_STATES_PER_S = 2.0
 
 
 class Runtime:
@@ -47,6 +53,11 @@ class Runtime:
         self.tokens_seq = 0
         self.ignored_reports = 0  # token reports with fields left out (see _report_ignored)
         self._seq_lock = threading.Lock()  # status comes from several threads
+        self._states_lock = threading.Lock()
+        self._states_allowance = float(AGENT_STATES_BURST)
+        self._states_checked = time.monotonic()
+        self._state_held: events.AgentStatus | None = None  # the latest state over the budget
+        self.agent_states_held = 0  # states not passed on (a later one was)
         self.base: dict[str, Any] = {
             "v": protocol.VERSION,
             "run_id": s.run_id,
@@ -195,7 +206,19 @@ class Runtime:
     def _route(self, obj: dict[str, Any]) -> None:
         event = events.classify(obj)
         if isinstance(event, events.AgentStatus):
-            self.status("agent", event.metadata, state=event.state)
+            with self._states_lock:
+                if not self._state_allowed():
+                    if self._state_held is not None:
+                        self.agent_states_held += 1
+                    elif not self.agent_states_held:
+                        log.info(f"agent states over {AGENT_STATES_PER_S:g} a second; passing on the latest "
+                                 "once a second")
+                    self._state_held = event
+                    return
+                if self._state_held is not None:  # this one is later: the held one is passed over
+                    self.agent_states_held += 1
+                    self._state_held = None
+                self.status("agent", event.metadata, state=event.state)
             return
         if isinstance(event, (events.TokenReport, events.UnusableReport)) and event.ignored:
             self._report_ignored(event)
@@ -212,6 +235,27 @@ class Runtime:
                 item = Item(self.tokens_key, self.producer, seq, seq, protocol.encode_object(msg), kind="tokens")
                 self.tokens_seq = seq
                 self.outbox.put(item, force=True)
+
+    def _state_allowed(self) -> bool:
+        """Whether an agent state may go out now (token bucket; the caller holds _states_lock)."""
+        now = time.monotonic()
+        self._states_allowance = min(float(AGENT_STATES_BURST),
+                                     self._states_allowance + (now - self._states_checked) * AGENT_STATES_PER_S)
+        self._states_checked = now
+        if self._states_allowance < 1.0:
+            return False
+        self._states_allowance -= 1.0
+        return True
+
+    def pass_held_state(self, *, now: bool = False) -> None:
+        """The latest agent state held back goes out when the budget allows (main thread, once a
+        second), or ``now`` (at the end of the run, before the final status)."""
+        with self._states_lock:
+            held = self._state_held
+            if held is None or not (now or self._state_allowed()):
+                return
+            self._state_held = None
+            self.status("agent", held.metadata, state=held.state)
 
     def _report_ignored(self, event: events.TokenReport | events.UnusableReport) -> None:
         """Fields of a token report that are not counts (not a whole number from 0 to 2^53) or
@@ -258,6 +302,11 @@ class Runtime:
         """Control thread: queue ``cmd`` for the main thread and wake it."""
         self.commands.put(cmd)
         signals.wake(self.main_thread)
+
+    def on_tick(self, sup: signals.Supervisor) -> None:
+        """Main thread, at least once a second while the agent runs."""
+        self.apply_commands(sup)
+        self.pass_held_state()
 
     def apply_commands(self, sup: signals.Supervisor) -> None:
         """Main thread, on every supervisor tick (each command wakes it): carry out what the
@@ -409,7 +458,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
         log.warning("agent still running after the kill grace; sending SIGKILL", kill_grace_s=s.kill_grace_s)
 
     sup = signals.Supervisor(agent, s.kill_grace_s, on_signal=on_signal, on_kill=on_kill)
-    exited: Exited = sup.wait(tick=lambda: rt.apply_commands(sup))
+    exited: Exited = sup.wait(tick=lambda: rt.on_tick(sup))
     rt.control.stop()
     reader.stop_after(s.pipe_grace_s)
     stops = 0
@@ -463,6 +512,7 @@ def finish(rt: Runtime, code: int, final: str, meta: dict[str, Any], deadline: f
         rt.outbox.close()
         if not rt.batcher.close(timeout=120.0):
             log.error("encoder did not finish; output still in memory is lost")
+    rt.pass_held_state(now=True)  # every stdout object was routed by now: the agent's last state
     rt.status(final, terminal=True, **meta)  # after the last output batch, so consumers see all output first
     rt.sender.finish()
     while told < 2 and not rt.sender.join(0.05):

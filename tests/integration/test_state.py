@@ -251,3 +251,28 @@ def test_replaying_an_earlier_attempt_does_not_roll_the_variation_hash_back(redi
     assert runs.stream_bytes(client, "run:att:output:0") == b"second\nfirst\n"  # delivered late, all of it
     state = client.hgetall("run:att:variation:0")
     assert state[b"status"] == b"exited" and state[b"exit_code"] == b"0" and state[b"producer"] == second
+
+
+def test_a_flood_of_agent_states_is_thinned_and_the_latest_always_goes_out(redis_server: RedisServer) -> None:
+    """The status stream is the run's, shared by its variations and capped by
+    --max-stream-len: 20 states, then 2 a second pass on, and the latest state is never lost."""
+    client = redis_server.client()
+    agent = [sys.executable, "-c",
+             "import json, sys, time\n"
+             "for i in range(2000): print(json.dumps({'sidecar_event': 'status', 'state': f's{i}'}), flush=True)\n"
+             "time.sleep(2.5)\n"
+             "for i in range(3): print(json.dumps({'sidecar_event': 'status', 'state': f'late{i}'}), flush=True)\n"]
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "chat", "--no-echo", "--", *agent])
+    assert cp.returncode == 0, cp.stderr
+    statuses = runs.statuses(client, "chat")
+    states = [m["metadata"]["state"] for m in statuses if m["status"] == "agent"]
+    # the first 20 at once; then, while the agent sleeps, the latest held one (s1999) within a
+    # second; the late ones go out as the budget allows, the last one before `exited`
+    assert states[:20] == [f"s{i}" for i in range(20)]
+    assert "s1999" in states and states[-1] == "late2"
+    assert len(states) <= 20 + 2 * 4 + 3
+    assert statuses[-1]["status"] == "exited"
+    assert client.hget("run:chat:variation:0", "agent_state") == b"late2"
+    assert cp.stderr.count(b"agent states over 2 a second") == 1
+    out = runs.stream_bytes(client, "run:chat:output:0")  # every line stays in the output
+    assert out.count(b"sidecar_event") == 2003
