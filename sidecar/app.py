@@ -382,6 +382,9 @@ def _secrets_env(s: Settings) -> dict[str, str]:
     return env
 
 
+# With --when-full drop, waiting room (memory and spool) for fewer batches than this drops
+# output in any burst, Redis healthy or not: worth a warning at start.
+DROP_ROOM_BATCHES = 4
 GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
 
 
@@ -392,6 +395,10 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     if s.run_id_generated:
         # a warning: at --log-level warning the run would otherwise go out under an id nobody knows
         log.warning("no run id given (--run-id, RUN_ID): generated one", run_id=s.run_id)
+    if s.when_full == "drop" and s.buffer_max_bytes + s.spool_max_bytes < DROP_ROOM_BATCHES * s.batch_max_bytes:
+        log.warning(f"--when-full drop with room for fewer than {DROP_ROOM_BATCHES} batches (--buffer-max-bytes and "
+                    "--spool-max-bytes against --batch-max-bytes): output is dropped whenever the agent writes "
+                    "faster than one round trip to Redis, also with Redis healthy")
     rt = Runtime(s)
     if rt.spool is not None:
         ours = {ch.key for ch in rt.channels.values()} | {rt.status_key, rt.tokens_key}

@@ -386,6 +386,15 @@ def test_when_full_drop_never_blocks_and_marks_gaps(redis_factory: Any, start_si
     assert err.count("dropping the oldest waiting output") == 1, err
     dropped = sum(g.last - g.first + 1 for g in gaps)
     assert f"output dropped while the buffer was full (--when-full drop) records={dropped}" in err, err  # no spool
+    # 256 KiB of buffer, no spool: room for one batch, told at start
+    assert err.count("--when-full drop with room for fewer than 4 batches") == 1, err
+
+
+def test_when_full_drop_with_the_default_room_is_not_warned_about(redis_server: RedisServer) -> None:
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "droproom", "--when-full", "drop",
+                      "--", "echo", "hi"])
+    assert cp.returncode == 0
+    assert b"room for fewer than" not in cp.stderr, cp.stderr
 
 
 def test_sigterm_to_sidecar_with_agent_that_traps_it(redis_server: RedisServer, start_sidecar: Any,
