@@ -17,7 +17,7 @@ from agent_wrapper.process import Agent
 
 from . import _native, control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
-from .config import DEFAULT_REDIS_URL, Settings, empty_redis_url, mask_url, split_hosts, url_password
+from .config import DEFAULT_REDIS_URL, Settings, empty_redis_url, mask_url, split_hosts, unknown_variables, url_password
 from .items import Item
 from .outbox import Outbox
 from .spool import Spool, SpoolError
@@ -395,6 +395,9 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     if s.run_id_generated:
         # a warning: at --log-level warning the run would otherwise go out under an id nobody knows
         log.warning("no run id given (--run-id, RUN_ID): generated one", run_id=s.run_id)
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        log.warning("unknown SIDECAR_ environment variables, ignored: " + ", ".join(unknown))
     if s.when_full == "drop" and s.buffer_max_bytes + s.spool_max_bytes < DROP_ROOM_BATCHES * s.batch_max_bytes:
         log.warning(f"--when-full drop with room for fewer than {DROP_ROOM_BATCHES} batches (--buffer-max-bytes and "
                     "--spool-max-bytes against --batch-max-bytes): output is dropped whenever the agent writes "

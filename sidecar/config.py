@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from agent_wrapper.values import Frozen
 
@@ -705,6 +705,27 @@ def _read_secret(path: str, flag: str) -> bytes:
 
 
 # Options that say how to reach Redis: shared by the run, tail and replay commands.
+# Variables the sidecar reads that are no option of OPTIONS.
+OTHER_VARIABLES = frozenset({"SIDECAR_CONTROL_SECRET", "SIDECAR_REDACT_PATTERNS", "SIDECAR_PURE_PYTHON"})
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """``SIDECAR_*`` names in ``env`` that the sidecar does not read (a misspelling, say
+    SIDECAR_REDACT_PATTERN), each with the closest known name when there is one."""
+    known = {opt.env for opt in OPTIONS if opt.env and opt.env.startswith("SIDECAR_")} | OTHER_VARIABLES
+    unknown = sorted(name for name in env if name.startswith("SIDECAR_") and name not in known
+                     and not name.startswith("SIDECAR_TEST_"))  # the test suite's own (tests/redis_harness.py)
+    if not unknown:
+        return []
+    from difflib import get_close_matches  # only when there is something to tell
+
+    out = []
+    for name in unknown:
+        close = get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return out
+
+
 CONNECTION_OPTIONS = ("redis_url", "redis_username", "redis_password_file", "redis_ca_file", "redis_cert_file",
                       "redis_key_file", "redis_mode", "cluster_hash_tag", "socket_timeout_s", "log_format",
                       "log_level")

@@ -217,3 +217,12 @@ def test_with_its_stdin_closed_the_agent_still_gets_a_stdin(redis_server: RedisS
     cp = run_process(["sh", "-c", f"exec {argv} -- {agent} 0<&-"], cwd=REPO_ROOT)
     assert cp.returncode == 0, cp.stderr
     assert runs.stream_bytes(redis_server.client(), runs.keys("nostdin")["stdout"]) == b"True\n"
+
+
+def test_a_misspelt_sidecar_variable_is_warned_about_and_the_run_goes_on(redis_server: RedisServer) -> None:
+    cp = run_sidecar([*_args(redis_server.url, "typo", "--no-echo"), "--", "echo", "secret-ish"],
+                     env={"SIDECAR_REDACT_PATTERN": "secret-\\w+"})
+    assert cp.returncode == 0
+    assert (b"WARNING unknown SIDECAR_ environment variables, ignored: SIDECAR_REDACT_PATTERN "
+            b"(did you mean SIDECAR_REDACT_PATTERNS?)") in cp.stderr
+    assert runs.stream_bytes(redis_server.client(), "run:typo:output:0") == b"secret-ish\n"  # not masked

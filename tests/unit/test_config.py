@@ -877,3 +877,13 @@ def test_an_empty_redis_url_variable_is_noticed() -> None:
     assert config.empty_redis_url({"REDIS_URL": ""}, mk({}, env={"REDIS_URL": ""}).redis_url)
     assert not config.empty_redis_url({}, mk({}).redis_url)  # not set at all: the default, as documented
     assert not config.empty_redis_url({"REDIS_URL": ""}, "redis://h:1/0")  # --redis-url given
+
+
+def test_unknown_sidecar_variables_are_named_with_the_closest_known_one() -> None:
+    env = {"SIDECAR_REDACT_PATTERN": "x", "SIDECAR_LINGER_MS": "1", "SIDECAR_FOO": "1", "REDIS_URL": "redis://h",
+           "SIDECAR_PURE_PYTHON": "1", "SIDECAR_CONTROL_SECRET": "s" * 16, "SIDECAR_TEST_REDIS_SERVER": "x",
+           "SIDECAR_BATCH_MAX_BYTE": "1"}
+    assert config.unknown_variables(env) == ["SIDECAR_BATCH_MAX_BYTE (did you mean SIDECAR_BATCH_MAX_BYTES?)",
+                                             "SIDECAR_FOO",
+                                             "SIDECAR_REDACT_PATTERN (did you mean SIDECAR_REDACT_PATTERNS?)"]
+    assert config.unknown_variables({opt.env: "1" for opt in config.OPTIONS if opt.env}) == []
