@@ -611,8 +611,10 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         raise UsageError("--redis-key-file needs --redis-cert-file (the client certificate)")
     if merged["redis_cert_file"]:
         _check_client_cert(merged["redis_cert_file"], merged["redis_key_file"])
+    from_pod_name = not (values.get("agent_id") or env.get("AGENT_ID")) and bool(env.get("POD_NAME"))
     for name in ("run_id", "variation_id", "agent_id"):
-        check_id(name, merged[name])
+        # an agent id taken from POD_NAME is named so: the user never set an agent id
+        check_id("agent_id (from POD_NAME)" if name == "agent_id" and from_pod_name else name, merged[name])
     # Text that goes into commands and JSON must be UTF-8 (an argument or variable of other
     # bytes arrives with surrogate escapes). File paths may be any bytes.
     for name, shown in (("redis_url", "--redis-url"), ("output_channel", "--output-channel"),

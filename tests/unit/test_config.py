@@ -887,3 +887,11 @@ def test_unknown_sidecar_variables_are_named_with_the_closest_known_one() -> Non
                                              "SIDECAR_FOO",
                                              "SIDECAR_REDACT_PATTERN (did you mean SIDECAR_REDACT_PATTERNS?)"]
     assert config.unknown_variables({opt.env: "1" for opt in config.OPTIONS if opt.env}) == []
+
+
+def test_a_bad_agent_id_from_pod_name_names_pod_name() -> None:
+    with pytest.raises(UsageError, match=r"invalid agent_id \(from POD_NAME\) 'my pod'"):
+        mk(env={"POD_NAME": "my pod"})
+    with pytest.raises(UsageError, match=r"invalid agent_id 'a b'"):
+        mk({"agent_id": "a b"}, env={"POD_NAME": "pod-1"})
+    assert mk(env={"POD_NAME": "pod-1"}).agent_id == "pod-1"
