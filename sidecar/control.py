@@ -140,9 +140,18 @@ def sign(obj: dict[str, Any], secret: bytes | str) -> dict[str, Any]:
     return signed
 
 
+# A shorter control secret is warned about: HMAC signatures on the channel let it be guessed offline.
+MIN_SECRET_BYTES = 16
+
+
 def insecure_warning(settings: Settings) -> str | None:
-    """The warning to log once at start when control commands are not authenticated."""
+    """The warning to log once at start when control commands are not authenticated, or only
+    with a short secret."""
     if settings.control_secret is not None:
+        if len(settings.control_secret) < MIN_SECRET_BYTES:
+            return (f"the control secret has fewer than {MIN_SECRET_BYTES} bytes: from one signed command seen on "
+                    f"{control_channel(settings)} it can be guessed offline (use 32 random bytes, e.g. "
+                    "`openssl rand -hex 32`)")
         return None
     return (
         f"control commands on {control_channel(settings)} are not authenticated: anyone who may publish "

@@ -295,7 +295,8 @@ def test_bad_or_missing_signature(secure: config.Settings, mutate: Any, reason: 
 def test_unsigned_command_is_rejected_with_a_secret(secure: config.Settings) -> None:
     assert rejected(run({"cmd": "cancel"}, secure)) == "missing signature"
     assert rejected(run({"cmd": "cancel", "ts": NOW}, secure)) == "missing signature"
-    assert control.insecure_warning(secure) is None
+    assert "fewer than 16 bytes" in str(control.insecure_warning(secure))  # SECRET: 10 bytes
+    assert control.insecure_warning(secure.replace(control_secret=b"k" * 16)) is None
 
 
 def test_ts_missing_or_not_a_number(secure: config.Settings) -> None:
