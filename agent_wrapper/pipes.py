@@ -70,6 +70,7 @@ class PipeReader:
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.echo_dropped = 0  # echo bytes the sidecar's own stdout/stderr did not take
+        self.echo_closed: list[str] = []  # streams whose echo failed for good (its reader went away)
         self._made_nonblocking = [fd for fd in set(self._echo.values()) if _nonblocking(fd)]
         # Written to by stop_after: the reader waits on the pipes with no timeout while nothing
         # is due, and must see a new deadline at once. Closed (-1) when the reader ends.
@@ -193,7 +194,12 @@ class PipeReader:
             return
         echo_fd = self._echo.get(name)
         if echo_fd is not None:
-            self.echo_dropped += _write_all(echo_fd, chunk)
+            try:
+                self.echo_dropped += _write_all(echo_fd, chunk)
+            except EchoClosed as exc:  # no more echo for this stream; the capture goes on
+                self.echo_dropped += exc.dropped
+                self.echo_closed.append(name)
+                del self._echo[name]
         self._emit(name, ts, self._splitters[name].feed(chunk))
 
     def _release(self, name: str, ts: float) -> None:
@@ -274,12 +280,21 @@ def _pending(fd: int) -> int:
         return 0
 
 
+class EchoClosed(Exception):
+    """The echo's descriptor failed for good (EPIPE: its reader went away; EBADF, EIO)."""
+
+    def __init__(self, dropped: int) -> None:
+        super().__init__(dropped)
+        self.dropped = dropped
+
+
 def _write_all(fd: int, data: bytes) -> int:
     """Echo ``data`` to ``fd`` (made non-blocking by the reader); returns the bytes dropped.
 
     Whoever reads the sidecar's own stdout/stderr (a container runtime, a terminal, a pipe)
     must never hold up the capture: what the descriptor does not take at once is dropped
-    from the echo. The records shipped to Redis are complete either way."""
+    from the echo. The records shipped to Redis are complete either way. A descriptor that
+    fails otherwise (its reader gone) raises EchoClosed."""
     view = memoryview(data)
     try:
         while view:
@@ -289,7 +304,7 @@ def _write_all(fd: int, data: bytes) -> int:
         return len(view)
     except OSError:
         # The container's own stdout going away must not stop the capture.
-        return len(view)
+        raise EchoClosed(len(view)) from None
     return 0
 
 

@@ -492,7 +492,10 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
             # and the final status reach the spool before the runtime's SIGKILL.
             rt.cut_reading(reader, f"a stop signal, Redis unreachable and {rt.outbox.full_text()} "
                            ", --drain-timeout after the agent exited")
-    if reader.echo_dropped:
+    if reader.echo_closed:
+        log.warning(f"the sidecar's own {' and '.join(reader.echo_closed)} could not be written any more (its reader "
+                    "went away): the echo stopped there, the output in Redis is complete")
+    elif reader.echo_dropped:
         log.warning("the sidecar's own stdout/stderr did not keep up: output dropped from the echo only, "
                     "not from Redis", bytes=reader.echo_dropped)
     meta: dict[str, Any] = {

@@ -194,3 +194,29 @@ def test_a_prompt_without_newline_is_echoed_at_once(redis_server: RedisServer) -
     finally:
         proc.wait(30)
         proc.stdout.close()
+
+
+def test_an_echo_whose_reader_went_away_stops_and_is_told_so(redis_server: RedisServer) -> None:
+    """The sidecar's own stdout is a pipe whose reader closed (`| head -1`): the echo of
+    stdout stops, with one warning saying so; stderr's echo and the capture go on."""
+    import os
+
+    from tests.integration import runs
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        agent = [sys.executable, "-c",
+                 "import sys, time\nfor i in range(3000):\n    print('out', i, flush=True)\n"
+                 "    if i % 1000 == 0: print('err', i, file=sys.stderr, flush=True); time.sleep(0.05)\n"]
+        cp = subprocess.run(_sidecar(redis_server.url, "gone", "--", *agent), stdout=w, stderr=subprocess.PIPE,
+                            env=child_env(), cwd=str(Path(__file__).parents[2]), timeout=60)
+    finally:
+        os.close(w)
+    assert cp.returncode == 0
+    err = cp.stderr
+    assert err.count(b"the sidecar's own stdout could not be written any more (its reader went away)") == 1, err
+    assert b"did not keep up" not in err
+    assert b"err 0\nerr 1000\nerr 2000\n" in err  # the echo of stderr went on
+    out = runs.stream_bytes(redis_server.client(), "run:gone:output:0")
+    assert out == b"".join(b"out %d\n" % i for i in range(3000))
