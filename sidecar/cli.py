@@ -16,9 +16,9 @@ USAGE = "python -m sidecar [OPTIONS] -- CMD [ARG...]\n       python -m sidecar t
         "       python -m sidecar replay [--spool-dir DIR] [...]"
 
 
-def usage_error(message: str) -> NoReturn:
+def usage_error(message: str, prog: str = "agent-sidecar") -> NoReturn:
     try:
-        os.write(2, f"agent-sidecar: error: {message} (see --help)\n".encode("utf-8", "backslashreplace"))
+        os.write(2, f"{prog}: error: {message} (see --help)\n".encode("utf-8", "backslashreplace"))
     except OSError:
         pass  # stderr gone (a closed pipe): the exit status still says it
     raise SystemExit(2)
