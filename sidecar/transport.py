@@ -596,7 +596,14 @@ class Sender:
         if isinstance(first_error, ReplyError) and first_error.code not in ("NOSCRIPT", "MOVED", "ASK"):
             if first_error.code not in self._refusals_told and len(self._refusals_told) < 100:
                 self._refusals_told.add(first_error.code)
-                log.warning("Redis refused a write; retrying", error=error)
+                if "script" in error and "can't run this command" in error:
+                    # Refused inside a script: where it was the PUBLISH after the append, a retry
+                    # finds the batch written and succeeds (the stream is complete, subscribers get
+                    # nothing); where it was the append, output waits for the ACL to be fixed.
+                    log.warning("Redis refused a write: the ACL user may not run a command of the sidecar's "
+                                "scripts (k8s/base/redis/users.acl lists what they need); retrying", error=error)
+                else:
+                    log.warning("Redis refused a write; retrying", error=error)
         elif isinstance(first_error, TimeoutError):
             # Silent for --socket-timeout: down now. Reconnecting at once would wait as long
             # again, with the backlog still in memory rather than on disk.

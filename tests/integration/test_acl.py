@@ -437,3 +437,20 @@ def test_password_rotation_as_documented(acl_server: AclServer) -> None:
     c = acl_server.connect("sidecar", new)
     assert c.xadd("run:R:output:0", {"d": "y"})
     assert_refused(lambda: c.get("other:x"))
+
+
+def test_a_user_refused_publish_inside_the_script_gets_the_stream_written_and_a_clear_warning(
+        redis_server: RedisServer) -> None:
+    """The append script's XADD and HSET run before its PUBLISH: the retry finds the batch
+    written, so the stream is complete; the warning names the ACL and the scripts."""
+    client = redis_server.client()
+    client.execute_command("ACL", "SETUSER", "nopub", "on", ">nopub-password", "~*", "&*", "+@all", "-publish")
+    try:
+        agent = ["sh", "-c", "for i in 1 2 3 4 5; do echo line $i; sleep 0.1; done"]
+        cp = run_sidecar(["--redis-url", redis_server.url.replace("redis://", "redis://nopub:nopub-password@"),
+                          "--run-id", "nopub", "--no-echo", "--heartbeat-interval", "0", "--", *agent])
+    finally:
+        client.execute_command("ACL", "DELUSER", "nopub")
+    assert cp.returncode == 0
+    assert runs.stream_bytes(client, "run:nopub:output:0") == b"".join(b"line %d\n" % i for i in range(1, 6))
+    assert cp.stderr.count(b"the ACL user may not run a command of the sidecar's scripts") == 1, cp.stderr
