@@ -61,6 +61,9 @@ class Deduper:
         self.from_start = from_start
 
     def feed(self, msg: dict[str, Any]) -> Iterator[Event]:
+        version = msg.get("v")
+        if type(version) is not int or version != 1:
+            return  # another version of the protocol (or none): not described by v1, skipped (PROTOCOL §14)
         kind = msg.get("type")
         channel = str(msg.get("channel", ""))
         producer = str(msg.get("producer", ""))
@@ -101,20 +104,40 @@ class RunReader:
     """Reads the streams of one variation of a run, from stored entries onward."""
 
     def __init__(self, client: redis.Redis, keys: Iterable[str], *, start_id: str = "0-0", page: int = 500) -> None:
+        """``start_id``: read the entries after this id; ``"0-0"`` (or ``"0"``, ``"-"``) from
+        the start of each stream, ``"$"`` only what is added after this call. ``client``
+        must return bytes (``decode_responses=False``, redis-py's default): payloads are binary."""
+        encoder = getattr(client, "get_encoder", None)
+        if encoder is not None and getattr(encoder(), "decode_responses", False):
+            raise ValueError("RunReader needs a client made with decode_responses=False: the payloads are binary")
         self.client = client
-        self.ids = {k: start_id for k in keys}
         self.page = page
-        self.dedupe = Deduper(from_start=start_id in ("0", "0-0", "-"))
+        keys = list(keys)
+        if start_id in ("0", "-"):
+            start_id = "0-0"
+        if start_id == "$":  # XRANGE has no "$": each key's last id now (XREAD's "$" would skip a read's worth)
+            self.ids = {k: self._last_id(k) for k in keys}
+        else:
+            self.ids = {k: start_id for k in keys}
+        self.dedupe = Deduper(from_start=start_id == "0-0")
         self.errors = 0
         # While follow() cannot read: since when (time.monotonic()) and why; None when it can.
         self.failing_since: float | None = None
         self.failure: BaseException | None = None
+
+    def _last_id(self, key: str) -> str:
+        last = self.client.xrevrange(key, count=1)
+        if not last:
+            return "0-0"
+        entry_id = last[0][0]
+        return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
 
     def _decode_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]], key: str) -> Iterator[Event]:
         for entry_id, fields in entries:
             self.ids[key] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             payload = fields.get(b"d")
             if payload is None:
+                self.errors += 1  # not an entry of this protocol: something else wrote to the key
                 continue
             try:
                 msg = protocol.decode(payload)

@@ -101,7 +101,7 @@ def test_compressed_batch_decoded() -> None:
     d = Deduper()
     msg = decode_message(
         protocol.encode_batch(
-            {"type": "batch", "channel": OUT, "producer": "p1"},
+            {"v": 1, "type": "batch", "channel": OUT, "producer": "p1"},
             1,
             mk_lines([b"x" * 50] * 30, 1.0),
             structured=False,
@@ -265,13 +265,13 @@ def test_interleaved_producers_and_channels() -> None:
 
 def test_unknown_message_type_ignored() -> None:
     d = Deduper()
-    assert list(d.feed({"type": "hello", "channel": OUT, "producer": "p1", "seq": 5})) == []
+    assert list(d.feed({"v": 1, "type": "hello", "channel": OUT, "producer": "p1", "seq": 5})) == []
     assert d.last == {}
 
 
 def test_json_field_reaches_records() -> None:
     d = Deduper()
-    header = {"type": "batch", "channel": OUT, "producer": "p1", "stream": "stdout"}
+    header = {"v": 1, "type": "batch", "channel": OUT, "producer": "p1", "stream": "stdout"}
     msg = protocol.decode(
         protocol.encode_batch(header, 1, mk_lines([b'{"a":1}', b"text"], 5.0), structured=True, threshold=-1)
     )
@@ -375,3 +375,50 @@ def test_hostile_entries_are_counted_and_skipped_never_fatal() -> None:
     assert _texts(list(reader.stored())) == ["oline1", "oline2"]
     assert reader.errors == 4
 
+
+
+def test_messages_of_another_version_are_skipped() -> None:
+    # PROTOCOL §14: a v2 entry (or one without a version) is not described by v1. Read as v1,
+    # its large seq would move the producer's sequence past the real v1 records that follow.
+    d = Deduper()
+    for v in (2, None, True, 1.0, "1"):
+        msg = dict(batch_msg(100, 3), v=v)
+        if v is None:
+            del msg["v"]
+        assert list(d.feed(msg)) == []
+        assert list(d.feed(dict(status_msg(50, "running"), v=v))) == []
+    assert d.last == {}
+    ev = list(d.feed(batch_msg(1, 3)))
+    assert seqs(ev) == [1, 2, 3] and not [e for e in ev if isinstance(e, Gap)]
+
+
+def test_start_ids_dash_and_dollar() -> None:
+    from sidecar.consumer import RunReader
+
+    client = _client_with([(OUT, _entry(batch_msg(1, 2, tag="o")))])
+    from_dash = RunReader(client, [OUT], start_id="-")
+    assert _texts(list(from_dash.stored())) == ["oline1", "oline2"]
+    from_now = RunReader(client, [OUT, LOGS], start_id="$")  # LOGS holds nothing yet
+    assert list(from_now.stored()) == []
+    client.xadd(OUT, _entry(batch_msg(3, 1, tag="o")))
+    client.xadd(LOGS, _entry(batch_msg(1, 1, tag="e", channel=LOGS, stream="stderr")))
+    assert sorted(_texts(list(from_now.stored()))) == ["eline1", "oline3"]  # no gap for records 1-2: not asked for
+
+
+def test_a_client_that_decodes_responses_is_refused() -> None:
+    import fakeredis
+    import pytest
+
+    from sidecar.consumer import RunReader
+
+    with pytest.raises(ValueError, match="decode_responses=False"):
+        RunReader(fakeredis.FakeRedis(decode_responses=True), [OUT])
+
+
+def test_an_entry_without_a_payload_counts_as_unreadable() -> None:
+    from sidecar.consumer import RunReader
+
+    client = _client_with([(OUT, {"other": b"x"}), (OUT, _entry(batch_msg(1, 1, tag="o")))])
+    reader = RunReader(client, [OUT])
+    assert _texts(list(reader.stored())) == ["oline1"]
+    assert reader.errors == 1
