@@ -106,21 +106,34 @@ def open_std_fds() -> None:
         sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)  # noqa: SIM115
 
 
+def subcommand(name: str, args: list[str]) -> int:
+    """``tail`` or ``replay``, with Ctrl-C and SIGTERM working as usual. The signals blocked at
+    start stay blocked until the modules with C parts are imported: a KeyboardInterrupt
+    raised in the middle of an extension module's initialisation can crash the interpreter."""
+    import signal
+
+    if name == "tail":
+        from .tail import main as run_it
+    else:
+        from .replay import main as run_it
+    import orjson  # noqa: F401
+    import redis  # noqa: F401
+    import zstandard  # noqa: F401
+
+    try:
+        import hiredis  # noqa: F401 - what redis-py parses replies with, imported at its first connection
+    except ImportError:
+        pass
+
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # blocked early for the run command only
+    return run_it(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     open_std_fds()
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("tail", "replay"):
-        import signal
-
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # blocked early for the run command only
-    if args and args[0] == "tail":
-        from .tail import main as tail_main
-
-        return tail_main(args[1:])
-    if args and args[0] == "replay":
-        from .replay import main as replay_main
-
-        return replay_main(args[1:])
+        return subcommand(args[0], args[1:])
     if "--" in args:
         i = args.index("--")
         opts, command = args[:i], args[i + 1 :]

@@ -179,3 +179,25 @@ def test_replay_of_a_spool_dir_that_is_a_file_is_a_usage_error(tmp_path: Any) ->
         f"agent-sidecar replay: error: --spool-dir {afile} is not a directory", cp.stderr
     cp = subprocess.run([*base, str(tmp_path / "absent")], capture_output=True, timeout=60, cwd=root)
     assert cp.returncode == 0 and b"nothing to replay" in cp.stderr, cp.stderr
+
+
+@pytest.mark.parametrize("argv", [["tail", "r"], ["replay", "--spool-dir", "absent-spool-dir"]])
+def test_ctrl_c_while_tail_or_replay_starts_never_crashes(argv: list[str], tmp_path: Any) -> None:
+    """A SIGINT anywhere in start-up: exit 130 (or the command's own status if it was done),
+    never a crash. One that lands inside an extension module's initialisation (orjson's,
+    25-40 ms in on this machine) used to kill the interpreter with SIGSEGV."""
+    import signal
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    codes = []
+    for i in range(32):
+        proc = subprocess.Popen([sys.executable, "-m", "sidecar", *argv, "--redis-url", "redis://127.0.0.1:1/0"],
+                                cwd=tmp_path, env={**os.environ, "PYTHONPATH": root},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.005 + (i % 16) * 0.005)
+        proc.send_signal(signal.SIGINT)
+        codes.append(proc.wait(timeout=60))
+    # -SIGINT: the signal came before the interpreter installed its handler, as for any Python program.
+    assert set(codes) <= {130, 1, 0, -signal.SIGINT}, codes
+    assert 130 in codes, codes
