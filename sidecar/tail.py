@@ -29,8 +29,8 @@ _CONN_OPTS = {*CONNECTION_OPTIONS, "output_channel", "logs_channel", "status_cha
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="agent-sidecar tail", description="Print a run's output from Redis: stdout, stderr and "
                 "status interleaved by time, each stream in order. Exit status: 0; 1 when Redis cannot be read; "
-                "2 on a usage error; with --raw, 3 when output is missing (a gap or an undecodable entry), "
-                "which the other modes report in the output.")
+                "2 on a usage error; 130 on Ctrl-C; with --raw, 3 when output is missing (a gap or an undecodable "
+                "entry; also after a Ctrl-C), which the other modes report in the output.")
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--variation", default="0", help="variation id (default 0)")
     p.add_argument("--agent-id", help="the run's agent id, for channel templates that use {agent_id}")
@@ -97,7 +97,6 @@ class Printer:
         self.variation = variation
         self.out: BinaryIO = sys.stdout.buffer
         self.err: BinaryIO = sys.stderr.buffer
-        self.final: str | None = None
         self.gaps = 0
 
     def emit(self, ev: Event) -> None:
@@ -115,8 +114,6 @@ class Printer:
         elif isinstance(ev, Status):
             if str(ev.msg.get("variation_id")) != self.variation:
                 return
-            if ev.status in ("exited", "killed", "failed", "cancelled"):
-                self.final = ev.status
             if not self.show_status:
                 return
             if self.mode == "json":
@@ -186,6 +183,7 @@ def main(argv: Sequence[str]) -> int:
                          f"{_brief(exc)}\n")
         return 1
     reader = RunReader(client, keys)
+    interrupted = False
     try:
         for ev in reader.stored():
             printer.emit(ev)
@@ -207,7 +205,7 @@ def main(argv: Sequence[str]) -> int:
                                      f"{STILL_TRYING_AFTER_S:g} s, still trying: {_brief(reader.failure)}\n")
                     sys.stderr.flush()
     except KeyboardInterrupt:
-        return 130
+        interrupted = True
     except BrokenPipeError:
         return 0
     except (redis.RedisError, RedisClusterException) as exc:
@@ -217,8 +215,8 @@ def main(argv: Sequence[str]) -> int:
     finally:
         client.close()
     if mode == "raw":
-        # stderr is the agent's: missing output shows in the exit status only
-        return 3 if reader.errors or printer.gaps else 0
+        # stderr is the agent's: missing output shows in the exit status only, also after a Ctrl-C
+        return 3 if reader.errors or printer.gaps else 130 if interrupted else 0
     if reader.errors:
         sys.stderr.write(f"[agent-sidecar] {reader.errors} undecodable entries skipped\n")
-    return 0
+    return 130 if interrupted else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -320,6 +321,34 @@ def test_tail_follow_streams_live_output(redis_server: RedisServer, start_sideca
             time.sleep(0.05)
         assert follower.read_stdout() == b"".join(b"tick%d\n" % i for i in range(1, 6))
         assert follower.poll() is None  # still following
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 130  # Ctrl-C, and nothing was missing
+    finally:
+        follower.kill_tree()
+
+
+def test_tail_follow_raw_reports_a_gap_by_its_exit_status_when_stopped(redis_server: RedisServer,
+                                                                       redis_client: redis.Redis) -> None:
+    """With --raw, stderr is the agent's and a gap shows only in the exit status: a --follow
+    stopped with Ctrl-C (its only way to end) must still say output was missing."""
+    from tests.helpers import start_process
+
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "fgap", "--no-echo", "--", "echo", "kept"])
+    assert cp.returncode == 0
+    (_id, fields), = redis_client.xrange("run:fgap:output:0")
+    first = protocol.decode(fields[b"d"])
+    gap = {k: first[k] for k in ("v", "run_id", "variation_id", "agent_id", "producer", "channel", "stream")}
+    gap.update(type="gap", seq=2, n=3, timestamp="2024-01-01T00:00:00.000000Z", **{"from": 2, "to": 4})
+    follower = start_process([sys.executable, "-m", "sidecar", "tail", "fgap", "--redis-url", redis_server.url,
+                              "--follow", "--raw"])
+    try:
+        follower.wait_for_output(b"kept\n", stream="stdout", timeout=15)
+        redis_client.xadd("run:fgap:output:0", {"d": protocol.encode_object(gap)})
+        time.sleep(1.5)  # read by the follower's next XREAD
+        assert follower.poll() is None
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 3
+        assert follower.read_stdout() == b"kept\n" and follower.read_stderr() == b""
     finally:
         follower.kill_tree()
 
