@@ -25,6 +25,11 @@ COPY agent_wrapper/ agent_wrapper/
 COPY sidecar/ sidecar/
 # Only wheels leave this stage; the build environment (setuptools, pip's cache) stays behind.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# The image's first process: it blocks the signals the sidecar takes over and execs Python.
+# PID 1 without a handler loses a SIGTERM (the kernel drops it), and the interpreter starts
+# for tens of milliseconds before sidecar/__main__.py can block it; blocked, it stays pending.
+COPY docker/sidecar-init.c ./
+RUN gcc -O2 -Wall -o /sidecar-init sidecar-init.c
 
 # --- runtime -----------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}
@@ -36,7 +41,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # Install from the builder's wheels only (no index, no compiler, no cache left in the image),
 # then the unprivileged user and the spool directory it owns.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels /wheels/agent_sidecar-*.whl \
+    --mount=type=bind,from=builder,source=/sidecar-init,target=/tmp/sidecar-init \
+    install -m 0755 /tmp/sidecar-init /usr/local/bin/sidecar-init \
+    && pip install --no-cache-dir --no-index --find-links=/wheels /wheels/agent_sidecar-*.whl \
     && groupadd --system --gid 10001 agent \
     && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/agent \
         --shell /usr/sbin/nologin agent \
@@ -48,7 +55,7 @@ WORKDIR /home/agent
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 
-# The sidecar runs as PID 1: it forwards signals to the agent and reaps orphans, so no init
-# process is needed. Everything after "--" is the agent's command.
-ENTRYPOINT ["python", "-P", "-m", "sidecar", "--"]
+# The sidecar runs as PID 1 (sidecar-init execs it): it forwards signals to the agent and
+# reaps orphans, so no other init process is needed. Everything after "--" is the agent's command.
+ENTRYPOINT ["/usr/local/bin/sidecar-init", "python", "-P", "-m", "sidecar", "--"]
 CMD ["python", "-c", "print('no agent command given')"]

@@ -122,7 +122,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("redis_cert_file", "--redis-cert-file", "REDIS_CERT_FILE", None, "TLS client certificate (PEM)"),
     Option("redis_key_file", "--redis-key-file", "REDIS_KEY_FILE", None, "TLS client private key (PEM)"),
     Option("control_secret_file", "--control-secret-file", "SIDECAR_CONTROL_SECRET_FILE", None,
-           "file holding the HMAC secret that control commands must be signed with"),
+           "file holding the HMAC secret that control commands must be signed with (or the secret itself in "
+           "SIDECAR_CONTROL_SECRET)"),
     Option("redis_mode", "--redis-mode", "SIDECAR_REDIS_MODE", "auto",
            "auto: detect a cluster (redis+sentinel:// URLs use Sentinel); or force standalone, cluster, sentinel",
            kind="choice", choices=("auto", "standalone", "cluster", "sentinel")),

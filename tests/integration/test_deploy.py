@@ -533,7 +533,11 @@ def test_dockerfile_runs_the_sidecar_as_an_unprivileged_user() -> None:
     runtime = text[text.rindex("\nFROM ") :]
     users = re.findall(r"^USER\s+(\S+)", runtime, re.M)
     assert users and users[-1].split(":")[0].isdigit() and int(users[-1].split(":")[0]) >= 1000
-    assert 'ENTRYPOINT ["python", "-P", "-m", "sidecar", "--"]' in runtime  # -P: not the cwd first on sys.path
+    # -P: not the cwd first on sys.path; sidecar-init: the signals blocked before Python starts
+    assert 'ENTRYPOINT ["/usr/local/bin/sidecar-init", "python", "-P", "-m", "sidecar", "--"]' in runtime
+    builder = text[: text.rindex("\nFROM ")]
+    assert "COPY docker/sidecar-init.c" in builder and re.search(r"gcc .*-o /sidecar-init sidecar-init\.c", builder)
+    assert "install -m 0755 /tmp/sidecar-init /usr/local/bin/sidecar-init" in runtime
     assert re.search(r"^CMD \[", runtime, re.M)
     assert "SIDECAR_SPOOL_DIR=/var/spool/agent-sidecar" in runtime
     assert "chown 10001:10001 /var/spool/agent-sidecar" in runtime
@@ -557,8 +561,105 @@ def build_context(dest: Path) -> Path:
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=ignore)
         else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     return dest
+
+
+def test_build_context_holds_the_init_source() -> None:
+    text = (REPO_ROOT / ".dockerignore").read_text()
+    assert re.search(r"^!docker/sidecar-init\.c$", text, re.M)
+
+
+# -- the image's first process ------------------------------------------------------------------
+
+INIT_SOURCE = REPO_ROOT / "docker" / "sidecar-init.c"
+
+
+def test_sidecar_init_blocks_exactly_what_the_sidecar_blocks_first() -> None:
+    import signal
+
+    from sidecar.__main__ import EARLY_BLOCKED
+
+    listed = re.search(r"blocked\[\] = \{([^}]*)\}", INIT_SOURCE.read_text())
+    assert listed, "the list of blocked signals in docker/sidecar-init.c"
+    names = [n.strip() for n in listed.group(1).split(",")]
+    assert {getattr(signal, n) for n in names} == set(EARLY_BLOCKED)
+
+
+@pytest.fixture(scope="module")
+def sidecar_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        unavailable("no C compiler to build docker/sidecar-init.c")
+    out = tmp_path_factory.mktemp("init") / "sidecar-init"
+    cp = run_process([compiler, "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(INIT_SOURCE)], timeout=120)
+    assert cp.returncode == 0, cp.stderr.decode()
+    return out
+
+
+def test_sidecar_init_usage_and_a_missing_command(sidecar_init: Path) -> None:
+    cp = run_process([str(sidecar_init)], timeout=30)
+    assert cp.returncode == 2 and cp.stderr == b"usage: sidecar-init COMMAND [ARG...]\n"
+    cp = run_process([str(sidecar_init), "no-such-command-here"], timeout=30)
+    assert cp.returncode == 127
+    assert cp.stderr == b"sidecar-init: cannot run no-such-command-here: No such file or directory\n"
+
+
+def test_through_sidecar_init_the_agent_starts_with_no_signal_blocked(sidecar_init: Path,
+                                                                     redis_server: RedisServer) -> None:
+    cp = run_process([str(sidecar_init), sys.executable, "-m", "sidecar", "--redis-url", redis_server.url,
+                      "--run-id", "init-mask", "--no-echo", "--", "grep", "^SigBlk", "/proc/self/status"], timeout=60)
+    assert cp.returncode == 0, cp.stderr.decode()
+    key = runs.keys("init-mask")["stdout"]
+    assert runs.stream_bytes(redis_server.client(), key) == b"SigBlk:\t0000000000000000\n"
+
+
+def test_as_pid_1_a_sigterm_sent_while_python_starts_is_not_lost(sidecar_init: Path,
+                                                                 redis_server: RedisServer) -> None:
+    """PID 1 of a PID namespace, as in a container: a SIGTERM with no handler installed is
+    dropped by the kernel. Sent as soon as the interpreter runs (before the sidecar's own
+    code could block it), it must still stop the agent at once: exit 143, not after 20 s."""
+    import signal
+
+    import psutil
+
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        unavailable("unshare (util-linux) not found")
+    probe = run_process([unshare, "--fork", "--pid", "--mount-proc", "true"], timeout=30)
+    if probe.returncode != 0:
+        unavailable(f"cannot make a PID namespace here: {probe.stderr.decode().strip()}")
+    for i in range(4):
+        run_id = f"init-pid1-{i}"
+        proc = subprocess.Popen([unshare, "--fork", "--kill-child", "--pid", "--mount-proc", str(sidecar_init),
+                                 sys.executable, "-m",
+                                 "sidecar", "--redis-url", redis_server.url, "--run-id", run_id, "--no-echo", "--",
+                                 "sleep", "20"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            started = time.monotonic()
+            init = None
+            while init is None and time.monotonic() - started < 10:
+                for child in psutil.Process(proc.pid).children():
+                    try:
+                        if child.exe() == os.path.realpath(sys.executable):  # sidecar-init has exec'd Python
+                            init = child
+                    except psutil.Error:
+                        pass
+            assert init is not None, "the sidecar never started"
+            init.send_signal(signal.SIGTERM)
+            try:
+                _out, err = proc.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"run {i}: the SIGTERM was lost, the agent kept running")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 143, (i, proc.returncode, err.decode()[-2000:])
+        assert time.monotonic() - started < 15
+        final = runs.statuses(redis_server.client(), run_id)[-1]
+        assert final["status"] == "killed" and final["metadata"]["signal"] == "SIGTERM", final
 
 
 def test_build_context_holds_what_the_wheel_needs() -> None:
