@@ -20,6 +20,7 @@ from .batcher import Batcher, Channel
 from .config import DEFAULT_REDIS_URL, Settings, empty_redis_url, mask_url, split_hosts, unknown_variables, url_password
 from .items import Item
 from .outbox import Outbox
+from .resp import client_name
 from .spool import Spool, SpoolError
 from .transport import Sender, TargetPipe, cluster_enabled, idem_key, open_connection, subscriber_connection
 
@@ -99,7 +100,7 @@ class Runtime:
         self._reject_budget = log.Budget("more than 20 control commands rejected this minute; not reporting each")
         self._command_budget = log.Budget("more than 20 control commands this minute; not logging each")
         # One for the whole run: what it learns (a cluster's nodes) outlives a lost connection.
-        heartbeat_pipe = TargetPipe(s, f"agent-sidecar-heartbeat:{s.agent_id}")
+        heartbeat_pipe = TargetPipe(s, client_name("agent-sidecar-heartbeat", s.agent_id))
         self.heartbeat = heartbeat.Heartbeat(
             s,
             connect=lambda: heartbeat_pipe,  # type: ignore[arg-type, return-value]
@@ -132,7 +133,7 @@ class Runtime:
         the data path knows in turn (a classic PUBLISH reaches every node), so that the
         control channel outlives the node in the URL."""
         self._control_attempts += 1
-        name = f"agent-sidecar-control:{self.s.agent_id}"
+        name = client_name("agent-sidecar-control", self.s.agent_id)
         nodes = self.sender.cluster_nodes()
         if nodes and self._control_attempts > 1:
             conn = open_connection(self.s, name, nodes[self._control_attempts % len(nodes)])

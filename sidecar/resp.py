@@ -99,6 +99,14 @@ def pack_many(commands: list[tuple[Any, ...]]) -> bytes:
     return b"".join([pack(c) for c in commands])
 
 
+def client_name(role: str, agent_id: str) -> str:
+    """The CLIENT SETNAME name of a connection, ``role:agent_id``. Redis refuses names with
+    anything but printable ASCII and no spaces (every connection's handshake would fail), so
+    other bytes of the agent id's UTF-8, and ``%``, are %-escaped: ``agent-ü`` is ``agent-%C3%BC``."""
+    raw = agent_id.encode("utf-8", "surrogateescape")
+    return f"{role}:" + "".join(chr(b) if 0x21 <= b <= 0x7E and b != 0x25 else f"%{b:02X}" for b in raw)
+
+
 class Connection:
     def __init__(
         self,

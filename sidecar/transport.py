@@ -21,7 +21,7 @@ from .batcher import Batcher
 from .config import Settings, mask_url, split_hosts
 from .items import Item
 from .outbox import Outbox
-from .resp import Connection, Endpoint, ReplyError, parse_url
+from .resp import Connection, Endpoint, ReplyError, client_name, parse_url
 from .topology import ClusterTarget, SentinelTarget, Target, has_hash_tag, parse_sentinel_url
 
 TYPE_CHECKING = False
@@ -661,7 +661,8 @@ class Sender:
 
     def _target_for(self) -> Target:
         if self._target is None:
-            self._target = make_target(self.settings, self._on_connect, f"agent-sidecar:{self.settings.agent_id}")
+            name = client_name("agent-sidecar", self.settings.agent_id)
+            self._target = make_target(self.settings, self._on_connect, name)
             if isinstance(self._target, SentinelTarget):
                 self._target.on_switch = self.on_master_switch
         return self._target

@@ -226,3 +226,20 @@ def test_a_misspelt_sidecar_variable_is_warned_about_and_the_run_goes_on(redis_s
     assert (b"WARNING unknown SIDECAR_ environment variables, ignored: SIDECAR_REDACT_PATTERN "
             b"(did you mean SIDECAR_REDACT_PATTERNS?)") in cp.stderr
     assert runs.stream_bytes(redis_server.client(), "run:typo:output:0") == b"secret-ish\n"  # not masked
+
+
+def test_an_agent_id_that_is_not_ascii_still_connects_and_delivers_live(redis_server: RedisServer) -> None:
+    """Redis refuses a CLIENT SETNAME that is not printable ASCII: the connections' names
+    escape the id, and every connection (data, control, heartbeat) comes up."""
+    client = redis_server.client()
+    cp = run_sidecar([*_args(redis_server.url, "nonascii", "--agent-id", "agent-ü", "--heartbeat-interval", "0.2"),
+                      "--", sys.executable, "-c",
+                      "import time; print('hi', flush=True); time.sleep(1.0)"])
+    assert cp.returncode == 0, cp.stderr
+    warnings = [ln for ln in cp.stderr.splitlines() if b"WARNING" in ln and b"not authenticated" not in ln]
+    assert warnings == [], cp.stderr.decode()
+    assert runs.stream_bytes(client, runs.keys("nonascii")["stdout"]) == b"hi\n"
+    statuses = runs.statuses(client, "nonascii")
+    assert [m["status"] for m in statuses] == ["starting", "running", "exited"]
+    assert {m["agent_id"] for m in statuses} == {"agent-ü"}
+    assert client.hget("run:nonascii:variation:0", "last_heartbeat") is not None

@@ -37,3 +37,11 @@ def test_pack_many_joins_commands_in_order() -> None:
     cmds = [("PING",), ("PUBLISH", "c", b"m"), ("EVALSHA", "x", 1, "k", 2.5)]
     assert pack_many(cmds) == b"".join(pack_py(c) for c in cmds)
     assert pack_many(cmds[:1]) == pack_py(cmds[0])
+
+
+def test_client_names_are_printable_ascii_whatever_the_agent_id() -> None:
+    from sidecar.resp import client_name
+
+    assert client_name("agent-sidecar", "pod-7") == "agent-sidecar:pod-7"
+    assert client_name("agent-sidecar", "agent-ü") == "agent-sidecar:agent-%C3%BC"
+    assert client_name("r", "a b%c\x7f") == "r:a%20b%25c%7F"  # % escaped too: the name maps back to one id
