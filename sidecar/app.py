@@ -399,6 +399,9 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     unknown = unknown_variables(os.environ)
     if unknown:
         log.warning("unknown SIDECAR_ environment variables, ignored: " + ", ".join(unknown))
+    if not s.redact and s.redact_patterns:
+        log.warning("--no-redact (SIDECAR_NO_REDACT) turns redaction off: the --redact-pattern and "
+                    "SIDECAR_REDACT_PATTERNS patterns mask nothing")
     if s.when_full == "drop" and s.buffer_max_bytes + s.spool_max_bytes < DROP_ROOM_BATCHES * s.batch_max_bytes:
         log.warning(f"--when-full drop with room for fewer than {DROP_ROOM_BATCHES} batches (--buffer-max-bytes and "
                     "--spool-max-bytes against --batch-max-bytes): output is dropped whenever the agent writes "

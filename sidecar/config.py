@@ -535,10 +535,14 @@ def default_agent_id(env: dict[str, str]) -> str:
 
 
 def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...]) -> Settings:
-    """Settings from parsed flag values (None where not given) and the environment."""
+    """Settings from parsed flag values (None where not given) and the environment. An empty
+    value counts as not given, from a flag as from a variable: ``--run-id "$ID"`` with ``ID``
+    unset must not override RUN_ID."""
     merged: dict[str, Any] = {}
     for opt in OPTIONS:
         raw = values.get(opt.dest)
+        if raw == "":
+            raw = None
         if raw is None and opt.env is not None and env.get(opt.env, "") != "":
             raw = env[opt.env]
         merged[opt.dest] = opt.default if raw is None else convert(opt, raw)
@@ -584,11 +588,14 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     elif env.get("SIDECAR_CONTROL_SECRET"):
         secret = env["SIDECAR_CONTROL_SECRET"].encode("utf-8", "surrogateescape")  # the variable's bytes
     merged["control_secret"] = secret
-    patterns = values.get("redact_patterns") or ()
-    if not patterns and env.get("SIDECAR_REDACT_PATTERNS"):
-        # one per line; a CRLF file (a ConfigMap written on Windows) must not leave a "\r" at
-        # the end of each pattern, which would then never match
-        patterns = tuple(p for p in env["SIDECAR_REDACT_PATTERNS"].replace("\r\n", "\n").split("\n") if p)
+    patterns = tuple(values.get("redact_patterns") or ())
+    if env.get("SIDECAR_REDACT_PATTERNS"):
+        # One per line, and used together with the flags (unlike other settings, which the flag
+        # replaces): a pattern set for every agent must not vanish when a Job adds one of its
+        # own. A CRLF file (a ConfigMap written on Windows) must not leave a "\r" at the end of
+        # each pattern, which would then never match.
+        lines = env["SIDECAR_REDACT_PATTERNS"].replace("\r\n", "\n").split("\n")
+        patterns += tuple(p for p in lines if p and p not in patterns)
     if patterns:
         from .redaction import check_patterns
 

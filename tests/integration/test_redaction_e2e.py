@@ -44,10 +44,12 @@ def test_secrets_are_masked_in_records_and_echo(redis_server: RedisServer) -> No
 
 
 def test_no_redact_publishes_as_written(redis_server: RedisServer) -> None:
-    cp = _run(redis_server.url, "raw", "--no-redact", "--no-echo")
+    cp = _run(redis_server.url, "raw", "--no-redact", "--no-echo", "--redact-pattern", r"T-[0-9]{4}")
     assert cp.returncode == 0  # type: ignore[attr-defined]
     out = runs.stream_bytes(redis_server.client(), "run:raw:output:0")
     assert out == (f"env: {SECRET}\nsplit: AKIAIOSFODNN7EXAMPLE done\nticket T-4242 closed\n").encode()
+    # a pattern given with --no-redact masks nothing, and the start says so
+    assert b"the --redact-pattern and SIDECAR_REDACT_PATTERNS patterns mask nothing" in cp.stderr  # type: ignore
 
 
 def test_a_secret_read_from_a_file_is_masked_too(redis_server: RedisServer, tmp_path: object) -> None:

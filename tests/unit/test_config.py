@@ -501,11 +501,13 @@ def test_ids_with_spaces_braces_or_controls(dest: str, bad: str) -> None:
 
 
 def test_empty_ids() -> None:
-    """An empty run or agent id is as if none was given; a variation id must be something."""
-    s = mk({"run_id": "", "agent_id": ""}, {"POD_NAME": "pod-1"})
-    assert s.run_id_generated and len(s.run_id) == 16 and s.agent_id == "pod-1"
-    with pytest.raises(UsageError, match="variation_id"):
-        mk({"variation_id": ""})
+    """An empty value is as if none was given, from a flag as from a variable."""
+    s = mk({"run_id": "", "agent_id": "", "variation_id": ""}, {"POD_NAME": "pod-1"})
+    assert s.run_id_generated and len(s.run_id) == 16 and s.agent_id == "pod-1" and s.variation_id == "0"
+    s = mk({"run_id": "", "agent_id": "", "variation_id": "", "spool_dir": "", "output_channel": ""},
+           {"RUN_ID": "r-env", "AGENT_ID": "a-env", "VARIATION_ID": "3", "SIDECAR_SPOOL_DIR": "/var/sp"})
+    assert (s.run_id, s.agent_id, s.variation_id, s.spool_dir) == ("r-env", "a-env", "3", "/var/sp")
+    assert not s.run_id_generated and s.output_channel == config.DEFAULT_OUTPUT
     with pytest.raises(UsageError, match="empty"):
         config.check_id("RUN_ID", "")
 
@@ -895,3 +897,10 @@ def test_a_bad_agent_id_from_pod_name_names_pod_name() -> None:
     with pytest.raises(UsageError, match=r"invalid agent_id 'a b'"):
         mk({"agent_id": "a b"}, env={"POD_NAME": "pod-1"})
     assert mk(env={"POD_NAME": "pod-1"}).agent_id == "pod-1"
+
+
+def test_redact_patterns_of_the_variable_and_the_flags_are_used_together() -> None:
+    s = mk({"redact_patterns": ("FOO-\\d+", "shared")}, env={"SIDECAR_REDACT_PATTERNS": "BAR-\\d+\nshared\n"})
+    assert s.redact_patterns == ("FOO-\\d+", "shared", "BAR-\\d+")
+    with pytest.raises(UsageError, match="redact-pattern"):  # the variable's are checked also with a flag given
+        mk({"redact_patterns": ("FOO",)}, env={"SIDECAR_REDACT_PATTERNS": "ok\n("})
