@@ -31,6 +31,7 @@ MASK = b"[REDACTED]"
 MAX_HELD_SECRET = 8 << 10
 SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIALS")
 MIN_VALUE_LEN = 8
+MULTILINE_PART_LEN = 16
 
 # Token shapes, each long enough that ordinary words do not match.
 TOKEN_PATTERNS: tuple[bytes, ...] = (
@@ -38,7 +39,7 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
     rb"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}",  # OpenAI
     rb"gh[pousr]_[A-Za-z0-9]{30,}",  # GitHub tokens
     rb"github_pat_[A-Za-z0-9_]{30,}",  # GitHub fine-grained tokens
-    rb"(?:AKIA|ASIA)[0-9A-Z]{16}",  # AWS access key ids
+    rb"(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z])",  # AWS access key ids (exactly 20 characters)
     rb"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
 )
 # Every token shape begins with one of these prefixes. Rather than scanning each chunk once
@@ -50,6 +51,7 @@ _FOLD = bytes.maketrans(b"ousrabS", b"ppppppK")
 RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_")
 FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
 _TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
+_TOKEN_START = (rb"(?:(?<![A-Za-z0-9])|(?<=\\[bfnrt])|(?<=\\u[0-9A-Fa-f]{4})|(?<=%[0-9A-Fa-f]{2}))")
 
 
 def secret_values(env: Mapping[str, str], min_len: int = MIN_VALUE_LEN) -> list[bytes]:
@@ -59,6 +61,13 @@ def secret_values(env: Mapping[str, str], min_len: int = MIN_VALUE_LEN) -> list[
     for k, v in env.items():
         if k.upper().endswith(SUFFIXES) and len(v) >= min_len:
             values.update(_encodings(v))
+            # A multi-line value (a PEM key, a JSON credentials file) may be written a line at a
+            # time or with CRLF line ends, and the filter never holds back past a line end:
+            # each of its lines long enough to be secret material is a secret too.
+            for line in v.splitlines():
+                line = line.strip()
+                if line != v and len(line) >= MULTILINE_PART_LEN and not line.startswith("-----"):
+                    values.update(_encodings(line))
     return sorted(values, key=len, reverse=True)  # longest first: a value containing another wins
 
 
@@ -109,8 +118,10 @@ class Redactor:
         self.values = tuple(secret_values(env, min_len))
         self._value_set = frozenset(self.values)
         self.user_patterns = bool(extra_patterns)
-        # Token shapes only where a token can begin: not inside a word ("risk-assessment-...").
-        shapes = [rb"(?<![A-Za-z0-9])" + p for p in TOKEN_PATTERNS]
+        # Token shapes only where a token can begin: not inside a word ("risk-assessment-..."),
+        # but right after an escape that ends in a letter or digit: a JSON string's \n, \t or
+        # \u0022 (a tool result in stream-json), a URL's %20 or %3D.
+        shapes = [_TOKEN_START + p for p in TOKEN_PATTERNS]
         parts = [re.escape(v) for v in self.values] + shapes + [scoped(p) for p in extra_patterns]
         self.rx = re.compile(b"|".join(b"(?:" + p + b")" for p in parts))
         self.token_rx = re.compile(b"|".join(b"(?:" + p + b")" for p in shapes))

@@ -307,3 +307,24 @@ def test_a_repeated_repeat_is_refused_and_its_possessive_form_accepted() -> None
     assert re.search(safe.encode(), b"a" * 10_000 + b"!") is None
     for text in (b"ab cd=", b"x=", b"a b c d e=f"):
         assert re.search(safe.encode(), text).group() == re.search(pattern.encode(), text).group()
+
+
+@pytest.mark.parametrize("before", [b"\\n", b"\\t", b"\\r", b"\\u0022", b"%20", b"%3D"])
+def test_a_token_after_an_escape_is_masked(before: bytes) -> None:
+    # A tool result in stream-json: "$ printenv KEY\nsk-..." is escaped as \nsk-...
+    text = b'{"content": "' + before + TOKENS["aws"] + b'"}\n'
+    assert run(Redactor({}), [text]) == b'{"content": "' + before + b'[REDACTED]"}\n'
+
+
+def test_an_aws_shape_is_exactly_twenty_characters() -> None:
+    text = b"region ASIAPACIFICREGIONSERVER1 host\n"
+    assert run(Redactor({}), [text]) == text
+
+
+def test_a_multi_line_secret_written_a_line_at_a_time() -> None:
+    pem = ("-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(["MIIEpAIBAAKCAQEAz7" + str(i) * 40 for i in range(3)])
+           + "\n-----END RSA PRIVATE KEY-----")
+    r = Redactor({"PRIVATE_KEY": pem})
+    out = run(r, [line.encode() + b"\n" for line in pem.split("\n")])
+    assert b"MIIEpAIBAAKCAQEA" not in out
+    assert run(Redactor({"PRIVATE_KEY": pem}), [pem.replace("\n", "\r\n").encode()]).count(MASK) == 3
