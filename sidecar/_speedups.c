@@ -153,9 +153,10 @@ static int folds_to_p(unsigned char c) {
 
 /* Every prefix ends with one of - _ A, which are rare in text (s, g and x, the bytes they
  * begin with, are not). Given such a byte at s[i], where its prefix begins, or -1:
- * sk- and x?x?- end with -, gh?_ and github_pat_ with _, A?IA with A. Each start has one last
- * byte, and the starts come out in order: of the two such bytes inside a prefix, no match ends
- * at the _ of "github_", and one ending at the first A of A?IA begins before it. */
+ * sk-, glpat- and x?x?- end with -, gh?_, github_pat_, [rs]k_live_, [rs]k_test_, hf_ and npm_
+ * with _, A?IA with A. Each start has one last byte, and the starts come out in order: of the
+ * bytes inside a prefix that are such bytes, none ends another prefix (the _ of "github_",
+ * of "sk_"), and one ending at the first A of A?IA begins before it. */
 static Py_ssize_t prefix_ending_at(const unsigned char *s, Py_ssize_t i) {
     switch (s[i]) {
     case '-':
@@ -163,12 +164,21 @@ static Py_ssize_t prefix_ending_at(const unsigned char *s, Py_ssize_t i) {
             return i - 2;
         if (i >= 4 && s[i - 4] == 'x' && folds_to_p(s[i - 3]) && s[i - 2] == 'x' && folds_to_p(s[i - 1]))
             return i - 4;
+        if (i >= 5 && memcmp(s + i - 5, "glpat", 5) == 0)
+            return i - 5;
         return -1;
     case '_':
         if (i >= 3 && s[i - 3] == 'g' && s[i - 2] == 'h' && folds_to_p(s[i - 1]))
             return i - 3;
         if (i >= 10 && memcmp(s + i - 10, "github_pat", 10) == 0)
             return i - 10;
+        if (i >= 2 && s[i - 2] == 'h' && s[i - 1] == 'f')
+            return i - 2;
+        if (i >= 3 && memcmp(s + i - 3, "npm", 3) == 0)
+            return i - 3;
+        if (i >= 7 && (s[i - 7] == 's' || s[i - 7] == 'r') && s[i - 6] == 'k' && s[i - 5] == '_'
+            && (memcmp(s + i - 4, "live", 4) == 0 || memcmp(s + i - 4, "test", 4) == 0))
+            return i - 7;
         return -1;
     case 'A':
         if (i >= 3 && s[i - 3] == 'A' && (s[i - 2] == 'K' || s[i - 2] == 'S') && s[i - 1] == 'I')

@@ -41,6 +41,10 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
     rb"github_pat_[A-Za-z0-9_]{30,}",  # GitHub fine-grained tokens
     rb"(?:AKIA|ASIA)[0-9A-Z]{16}(?![0-9A-Za-z])",  # AWS access key ids (exactly 20 characters)
     rb"xox[abprs]-[A-Za-z0-9\-]{10,}",  # Slack
+    rb"glpat-[A-Za-z0-9_\-]{20,}",  # GitLab personal access tokens
+    rb"[rs]k_(?:live|test)_[A-Za-z0-9]{20,}",  # Stripe secret and restricted keys
+    rb"hf_[A-Za-z0-9]{30,}",  # Hugging Face
+    rb"npm_[A-Za-z0-9]{36,}",  # npm
 )
 # Every token shape begins with one of these prefixes. Rather than scanning each chunk once
 # per prefix, the chunk is folded (o, u, s, r, a, b -> p and S -> K; one byte for one byte,
@@ -48,7 +52,8 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
 # A[KS]IA becomes AKIA, xox[abprs]- becomes xpxp-. Only where a prefix occurs does the
 # token expression run, anchored there.
 _FOLD = bytes.maketrans(b"ousrabS", b"ppppppK")
-RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_")
+RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_", b"glpat-", b"sk_live_", b"rk_live_", b"sk_test_",
+                                   b"rk_test_", b"hf_", b"npm_")
 FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
 _TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
 _TOKEN_START = (rb"(?:(?<![A-Za-z0-9])|(?<=\\[bfnrt])|(?<=\\u[0-9A-Fa-f]{4})|(?<=%[0-9A-Fa-f]{2}))")

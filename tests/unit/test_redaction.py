@@ -26,6 +26,11 @@ TOKENS = {
     "github_pat": b"github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
     "aws": b"AKIAIOSFODNN7EXAMPLE",
     "slack": b"xoxb-123456789012-abcdefghijkl",
+    "gitlab": b"glpat-AbCdEfGhIjKlMnOpQrSt",
+    "stripe": b"sk_live_AbCdEfGhIjKlMnOpQrStUvWx",
+    "stripe_restricted": b"rk_test_AbCdEfGhIjKlMnOpQrStUvWx",
+    "huggingface": b"hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456",
+    "npm": b"npm_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
 }
 
 
