@@ -29,7 +29,11 @@ MASK = b"[REDACTED]"
 # A match reaching the end of a chunk is held back whole, up to this size, until the next
 # read, 1 s or a line end shows where it ends: a long token written in two parts is masked whole.
 MAX_HELD_SECRET = 8 << 10
-SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIALS")
+SUFFIXES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIALS", "_PAT", "_PWD", "_DSN",
+            "_AUTH")
+_NUMBERED = re.compile(r"_?[0-9]+\Z")  # API_KEY_2, TOKEN2: the name without its number
+# The password of a URL in any variable (DATABASE_URL=postgresql://app:...@db/app).
+_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:([^/\s@]+)@")
 MIN_VALUE_LEN = 8
 MULTILINE_PART_LEN = 16
 
@@ -64,7 +68,14 @@ def secret_values(env: Mapping[str, str], min_len: int = MIN_VALUE_LEN) -> list[
     differ (a value with quotes, slashes, spaces or non-ASCII characters), and inside base64."""
     values: set[bytes] = set()
     for k, v in env.items():
-        if k.upper().endswith(SUFFIXES) and len(v) >= min_len:
+        if "://" in v:
+            for password in _URL_PASSWORD.findall(v):
+                from urllib.parse import unquote  # only with a password to decode: it costs the start
+
+                for form in {password, unquote(password)}:
+                    if len(form) >= min_len:
+                        values.update(_encodings(form))
+        if _NUMBERED.sub("", k.upper()).endswith(SUFFIXES) and len(v) >= min_len:
             values.update(_encodings(v))
             # A multi-line value (a PEM key, a JSON credentials file) may be written a line at a
             # time or with CRLF line ends, and the filter never holds back past a line end:

@@ -333,3 +333,19 @@ def test_a_multi_line_secret_written_a_line_at_a_time() -> None:
     out = run(r, [line.encode() + b"\n" for line in pem.split("\n")])
     assert b"MIIEpAIBAAKCAQEA" not in out
     assert run(Redactor({"PRIVATE_KEY": pem}), [pem.replace("\n", "\r\n").encode()]).count(MASK) == 3
+
+
+def test_more_secret_variable_names_and_the_passwords_of_urls() -> None:
+    env = {"GITHUB_PAT": "pat-value-0123456789", "API_KEY_2": "second-key-value", "DB_PASSPHRASE": "long passphrase",
+           "SENTRY_DSN": "https://abcdef0123456789@o1.ingest.example/1",
+           "DATABASE_URL": "postgresql://app:S3cret%2FPassw0rd@db:5432/app",
+           "PWD": "/home/agent/work", "OLDPWD": "/home/agent"}
+    r = Redactor(env)
+    text = (b"pat-value-0123456789 second-key-value long passphrase\n"
+            b"dsn https://abcdef0123456789@o1.ingest.example/1\n"
+            b"url postgresql://app:S3cret%2FPassw0rd@db:5432/app pw S3cret/Passw0rd\n"
+            b"cwd /home/agent/work\n")
+    assert run(r, [text]) == (b"[REDACTED] [REDACTED] [REDACTED]\n"
+                              b"dsn [REDACTED]\n"
+                              b"url postgresql://app:[REDACTED]@db:5432/app pw [REDACTED]\n"
+                              b"cwd /home/agent/work\n")
