@@ -17,7 +17,16 @@ from agent_wrapper.process import Agent
 
 from . import _native, control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
-from .config import DEFAULT_REDIS_URL, Settings, empty_redis_url, mask_url, split_hosts, unknown_variables, url_password
+from .config import (
+    DEFAULT_REDIS_URL,
+    Settings,
+    default_agent_id,
+    empty_redis_url,
+    mask_url,
+    split_hosts,
+    unknown_variables,
+    url_password,
+)
 from .items import Item
 from .outbox import Outbox
 from .resp import client_name
@@ -399,6 +408,14 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     unknown = unknown_variables(os.environ)
     if unknown:
         log.warning("unknown SIDECAR_ environment variables, ignored: " + ", ".join(unknown))
+    if s.wire == "per-line-json" and s.transport == "stream":
+        log.warning("--wire per-line-json shapes the pub/sub messages, and --transport stream publishes none: "
+                    "the streams get batches as always")
+    templates = (s.output_channel, s.logs_channel, s.status_channel)
+    if any("{agent_id}" in t for t in templates) and not (os.environ.get("AGENT_ID") or os.environ.get("POD_NAME")) \
+            and s.agent_id == default_agent_id(dict(os.environ)):
+        log.warning("a channel template uses {agent_id} and no agent id was given (--agent-id, AGENT_ID, POD_NAME): "
+                    "the keys carry the generated one, which readers must be told", agent_id=s.agent_id)
     if not s.redact and s.redact_patterns:
         log.warning("--no-redact (SIDECAR_NO_REDACT) turns redaction off: the --redact-pattern and "
                     "SIDECAR_REDACT_PATTERNS patterns mask nothing")

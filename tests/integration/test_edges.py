@@ -243,3 +243,20 @@ def test_an_agent_id_that_is_not_ascii_still_connects_and_delivers_live(redis_se
     assert [m["status"] for m in statuses] == ["starting", "running", "exited"]
     assert {m["agent_id"] for m in statuses} == {"agent-ü"}
     assert client.hget("run:nonascii:variation:0", "last_heartbeat") is not None
+
+
+def test_settings_that_do_less_than_they_seem_are_warned_about(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    cp = run_sidecar([*_args(redis_server.url, "plj", "--transport", "stream", "--wire", "per-line-json"),
+                      "--", "echo", "x"])
+    assert cp.returncode == 0 and b"--wire per-line-json shapes the pub/sub messages" in cp.stderr, cp.stderr
+    assert runs.stream_bytes(client, runs.keys("plj")["stdout"]) == b"x\n"  # batches, as always
+    cp = run_sidecar([*_args(redis_server.url, "tplid", "--output-channel", "out:{run_id}:{agent_id}"),
+                      "--", "echo", "y"], env={"AGENT_ID": None, "POD_NAME": None})
+    assert cp.returncode == 0, cp.stderr
+    line = next(ln for ln in cp.stderr.decode().splitlines() if "uses {agent_id}" in ln)
+    agent_id = line.rsplit("agent_id=", 1)[1]
+    assert runs.stream_bytes(client, f"out:tplid:{agent_id}") == b"y\n"
+    cp = run_sidecar([*_args(redis_server.url, "tplid2", "--output-channel", "out:{run_id}:{agent_id}",
+                             "--agent-id", "a1"), "--", "echo", "z"])
+    assert cp.returncode == 0 and b"uses {agent_id}" not in cp.stderr, cp.stderr
