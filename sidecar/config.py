@@ -296,7 +296,11 @@ def convert(opt: Option, raw: Any) -> Any:
         src = opt.flag if opt.env is None else f"{opt.flag} / {opt.env}"
         raise UsageError(f"invalid value {raw!r} for {src}: {exc}") from None
     if opt.kind == "choice" and raw not in opt.choices:
-        raise UsageError(f"invalid value {raw!r} for {opt.flag}: choose from {', '.join(opt.choices)}")
+        word = raw.strip().lower()  # a variable's value, as for booleans (flags are checked by argparse)
+        if word in opt.choices:
+            return word
+        src = opt.flag if opt.env is None else f"{opt.flag} / {opt.env}"
+        raise UsageError(f"invalid value {raw!r} for {src}: choose from {', '.join(opt.choices)}")
     return raw
 
 

@@ -272,11 +272,11 @@ def test_limits_below_one(dest: str, value: str) -> None:
     ("dest", "value"),
     [
         ("transport", "tcp"),
-        ("transport", "BOTH"),
+        ("transport", "BOTH-"),
         ("log_level", "verbose"),
         ("log_format", "xml"),
         ("wire", "jsonl"),
-        ("when_full", "DROP"),
+        ("when_full", "DROPS"),
         ("when_full", ""),
     ],
 )
@@ -904,3 +904,10 @@ def test_redact_patterns_of_the_variable_and_the_flags_are_used_together() -> No
     assert s.redact_patterns == ("FOO-\\d+", "shared", "BAR-\\d+")
     with pytest.raises(UsageError, match="redact-pattern"):  # the variable's are checked also with a flag given
         mk({"redact_patterns": ("FOO",)}, env={"SIDECAR_REDACT_PATTERNS": "ok\n("})
+
+
+def test_choice_variables_are_trimmed_and_case_folded_and_errors_name_the_variable() -> None:
+    s = mk(env={"SIDECAR_LOG_LEVEL": "DEBUG", "SIDECAR_TRANSPORT": "stream "})
+    assert (s.log_level, s.transport) == ("debug", "stream")
+    with pytest.raises(UsageError, match="SIDECAR_TRANSPORT: choose from"):
+        mk(env={"SIDECAR_TRANSPORT": "streams"})
