@@ -83,7 +83,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("linger_ms", "--linger-ms", "SIDECAR_LINGER_MS", 5.0,
            "... or this long after its first record while the pipe keeps delivering", kind="float"),
     Option("compress_threshold", "--compress-threshold", "SIDECAR_COMPRESS_THRESHOLD", 1024,
-           "payloads larger than this many bytes are zstd-compressed (-1: never)", kind="int"),
+           "payloads larger than this many bytes are zstd-compressed (-1: never)", kind="bytes"),
     Option("max_line_bytes", "--max-line-bytes", "SIDECAR_MAX_LINE_BYTES", 1 << 20,
            "longer lines are cut into continuation chunks", kind="bytes"),
     Option("buffer_max_bytes", "--buffer-max-bytes", "SIDECAR_BUFFER_MAX_BYTES", 64 << 20,
@@ -252,7 +252,7 @@ MAX_SECONDS = 1e8  # about three years
 MAX_COUNT = 1 << 53
 _INT_MIN = {"compress_threshold": -1, "batch_max_records": 1}
 _WHAT = {"int": "a whole number", "float": "a number", "bytes": "a size (a number, with k, m, g, KiB, MiB or GiB if "
-         "you like)", "duration": "a duration (seconds, or a number with s, m, h or d)"}
+         "you like; KB, MB or GB: powers of 1000)", "duration": "a duration (seconds, or a number with s, m, h or d)"}
 
 
 def _number(value: float, limit: float) -> float:
@@ -284,6 +284,8 @@ def convert(opt: Option, raw: Any) -> Any:
         if opt.kind == "float":
             return _number(parsed, MAX_SECONDS)
         if opt.kind == "bytes":
+            if parsed == -1 and _INT_MIN.get(opt.dest) == -1:  # --compress-threshold -1: never
+                return -1
             return int(_number(parsed, MAX_COUNT))
         if opt.kind == "duration":
             return _number(parsed, MAX_SECONDS)

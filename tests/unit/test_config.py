@@ -911,3 +911,12 @@ def test_choice_variables_are_trimmed_and_case_folded_and_errors_name_the_variab
     assert (s.log_level, s.transport) == ("debug", "stream")
     with pytest.raises(UsageError, match="SIDECAR_TRANSPORT: choose from"):
         mk(env={"SIDECAR_TRANSPORT": "streams"})
+
+
+def test_the_compress_threshold_is_a_size() -> None:
+    assert mk({"compress_threshold": "4KiB"}).compress_threshold == 4096
+    assert mk({"compress_threshold": "-1"}).compress_threshold == -1
+    assert mk(env={"SIDECAR_COMPRESS_THRESHOLD": "0"}).compress_threshold == 0
+    for bad in ("-2", "-1KiB", "1.5x"):
+        with pytest.raises(UsageError, match="--compress-threshold"):
+            mk({"compress_threshold": bad})
