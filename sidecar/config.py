@@ -558,7 +558,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     if merged["redis_mode"] == "sentinel" and "+sentinel://" not in merged["redis_url"]:
         raise UsageError(f"--redis-mode sentinel needs a redis+sentinel:// URL, not {mask_url(merged['redis_url'])!r}")
     for key in ("output_channel", "logs_channel", "status_channel"):
-        validate_template(key, merged[key])
+        opt = next(o for o in OPTIONS if o.dest == key)
+        validate_template(f"{opt.flag} / {opt.env}", merged[key])
     if merged["min_replicas_ack"] < 0:
         raise UsageError("--min-replicas-ack must not be negative")
     if merged["batch_max_records"] < 1:

@@ -471,7 +471,7 @@ def test_bad_channel_template(dest: str, template: str) -> None:
 def test_template_with_attribute_lookup_is_usage_error() -> None:
     with pytest.raises(UsageError) as exc_info:
         mk({"output_channel": "run:{run_id.nope}"})
-    assert "output_channel" in str(exc_info.value)
+    assert "--output-channel / SIDECAR_OUTPUT_CHANNEL" in str(exc_info.value)
 
 
 def test_channel_substitution() -> None:
