@@ -465,7 +465,7 @@ def test_redis_password_from_env() -> None:
 def test_bad_channel_template(dest: str, template: str) -> None:
     with pytest.raises(UsageError) as exc_info:
         mk({dest: template})
-    assert dest in str(exc_info.value)
+    assert f"--{dest.replace('_', '-')} / SIDECAR_{dest.upper()}" in str(exc_info.value)
 
 
 def test_template_with_attribute_lookup_is_usage_error() -> None:
