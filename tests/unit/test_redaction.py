@@ -349,3 +349,43 @@ def test_more_secret_variable_names_and_the_passwords_of_urls() -> None:
                               b"dsn [REDACTED]\n"
                               b"url postgresql://app:[REDACTED]@db:5432/app pw [REDACTED]\n"
                               b"cwd /home/agent/work\n")
+
+
+PEM_BODY = [b"MIIEpAIBAAKCAQEAz7" + bytes([65 + i]) * 46 for i in range(4)]
+PEM = b"-----BEGIN RSA PRIVATE KEY-----\n" + b"\n".join(PEM_BODY) + b"\n-----END RSA PRIVATE KEY-----\n"
+PEM_MASKED = b"-----BEGIN RSA PRIVATE KEY-----\n" + b"[REDACTED]\n" * 4 + b"-----END RSA PRIVATE KEY-----\n"
+
+
+@pytest.mark.parametrize("how", ["one read", "a line a read", "byte by byte", "CRLF"])
+def test_a_private_key_block_printed_from_a_file_is_masked(how: str) -> None:
+    text = b"$ cat id_rsa\n" + PEM + b"Done: 4 files.\n"
+    expected = b"$ cat id_rsa\n" + PEM_MASKED + b"Done: 4 files.\n"
+    if how == "CRLF":
+        text, expected = text.replace(b"\n", b"\r\n"), expected.replace(b"\n", b"\r\n")
+    chunks = {"one read": [text], "CRLF": [text], "a line a read": text.splitlines(keepends=True),
+              "byte by byte": [text[i:i + 1] for i in range(len(text))]}[how]
+    assert run(Redactor({}), chunks) == expected
+
+
+def test_a_private_key_inside_a_json_string_is_masked() -> None:
+    body = b"\\n".join(PEM_BODY)
+    line = (b'{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----\\n' + body
+            + b'\\n-----END PRIVATE KEY-----\\n", "client_email": "a@b.example"}\n')
+    expected = (b'{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----[REDACTED]'
+                b'-----END PRIVATE KEY-----\\n", "client_email": "a@b.example"}\n')
+    r = Redactor({})
+    assert run(r, [line]) == expected
+    assert r.mask_value({"k": line.decode()}) == {"k": expected.decode()}  # status metadata too
+
+
+def test_a_key_block_cut_short_masks_no_more_than_its_own_lines() -> None:
+    text = (b"-----BEGIN PRIVATE KEY-----\n" + PEM_BODY[0] + b"\n" + PEM_BODY[1][:20]
+            + b"\nerror: read interrupted\nok\n")
+    assert run(Redactor({}), text.splitlines(keepends=True)) == (
+        b"-----BEGIN PRIVATE KEY-----\n[REDACTED]\n[REDACTED]\nerror: read interrupted\nok\n")
+
+
+def test_certificates_and_public_keys_stay() -> None:
+    text = (b"-----BEGIN CERTIFICATE-----\n" + PEM_BODY[0] + b"\n-----END CERTIFICATE-----\n"
+            b"-----BEGIN PUBLIC KEY-----\n" + PEM_BODY[1] + b"\n-----END PUBLIC KEY-----\n")
+    assert run(Redactor({}), [text]) == text
