@@ -203,11 +203,6 @@ static int scan_token_starts(const unsigned char *s, Py_ssize_t n, Array *out) {
         Py_ssize_t start = prefix_ending_at(s, i);
         if (start >= 0 && array_push(out, start) < 0)
             return -1;
-        /* -----BEGIN, the start of a PEM block, begins here: reported too, after any start
-           ending here (it begins later), and before any later one (no prefix holds a "-"
-           except as its last byte). */
-        if (s[i] == '-' && n - i >= 10 && memcmp(s + i, "-----BEGIN", 10) == 0 && array_push(out, i) < 0)
-            return -1;
         i++;
     }
     return 0;

@@ -57,11 +57,11 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
 # token expression run, anchored there.
 _FOLD = bytes.maketrans(b"ousrabS", b"ppppppK")
 RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_", b"glpat-", b"sk_live_", b"rk_live_", b"sk_test_",
-                                   b"rk_test_", b"hf_", b"npm_", b"-----BEGIN")  # the last: a PEM block
+                                   b"rk_test_", b"hf_", b"npm_")
 FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
 _TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
 # Private key blocks (PEM): the body between these lines, in one read or over several.
-KEY_BEGIN = b"-----BEGIN"
+KEY_MARK = b"PRIVATE KEY-----"
 _KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 _KEY_END = re.compile(rb"-----END [A-Z0-9 ]*PRIVATE KEY-----")
 _KEY_LINE = re.compile(rb"[A-Za-z0-9+/=]+|(?:Proc-Type|DEK-Info|Comment): [ -~]*")  # a body or header line
@@ -174,14 +174,12 @@ class Redactor:
         self.max_token = max(max_token, max((len(v) for v in self.values), default=0))
         self._held: dict[str, bytes] = {}
         self._in_key: set[str] = set()  # streams inside a private key block (see _key_blocks)
-        self._key_seen = False  # _filter saw the start of a BEGIN line
         self.masked = 0
 
     def __call__(self, stream: str, chunk: bytes, final: bool) -> bytes:
-        self._key_seen = False
         out = self._filter(stream, chunk, final)
         inside = stream in self._in_key
-        if inside or self._key_seen:
+        if inside or KEY_MARK in out:
             out, inside = self._key_blocks(out, inside)
             if inside and not final:
                 self._in_key.add(stream)
@@ -196,15 +194,13 @@ class Redactor:
             return b""
         end = len(data) if final else len(data) - max(self._holdback(data), _key_holdback(data))
         if self.user_patterns or self._any_secret(data):
-            self._key_seen = KEY_BEGIN in data
             matches: Iterable[re.Match[bytes]] = self.rx.finditer(data)
         else:
-            starts = _token_starts(data)  # "-----BEGIN" among them: no scan of its own
+            starts = _token_starts(data)
             if not starts:
                 if end < len(data):
                     self._held[stream] = data[end:]
                 return data[:end] if end < len(data) else data
-            self._key_seen = any(data[p] == 0x2D for p in starts)  # "-": a BEGIN line
             matches = self._anchored(data, starts)
         out: list[bytes] = []
         pos = 0
@@ -229,7 +225,7 @@ class Redactor:
 
     def mask(self, data: bytes) -> bytes:
         """``data`` whole (no state, nothing held back) with every secret masked."""
-        if KEY_BEGIN in data:
+        if KEY_MARK in data:
             data = self._key_blocks(data, False)[0]
         if not (self.user_patterns or self._any_secret(data) or _token_starts(data)):
             return data
