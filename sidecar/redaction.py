@@ -60,36 +60,6 @@ RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_", b"glpat-", b"sk_live_
                                    b"rk_test_", b"hf_", b"npm_")
 FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
 _TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
-# Private key blocks (PEM): the body between these lines, in one read or over several.
-KEY_MARK = b"PRIVATE KEY-----"
-_KEY_BEGIN = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
-_KEY_END = re.compile(rb"-----END [A-Z0-9 ]*PRIVATE KEY-----")
-_KEY_LINE = re.compile(rb"[A-Za-z0-9+/=]+|(?:Proc-Type|DEK-Info|Comment): [ -~]*")  # a body or header line
-_KEY_ESCAPED_BODY = re.compile(rb"(?:[A-Za-z0-9+/=]|\\[nr])*")  # a body in a JSON string
-
-
-def _prefixes(*atoms: bytes) -> bytes:
-    """A pattern for any non-empty beginning of the sequence ``atoms``."""
-    pattern = b""
-    for atom in reversed(atoms):
-        pattern = atom + (b"(?:" + pattern + b")?" if pattern else b"")
-    return pattern
-
-
-# The beginning of a BEGIN line at the end of a read: held back until its line is complete, so
-# that a marker split between two reads is still seen whole.
-_KEY_BEGIN_START = re.compile(_prefixes(*(bytes([c]) for c in b"-----BEGIN "), rb"[A-Z0-9 ]*",
-                                        *(bytes([c]) for c in b"PRIVATE KEY-----")) + rb"\Z")
-
-
-def _key_holdback(data: bytes) -> int:
-    line_start = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
-    if data.find(b"-", line_start) < 0:
-        return 0
-    m = _KEY_BEGIN_START.search(data, line_start)
-    return len(data) - m.start() if m else 0
-
-
 _TOKEN_START = (rb"(?:(?<![A-Za-z0-9])|(?<=\\[bfnrt])|(?<=\\u[0-9A-Fa-f]{4})|(?<=%[0-9A-Fa-f]{2}))")
 
 
@@ -173,26 +143,14 @@ class Redactor:
         self.token_rx = re.compile(b"|".join(b"(?:" + p + b")" for p in shapes))
         self.max_token = max(max_token, max((len(v) for v in self.values), default=0))
         self._held: dict[str, bytes] = {}
-        self._in_key: set[str] = set()  # streams inside a private key block (see _key_blocks)
         self.masked = 0
 
     def __call__(self, stream: str, chunk: bytes, final: bool) -> bytes:
-        out = self._filter(stream, chunk, final)
-        inside = stream in self._in_key
-        if inside or KEY_MARK in out:
-            out, inside = self._key_blocks(out, inside)
-            if inside and not final:
-                self._in_key.add(stream)
-            else:
-                self._in_key.discard(stream)
-        return out
-
-    def _filter(self, stream: str, chunk: bytes, final: bool) -> bytes:
         held = self._held.pop(stream, b"")
         data = held + chunk if held else chunk
         if not data:
             return b""
-        end = len(data) if final else len(data) - max(self._holdback(data), _key_holdback(data))
+        end = len(data) if final else len(data) - self._holdback(data)
         if self.user_patterns or self._any_secret(data):
             matches: Iterable[re.Match[bytes]] = self.rx.finditer(data)
         else:
@@ -225,69 +183,11 @@ class Redactor:
 
     def mask(self, data: bytes) -> bytes:
         """``data`` whole (no state, nothing held back) with every secret masked."""
-        if KEY_MARK in data:
-            data = self._key_blocks(data, False)[0]
         if not (self.user_patterns or self._any_secret(data) or _token_starts(data)):
             return data
         masked = self.rx.sub(lambda m: MASK if m.end() > m.start() else b"", data)
         self.masked += masked != data
         return masked
-
-    def _key_blocks(self, data: bytes, inside: bool) -> tuple[bytes, bool]:
-        """``data`` with the body of every private key block masked, and whether it ends inside
-        one. A block's lines may come in separate reads: ``inside`` carries that over. The
-        BEGIN and END lines stay. Inside a block, a line that is neither key material (base64)
-        nor a PEM header ends it, so a block whose END line was cut or split masks no more than
-        its own lines. A block on one line (a JSON string, its newlines escaped as \\n) has its
-        body between the markers masked."""
-        out: list[bytes] = []
-        pos, n = 0, len(data)
-        while pos < n:
-            eol = data.find(b"\n", pos)
-            line_end = n if eol < 0 else eol + 1
-            if not inside:
-                m = _KEY_BEGIN.search(data, pos)
-                if m is None:
-                    out.append(data[pos:])
-                    break
-                eol = data.find(b"\n", m.end())
-                line_end = n if eol < 0 else eol + 1
-                out.append(data[pos : m.end()])
-                rest = data[m.end() : line_end]
-                end = _KEY_END.search(rest)
-                if end is not None:  # the whole block on this line
-                    if rest[: end.start()].strip():
-                        out.append(MASK)
-                        self.masked += 1
-                    pos = m.end() + end.start()
-                    continue
-                if rest.strip():  # the body follows on this line and goes past it (cut)
-                    body = _KEY_ESCAPED_BODY.match(rest)
-                    assert body is not None  # the pattern matches the empty string
-                    out.append(MASK if body.end() else b"")
-                    self.masked += body.end() > 0
-                    pos = m.end() + body.end()
-                    continue
-                out.append(rest)
-                pos = line_end
-                inside = True
-                self.masked += 1
-                continue
-            line = data[pos:line_end]
-            content = line.rstrip(b"\r\n")
-            end = _KEY_END.search(content)
-            if end is not None:
-                if content[: end.start()].strip():
-                    out.append(MASK)
-                out.append(line[end.start() :])
-                inside = False
-            elif not content or _KEY_LINE.fullmatch(content):
-                out.append((MASK if content else b"") + line[len(content) :])
-            else:
-                inside = False  # not key material: the block ended without its END line
-                continue  # look at this line again, outside
-            pos = line_end
-        return b"".join(out), inside
 
     def mask_value(self, value: Any) -> Any:
         """A JSON-like value (a status message's metadata) with secrets masked in every string,
