@@ -21,7 +21,6 @@ from .config import (
     DEFAULT_REDIS_URL,
     Settings,
     default_agent_id,
-    empty_redis_url,
     mask_url,
     split_hosts,
     unknown_variables,
@@ -444,8 +443,10 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     warning = control.insecure_warning(s)
     if warning:
         log.warning(warning)
-    if empty_redis_url(dict(os.environ), s.redis_url):
-        log.warning("REDIS_URL is set but empty: using the default", redis=DEFAULT_REDIS_URL)
+    if s.redis_url_empty:
+        # in a Job, more likely a value that went missing than a wish for localhost
+        log.warning("the Redis URL (--redis-url, REDIS_URL) is set but empty: using the default",
+                    redis=DEFAULT_REDIS_URL)
     log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id,
               native=_native.speedups is not None)
     rt.status("starting", command=os.path.basename(s.command[0]))

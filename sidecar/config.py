@@ -144,6 +144,7 @@ class Settings(Frozen):
     _defaults = {"control_secret": None, "redact_patterns": (), "command": ()}
     _hidden = ("redis_password", "control_secret")
     redis_url: str
+    redis_url_empty: bool  # given empty (flag or REDIS_URL), so the default applies
     redis_password: str | None
     run_id: str
     run_id_generated: bool
@@ -579,6 +580,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         generated = True
     merged["run_id"] = str(run_id)
     merged["run_id_generated"] = generated
+    merged["redis_url_empty"] = merged["redis_url"] == DEFAULT_REDIS_URL and (
+        values.get("redis_url") == "" or values.get("redis_url") is None and env.get("REDIS_URL") == "")
     merged["variation_id"] = str(merged["variation_id"])
     merged["agent_id"] = merged["agent_id"] or default_agent_id(env)
     merged["spool_dir"] = merged["spool_dir"] or _default_spool_dir()
@@ -701,12 +704,6 @@ def _key_pattern(template: str, run_key: str, agent_id: str) -> str:
         if field is not None:
             out.append({"run_id": re.escape(run_key), "variation_id": _ANY_VARIATION}.get(field, re.escape(agent_id)))
     return "".join(out)
-
-
-def empty_redis_url(env: dict[str, str], url: str) -> bool:
-    """REDIS_URL set but empty (counted as unset) and the default URL in use: in a Job, more
-    likely a value that went missing than a wish for localhost."""
-    return env.get("REDIS_URL") == "" and url == DEFAULT_REDIS_URL
 
 
 def _read_secret(path: str, flag: str) -> bytes:

@@ -36,6 +36,8 @@ _NUMBERED = re.compile(r"_?[0-9]+\Z")  # API_KEY_2, TOKEN2: the name without its
 _URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^/\s:@]*:([^/\s@]+)@")
 MIN_VALUE_LEN = 8
 MULTILINE_PART_LEN = 16
+# A line of a multi-line secret that is a secret of its own: base64 (a PEM body line), long.
+_KEY_MATERIAL = re.compile(rf"[A-Za-z0-9+/=_\-]{{{MULTILINE_PART_LEN},}}")
 
 # Token shapes, each long enough that ordinary words do not match.
 TOKEN_PATTERNS: tuple[bytes, ...] = (
@@ -82,7 +84,7 @@ def secret_values(env: Mapping[str, str], min_len: int = MIN_VALUE_LEN) -> list[
             # each of its lines long enough to be secret material is a secret too.
             for line in v.splitlines():
                 line = line.strip()
-                if line != v and len(line) >= MULTILINE_PART_LEN and not line.startswith("-----"):
+                if line != v and _KEY_MATERIAL.fullmatch(line):  # not a JSON or PEM header line
                     values.update(_encodings(line))
     return sorted(values, key=len, reverse=True)  # longest first: a value containing another wins
 
@@ -232,6 +234,10 @@ class Redactor:
             return len(tail)
         m = _TOKEN_CHARS.search(tail)
         hold = len(tail) - m.start() if m else 0
+        if hold and hold < len(tail) and tail[-hold - 1] in b"\\%":
+            # The run may be a token after an escape (\nsk-..., %3Dsk-...): its backslash or %
+            # goes with it, or the look-behind would not see it in the next read.
+            hold += 1
         for v in self.values:
             # The longest end of the tail, longer than ``hold``, that begins v (v itself would
             # have been found whole): tried only where v's first byte occurs.

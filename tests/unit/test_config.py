@@ -875,10 +875,13 @@ def test_readers_do_not_check_the_keys_of_other_variations() -> None:
     config.build_connection(values, {})
 
 
-def test_an_empty_redis_url_variable_is_noticed() -> None:
-    assert config.empty_redis_url({"REDIS_URL": ""}, mk({}, env={"REDIS_URL": ""}).redis_url)
-    assert not config.empty_redis_url({}, mk({}).redis_url)  # not set at all: the default, as documented
-    assert not config.empty_redis_url({"REDIS_URL": ""}, "redis://h:1/0")  # --redis-url given
+def test_an_empty_redis_url_is_noticed() -> None:
+    assert mk({}, env={"REDIS_URL": ""}).redis_url_empty
+    assert mk({"redis_url": ""}).redis_url_empty  # --redis-url "$UNSET"
+    assert mk({"redis_url": ""}, env={"REDIS_URL": ""}).redis_url_empty
+    assert not mk({}).redis_url_empty  # not set at all: the default, as documented
+    assert not mk({"redis_url": "redis://h:1/0"}, env={"REDIS_URL": ""}).redis_url_empty  # --redis-url given
+    assert not mk({"redis_url": ""}, env={"REDIS_URL": "redis://h:1/0"}).redis_url_empty  # the variable applies
 
 
 def test_unknown_sidecar_variables_are_named_with_the_closest_known_one() -> None:

@@ -235,6 +235,8 @@ def _holdback_reference(r: Redactor, data: bytes) -> int:
         return 0
     m = re.search(rb"[A-Za-z0-9_\-]*\Z", tail)
     hold = len(tail) - m.start() if m else 0
+    if hold and re.search(rb"[\\%%][A-Za-z0-9_\-]{%d}\Z" % hold, tail):  # with the escape it may follow
+        hold += 1
     for v in r.values:
         for k in range(min(len(v) - 1, len(tail)), hold, -1):
             if tail.endswith(v[:k]):
@@ -349,3 +351,21 @@ def test_more_secret_variable_names_and_the_passwords_of_urls() -> None:
                               b"dsn [REDACTED]\n"
                               b"url postgresql://app:[REDACTED]@db:5432/app pw [REDACTED]\n"
                               b"cwd /home/agent/work\n")
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 8])
+def test_a_token_after_an_escape_split_between_reads_is_masked(cut: int) -> None:
+    for before in (b"\\n", b"\\u0022", b"%3D"):
+        text = b'{"c": "$ env' + before + TOKENS["anthropic"] + b'"}\n'
+        at = text.index(TOKENS["anthropic"]) + cut
+        assert run(Redactor({}), [text[:at], text[at:]]) == b'{"c": "$ env' + before + b'[REDACTED]"}\n'
+
+
+def test_only_key_material_lines_of_a_multi_line_secret_become_secrets() -> None:
+    """The lines of a credentials file that are JSON or PEM headers are ordinary text elsewhere."""
+    creds = '{\n  "type": "service_account",\n  "universe_domain": "googleapis.com"\n}'
+    key = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\n" + "QUJD" * 12 + "\n-----END X-----"
+    r = Redactor({"GOOGLE_CREDENTIALS": creds, "SSH_KEY": key})
+    text = b'{"type": "service_account", "universe_domain": "googleapis.com"} Proc-Type: 4,ENCRYPTED\n'
+    assert run(r, [text]) == text
+    assert run(r, [b"QUJD" * 12 + b"\n"]) == b"[REDACTED]\n"
