@@ -17,15 +17,7 @@ from agent_wrapper.process import Agent
 
 from . import _native, control, events, heartbeat, log, protocol, redaction
 from .batcher import Batcher, Channel
-from .config import (
-    DEFAULT_REDIS_URL,
-    Settings,
-    default_agent_id,
-    mask_url,
-    split_hosts,
-    unknown_variables,
-    url_password,
-)
+from .config import Settings, mask_url, split_hosts, start_warnings, url_password
 from .items import Item
 from .outbox import Outbox
 from .resp import client_name
@@ -391,9 +383,6 @@ def _secrets_env(s: Settings) -> dict[str, str]:
     return env
 
 
-# With --when-full drop, waiting room (memory and spool) for fewer batches than this drops
-# output in any burst, Redis healthy or not: worth a warning at start.
-DROP_ROOM_BATCHES = 4
 GC_THRESHOLD = 50_000  # allocations between young-generation collections (Python's default: 700)
 
 
@@ -401,27 +390,8 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     """Ship the output of the agent the caller started (after ``signals.block()`` and before
     any thread, see cli.main), or report that it could not be started."""
     log.configure(s.log_format, s.log_level)
-    if s.run_id_generated:
-        # a warning: at --log-level warning the run would otherwise go out under an id nobody knows
-        log.warning("no run id given (--run-id, RUN_ID): generated one", run_id=s.run_id)
-    unknown = unknown_variables(os.environ)
-    if unknown:
-        log.warning("unknown SIDECAR_ environment variables, ignored: " + ", ".join(unknown))
-    if s.wire == "per-line-json" and s.transport == "stream":
-        log.warning("--wire per-line-json shapes the pub/sub messages, and --transport stream publishes none: "
-                    "the streams get batches as always")
-    templates = (s.output_channel, s.logs_channel, s.status_channel)
-    if any("{agent_id}" in t for t in templates) and not (os.environ.get("AGENT_ID") or os.environ.get("POD_NAME")) \
-            and s.agent_id == default_agent_id(dict(os.environ)):
-        log.warning("a channel template uses {agent_id} and no agent id was given (--agent-id, AGENT_ID, POD_NAME): "
-                    "the keys carry the generated one, which readers must be told", agent_id=s.agent_id)
-    if not s.redact and s.redact_patterns:
-        log.warning("--no-redact (SIDECAR_NO_REDACT) turns redaction off: the --redact-pattern and "
-                    "SIDECAR_REDACT_PATTERNS patterns mask nothing")
-    if s.when_full == "drop" and s.buffer_max_bytes + s.spool_max_bytes < DROP_ROOM_BATCHES * s.batch_max_bytes:
-        log.warning(f"--when-full drop with room for fewer than {DROP_ROOM_BATCHES} batches (--buffer-max-bytes and "
-                    "--spool-max-bytes against --batch-max-bytes): output is dropped whenever the agent writes "
-                    "faster than one round trip to Redis, also with Redis healthy")
+    for message, fields in start_warnings(s, os.environ):
+        log.warning(message, **fields)
     rt = Runtime(s)
     if rt.spool is not None:
         ours = {ch.key for ch in rt.channels.values()} | {rt.status_key, rt.tokens_key}
@@ -443,10 +413,6 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     warning = control.insecure_warning(s)
     if warning:
         log.warning(warning)
-    if s.redis_url_empty:
-        # in a Job, more likely a value that went missing than a wish for localhost
-        log.warning("the Redis URL (--redis-url, REDIS_URL) is set but empty: using the default",
-                    redis=DEFAULT_REDIS_URL)
     log.debug("started", redis=mask_url(s.redis_url), run_id=s.run_id, variation_id=s.variation_id,
               native=_native.speedups is not None)
     rt.status("starting", command=os.path.basename(s.command[0]))

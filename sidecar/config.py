@@ -148,6 +148,7 @@ class Settings(Frozen):
     redis_password: str | None
     run_id: str
     run_id_generated: bool
+    agent_id_generated: bool  # none given and no POD_NAME: host name and pid
     variation_id: str
     agent_id: str
     echo: bool
@@ -266,6 +267,11 @@ def _number(value: float, limit: float) -> float:
     return value
 
 
+def _source(opt: Option) -> str:
+    """Where an option's value comes from, as errors name it: ``--flag / VARIABLE``."""
+    return opt.flag if opt.env is None else f"{opt.flag} / {opt.env}"
+
+
 def convert(opt: Option, raw: Any) -> Any:
     """Turn a flag or environment string into the option's type; UsageError when it cannot."""
     if not isinstance(raw, str):
@@ -296,14 +302,12 @@ def convert(opt: Option, raw: Any) -> Any:
                 raise ValueError("use 1, true, yes or on; 0, false, no or off")
             return (word in _TRUE) == (opt.kind == "bool")
     except (ValueError, OverflowError) as exc:
-        src = opt.flag if opt.env is None else f"{opt.flag} / {opt.env}"
-        raise UsageError(f"invalid value {raw!r} for {src}: {exc}") from None
+        raise UsageError(f"invalid value {raw!r} for {_source(opt)}: {exc}") from None
     if opt.kind == "choice" and raw not in opt.choices:
         word = raw.strip().lower()  # a variable's value, as for booleans (flags are checked by argparse)
         if word in opt.choices:
             return word
-        src = opt.flag if opt.env is None else f"{opt.flag} / {opt.env}"
-        raise UsageError(f"invalid value {raw!r} for {src}: choose from {', '.join(opt.choices)}")
+        raise UsageError(f"invalid value {raw!r} for {_source(opt)}: choose from {', '.join(opt.choices)}")
     return raw
 
 
@@ -558,9 +562,9 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         raise UsageError(f"--redis-mode {merged['redis_mode']}: a URL with several hosts names the nodes of a cluster")
     if merged["redis_mode"] == "sentinel" and "+sentinel://" not in merged["redis_url"]:
         raise UsageError(f"--redis-mode sentinel needs a redis+sentinel:// URL, not {mask_url(merged['redis_url'])!r}")
-    for key in ("output_channel", "logs_channel", "status_channel"):
-        opt = next(o for o in OPTIONS if o.dest == key)
-        validate_template(f"{opt.flag} / {opt.env}", merged[key])
+    for opt in OPTIONS:
+        if opt.dest in ("output_channel", "logs_channel", "status_channel"):
+            validate_template(_source(opt), merged[opt.dest])
     if merged["min_replicas_ack"] < 0:
         raise UsageError("--min-replicas-ack must not be negative")
     if merged["batch_max_records"] < 1:
@@ -583,6 +587,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
     merged["redis_url_empty"] = merged["redis_url"] == DEFAULT_REDIS_URL and (
         values.get("redis_url") == "" or values.get("redis_url") is None and env.get("REDIS_URL") == "")
     merged["variation_id"] = str(merged["variation_id"])
+    from_pod_name = not merged["agent_id"] and bool(env.get("POD_NAME"))
+    merged["agent_id_generated"] = not merged["agent_id"] and not from_pod_name
     merged["agent_id"] = merged["agent_id"] or default_agent_id(env)
     merged["spool_dir"] = merged["spool_dir"] or _default_spool_dir()
     merged["redis_password"] = env.get("REDIS_PASSWORD") or None
@@ -629,7 +635,6 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         raise UsageError("--redis-key-file needs --redis-cert-file (the client certificate)")
     if merged["redis_cert_file"]:
         _check_client_cert(merged["redis_cert_file"], merged["redis_key_file"])
-    from_pod_name = not (values.get("agent_id") or env.get("AGENT_ID")) and bool(env.get("POD_NAME"))
     for name in ("run_id", "variation_id", "agent_id"):
         # an agent id taken from POD_NAME is named so: the user never set an agent id
         check_id("agent_id (from POD_NAME)" if name == "agent_id" and from_pod_name else name, merged[name])
@@ -718,7 +723,41 @@ def _read_secret(path: str, flag: str) -> bytes:
     return data
 
 
-# Options that say how to reach Redis: shared by the run, tail and replay commands.
+# With --when-full drop, waiting room (memory and spool) for fewer batches than this drops
+# output in any burst, Redis healthy or not: worth a warning at start.
+DROP_ROOM_BATCHES = 4
+
+
+def start_warnings(s: Settings, env: Mapping[str, str]) -> list[tuple[str, dict[str, Any]]]:
+    """What the run command warns about at start (message, fields): settings that are valid
+    but likely not what was meant, or that do less than they seem to."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if s.run_id_generated:
+        # a warning: at --log-level warning the run would otherwise go out under an id nobody knows
+        out.append(("no run id given (--run-id, RUN_ID): generated one", {"run_id": s.run_id}))
+    unknown = unknown_variables(env)
+    if unknown:
+        out.append(("unknown SIDECAR_ environment variables, ignored: " + ", ".join(unknown), {}))
+    if s.wire == "per-line-json" and s.transport == "stream":
+        out.append(("--wire per-line-json shapes the pub/sub messages, and --transport stream publishes none: "
+                    "the streams get batches as always", {}))
+    if s.agent_id_generated and any("{agent_id}" in t for t in (s.output_channel, s.logs_channel, s.status_channel)):
+        out.append(("a channel template uses {agent_id} and no agent id was given (--agent-id, AGENT_ID, POD_NAME): "
+                    "the keys carry the generated one, which readers must be told", {"agent_id": s.agent_id}))
+    if not s.redact and s.redact_patterns:
+        out.append(("--no-redact (SIDECAR_NO_REDACT) turns redaction off: the --redact-pattern and "
+                    "SIDECAR_REDACT_PATTERNS patterns mask nothing", {}))
+    if s.when_full == "drop" and s.buffer_max_bytes + s.spool_max_bytes < DROP_ROOM_BATCHES * s.batch_max_bytes:
+        out.append((f"--when-full drop with room for fewer than {DROP_ROOM_BATCHES} batches (--buffer-max-bytes and "
+                    "--spool-max-bytes against --batch-max-bytes): output is dropped whenever the agent writes "
+                    "faster than one round trip to Redis, also with Redis healthy", {}))
+    if s.redis_url_empty:
+        # in a Job, more likely a value that went missing than a wish for localhost
+        out.append(("the Redis URL (--redis-url, REDIS_URL) is set but empty: using the default",
+                    {"redis": DEFAULT_REDIS_URL}))
+    return out
+
+
 # Variables the sidecar reads that are no option of OPTIONS.
 OTHER_VARIABLES = frozenset({"SIDECAR_CONTROL_SECRET", "SIDECAR_REDACT_PATTERNS", "SIDECAR_PURE_PYTHON"})
 
@@ -740,6 +779,7 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
     return out
 
 
+# Options that say how to reach Redis: shared by the run, tail and replay commands.
 CONNECTION_OPTIONS = ("redis_url", "redis_username", "redis_password_file", "redis_ca_file", "redis_cert_file",
                       "redis_key_file", "redis_mode", "cluster_hash_tag", "socket_timeout_s", "log_format",
                       "log_level")

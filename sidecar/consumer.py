@@ -129,12 +129,11 @@ class RunReader:
         last = self.client.xrevrange(key, count=1)
         if not last:
             return "0-0"
-        entry_id = last[0][0]
-        return entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+        return _text(last[0][0])
 
     def _decode_entries(self, entries: list[tuple[bytes, dict[bytes, bytes]]], key: str) -> Iterator[Event]:
         for entry_id, fields in entries:
-            self.ids[key] = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            self.ids[key] = _text(entry_id)
             payload = fields.get(b"d")
             if payload is None:
                 self.errors += 1  # not an entry of this protocol: something else wrote to the key
@@ -209,9 +208,13 @@ class RunReader:
                 continue
             per_key: list[list[Event]] = []
             for key, entries in resp:
-                k = key.decode() if isinstance(key, bytes) else key
-                per_key.append(list(self._decode_entries(entries, k)))
+                per_key.append(list(self._decode_entries(entries, _text(key))))
             yield from merge_by_time(per_key)
+
+
+def _text(name: bytes | str) -> str:
+    """A key or entry id as redis-py returns it (bytes), as text."""
+    return name.decode() if isinstance(name, bytes) else name
 
 
 def event_time(ev: Event) -> float:

@@ -923,3 +923,21 @@ def test_the_compress_threshold_is_a_size() -> None:
     for bad in ("-2", "-1KiB", "1.5x"):
         with pytest.raises(UsageError, match="--compress-threshold"):
             mk({"compress_threshold": bad})
+
+
+def test_start_warnings_name_what_does_less_than_it_seems() -> None:
+    def said(s: config.Settings, env: dict[str, str] | None = None) -> list[str]:
+        return [message.split(":")[0].split(" (")[0] for message, _fields in config.start_warnings(s, env or {})]
+
+    assert said(mk({"run_id": "r", "agent_id": "a"})) == []
+    s = mk({"redis_url": "", "wire": "per-line-json", "transport": "stream", "output_channel": "o:{agent_id}",
+            "redact": "1", "redact_patterns": ("x",), "when_full": "drop", "buffer_max_bytes": "1k",
+            "spool_max_bytes": "0"}, env={})
+    assert s.agent_id_generated and s.run_id_generated and s.redis_url_empty
+    assert said(s, {"SIDECAR_LINGER_M": "1"}) == [
+        "no run id given", "unknown SIDECAR_ environment variables, ignored",
+        "--wire per-line-json shapes the pub/sub messages, and --transport stream publishes none",
+        "a channel template uses {agent_id} and no agent id was given", "--no-redact",
+        "--when-full drop with room for fewer than 4 batches", "the Redis URL"]
+    assert not mk(env={"POD_NAME": "pod-1"}).agent_id_generated
+    assert not mk({"agent_id": "a"}).agent_id_generated
