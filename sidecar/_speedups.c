@@ -80,10 +80,11 @@ static inline uint64_t needs_care(uint64_t x) {
 typedef uint32_t bits_t;
 #define LOWEST(bits) ((Py_ssize_t)__builtin_ctz(bits))
 
-static inline bits_t any_of3(const unsigned char *p, char a, char b, char c) {
+static inline bits_t any_of5(const unsigned char *p, char a, char b, char c, char d, char e) {
     __m128i x = _mm_loadu_si128((const __m128i *)p);
     __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(a)), _mm_cmpeq_epi8(x, _mm_set1_epi8(b))),
-                             _mm_cmpeq_epi8(x, _mm_set1_epi8(c)));
+                             _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(c)), _mm_cmpeq_epi8(x, _mm_set1_epi8(d))));
+    m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8(e)));
     return (bits_t)_mm_movemask_epi8(m);
 }
 
@@ -101,9 +102,10 @@ static inline bits_t care_bits(const unsigned char *p) {
 typedef uint64_t bits_t;
 #define LOWEST(bits) ((Py_ssize_t)(__builtin_ctzll(bits) >> 3))
 
-static inline bits_t any_of3(const unsigned char *p, char a, char b, char c) {
+static inline bits_t any_of5(const unsigned char *p, char a, char b, char c, char d, char e) {
     uint64_t x = load8(p);
-    return has_byte(x, (unsigned char)a) | has_byte(x, (unsigned char)b) | has_byte(x, (unsigned char)c);
+    return has_byte(x, (unsigned char)a) | has_byte(x, (unsigned char)b) | has_byte(x, (unsigned char)c)
+           | has_byte(x, (unsigned char)d) | has_byte(x, (unsigned char)e);
 }
 
 static inline bits_t care_bits(const unsigned char *p) { return needs_care(load8(p)); }
@@ -151,12 +153,16 @@ static int folds_to_p(unsigned char c) {
     return c == 'p' || c == 'o' || c == 'u' || c == 's' || c == 'r' || c == 'a' || c == 'b';
 }
 
-/* Every prefix ends with one of - _ A, which are rare in text (s, g and x, the bytes they
- * begin with, are not). Given such a byte at s[i], where its prefix begins, or -1:
+/* Every prefix is found by one of - _ A J B, which are rare in text (s, g and x, the bytes
+ * most prefixes begin with, are not). Most are found by their last byte, looking back:
  * sk-, glpat- and x?x?- end with -, gh?_, github_pat_, [rs]k_live_, [rs]k_test_, hf_ and npm_
- * with _, A?IA with A. Each start has one last byte, and the starts come out in order: of the
- * bytes inside a prefix that are such bytes, none ends another prefix (the _ of "github_",
- * of "sk_"), and one ending at the first A of A?IA begins before it. */
+ * with _, A?IA with A, eyJ (a JWT) with J. Three are found by their first byte, looking
+ * ahead: AIza (a Google API key), "-----BEGIN " (a private key's first line, which begins a
+ * block, not a token) and "Bearer ", whose token begins after the space (that is the start
+ * given). Of the bytes inside a prefix that are such bytes, none ends another prefix
+ * looking back (the _ of "github_", of "sk_"), and no prefix found looking back begins
+ * before one found ahead at an earlier byte, so the starts come out in order; the same
+ * start can come twice in a row ("Bearer sk-..."), and is kept once. */
 static Py_ssize_t prefix_ending_at(const unsigned char *s, Py_ssize_t i) {
     switch (s[i]) {
     case '-':
@@ -184,24 +190,43 @@ static Py_ssize_t prefix_ending_at(const unsigned char *s, Py_ssize_t i) {
         if (i >= 3 && s[i - 3] == 'A' && (s[i - 2] == 'K' || s[i - 2] == 'S') && s[i - 1] == 'I')
             return i - 3;
         return -1;
+    case 'J':
+        if (i >= 2 && s[i - 2] == 'e' && s[i - 1] == 'y')
+            return i - 2;
+        return -1;
     default:
         return -1;
     }
+}
+
+static Py_ssize_t prefix_starting_at(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) {
+    if (s[i] == 'A' && i + 4 <= n && memcmp(s + i + 1, "Iza", 3) == 0)
+        return i;
+    if (s[i] == 'B' && i + 7 <= n && memcmp(s + i + 1, "earer ", 6) == 0)
+        return i + 7;
+    if (s[i] == '-' && i + 11 <= n && memcmp(s + i + 1, "----BEGIN ", 10) == 0)
+        return i;
+    return -1;
+}
+
+static int push_start(Array *out, Py_ssize_t start) {
+    if (start < 0 || (out->len > 0 && out->v[out->len - 1] == start))
+        return 0;
+    return array_push(out, start);
 }
 
 static int scan_token_starts(const unsigned char *s, Py_ssize_t n, Array *out) {
     Py_ssize_t i = 0;
     while (i < n) {
         if (i + BLOCK <= n) {
-            bits_t hits = any_of3(s + i, '-', '_', 'A');
+            bits_t hits = any_of5(s + i, '-', '_', 'A', 'J', 'B');
             if (hits == 0) {
                 i += BLOCK;
                 continue;
             }
             i += LOWEST(hits);
         }
-        Py_ssize_t start = prefix_ending_at(s, i);
-        if (start >= 0 && array_push(out, start) < 0)
+        if (push_start(out, prefix_ending_at(s, i)) < 0 || push_start(out, prefix_starting_at(s, n, i)) < 0)
             return -1;
         i++;
     }

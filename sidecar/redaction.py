@@ -40,6 +40,7 @@ MULTILINE_PART_LEN = 16
 _KEY_MATERIAL = re.compile(rf"[A-Za-z0-9+/=_\-]{{{MULTILINE_PART_LEN},}}")
 
 # Token shapes, each long enough that ordinary words do not match.
+BEARER_TOKEN = rb"[A-Za-z0-9\-._~+/]{16,}=*"
 TOKEN_PATTERNS: tuple[bytes, ...] = (
     rb"sk-ant-[A-Za-z0-9_\-]{20,}",  # Anthropic
     rb"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}",  # OpenAI
@@ -51,7 +52,29 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
     rb"[rs]k_(?:live|test)_[A-Za-z0-9]{20,}",  # Stripe secret and restricted keys
     rb"hf_[A-Za-z0-9]{30,}",  # Hugging Face
     rb"npm_[A-Za-z0-9]{36,}",  # npm
+    rb"AIza[0-9A-Za-z_\-]{35}(?![0-9A-Za-z_\-])",  # Google API keys (exactly 39 characters)
+    # JWTs: a JSON header and payload, base64url; the signature may still be on its way
+    rb"eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}(?:\.[A-Za-z0-9_\-]*)?",
+    # an HTTP bearer token (RFC 6750): "Bearer " itself stays, where it does not continue a word
+    rb"(?:(?<![A-Za-z0-9_]Bearer )|(?<=\\[bfnrt]Bearer )|(?<=%[0-9A-Fa-f]{2}Bearer ))(?<=Bearer )" + BEARER_TOKEN,
 )
+# A private key printed from a file (cat id_rsa) or inside a JSON string (a tool's result in
+# an agent's event, its lines joined by \n escapes): after the BEGIN line, each line of key
+# material becomes [REDACTED]; the BEGIN and END lines, PEM headers, blank lines, indentation
+# and line ends stay, so the output keeps its lines. A line that is not key material ends the
+# block (a BEGIN line quoted in prose masks nothing after it).
+PEM_GROUP = "_sidecar_pem"
+PEM_BEGIN = rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+_PEM_BEGIN = re.compile(PEM_BEGIN)
+_PEM_END = re.compile(rb"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+_PEM_OPEN = re.compile(rb"[A-Z0-9 ]*-{0,4}\Z")  # what may follow -----BEGIN in a marker not yet whole
+_PEM_BREAK = re.compile(rb"\r\n|\n|\r|\\r\\n|\\n|\\r")  # a line end, as it is or escaped in JSON
+# PEM and OpenPGP armor headers (Proc-Type: 4,ENCRYPTED), before the key material
+_PEM_HEADER = re.compile(rb"[ \t]*(?:Proc-Type|DEK-Info|Comment|Version|Hash|Charset):[ \t]*[ -~]*")
+_PEM_LINE = re.compile(rb"([ \t]*)((?:[A-Za-z0-9+/=]|\\/)+)([ \t]*)")
+PEM_FIRST_LINE_LEN = 16  # the first line of key material is this long at least (64 or 70 as a rule)
+# A line of key material waits for its end to be masked whole, up to this size.
+PEM_MAX_LINE = 4 << 10
 # Every token shape begins with one of these prefixes. Rather than scanning each chunk once
 # per prefix, the chunk is folded (o, u, s, r, a, b -> p and S -> K; one byte for one byte,
 # so positions stay) and scanned for the folded prefixes: gh[pousr]_ becomes ghp_,
@@ -59,9 +82,14 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
 # token expression run, anchored there.
 _FOLD = bytes.maketrans(b"ousrabS", b"ppppppK")
 RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_", b"glpat-", b"sk_live_", b"rk_live_", b"sk_test_",
-                                   b"rk_test_", b"hf_", b"npm_")
+                                   b"rk_test_", b"hf_", b"npm_", b"AIza", b"eyJ", b"Bearer ", b"-----BEGIN ")
+# A bearer token begins after its prefix: the expression looks behind for "Bearer ".
+_START_OFFSET = {b"Bearer ": 7}
 FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
 _TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
+# What may still become a JWT or a bearer token also holds dots, slashes or a space.
+_JWT_CHARS = re.compile(rb"[A-Za-z0-9_\-.]*\Z")
+_BEARER_RUN = re.compile(rb"[A-Za-z0-9\-._~+/]*=*\Z")
 _TOKEN_START = (rb"(?:(?<![A-Za-z0-9])|(?<=\\[bfnrt])|(?<=\\u[0-9A-Fa-f]{4})|(?<=%[0-9A-Fa-f]{2}))")
 
 
@@ -140,11 +168,14 @@ class Redactor:
         # but right after an escape that ends in a letter or digit: a JSON string's \n, \t or
         # \u0022 (a tool result in stream-json), a URL's %20 or %3D.
         shapes = [_TOKEN_START + p for p in TOKEN_PATTERNS]
-        parts = [re.escape(v) for v in self.values] + shapes + [scoped(p) for p in extra_patterns]
+        pem = b"(?P<" + PEM_GROUP.encode() + b">" + PEM_BEGIN + b")"  # found, not masked: a key follows
+        parts = [re.escape(v) for v in self.values] + shapes + [pem] + [scoped(p) for p in extra_patterns]
         self.rx = re.compile(b"|".join(b"(?:" + p + b")" for p in parts))
-        self.token_rx = re.compile(b"|".join(b"(?:" + p + b")" for p in shapes))
+        self.token_rx = re.compile(b"|".join(b"(?:" + p + b")" for p in [*shapes, pem]))
         self.max_token = max(max_token, max((len(v) for v in self.values), default=0))
         self._held: dict[str, bytes] = {}
+        # Streams inside a private key block: how many lines of it were masked.
+        self._pem: dict[str, int] = {}
         self.masked = 0
 
     def __call__(self, stream: str, chunk: bytes, final: bool) -> bytes:
@@ -152,44 +183,129 @@ class Redactor:
         data = held + chunk if held else chunk
         if not data:
             return b""
+        out: list[bytes] = []
+        pos = 0
+        if stream in self._pem:
+            pos = self._pem_block(stream, data, 0, final, out)
+            if stream in self._pem:  # the block goes on; a line not yet whole waits
+                if pos < len(data):
+                    self._held[stream] = data[pos:]
+                return b"".join(out)
         end = len(data) if final else len(data) - self._holdback(data)
-        if self.user_patterns or self._any_secret(data):
-            matches: Iterable[re.Match[bytes]] = self.rx.finditer(data)
-        else:
+        full = self.user_patterns or self._any_secret(data)
+        starts: list[int] = []
+        if not full:
             starts = _token_starts(data)
-            if not starts:
+            if not starts and not pos:
                 if end < len(data):
                     self._held[stream] = data[end:]
                 return data[:end] if end < len(data) else data
-            matches = self._anchored(data, starts)
-        out: list[bytes] = []
-        pos = 0
-        for m in matches:
-            if m.start() >= end:
-                break  # may still grow: decide with the next chunk
-            if m.end() == m.start():
-                continue  # a user pattern that matched nothing here
-            if (not final and m.end() == len(data) and len(data) - m.start() <= MAX_HELD_SECRET
-                    and m.group() not in self._value_set):
-                end = m.start()  # a token reaching the end of the chunk may go on in the next one
-                break  # (an environment value may not: it is masked and goes out now)
-            out.append(data[pos : m.start()])
-            out.append(MASK)
-            self.masked += 1
-            pos = m.end()
+        while True:
+            matches: Iterable[re.Match[bytes]] = (
+                self.rx.finditer(data, pos) if full else self._anchored(data, starts, pos))
+            key = None
+            for m in matches:
+                if m.start() >= end:
+                    break  # may still grow: decide with the next chunk
+                if m.end() == m.start():
+                    continue  # a user pattern that matched nothing here
+                if m.group(PEM_GROUP) is not None:
+                    key = m
+                    break
+                inner = _pem_inside(data, m)
+                if inner is not None and m.group() not in self._value_set:
+                    # a token run on into a private key's BEGIN line: the token is masked, the key found
+                    out.append(data[pos : m.start()])
+                    out.append(MASK)
+                    self.masked += 1
+                    pos = inner.start()
+                    key = inner
+                    break
+                if (not final and m.end() > end and len(data) - m.start() <= MAX_HELD_SECRET
+                        and m.group() not in self._value_set):
+                    # A token reaching into what is held back may go on, or end otherwise, in
+                    # the next read ("sk-...-----BEGIN PRIV"): it waits whole. (An environment
+                    # value may not: it is masked and goes out now.)
+                    end = m.start()
+                    break
+                out.append(data[pos : m.start()])
+                out.append(MASK)
+                self.masked += 1
+                pos = m.end()
+            if key is None:
+                break
+            out.append(data[pos : key.end()])
+            self._pem[stream] = 0
+            pos = self._pem_block(stream, data, key.end(), final, out)
+            if stream in self._pem:
+                if pos < len(data):
+                    self._held[stream] = data[pos:]
+                return b"".join(out)
         release = max(end, pos)
         out.append(data[pos:release])
         if release < len(data):
             self._held[stream] = data[release:]
         return b"".join(out)
 
+    def _pem_block(self, stream: str, data: bytes, pos: int, final: bool, out: list[bytes]) -> int:
+        """Inside a private key block from ``pos``: appends to ``out`` what goes out, its lines of
+        key material masked, and returns where it stopped: after the END line, at a line that is
+        not key material (the block is over, ordinary redaction goes on from there), or at a
+        line not yet whole (the block goes on; it waits for the next read, or is judged as it
+        is when ``final`` or longer than PEM_MAX_LINE)."""
+        while True:
+            brk = _PEM_BREAK.search(data, pos)
+            line_end = brk.start() if brk is not None else len(data)
+            end_marker = _PEM_END.search(data, pos, line_end)
+            if end_marker is not None:
+                before = data[pos : end_marker.start()]  # key material may run on into the END line
+                masked = self._pem_line(stream, before) if before.strip() else before
+                if masked is None:
+                    return pos
+                out.append(masked)
+                out.append(end_marker.group())
+                del self._pem[stream]
+                return end_marker.end()
+            if brk is None and not final and len(data) - pos <= PEM_MAX_LINE:
+                return pos
+            line = data[pos:line_end]
+            masked = self._pem_line(stream, line)
+            if masked is None:
+                return pos
+            out.append(masked)
+            if brk is None:
+                return len(data)
+            out.append(brk.group())
+            pos = brk.end()
+
+    def _pem_line(self, stream: str, line: bytes) -> bytes | None:
+        """A line inside a private key block as it goes out, or None when it is not part of
+        the key (the block ends before it)."""
+        done = self._pem[stream]
+        if not line.strip():
+            return line
+        if not done and _PEM_HEADER.fullmatch(line):
+            # the other redaction still applies to it, in one piece (the line is whole)
+            return self.rx.sub(lambda m: MASK if m.end() > m.start() and m.group(PEM_GROUP) is None else m.group(),
+                               line)
+        m = _PEM_LINE.fullmatch(line)
+        if m is not None and (done or len(m.group(2)) >= PEM_FIRST_LINE_LEN):
+            self._pem[stream] = done + 1
+            self.masked += 1
+            return m.group(1) + MASK + m.group(3)
+        del self._pem[stream]
+        return None
+
     def mask(self, data: bytes) -> bytes:
         """``data`` whole (no state, nothing held back) with every secret masked."""
         if not (self.user_patterns or self._any_secret(data) or _token_starts(data)):
             return data
-        masked = self.rx.sub(lambda m: MASK if m.end() > m.start() else b"", data)
-        self.masked += masked != data
-        return masked
+        whole = "\0whole"  # a stream of its own, over at once
+        try:
+            return self(whole, data, True)
+        finally:
+            self._pem.pop(whole, None)
+            self._held.pop(whole, None)
 
     def mask_value(self, value: Any) -> Any:
         """A JSON-like value (a status message's metadata) with secrets masked in every string,
@@ -213,9 +329,9 @@ class Redactor:
             return _speedups.contains_any(data, self.values)  # type: ignore[no-any-return]
         return any(v in data for v in self.values)
 
-    def _anchored(self, data: bytes, starts: list[int]) -> Iterator[re.Match[bytes]]:
-        """Token matches beginning at the candidate positions, in order, not overlapping."""
-        after = 0
+    def _anchored(self, data: bytes, starts: list[int], after: int = 0) -> Iterator[re.Match[bytes]]:
+        """Token matches beginning at the candidate positions from ``after`` on, in order, not
+        overlapping."""
         for p in starts:
             if p < after:
                 continue
@@ -233,11 +349,13 @@ class Redactor:
         if self.user_patterns:
             return len(tail)
         m = _TOKEN_CHARS.search(tail)
-        hold = len(tail) - m.start() if m else 0
-        if hold and hold < len(tail) and tail[-hold - 1] in b"\\%":
-            # The run may be a token after an escape (\nsk-..., %3Dsk-...): its backslash or %
-            # goes with it, or the look-behind would not see it in the next read.
-            hold += 1
+        start = _shape_start(tail, m.start() if m else len(tail))
+        if start > 0 and tail[start - 1] in b"\\%":
+            # The run may be a token after an escape (\nsk-..., %3Dsk-...), or the escape may
+            # have just begun: its backslash or % goes with it, or the look-behind would not
+            # see it in the next read.
+            start -= 1
+        hold = len(tail) - start
         for v in self.values:
             # The longest end of the tail, longer than ``hold``, that begins v (v itself would
             # have been found whole): tried only where v's first byte occurs.
@@ -250,6 +368,47 @@ class Redactor:
                     break
                 p = tail.find(first, p + 1, end)
         return hold
+
+
+def _pem_inside(data: bytes, m: re.Match[bytes]) -> re.Match[bytes] | None:
+    """A private key's BEGIN line that begins inside match ``m``, after its start."""
+    q = data.find(b"-----BEGIN", m.start() + 1, m.end())
+    while q >= 0:
+        begin = _PEM_BEGIN.match(data, q)
+        if begin is not None:
+            return begin
+        q = data.find(b"-----BEGIN", q + 1, m.end())
+    return None
+
+
+def _shape_start(tail: bytes, start: int) -> int:
+    """Where what is held back at the end of ``tail`` must begin, given that the run of token
+    characters from ``start`` on is: earlier, when the bytes before it and the run may be one
+    JWT ("eyJhbGciOiJIUzI1NiJ9." + "eyJz") or one bearer token ("Bearer abc/" + "def"), so
+    that the expression sees them together in the next read. Each such move begins at a run's
+    first byte, so the byte before what is held looks the same to the look-behinds in both
+    reads. A plain "Loading..." is not held."""
+    while True:
+        moved = start
+        if b"eyJ" in tail:
+            m = _JWT_CHARS.search(tail, 0, moved)
+            if m is not None and b"eyJ" in tail[m.start() :]:
+                moved = m.start()
+        if b"Bearer " in tail:
+            m = _BEARER_RUN.search(tail, 0, moved)
+            if m is not None and tail.endswith(b"Bearer ", 0, m.start()):
+                # with the word "Bearer", and what it continues: that decides whether a token follows
+                word = _TOKEN_CHARS.search(tail, 0, m.start() - 1)
+                moved = word.start() if word is not None else m.start() - 7
+        if b"-----BEGIN" in tail:
+            # a private key's BEGIN line not yet whole ("-----BEGIN RSA PRIV"): the block
+            # is only found with the line whole
+            p = tail.rfind(b"-----BEGIN")
+            if p < moved and _PEM_OPEN.match(tail, p + 10):
+                moved = p
+        if moved == start:
+            return start
+        start = moved
 
 
 _LEADING_FLAGS = re.compile(r"\(\?([aiLmsux]+)\)")
@@ -334,9 +493,10 @@ def _token_starts_py(data: bytes) -> list[int]:
     starts: set[int] = set()
     for hay, prefixes in ((data, found), (folded, found_folded)):
         for prefix in prefixes:
+            offset = _START_OFFSET.get(prefix, 0)
             i = hay.find(prefix)
             while i >= 0:
-                starts.add(i)
+                starts.add(i + offset)
                 i = hay.find(prefix, i + 1)
     return sorted(starts)
 

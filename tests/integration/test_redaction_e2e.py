@@ -115,3 +115,47 @@ def test_token_reports_are_masked_too(redis_server: RedisServer) -> None:
     report = json.loads(msg["data"])
     assert report["input_tokens"] == 5 and report["model"] == "m-[REDACTED]"
     assert token.encode() not in b"".join(str(v).encode() for v in redis_server.client().hgetall("run:tkm:tokens"))
+
+
+def test_a_bearer_jwt_written_in_two_parts_and_a_google_key_in_an_event_are_masked(
+        redis_server: RedisServer) -> None:
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
+    google = "AIzaSyD-AbCdEfGhIjKlMnOpQrStUvWxYz_0123"
+    cut = jwt.index(".") + 1
+    agent = (
+        "import os, time\n"
+        f"os.write(1, b'curl -H \"Authorization: Bearer {jwt[:cut]}')\n"
+        "time.sleep(0.3)\n"
+        f"os.write(1, b'{jwt[cut:]}\" https://api\\n')\n"
+        f"os.write(1, b'{{\"type\":\"tool_result\",\"content\":\"GOOGLE_API_KEY={google}\\\\n\"}}\\n')\n"
+    )
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "jwt", "--", sys.executable, "-c", agent])
+    assert cp.returncode == 0, cp.stderr  # type: ignore[attr-defined]
+    out = runs.stream_bytes(redis_server.client(), "run:jwt:output:0")
+    assert out == (b'curl -H "Authorization: Bearer [REDACTED]" https://api\n'
+                   b'{"type":"tool_result","content":"GOOGLE_API_KEY=[REDACTED]\\n"}\n')
+    assert cp.stdout == out  # type: ignore[attr-defined]
+
+
+def test_a_private_key_printed_from_a_file_reaches_redis_with_its_key_lines_masked(
+        redis_server: RedisServer, tmp_path: object) -> None:
+    import base64
+    import os
+    from pathlib import Path
+
+    body = base64.b64encode(os.urandom(48 * 8)).decode()
+    lines = [body[i:i + 64] for i in range(0, len(body), 64)]
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\n" + "\n".join(lines) + "\n-----END OPENSSH PRIVATE KEY-----\n"
+    path = Path(str(tmp_path)) / "id_ed25519"
+    path.write_text(key)
+    # cat writes it at once; the Python agent writes half a line, waits, then the rest
+    agent = (f"import os, time, subprocess\nsubprocess.run(['cat', {str(path)!r}])\n"
+             f"k = open({str(path)!r}, 'rb').read()\nh = k.index(b'\\n') + 40\n"
+             "os.write(1, k[:h]); time.sleep(0.3); os.write(1, k[h:])\n")
+    cp = run_sidecar(["--redis-url", redis_server.url, "--run-id", "pem", "--", sys.executable, "-c", agent])
+    assert cp.returncode == 0, cp.stderr  # type: ignore[attr-defined]
+    out = runs.stream_bytes(redis_server.client(), "run:pem:output:0")
+    masked = ("-----BEGIN OPENSSH PRIVATE KEY-----\n" + "[REDACTED]\n" * len(lines)
+              + "-----END OPENSSH PRIVATE KEY-----\n").encode()
+    assert out == masked * 2
+    assert cp.stdout == out  # type: ignore[attr-defined]

@@ -31,7 +31,10 @@ TOKENS = {
     "stripe_restricted": b"rk_test_AbCdEfGhIjKlMnOpQrStUvWx",
     "huggingface": b"hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456",
     "npm": b"npm_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+    "google": b"AIzaSyD-AbCdEfGhIjKlMnOpQrStUvWxYz_0123",
+    "jwt": b"eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
 }
+BEARER = b"Authorization: Bearer ya29.a0AfH6SMB-x3k9q_Z~long+token/value=="
 
 
 def run(r: Redactor, chunks: list[bytes], stream: str = "stdout") -> bytes:
@@ -53,8 +56,19 @@ def test_token_shapes(name: str) -> None:
     assert run(r, [b"error: invalid key " + TOKENS[name] + b" (401)\n"]) == b"error: invalid key [REDACTED] (401)\n"
 
 
+def test_a_bearer_token_is_masked_and_the_word_bearer_stays() -> None:
+    assert run(Redactor({}), [b"curl -H '" + BEARER + b"' https://api\n"]) == (
+        b"curl -H 'Authorization: Bearer [REDACTED]' https://api\n")
+    jwt_header = b'{"headers": {"authorization": "Bearer ' + TOKENS["jwt"] + b'"}}\n'
+    assert run(Redactor({}), [jwt_header]) == b'{"headers": {"authorization": "Bearer [REDACTED]"}}\n'
+
+
 @pytest.mark.parametrize("text", [b"sk-short", b"task-list of things", b"AKIA alone", b"ghp_short", b"xoxb-1",
-                                  b"the risk-assessment-document-for-the-new-project"])
+                                  b"the risk-assessment-document-for-the-new-project",
+                                  b"Bearer tokens are described in RFC 6750", b"Bearer authentication",
+                                  b"AIzaSyD-AbCdEfGhIjKlMnOpQrStUvWxYz_01234 (one too many)",
+                                  b"AIzaSyD-AbCdEfGhIjKlMnOpQrStUvWxYz_012 (one too few)",
+                                  b"header only eyJhbGciOiJIUzI1NiJ9 and eyJhbGciOiJIUzI1NiJ9.notpayload"])
 def test_near_misses_are_left_alone(text: str) -> None:
     assert run(Redactor({}), [text + b"\n"]) == text + b"\n"
 
@@ -65,10 +79,13 @@ def test_user_patterns() -> None:
 
 
 @pytest.mark.parametrize("secret", [ENV["OPENAI_API_KEY"].encode(), TOKENS["anthropic"], TOKENS["aws"],
-                                    ENV["SPACED_SECRET"].encode(), ENV["DB_PASSWORD"].encode()])
+                                    ENV["SPACED_SECRET"].encode(), ENV["DB_PASSWORD"].encode(), TOKENS["google"],
+                                    TOKENS["jwt"], BEARER])
 def test_a_secret_split_across_two_and_three_reads_at_every_position(secret: bytes) -> None:
     text = b"before " + secret + b" after\n"
     expected = b"before " + MASK + b" after\n"
+    if secret == BEARER:
+        expected = b"before Authorization: Bearer " + MASK + b" after\n"
     for i in range(1, len(text)):
         assert run(Redactor(ENV), [text[:i], text[i:]]) == expected, i
     for i in range(1, len(text) - 1, 3):
@@ -105,6 +122,25 @@ def test_complete_lines_are_never_held_back() -> None:
     assert r("stdout", b"ends in a token char abc\n", False) == b"ends in a token char abc\n"
     # a prompt without newline that cannot begin a secret goes out at once too
     assert r("stdout", b"Continue? [y/N] ", False) == b"Continue? [y/N] "
+
+
+def test_trailing_dots_go_out_at_once_unless_they_may_be_part_of_a_jwt() -> None:
+    r = Redactor({})
+    assert r("stdout", b"Loading...", False) == b"Loading..."
+    assert r("stdout", b"see docs/x.md", False) == b"see docs/x."  # the run of token characters waits
+    assert r("stdout", b" a eyJhbGciOiJIUzI1NiJ9.", False) == b"md a "
+    assert r("stdout", b"eyJzdWIiOiIxMjM0NTY3ODkwIn0.sig\n", False) == MASK + b"\n"
+    assert r("stdout", b"Authorization: Bearer ", False) == b"Authorization: "
+    assert r("stdout", b"abc/def", False) == b""
+    assert r("stdout", b"+ghijklmnop12345\n", False) == b"Bearer " + MASK + b"\n"
+
+
+@pytest.mark.parametrize("escape", [b"\\n", b"%3D"])
+def test_a_token_after_an_escape_is_masked_when_a_read_ends_inside_the_escape(escape: bytes) -> None:
+    line = b'{"text":"key:' + escape + TOKENS["anthropic"] + b'"}\n'
+    at = line.index(escape)
+    for cut in range(at + 1, at + len(escape) + 1):
+        assert run(Redactor({}), [line[:cut], line[cut:]]) == b'{"text":"key:' + escape + MASK + b'"}\n', cut
 
 
 def test_held_back_bytes_are_bounded() -> None:
@@ -235,7 +271,7 @@ def _holdback_reference(r: Redactor, data: bytes) -> int:
         return 0
     m = re.search(rb"[A-Za-z0-9_\-]*\Z", tail)
     hold = len(tail) - m.start() if m else 0
-    if hold and re.search(rb"[\\%%][A-Za-z0-9_\-]{%d}\Z" % hold, tail):  # with the escape it may follow
+    if re.search(rb"[\\%%][A-Za-z0-9_\-]{%d}\Z" % hold, tail):  # with the escape it may follow
         hold += 1
     for v in r.values:
         for k in range(min(len(v) - 1, len(tail)), hold, -1):
@@ -268,6 +304,26 @@ def test_a_token_longer_than_the_hold_back_written_in_two_parts_is_masked_whole(
     assert run(r, [data[:split], data[split:]]) == b"two [REDACTED] end\n"
     shaped = b"key " + b"github_pat_" + b"A" * 900 + b" end\n"
     assert run(Redactor({}), [shaped[:600], shaped[600:]]) == b"key [REDACTED] end\n"
+
+
+@pytest.mark.parametrize("env", [{}, {"API_KEY": "hunter2hunter2xx"}])  # the anchored scan, the whole expression
+def test_reads_cut_anywhere_mask_what_one_read_masks(env: dict[str, str]) -> None:
+    """Token shapes among near misses, cut into two to four reads at random places: the output
+    is byte for byte what the whole text in one read gives, and no token survives."""
+    rnd = random.Random(13)
+    pieces = [b"word ", b"\n", b".", b"/", b" ", b"Bearer ", b"Bearer", b"eyJ", b"eyJhbGciOiJIUzI1NiJ9.", b"\\n",
+              b"%3D", b"%", b"\\", b"Loading...", b"AIza", b"sk-", b"a.b", b"+", b"=", BEARER + b" ", b"hunter2",
+              b"-----BEGIN PRIVATE KEY-----", b"-----BEGIN RSA ", b"PRIVATE KEY-----", b"-----END PRIVATE KEY-----",
+              b"MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", b"Zm9v==", b"\r\n", b"\\r\\n", b"Proc-Type: 4,ENCRYPTED", b"\\/",
+              *(b" " + t + b" " for t in TOKENS.values())]
+    for _ in range(3000):
+        data = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 14)))
+        whole = Redactor(env)("stdout", data, True)
+        cuts = sorted(rnd.sample(range(1, len(data)), min(rnd.randint(1, 3), len(data) - 1))) if len(data) > 1 else []
+        parts = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        assert run(Redactor(env), parts) == whole, (data, cuts)
+        for token in TOKENS.values():  # where a token can begin and must end, it is masked
+            assert b" " + token + b" " not in whole, data
 
 
 def test_a_match_at_the_end_goes_out_masked_when_the_pipe_closes_or_goes_quiet() -> None:
@@ -369,3 +425,128 @@ def test_only_key_material_lines_of_a_multi_line_secret_become_secrets() -> None
     text = b'{"type": "service_account", "universe_domain": "googleapis.com"} Proc-Type: 4,ENCRYPTED\n'
     assert run(r, [text]) == text
     assert run(r, [b"QUJD" * 12 + b"\n"]) == b"[REDACTED]\n"
+
+
+# -- private keys printed from a file ----------------------------------------------------
+
+def _pem(kind: bytes = b"RSA PRIVATE KEY", lines: int = 6, eol: bytes = b"\n", indent: bytes = b"",
+         headers: tuple[bytes, ...] = ()) -> tuple[bytes, list[bytes]]:
+    rnd = random.Random(len(kind) * 31 + lines)
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    body = [bytes(rnd.choice(alphabet) for _ in range(64)) for _ in range(lines - 1)] + [b"Zm9vYmFy4Q=="]
+    parts = [indent + b"-----BEGIN " + kind + b"-----", *(indent + h for h in headers), *(([b""]) if headers else []),
+             *(indent + line for line in body), indent + b"-----END " + kind + b"-----"]
+    return eol.join(parts) + eol, body
+
+
+def _pem_masked(text: bytes, body: list[bytes]) -> bytes:
+    for line in body:
+        text = text.replace(line, MASK, 1)
+    return text
+
+
+@pytest.mark.parametrize("kind", [b"RSA PRIVATE KEY", b"PRIVATE KEY", b"OPENSSH PRIVATE KEY", b"EC PRIVATE KEY",
+                                  b"ENCRYPTED PRIVATE KEY", b"PGP PRIVATE KEY BLOCK"])
+def test_a_private_key_printed_from_a_file_has_its_lines_of_key_material_masked(kind: bytes) -> None:
+    key, body = _pem(kind)
+    text = b"$ cat key.pem\n" + key + b"$ echo done\ndone\n"
+    out = run(Redactor({}), [text])
+    assert out == _pem_masked(text, body)
+    assert out.count(b"\n") == text.count(b"\n")
+    assert out.count(MASK) == len(body)
+
+
+@pytest.mark.parametrize("eol", [b"\r\n", b"\\n", b"\\r\\n"])
+def test_a_private_key_with_crlf_or_inside_a_json_string_is_masked(eol: bytes) -> None:
+    key, body = _pem(b"PRIVATE KEY", eol=eol)
+    line = b'{"type":"tool_result","content":"' + key + b'exit 0"}\n' if eol != b"\r\n" else key
+    assert run(Redactor({}), [line]) == _pem_masked(line, body)
+
+
+def test_an_encrypted_or_indented_private_key_keeps_its_headers_and_indentation() -> None:
+    key, body = _pem(b"RSA PRIVATE KEY", headers=(b"Proc-Type: 4,ENCRYPTED", b"DEK-Info: AES-128-CBC,0A1B2C3D"))
+    assert run(Redactor({}), [key]) == _pem_masked(key, body)
+    assert b"Proc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,0A1B2C3D\n\n" + MASK in run(Redactor({}), [key])
+    yaml = b"tls:\n  key: |\n"
+    indented, body = _pem(b"EC PRIVATE KEY", indent=b"    ")
+    out = run(Redactor({}), [yaml + indented + b"  cert: none\n"])
+    assert out == yaml + _pem_masked(indented, body) + b"  cert: none\n"
+    assert b"    " + MASK + b"\n" in out
+
+
+def test_a_begin_line_without_a_key_after_it_masks_nothing() -> None:
+    for text in (b"Keys begin with -----BEGIN PRIVATE KEY----- and a line of base64.\nok\n",
+                 b"-----BEGIN PRIVATE KEY-----\nDone\nThe next line is ordinary.\nAbcdefghijklmnopqrstuvwxyz0123\n",
+                 b"-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUXyZ0123456789abcdefghijklmnop\n"
+                 b"-----END CERTIFICATE-----\n"):
+        assert run(Redactor({}), [text]) == text
+
+
+def test_tokens_in_the_headers_or_lines_of_a_key_block_are_masked_too() -> None:
+    text = (b"-----BEGIN RSA PRIVATE KEY-----\nComment: " + TOKENS["github"] + b"\n-----END RSA PRIVATE KEY-----\n"
+            b"-----BEGIN PRIVATE KEY-----\nkey " + TOKENS["slack"] + b" -----END PRIVATE KEY-----\n")
+    assert run(Redactor({}), [text]) == (
+        b"-----BEGIN RSA PRIVATE KEY-----\nComment: " + MASK + b"\n-----END RSA PRIVATE KEY-----\n"
+        b"-----BEGIN PRIVATE KEY-----\nkey " + MASK + b" -----END PRIVATE KEY-----\n")
+
+
+def test_redaction_goes_on_after_a_private_key_and_after_a_line_that_ends_the_block() -> None:
+    key, body = _pem(b"PRIVATE KEY")
+    text = key + b"token " + TOKENS["github"] + b"\n-----BEGIN PRIVATE KEY-----\nkey " + TOKENS["aws"] + b" here\n"
+    expected = _pem_masked(key, body) + b"token " + MASK + b"\n-----BEGIN PRIVATE KEY-----\nkey " + MASK + b" here\n"
+    assert run(Redactor({}), [text]) == expected
+    assert run(Redactor({"DB_PASSWORD": "hunter2hunter2"}), [text + b"hunter2hunter2\n"]) == expected + MASK + b"\n"
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\\n", b"\r\n"])
+def test_a_private_key_cut_into_reads_anywhere_is_masked_as_in_one_read(eol: bytes) -> None:
+    key, body = _pem(b"OPENSSH PRIVATE KEY", lines=4, eol=eol)
+    text = b"a " + key + b"b " + TOKENS["slack"] + b" c\n"
+    whole = run(Redactor({}), [text])
+    assert whole == _pem_masked(b"a " + key, body) + b"b " + MASK + b" c\n"
+    for i in range(1, len(text)):
+        assert run(Redactor({}), [text[:i], text[i:]]) == whole, i
+    rnd = random.Random(3)
+    for _ in range(300):
+        cuts = sorted(rnd.sample(range(1, len(text)), 3))
+        assert run(Redactor({}), [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]) == whole
+
+
+def test_a_line_of_key_material_that_waits_past_the_quiet_second_is_masked_and_so_is_its_rest() -> None:
+    key, body = _pem(b"PRIVATE KEY")
+    cut = key.index(body[1]) + 30
+    r = Redactor({})
+    first = r("stdout", key[:cut], False)
+    assert body[0] not in first and first.endswith(MASK + b"\n")
+    assert r("stdout", b"", True) == MASK  # the pipes went quiet: the half line goes out masked
+    rest = r("stdout", key[cut:], True)
+    assert rest.startswith(MASK + b"\n") and body[1][30:] not in rest
+    assert rest.endswith(b"-----END PRIVATE KEY-----\n")
+
+
+def test_a_very_long_line_inside_a_key_block_is_not_held_back_whole() -> None:
+    r = Redactor({})
+    r("stdout", b"-----BEGIN PRIVATE KEY-----\n", False)
+    out = r("stdout", b"A" * 10_000, False)
+    assert out == MASK  # judged at once, past PEM_MAX_LINE
+    assert r("stdout", b"A" * 100 + b"\n-----END PRIVATE KEY-----\nok\n", False) == (
+        MASK + b"\n-----END PRIVATE KEY-----\nok\n")
+
+
+def test_streams_keep_their_own_private_key_state() -> None:
+    r = Redactor({})
+    key, body = _pem(b"PRIVATE KEY")
+    cut = key.index(body[2])
+    out = r("stdout", key[:cut], False)
+    err = r("stderr", body[2] + b"\n", False)
+    out += r("stdout", key[cut:], False)
+    assert out == _pem_masked(key, body)
+    assert err == body[2] + b"\n"
+
+
+def test_mask_value_masks_a_private_key_in_a_status_message() -> None:
+    key, body = _pem(b"PRIVATE KEY")
+    r = Redactor({})
+    assert r.mask_value({"k": key.decode()}) == {"k": _pem_masked(key, body).decode()}
+    assert r.mask(b"x") == b"x"
+    assert not r._pem and not r._held
