@@ -11,7 +11,10 @@ import sys
 EARLY_BLOCKED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
                            signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD})
 
-if __name__ == "__main__":
+
+
+def entry() -> None:
+    """``python -m sidecar`` and the ``agent-sidecar`` console script."""
     signal.pthread_sigmask(signal.SIG_BLOCK, EARLY_BLOCKED)
     try:
         from sidecar.cli import main
@@ -28,3 +31,7 @@ if __name__ == "__main__":
         except (OSError, ValueError):
             pass
     os._exit(code if isinstance(code, int) else 1)
+
+
+if __name__ == "__main__":
+    entry()

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -742,3 +743,17 @@ def test_wheel_installs_in_a_fresh_venv_and_its_console_script_ships_a_run(
     assert cp.stdout == b""
     client = redis_server.client()
     assert runs.stream_bytes(client, runs.keys("venv-run")["stdout"]) == b"hello\n"
+    # The console script enters where `python -m sidecar` does (signals blocked before the
+    # first import, no interpreter teardown): a SIGTERM soon after the start reaches the agent
+    # (143). (Within the interpreter's own start-up, ~20 ms here, nothing but the image's
+    # sidecar-init can keep the default action from killing a process: -15.)
+    with zipfile.ZipFile(wheel) as zf:
+        entry_points = next(zf.read(n) for n in names if n.endswith("entry_points.txt")).decode()
+    assert "agent-sidecar = sidecar.__main__:entry" in entry_points
+    for delay in (0.04, 0.06, 0.1):
+        proc = subprocess.Popen([str(script), "--redis-url", redis_server.url, "--no-echo", "--", "sleep", "30"],
+                                env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143, delay
