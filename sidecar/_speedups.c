@@ -158,8 +158,8 @@ static int folds_to_p(unsigned char c) {
  * sk-, glpat- and x?x?- end with -, gh?_, github_pat_, [rs]k_live_, [rs]k_test_, hf_ and npm_
  * with _, A?IA with A, eyJ (a JWT) with J. Three are found by their first byte, looking
  * ahead: AIza (a Google API key), "-----BEGIN " (a private key's first line, which begins a
- * block, not a token) and "Bearer ", whose token begins after the space (that is the start
- * given). Of the bytes inside a prefix that are such bytes, none ends another prefix
+ * block, not a token), "Bearer " and "uthorization: Basic ", whose token begins after the
+ * space (that is the start given). Of the bytes inside a prefix that are such bytes, none ends another prefix
  * looking back (the _ of "github_", of "sk_"), and no prefix found looking back begins
  * before one found ahead at an earlier byte, so the starts come out in order; the same
  * start can come twice in a row ("Bearer sk-..."), and is kept once. */
@@ -204,6 +204,9 @@ static Py_ssize_t prefix_starting_at(const unsigned char *s, Py_ssize_t n, Py_ss
         return i;
     if (s[i] == 'B' && i + 7 <= n && memcmp(s + i + 1, "earer ", 6) == 0)
         return i + 7;
+    if (s[i] == 'B' && i >= 14 && i + 6 <= n && memcmp(s + i + 1, "asic ", 5) == 0
+        && memcmp(s + i - 14, "uthorization: ", 14) == 0)
+        return i + 6;
     if (s[i] == '-' && i + 11 <= n && memcmp(s + i + 1, "----BEGIN ", 10) == 0)
         return i;
     return -1;

@@ -41,6 +41,7 @@ _KEY_MATERIAL = re.compile(rf"[A-Za-z0-9+/=_\-]{{{MULTILINE_PART_LEN},}}")
 
 # Token shapes, each long enough that ordinary words do not match.
 BEARER_TOKEN = rb"[A-Za-z0-9\-._~+/]{16,}=*"
+BASIC_CREDENTIALS = rb"[A-Za-z0-9+/]{4,}={0,2}"
 TOKEN_PATTERNS: tuple[bytes, ...] = (
     rb"sk-ant-[A-Za-z0-9_\-]{20,}",  # Anthropic
     rb"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}",  # OpenAI
@@ -57,6 +58,8 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
     rb"eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}(?:\.[A-Za-z0-9_\-]*)?",
     # an HTTP bearer token (RFC 6750): "Bearer " itself stays, where it does not continue a word
     rb"(?:(?<![A-Za-z0-9_]Bearer )|(?<=\\[bfnrt]Bearer )|(?<=%[0-9A-Fa-f]{2}Bearer ))(?<=Bearer )" + BEARER_TOKEN,
+    # HTTP basic credentials, base64 of user:password, in an (Proxy-)Authorization header (curl -v)
+    rb"(?<=uthorization: Basic )" + BASIC_CREDENTIALS,
 )
 # A private key printed from a file (cat id_rsa) or inside a JSON string (a tool's result in
 # an agent's event, its lines joined by \n escapes): after the BEGIN line, each line of key
@@ -82,13 +85,18 @@ PEM_MAX_LINE = 4 << 10
 # token expression run, anchored there.
 _FOLD = bytes.maketrans(b"ousrabS", b"ppppppK")
 RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_", b"glpat-", b"sk_live_", b"rk_live_", b"sk_test_",
-                                   b"rk_test_", b"hf_", b"npm_", b"AIza", b"eyJ", b"Bearer ", b"-----BEGIN ")
-# A bearer token begins after its prefix: the expression looks behind for "Bearer ".
-_START_OFFSET = {b"Bearer ": 7}
+                                   b"rk_test_", b"hf_", b"npm_", b"AIza", b"eyJ", b"Bearer ", b"-----BEGIN ",
+                                   b"uthorization: Basic ")
+# A bearer token or basic credentials begin after their prefix, which the expression looks
+# behind for.
+_START_OFFSET = {b"Bearer ": 7, b"uthorization: Basic ": 20}
 FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
 _TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
 # What may still become a JWT or a bearer token also holds dots, slashes or a space.
 _JWT_CHARS = re.compile(rb"[A-Za-z0-9_\-.]*\Z")
+# An Authorization header whose basic credentials may still be on their way.
+_BASIC_OPEN = re.compile(rb"uthorization:(?: (?:B(?:a(?:s(?:i(?:c(?: [A-Za-z0-9+/]*=*)?)?)?)?)?)?)?\Z")
+_BASIC_RUN = re.compile(rb"[A-Za-z0-9+/]*=*\Z")
 _BEARER_RUN = re.compile(rb"[A-Za-z0-9\-._~+/]*=*\Z")
 _TOKEN_START = (rb"(?:(?<![A-Za-z0-9])|(?<=\\[bfnrt])|(?<=\\u[0-9A-Fa-f]{4})|(?<=%[0-9A-Fa-f]{2}))")
 
@@ -400,6 +408,13 @@ def _shape_start(tail: bytes, start: int) -> int:
                 # with the word "Bearer", and what it continues: that decides whether a token follows
                 word = _TOKEN_CHARS.search(tail, 0, m.start() - 1)
                 moved = word.start() if word is not None else m.start() - 7
+        if b"uthorization:" in tail:
+            m = _BASIC_OPEN.search(tail)
+            if m is not None and m.start() < moved:
+                moved = m.start()
+            m = _BASIC_RUN.search(tail, 0, moved)
+            if m is not None and tail.endswith(b"uthorization: Basic ", 0, m.start()):
+                moved = m.start() - 20
         if b"-----BEGIN" in tail:
             # a private key's BEGIN line not yet whole ("-----BEGIN RSA PRIV"): the block
             # is only found with the line whole

@@ -56,6 +56,20 @@ def test_token_shapes(name: str) -> None:
     assert run(r, [b"error: invalid key " + TOKENS[name] + b" (401)\n"]) == b"error: invalid key [REDACTED] (401)\n"
 
 
+def test_basic_credentials_of_an_authorization_header_are_masked() -> None:
+    text = (b"> GET / HTTP/1.1\n> Authorization: Basic YWRtaW46aHVudGVyMg==\n"
+            b"> Proxy-Authorization: Basic dTpw\n"
+            b'{"headers":{"authorization: Basic YWRtaW46aHVudGVyMg=="}}\n'
+            b"Basic usage: Basic authentication is described in RFC 7617\n")
+    assert run(Redactor({}), [text]) == (
+        b"> GET / HTTP/1.1\n> Authorization: Basic [REDACTED]\n> Proxy-Authorization: Basic [REDACTED]\n"
+        b'{"headers":{"authorization: Basic [REDACTED]"}}\n'
+        b"Basic usage: Basic authentication is described in RFC 7617\n")
+    whole = run(Redactor({}), [text])
+    for i in range(1, len(text)):
+        assert run(Redactor({}), [text[:i], text[i:]]) == whole, i
+
+
 def test_a_bearer_token_is_masked_and_the_word_bearer_stays() -> None:
     assert run(Redactor({}), [b"curl -H '" + BEARER + b"' https://api\n"]) == (
         b"curl -H 'Authorization: Bearer [REDACTED]' https://api\n")
@@ -226,8 +240,8 @@ def test_a_secret_is_masked_inside_base64_at_every_offset() -> None:
                 # only what the secret shares with its neighbours is left: at most 3
                 # characters at each end, besides the neighbours' own characters
                 assert len(kept) <= len(enc) - len(secret) * 4 // 3 + 6, (enc, out)
-    header = b"Authorization: Basic " + base64.b64encode(b"admin:" + secret.encode()) + b"\n"
-    assert run(r, [header]) == b"Authorization: Basic YWRtaW46[REDACTED]A==\n"
+    header = b"X-Credentials: " + base64.b64encode(b"admin:" + secret.encode()) + b"\n"
+    assert run(r, [header]) == b"X-Credentials: YWRtaW46[REDACTED]A==\n"
 
 
 def test_a_secret_is_masked_inside_url_safe_base64_too() -> None:
@@ -315,6 +329,7 @@ def test_reads_cut_anywhere_mask_what_one_read_masks(env: dict[str, str]) -> Non
               b"%3D", b"%", b"\\", b"Loading...", b"AIza", b"sk-", b"a.b", b"+", b"=", BEARER + b" ", b"hunter2",
               b"-----BEGIN PRIVATE KEY-----", b"-----BEGIN RSA ", b"PRIVATE KEY-----", b"-----END PRIVATE KEY-----",
               b"MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", b"Zm9v==", b"\r\n", b"\\r\\n", b"Proc-Type: 4,ENCRYPTED", b"\\/",
+              b"Authorization: Basic ", b"Authorization:", b"uthorization: Basic YWRtaW46aHVudGVyMg== ", b"Basic ",
               *(b" " + t + b" " for t in TOKENS.values())]
     for _ in range(3000):
         data = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 14)))

@@ -32,7 +32,8 @@ PIECES = [
     b'"', b"\\", b"\\n", b"\x00", b"\x01", b"\x08", b"\x09", b"\x0c", b"\x1f", b" ", b"\x7f", b"a", b"s", b"g",
     b"A", b"x", b"k", b"_", b"h", b"I", b"K", b"S", b"glpat-", b"glpa", b"hf_", b"f_", b"npm_", b"np",
     b"sk_live_", b"rk_test_", b"sk_", b"_live_", b"test_", b"sk_lived_", b"hello world ", b"AIza", b"AIz", b"Iza",
-    b"eyJ", b"ey", b"J", b"B", b"Bearer ", b"Bearer", b"earer ", b"Bearer\n", b"\xc3\xa9", b"\xe2\x80\xa8",
+    b"eyJ", b"ey", b"J", b"B", b"Bearer ", b"Bearer", b"earer ", b"Bearer\n", b"Authorization: ", b"Basic ",
+    b"uthorization: Basic ", b"-----BEGIN ", b"-----BEGIN", b"-", b"\xc3\xa9", b"\xe2\x80\xa8",
     b"\xf0\x9f\x98\x80", b"\xf4\x8f\xbf\xbf", b"\xed\x9f\xbf", b"\xee\x80\x80",
     # invalid UTF-8: surrogates, overlong forms, past U+10FFFF, truncated, stray bytes
     b"\xed\xa0\x80", b"\xc0\xaf", b"\xc1\xbf", b"\xe0\x80\x80", b"\xe0\x9f\xbf", b"\xf0\x8f\xbf\xbf",
@@ -82,6 +83,8 @@ def check_candidates(cands: list[tuple[int, bytes, int]], lines: list[str], base
     b"sk_live_", b"rk_test_", b"xk_live_", b"sk_tost_", b"k_live_", b"sk_live_sk_test_hf_", b"AIza", b"AIz",
     b"AKIAIza", b"ASIAIzaAIza", b"eyJ", b"yJ", b"eyeyJ", b"Bearer ", b"Bearer", b"Bearer sk-", b"Bearer AIza",
     b"Bearer eyJ", b"BBearer Bearer ", b"0123456789abcBearer ", b"0123456789abcdeAIza", b"0123456789abcdefeyJ",
+    b"Authorization: Basic ", b"uthorization: Basic ", b"thorization: Basic ", b"Authorization: Basic",
+    b"Authorization: Basic sk-", b"------BEGIN ", b"-----BEGIN ", b"-----BEGIN", b"sk-----BEGIN ",
 ])
 def test_token_starts_edge_cases(data: bytes) -> None:
     assert sp.token_starts(data) == redaction._token_starts_py(data)
