@@ -96,6 +96,11 @@ class Supervisor:
         self._kill_at: float | None = None
         self.killed_after_grace = False
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a graceful stop is under way (a stopping signal or ``stop``)."""
+        return self._kill_at is not None
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         """Graceful stop: ``sig`` now (and SIGCONT, so that a stopped group sees it), SIGKILL to
         the group after the grace period."""

@@ -290,10 +290,12 @@ class Runtime:
         }
 
     def rejected(self, rej: control.Rejection) -> None:
+        # the reason may quote the command (an unknown cmd): the log is masked as the status is
+        reason = self.redactor.mask_value(rej.reason) if self.redactor is not None else rej.reason
         if not self._reject_budget.take():
-            log.debug("control command rejected", reason=rej.reason)
+            log.debug("control command rejected", reason=reason)
             return
-        log.warning("control command rejected", reason=rej.reason)
+        log.warning("control command rejected", reason=reason)
         meta: dict[str, Any] = {"reason": rej.reason}
         if rej.raw is not None:  # parsed by orjson and at most 32 levels deep: it encodes
             meta["command"] = {k: v for k, v in rej.raw.items() if k != "sig"}
@@ -322,9 +324,11 @@ class Runtime:
             first_cancel = cmd.cmd == "cancel" and not self.cancelled
             report = log.info if first_cancel or self._command_budget.take() else log.debug
             report("control command", cmd=cmd.cmd, **({"signal": signal_name(cmd.signal)} if cmd.signal else {}))
-            if self.cancelled and cmd.cmd in ("pause", "resume"):
-                # the agent is shutting down: a pause would freeze its clean-up until SIGKILL
-                report("control command ignored: the agent is being cancelled", cmd=cmd.cmd)
+            if (self.cancelled or sup.stopping) and cmd.cmd in ("pause", "resume"):
+                # the agent is shutting down (a cancel, or a SIGTERM or SIGINT to the sidecar): a
+                # pause would freeze its clean-up until SIGKILL
+                report("control command ignored: the agent is being "
+                       + ("cancelled" if self.cancelled else "stopped"), cmd=cmd.cmd)
                 continue
             if cmd.cmd == "cancel":
                 self.cancelled = True
@@ -332,9 +336,8 @@ class Runtime:
                 sup.stop(signal.SIGTERM)  # with SIGCONT: a paused agent must wake to see SIGTERM
             elif cmd.cmd == "signal" and cmd.signal is not None:
                 agent.signal_group(cmd.signal)
-                if cmd.signal == signal.SIGCONT and self.paused:
-                    self.paused = False
-                    self.status("running", pid=agent.pid, resumed=True)
+                if cmd.signal == signal.SIGCONT:
+                    self.woken(agent.pid)
             elif cmd.cmd == "pause" and not self.paused:
                 agent.signal_group(signal.SIGSTOP)
                 self.paused = True
@@ -342,9 +345,14 @@ class Runtime:
             elif cmd.cmd == "resume":
                 # SIGCONT also when the agent (or anyone) stopped the group on its own
                 agent.signal_group(signal.SIGCONT)
-                if self.paused:
-                    self.paused = False
-                    self.status("running", pid=agent.pid, resumed=True)
+                self.woken(agent.pid)
+
+    def woken(self, pid: int) -> None:
+        """The agent's group was sent SIGCONT (a resume, a signal command or a forwarded signal,
+        the SIGCONT of a stop): if it was paused, it runs again, and the status says so."""
+        if self.paused:
+            self.paused = False
+            self.status("running", pid=pid, resumed=True)
 
     def sink(self, ev: Output | StreamClosed) -> None:
         if isinstance(ev, Output):
@@ -451,6 +459,8 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
         nonlocal stop_asked
         stop_asked = stop_asked or sig in signals.STOPPING
         log.info("forwarding signal to the agent", signal=signal_name(sig))
+        if sig in signals.STOPPING or sig == signal.SIGCONT:  # a stop sends SIGCONT with its signal
+            rt.woken(agent.pid)
 
     def on_kill() -> None:
         log.warning("agent still running after the kill grace; sending SIGKILL", kill_grace_s=s.kill_grace_s)

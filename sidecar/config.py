@@ -519,6 +519,22 @@ def _check_utf8(name: str, value: str | None) -> None:
         raise UsageError(f"invalid {name}: not valid UTF-8") from None
 
 
+def _check_mode_fits_url(mode: str, url: str) -> None:
+    """--redis-mode standalone or cluster against what a single-host URL can name."""
+    if mode in ("standalone", "cluster") and "+sentinel://" in url:
+        raise UsageError(f"--redis-mode {mode}: a redis+sentinel:// URL names Sentinels, which find the master "
+                         "(use --redis-mode sentinel or auto)")
+    if mode != "cluster" or split_hosts(url) is not None:
+        return
+    if url.startswith("unix:"):
+        raise UsageError(f"--redis-mode cluster: {mask_url(url)!r} is a unix socket, and a cluster's nodes "
+                         "are reached over TCP (give a node's redis://HOST:PORT)")
+    db = url.partition("://")[2].partition("/")[2].partition("?")[0]
+    if db not in ("", "0"):
+        raise UsageError(f"--redis-mode cluster: {mask_url(url)!r} names database {db}, and a cluster has "
+                         "database 0 only")
+
+
 def _check_client_cert(cert_file: str, key_file: str | None) -> None:
     """Load the TLS client certificate and key once, so that a wrong file is a usage error
     rather than a handshake failing on every retry ("PEM lib")."""
@@ -531,13 +547,24 @@ def _check_client_cert(cert_file: str, key_file: str | None) -> None:
         raise UsageError(f"{what}: not a usable certificate and private key ({exc})") from None
 
 
+def _check_ca_file(ca_file: str) -> None:
+    """Load the CA file once, as the client certificate: a file without a certificate would
+    otherwise fail every handshake, retried for the whole run."""
+    import ssl
+
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=ca_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise UsageError(f"--redis-ca-file {ca_file}: no usable CA certificate in it ({exc})") from None
+
+
 def check_id(name: str, value: str) -> None:
     """A run, variation or agent id: UTF-8 text without spaces, braces or control characters
     (it becomes part of key names and of every message)."""
     _check_utf8(name, value)
     if not value:
         raise UsageError(f"invalid {name}: empty")
-    if any(c in "{} \x7f" or c < " " for c in value):
+    if any(c in "{} " or not c.isprintable() for c in value):  # not printable: control, format, any space
         raise UsageError(f"invalid {name} {value!r}: no spaces, braces or control characters")
 
 
@@ -562,6 +589,7 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         raise UsageError(f"--redis-mode {merged['redis_mode']}: a URL with several hosts names the nodes of a cluster")
     if merged["redis_mode"] == "sentinel" and "+sentinel://" not in merged["redis_url"]:
         raise UsageError(f"--redis-mode sentinel needs a redis+sentinel:// URL, not {mask_url(merged['redis_url'])!r}")
+    _check_mode_fits_url(merged["redis_mode"], merged["redis_url"])
     for opt in OPTIONS:
         if opt.dest in ("output_channel", "logs_channel", "status_channel"):
             validate_template(_source(opt), merged[opt.dest])
@@ -635,6 +663,8 @@ def build(values: dict[str, Any], env: dict[str, str], command: tuple[str, ...])
         raise UsageError("--redis-key-file needs --redis-cert-file (the client certificate)")
     if merged["redis_cert_file"]:
         _check_client_cert(merged["redis_cert_file"], merged["redis_key_file"])
+    if merged["redis_ca_file"]:
+        _check_ca_file(merged["redis_ca_file"])
     for name in ("run_id", "variation_id", "agent_id"):
         # an agent id taken from POD_NAME is named so: the user never set an agent id
         check_id("agent_id (from POD_NAME)" if name == "agent_id" and from_pod_name else name, merged[name])
@@ -711,12 +741,36 @@ def _key_pattern(template: str, run_key: str, agent_id: str) -> str:
     return "".join(out)
 
 
+# A password or control secret is short; a file larger than this is not one.
+MAX_SECRET_FILE_BYTES = 64 << 10
+
+
 def _read_secret(path: str, flag: str) -> bytes:
+    """A secret from a regular file (a Kubernetes Secret's key is one, behind a symlink). Not
+    from a FIFO, device or directory: opened without waiting for a writer, and read no further
+    than MAX_SECRET_FILE_BYTES, so that /dev/zero or a FIFO nobody writes to cannot hang or fill
+    the start-up, which runs with the stop signals blocked."""
+    import stat
+
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise UsageError(f"cannot read {flag} {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"{flag} {path}: not a regular file")
+        data = b""
+        while len(data) <= MAX_SECRET_FILE_BYTES:
+            more = os.read(fd, MAX_SECRET_FILE_BYTES + 1 - len(data))
+            if not more:
+                break
+            data += more
+        if len(data) > MAX_SECRET_FILE_BYTES:
+            raise UsageError(f"{flag} {path}: larger than {MAX_SECRET_FILE_BYTES >> 10} KiB, not a password or secret")
+    except OSError as exc:
+        raise UsageError(f"cannot read {flag} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     data = data.rstrip(b"\r\n")
     if not data:
         raise UsageError(f"{flag} {path} is empty")

@@ -231,7 +231,25 @@ def test_sigterm_reaches_a_paused_agent_and_sigcont_by_signal_ends_the_pause(red
     cp = proc.finish(timeout=30)
     assert cp.returncode == 0 and time.monotonic() - t0 < 1.5  # --kill-grace is 2 s
     assert _out(client, "pz") == b"ready\ngot SIGTERM\ncleaning up\n"
-    assert _states(client, "pz") == ["starting", "running", "paused", "running", "paused", "exited"]
+    # the stop's SIGCONT woke it: the status says it runs again before it exits
+    assert _states(client, "pz") == ["starting", "running", "paused", "running", "paused", "running", "exited"]
+
+
+def test_a_pause_during_a_stop_is_ignored(redis_server: RedisServer, start_sidecar: Any) -> None:
+    """After a SIGTERM to the sidecar the agent cleans up; a pause must not freeze it half way."""
+    client = redis_server.client()
+    proc = _start(start_sidecar, redis_server.url, "pt", agent=[sys.executable, SIGNALS, "--on-term", "ignore"])
+    wait_until(lambda: b"ready" in _out(client, "pt"), timeout=10)
+    agent_pid = int(client.hget("run:pt:variation:0", "pid"))
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert client.publish("run:pt:control", json.dumps({"cmd": "pause"})) == 1
+    time.sleep(0.5)
+    assert psutil.Process(agent_pid).status() != psutil.STATUS_STOPPED
+    cp = proc.finish(timeout=30)
+    assert cp.returncode == 137  # it ignores SIGTERM: SIGKILL after --kill-grace
+    assert "paused" not in _states(client, "pt")
+    assert b"control command ignored: the agent is being stopped" in proc.read_stderr()
 
 
 def test_a_command_too_deep_to_report_is_still_rejected_in_order(redis_server: RedisServer,
@@ -294,3 +312,20 @@ def test_a_flood_of_commands_is_carried_out_but_logged_and_reported_within_budge
     assert err.count("INFO control command cmd=") == 21
     assert err.count("more than 20 control commands this minute; not logging each") == 1
     assert "INFO control command cmd=cancel\n" in err  # no signal field for a command without one
+
+
+def test_a_rejected_command_that_quotes_a_secret_is_masked_in_the_log_too(redis_server: RedisServer,
+                                                                         start_sidecar: Any) -> None:
+    secret = "supersecretvalue123"
+    client = redis_server.client()
+    proc = start_sidecar(["--redis-url", redis_server.url, "--run-id", "rlog", "--no-echo", "--", sys.executable,
+                          SIGNALS], env={"API_TOKEN": secret})
+    wait_until(lambda: b"ready" in _out(client, "rlog"), timeout=10)
+    client.publish("run:rlog:control", json.dumps({"cmd": secret}))
+    wait_until(lambda: "control_rejected" in _states(client, "rlog"), timeout=5)
+    client.publish("run:rlog:control", json.dumps({"cmd": "cancel"}))
+    assert proc.finish(timeout=30).returncode == 0
+    stderr = proc.read_stderr()
+    assert b"control command rejected" in stderr and b"[REDACTED]" in stderr
+    assert secret.encode() not in stderr
+    assert secret.encode() not in b"".join(runs.raw_payloads(client, "run:rlog:status"))

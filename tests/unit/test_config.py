@@ -493,11 +493,16 @@ def test_channel_substitution() -> None:
 
 
 @pytest.mark.parametrize("dest", ["run_id", "variation_id", "agent_id"])
-@pytest.mark.parametrize("bad", ["a b", "a{b", "a}b", "{run_id}", "a\nb", "a\rb", "a\0b", " "])
+@pytest.mark.parametrize("bad", ["a b", "a{b", "a}b", "{run_id}", "a\nb", "a\rb", "a\0b", " ", "r\u00a0x", "r\u3000x",
+                                 "r\u2028x", "r\u200bx", "r\x85x"])
 def test_ids_with_spaces_braces_or_controls(dest: str, bad: str) -> None:
     with pytest.raises(UsageError) as exc_info:
         mk({dest: bad})
     assert dest in str(exc_info.value)
+
+
+def test_ids_in_other_scripts_are_fine() -> None:
+    assert mk({"agent_id": "agent-\u00e9t\u00e9-\u4e2d\u6587"}).agent_id == "agent-\u00e9t\u00e9-\u4e2d\u6587"
 
 
 def test_empty_ids() -> None:
@@ -766,9 +771,17 @@ def test_a_client_key_without_its_certificate_is_a_usage_error(tmp_path: Any) ->
         mk({"redis_key_file": str(key), "redis_url": "rediss://h/0"})
 
 
+def _self_signed_ca(directory: Any) -> Any:
+    import subprocess
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=t",
+                    "-keyout", str(directory / "ca.key"), "-out", str(directory / "ca.pem")],
+                   check=True, capture_output=True)
+    return directory / "ca.pem"
+
+
 def test_tls_files_with_a_url_that_is_not_tls_are_a_usage_error(tmp_path: Any) -> None:
-    ca = tmp_path / "ca.pem"
-    ca.write_text("unused")
+    ca = _self_signed_ca(tmp_path)
     for url in ("redis://u:pw@h/0", "unix:///tmp/r.sock", "redis+sentinel://s:26379/m"):
         with pytest.raises(UsageError, match="--redis-ca-file given, but .* is not a TLS URL") as info:
             mk({"redis_ca_file": str(ca), "redis_url": url})
@@ -941,3 +954,39 @@ def test_start_warnings_name_what_does_less_than_it_seems() -> None:
         "--when-full drop with room for fewer than 4 batches", "the Redis URL"]
     assert not mk(env={"POD_NAME": "pod-1"}).agent_id_generated
     assert not mk({"agent_id": "a"}).agent_id_generated
+
+
+@pytest.mark.parametrize("flag", ["redis_password_file", "control_secret_file"])
+def test_a_secret_file_that_is_a_device_fifo_directory_or_too_large_is_a_usage_error(
+        tmp_path: Any, flag: str) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes to it: opening it must not wait
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (config.MAX_SECRET_FILE_BYTES + 1))
+    for path, fragment in (("/dev/zero", "not a regular file"), (str(fifo), "not a regular file"),
+                           (str(tmp_path), "not a regular file"), (str(big), "larger than 64 KiB")):
+        with pytest.raises(UsageError, match=re.escape(fragment)):
+            mk({flag: path})
+    ok = tmp_path / "ok"
+    ok.write_bytes(b"s" * (config.MAX_SECRET_FILE_BYTES - 1) + b"\n")
+    assert len(mk({flag: str(ok)}).control_secret or b"") == (config.MAX_SECRET_FILE_BYTES - 1
+                                                               if flag == "control_secret_file" else 0)
+
+
+@pytest.mark.parametrize(("url", "mode", "fragment"), [
+    ("unix:///tmp/r.sock", "cluster", "a unix socket"),
+    ("redis://h:6379/3", "cluster", "database 0 only"),
+    ("redis+sentinel://s:26379/mymaster", "cluster", "names Sentinels"),
+    ("redis+sentinel://s:26379/mymaster", "standalone", "names Sentinels"),
+])
+def test_a_redis_mode_the_url_cannot_be_is_a_usage_error(url: str, mode: str, fragment: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        mk({"redis_url": url, "redis_mode": mode})
+
+
+def test_a_ca_file_without_a_certificate_is_a_usage_error(tmp_path: Any) -> None:
+    path = tmp_path / "passwd"
+    path.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(UsageError, match="--redis-ca-file .*: no usable CA certificate"):
+        mk({"redis_url": "rediss://h:6380/0", "redis_ca_file": str(path)})
+    assert mk({"redis_url": "rediss://h:6380/0", "redis_ca_file": str(_self_signed_ca(tmp_path))}).redis_ca_file
