@@ -17,6 +17,7 @@ after 1 s without one (a prompt must not wait for its newline), or when the pipe
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from ._native import speedups as _speedups
@@ -54,8 +55,10 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
     rb"hf_[A-Za-z0-9]{30,}",  # Hugging Face
     rb"npm_[A-Za-z0-9]{36,}",  # npm
     rb"AIza[0-9A-Za-z_\-]{35}(?![0-9A-Za-z_\-])",  # Google API keys (exactly 39 characters)
-    # JWTs: a JSON header and payload, base64url; the signature may still be on its way
-    rb"eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}(?:\.[A-Za-z0-9_\-]*)?",
+    # JWTs: a JSON header and payload, base64url; the signature may still be on its way. Not
+    # after - or _ either: in a run such as "-eyJ-eyJ-eyJ..." each try would read to the run's
+    # end and fail, quadratic time.
+    rb"(?<![_\-])eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}(?:\.[A-Za-z0-9_\-]*)?",
     # an HTTP bearer token (RFC 6750): "Bearer " itself stays, where it does not continue a word
     rb"(?:(?<![A-Za-z0-9_]Bearer )|(?<=\\[bfnrt]Bearer )|(?<=%[0-9A-Fa-f]{2}Bearer ))(?<=Bearer )" + BEARER_TOKEN,
     # HTTP basic credentials, base64 of user:password, in an (Proxy-)Authorization header (curl -v)
@@ -77,7 +80,7 @@ _PEM_HEADER = re.compile(rb"[ \t]*(?:Proc-Type|DEK-Info|Comment|Version|Hash|Cha
 _PEM_LINE = re.compile(rb"([ \t]*)((?:[A-Za-z0-9+/=]|\\/)+)([ \t]*)")
 PEM_FIRST_LINE_LEN = 16  # the first line of key material is this long at least (64 or 70 as a rule)
 # A line of key material waits for its end to be masked whole, up to this size.
-PEM_MAX_LINE = 4 << 10
+PEM_MAX_LINE = 1 << 10
 # Every token shape begins with one of these prefixes. Rather than scanning each chunk once
 # per prefix, the chunk is folded (o, u, s, r, a, b -> p and S -> K; one byte for one byte,
 # so positions stay) and scanned for the folded prefixes: gh[pousr]_ becomes ghp_,
@@ -91,13 +94,16 @@ RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_", b"glpat-", b"sk_live_
 # behind for.
 _START_OFFSET = {b"Bearer ": 7, b"uthorization: Basic ": 20}
 FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
-_TOKEN_CHARS = re.compile(rb"[A-Za-z0-9_\-]*\Z")
-# What may still become a JWT or a bearer token also holds dots, slashes or a space.
-_JWT_CHARS = re.compile(rb"[A-Za-z0-9_\-.]*\Z")
+# Bytes outside a run of token characters; of what may be a JWT; a bearer token; basic
+# credentials. A run's start is found by searching the reversed tail for the first of these:
+# searching forward for "[...]*\Z" would take quadratic time on a long run that stops short
+# of the end.
+_NOT_TOKEN = re.compile(rb"[^A-Za-z0-9_\-]")
+_NOT_JWT = re.compile(rb"[^A-Za-z0-9_\-.]")
+_NOT_BEARER = re.compile(rb"[^A-Za-z0-9\-._~+/=]")
+_NOT_BASIC = re.compile(rb"[^A-Za-z0-9+/=]")
 # An Authorization header whose basic credentials may still be on their way.
-_BASIC_OPEN = re.compile(rb"uthorization:(?: (?:B(?:a(?:s(?:i(?:c(?: [A-Za-z0-9+/]*=*)?)?)?)?)?)?)?\Z")
-_BASIC_RUN = re.compile(rb"[A-Za-z0-9+/]*=*\Z")
-_BEARER_RUN = re.compile(rb"[A-Za-z0-9\-._~+/]*=*\Z")
+_BASIC_OPEN = re.compile(rb"(?: (?:B(?:a(?:s(?:i(?:c(?: [A-Za-z0-9+/=]*)?)?)?)?)?)?)?\Z")  # after "uthorization:"
 _TOKEN_START = (rb"(?:(?<![A-Za-z0-9])|(?<=\\[bfnrt])|(?<=\\u[0-9A-Fa-f]{4})|(?<=%[0-9A-Fa-f]{2}))")
 
 
@@ -175,7 +181,9 @@ class Redactor:
         # Token shapes only where a token can begin: not inside a word ("risk-assessment-..."),
         # but right after an escape that ends in a letter or digit: a JSON string's \n, \t or
         # \u0022 (a tool result in stream-json), a URL's %20 or %3D.
-        shapes = [_TOKEN_START + p for p in TOKEN_PATTERNS]
+        # one look-behind for all shapes: tried at every position of a read on the full
+        # expression's path, once per shape it cost ~3x the time
+        shapes = [_TOKEN_START + b"(?:" + b"|".join(b"(?:" + p + b")" for p in TOKEN_PATTERNS) + b")"]
         pem = b"(?P<" + PEM_GROUP.encode() + b">" + PEM_BEGIN + b")"  # found, not masked: a key follows
         parts = [re.escape(v) for v in self.values] + shapes + [pem] + [scoped(p) for p in extra_patterns]
         self.rx = re.compile(b"|".join(b"(?:" + p + b")" for p in parts))
@@ -242,6 +250,11 @@ class Redactor:
                 pos = m.end()
             if key is None:
                 break
+            if not final and _line_open(data, key.end()):
+                # The BEGIN line is not whole: it waits, so that its rest is judged with the
+                # BEGIN line before it, as it is when the line comes in one read.
+                end = key.start()
+                break
             out.append(data[pos : key.end()])
             self._pem[stream] = 0
             pos = self._pem_block(stream, data, key.end(), final, out)
@@ -260,11 +273,16 @@ class Redactor:
         key material masked, and returns where it stopped: after the END line, at a line that is
         not key material (the block is over, ordinary redaction goes on from there), or at a
         line not yet whole (the block goes on; it waits for the next read, or is judged as it
-        is when ``final`` or longer than PEM_MAX_LINE)."""
+        is when ``final``; a line longer than PEM_MAX_LINE is judged in pieces of that size)."""
         while True:
-            brk = _PEM_BREAK.search(data, pos)
-            line_end = brk.start() if brk is not None else len(data)
+            # A line is looked at PEM_MAX_LINE bytes at a time: a long one (many BEGIN lines
+            # on one line of prose) costs each of its BEGIN lines no more than that.
+            limit = min(len(data), pos + PEM_MAX_LINE)
+            brk = _PEM_BREAK.search(data, pos, limit + 2)  # a break may begin at the limit
+            line_end = brk.start() if brk is not None else limit
             end_marker = _PEM_END.search(data, pos, line_end)
+            if end_marker is not None and end_marker.end() == len(data) and not final:
+                return pos  # what follows the END line is judged with the END line before it
             if end_marker is not None:
                 before = data[pos : end_marker.start()]  # key material may run on into the END line
                 masked = self._pem_line(stream, before) if before.strip() else before
@@ -274,15 +292,17 @@ class Redactor:
                 out.append(end_marker.group())
                 del self._pem[stream]
                 return end_marker.end()
-            if brk is None and not final and len(data) - pos <= PEM_MAX_LINE:
-                return pos
-            line = data[pos:line_end]
-            masked = self._pem_line(stream, line)
+            if brk is None and not final and limit == len(data):
+                return pos  # the line may go on in the next read
+            masked = self._pem_line(stream, data[pos:line_end])
             if masked is None:
                 return pos
             out.append(masked)
-            if brk is None:
-                return len(data)
+            if brk is None:  # a piece of a line longer than PEM_MAX_LINE, or the last one at a release
+                pos = line_end
+                if pos == len(data):
+                    return pos
+                continue
             out.append(brk.group())
             pos = brk.end()
 
@@ -340,7 +360,8 @@ class Redactor:
     def _anchored(self, data: bytes, starts: list[int], after: int = 0) -> Iterator[re.Match[bytes]]:
         """Token matches beginning at the candidate positions from ``after`` on, in order, not
         overlapping."""
-        for p in starts:
+        for i in range(bisect_left(starts, after), len(starts)):  # after a private key: from there on
+            p = starts[i]
             if p < after:
                 continue
             m = self.token_rx.match(data, p)
@@ -356,8 +377,7 @@ class Redactor:
             return 0
         if self.user_patterns:
             return len(tail)
-        m = _TOKEN_CHARS.search(tail)
-        start = _shape_start(tail, m.start() if m else len(tail))
+        start = _shape_start(tail, _run_start(tail, len(tail), _NOT_TOKEN))
         if start > 0 and tail[start - 1] in b"\\%":
             # The run may be a token after an escape (\nsk-..., %3Dsk-...), or the escape may
             # have just begun: its backslash or % goes with it, or the look-behind would not
@@ -378,6 +398,12 @@ class Redactor:
         return hold
 
 
+def _line_open(data: bytes, pos: int) -> bool:
+    """Whether the line at ``pos`` may go on in the next read: no line end in the rest of
+    ``data``, which is shorter than PEM_MAX_LINE."""
+    return len(data) - pos <= PEM_MAX_LINE and _PEM_BREAK.search(data, pos) is None
+
+
 def _pem_inside(data: bytes, m: re.Match[bytes]) -> re.Match[bytes] | None:
     """A private key's BEGIN line that begins inside match ``m``, after its start."""
     q = data.find(b"-----BEGIN", m.start() + 1, m.end())
@@ -387,6 +413,12 @@ def _pem_inside(data: bytes, m: re.Match[bytes]) -> re.Match[bytes] | None:
             return begin
         q = data.find(b"-----BEGIN", q + 1, m.end())
     return None
+
+
+def _run_start(data: bytes, end: int, outside: re.Pattern[bytes]) -> int:
+    """Where the run of bytes that ends at ``end`` begins, ``outside`` matching any byte not in it."""
+    m = outside.search(data[end - 1 :: -1] if end > 0 else b"")
+    return end - m.start() if m is not None else 0
 
 
 def _shape_start(tail: bytes, start: int) -> int:
@@ -399,22 +431,21 @@ def _shape_start(tail: bytes, start: int) -> int:
     while True:
         moved = start
         if b"eyJ" in tail:
-            m = _JWT_CHARS.search(tail, 0, moved)
-            if m is not None and b"eyJ" in tail[m.start() :]:
-                moved = m.start()
+            run = _run_start(tail, moved, _NOT_JWT)
+            if b"eyJ" in tail[run:]:
+                moved = run
         if b"Bearer " in tail:
-            m = _BEARER_RUN.search(tail, 0, moved)
-            if m is not None and tail.endswith(b"Bearer ", 0, m.start()):
+            run = _run_start(tail, moved, _NOT_BEARER)
+            if tail.endswith(b"Bearer ", 0, run):
                 # with the word "Bearer", and what it continues: that decides whether a token follows
-                word = _TOKEN_CHARS.search(tail, 0, m.start() - 1)
-                moved = word.start() if word is not None else m.start() - 7
+                moved = _run_start(tail, run - 1, _NOT_TOKEN)
         if b"uthorization:" in tail:
-            m = _BASIC_OPEN.search(tail)
-            if m is not None and m.start() < moved:
-                moved = m.start()
-            m = _BASIC_RUN.search(tail, 0, moved)
-            if m is not None and tail.endswith(b"uthorization: Basic ", 0, m.start()):
-                moved = m.start() - 20
+            p = tail.rfind(b"uthorization:")
+            if p >= 0 and p < moved and _BASIC_OPEN.match(tail, p + 13):
+                moved = p
+            run = _run_start(tail, moved, _NOT_BASIC)
+            if tail.endswith(b"uthorization: Basic ", 0, run):
+                moved = run - 20
         if b"-----BEGIN" in tail:
             # a private key's BEGIN line not yet whole ("-----BEGIN RSA PRIV"): the block
             # is only found with the line whole
