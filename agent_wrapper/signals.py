@@ -120,21 +120,22 @@ class Supervisor:
             info = signal.sigtimedwait(WAITED, timeout)
             if info is not None and info.si_signo not in WAITED:
                 info = None  # a debugger attaching (ptrace) can wake us with no signal of ours
-            if info is not None:
-                if info.si_signo == signal.SIGCHLD:
-                    status = reap(self.agent.pid)
-                    if status is not None:
-                        if self._kill_at is not None:
-                            # stopped, and the leader is gone: so is the rest of its group
-                            self.agent.signal_group(signal.SIGKILL)
-                        code, sig = from_wait_status(status)
-                        return Exited(self.agent.pid, code, sig, time.time())
-                    # an orphan reaped, or a wake-up: the tick runs
-                elif info.si_signo in STOPPING:
+            if info is None or info.si_signo == signal.SIGCHLD:
+                # Also after a quiet period: a SIGCHLD taken by a thread that does not block it
+                # (in a process that embeds this) must not leave the exit unseen.
+                status = reap(self.agent.pid)
+                if status is not None:
+                    if self._kill_at is not None:
+                        # stopped, and the leader is gone: so is the rest of its group
+                        self.agent.signal_group(signal.SIGKILL)
+                    code, sig = from_wait_status(status)
+                    return Exited(self.agent.pid, code, sig, time.time())
+            if info is not None and info.si_signo != signal.SIGCHLD:  # (else an orphan reaped, or a wake-up)
+                if info.si_signo in STOPPING:
                     self.stop(info.si_signo)
                 else:
                     self.agent.signal_group(info.si_signo)
-                if self._on_signal is not None and info.si_signo != signal.SIGCHLD:
+                if self._on_signal is not None:
                     self._on_signal(info.si_signo)  # after forwarding: logging may be slow
             if self._kill_at is not None and time.monotonic() >= self._kill_at:
                 self._kill_at = float("inf")

@@ -39,7 +39,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from sidecar.config import OPTIONS
-from tests.helpers import REPO_ROOT, run_process, start_process
+from tests.helpers import REPO_ROOT, run_process, start_process, wait_until
 from tests.integration import runs
 from tests.redis_harness import RedisServer, find_free_port, redis_server_binary
 
@@ -744,16 +744,26 @@ def test_wheel_installs_in_a_fresh_venv_and_its_console_script_ships_a_run(
     client = redis_server.client()
     assert runs.stream_bytes(client, runs.keys("venv-run")["stdout"]) == b"hello\n"
     # The console script enters where `python -m sidecar` does (signals blocked before the
-    # first import, no interpreter teardown): a SIGTERM soon after the start reaches the agent
-    # (143). (Within the interpreter's own start-up, ~20 ms here, nothing but the image's
-    # sidecar-init can keep the default action from killing a process: -15.)
+    # first import, no interpreter teardown): a SIGTERM as soon as it is blocked, during the
+    # start-up, reaches the agent (143). (Before that, within the interpreter's own start-up,
+    # nothing but the image's sidecar-init keeps the default action from killing a process.)
     with zipfile.ZipFile(wheel) as zf:
         entry_points = next(zf.read(n) for n in names if n.endswith("entry_points.txt")).decode()
     assert "agent-sidecar = sidecar.__main__:entry" in entry_points
-    for delay in (0.04, 0.06, 0.1):
+    for _ in range(3):
         proc = subprocess.Popen([str(script), "--redis-url", redis_server.url, "--no-echo", "--", "sleep", "30"],
                                 env={**os.environ, "PYTHONPATH": ""}, cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        pid = proc.pid
+        wait_until(lambda pid=pid: _blocked_signals(pid) & (1 << (signal.SIGTERM - 1)), timeout=30, interval=0.001)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 143, delay
+        assert proc.wait(timeout=30) == 143
+
+
+def _blocked_signals(pid: int) -> int:
+    """The SigBlk mask of ``pid``'s main thread (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next(int(line.split()[1], 16) for line in fh if line.startswith("SigBlk:"))
+    except (OSError, StopIteration):
+        return 0

@@ -116,3 +116,29 @@ def test_a_wake_from_another_thread_runs_the_tick_before_its_period() -> None:
         os.close(agent.stderr_fd)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def test_the_wait_sees_the_exit_when_another_thread_takes_the_sigchld() -> None:
+    """In a process with a thread that does not block SIGCHLD (one embedding the supervisor,
+    or this test run), the kernel may hand the signal to that thread: the wait still finds the
+    exit, at its next quiet period, instead of waiting forever."""
+    import signal
+    import threading
+
+    from agent_wrapper.process import Agent
+    from agent_wrapper.signals import Supervisor
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)  # started before SIGCHLD is blocked
+    other.start()
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+    try:
+        agent = spawn(["sh", "-c", "exit 3"])
+        assert isinstance(agent, Agent)
+        time.sleep(0.3)  # it exits before the wait: blocked here, its SIGCHLD goes to the other thread
+        exited = Supervisor(agent, 5).wait(tick_s=0.2)
+        assert exited.code == 3
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        stop.set()
+        other.join()
