@@ -17,6 +17,7 @@ after 1 s without one (a prompt must not wait for its newline), or when the pipe
 from __future__ import annotations
 
 import re
+from _thread import get_ident
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
@@ -328,7 +329,9 @@ class Redactor:
         """``data`` whole (no state, nothing held back) with every secret masked."""
         if not (self.user_patterns or self._any_secret(data) or _token_starts(data)):
             return data
-        whole = "\0whole"  # a stream of its own, over at once
+        # A stream of its own, over at once, and one per thread: the main and control threads
+        # mask status messages while the reader thread filters the output.
+        whole = f"\0whole-{get_ident()}"
         try:
             return self(whole, data, True)
         finally:

@@ -567,3 +567,35 @@ def test_mask_value_masks_a_private_key_in_a_status_message() -> None:
     assert r.mask_value({"k": key.decode()}) == {"k": _pem_masked(key, body).decode()}
     assert r.mask(b"x") == b"x"
     assert not r._pem and not r._held
+
+
+def test_mask_from_two_threads_at_once_keeps_each_ones_state() -> None:
+    """The main and control threads mask status messages at the same time: each call is a
+    stream of its own."""
+    import sys
+    import threading
+
+    key, body = _pem(b"PRIVATE KEY")
+    values = [{"k": key.decode()}, {"k": "plain " + TOKENS["github"].decode() + " text"}]
+    expected = [{"k": _pem_masked(key, body).decode()}, {"k": "plain [REDACTED] text"}]
+    r = Redactor({})
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(3000):
+                assert r.mask_value(values[i]) == expected[i]
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, errors[0]
