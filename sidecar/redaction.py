@@ -75,10 +75,20 @@ PEM_BEGIN = rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
 _PEM_BEGIN = re.compile(PEM_BEGIN)
 _PEM_END = re.compile(rb"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 _PEM_OPEN = re.compile(rb"[A-Z0-9 ]*-{0,4}\Z")  # what may follow -----BEGIN in a marker not yet whole
-_PEM_BREAK = re.compile(rb"\r\n|\n|\r|\\r\\n|\\n|\\r")  # a line end, as it is or escaped in JSON
+# A line end, as it is or escaped in JSON, once or more (a JSON document inside a JSON string).
+_PEM_BREAK = re.compile(rb"\r\n|\n|\r|\\+r\\+n|\\+n|\\+r")
+# What may come before a line of key material and stays: indentation (tabs escaped or not), a
+# line number as cat -n or an agent's file-reading tool print it (a tab, an arrow, ":" or
+# "|" after it), a diff's or a quote's - + or >.
+_SPACE = rb"(?:[ \t]|\\+t)"
+_PEM_PREFIX = (_SPACE + rb"*(?:[0-9]+(?:\t|\\+t|\xe2\x86\x92|\\+u2192|:|\|)" + _SPACE + rb"*)?(?:[-+>] ?)?")
+_PEM_PREFIX_RX = re.compile(_PEM_PREFIX)
 # PEM and OpenPGP armor headers (Proc-Type: 4,ENCRYPTED), before the key material
-_PEM_HEADER = re.compile(rb"[ \t]*(?:Proc-Type|DEK-Info|Comment|Version|Hash|Charset):[ \t]*[ -~]*")
-_PEM_LINE = re.compile(rb"([ \t]*)((?:[A-Za-z0-9+/=]|\\/)+)([ \t]*)")
+_PEM_HEADER_NAMES = (b"Proc-Type:", b"DEK-Info:", b"Comment:", b"Version:", b"Hash:", b"Charset:")
+_PEM_HEADER = re.compile(_PEM_PREFIX + rb"(?:Proc-Type|DEK-Info|Comment|Version|Hash|Charset):[ \t]*[ -~]*")
+_PEM_LINE = re.compile(rb"(" + _PEM_PREFIX + rb")((?:[A-Za-z0-9+/=]|\\+/)+)(" + _SPACE + rb"*)")
+# The start of a line of key material, cut before its end (an escape may have begun).
+_PEM_LINE_OPEN = re.compile(rb"(?:[A-Za-z0-9+/=]|\\+/)*\\*" + _SPACE + rb"*")
 PEM_FIRST_LINE_LEN = 16  # the first line of key material is this long at least (64 or 70 as a rule)
 # A line of key material waits for its end to be masked whole, up to this size.
 PEM_MAX_LINE = 1 << 10
@@ -191,8 +201,10 @@ class Redactor:
         self.token_rx = re.compile(b"|".join(b"(?:" + p + b")" for p in [*shapes, pem]))
         self.max_token = max(max_token, max((len(v) for v in self.values), default=0))
         self._held: dict[str, bytes] = {}
-        # Streams inside a private key block: how many lines of it were masked.
+        # Streams inside a private key block: how many lines of it were masked; and the start
+        # of a line that went out as a piece (a quiet second, a long line), for judging its rest.
         self._pem: dict[str, int] = {}
+        self._pem_part: dict[str, bytes] = {}
         self.masked = 0
 
     def __call__(self, stream: str, chunk: bytes, final: bool) -> bytes:
@@ -208,7 +220,7 @@ class Redactor:
                 if pos < len(data):
                     self._held[stream] = data[pos:]
                 return b"".join(out)
-        end = len(data) if final else len(data) - self._holdback(data)
+        end = len(data) if final else _context_start(data, len(data) - self._holdback(data))
         full = self.user_patterns or self._any_secret(data)
         starts: list[int] = []
         if not full:
@@ -238,12 +250,13 @@ class Redactor:
                     pos = inner.start()
                     key = inner
                     break
-                if (not final and m.end() > end and len(data) - m.start() <= MAX_HELD_SECRET
-                        and m.group() not in self._value_set):
-                    # A token reaching into what is held back may go on, or end otherwise, in
-                    # the next read ("sk-...-----BEGIN PRIV"): it waits whole. (An environment
+                if (not final and (m.end() > end or m.end() == len(data))
+                        and len(data) - m.start() <= MAX_HELD_SECRET and m.group() not in self._value_set):
+                    # A token reaching the end of the read, or into what is held back, may go
+                    # on, or end otherwise, in the next read ("sk-...-----BEGIN PRIV"): it waits
+                    # whole, with the "Bearer " its expression looks behind for. (An environment
                     # value may not: it is masked and goes out now.)
-                    end = m.start()
+                    end = _context_start(data, m.start())
                     break
                 out.append(data[pos : m.start()])
                 out.append(MASK)
@@ -275,6 +288,12 @@ class Redactor:
         not key material (the block is over, ordinary redaction goes on from there), or at a
         line not yet whole (the block goes on; it waits for the next read, or is judged as it
         is when ``final``; a line longer than PEM_MAX_LINE is judged in pieces of that size)."""
+        part = self._pem_part.get(stream, b"")
+        if part.endswith(b"\\") and data[pos : pos + 1] in (b"n", b"r"):
+            # an escaped line end cut by a quiet second: its backslash went out with the piece
+            self._pem_part.pop(stream)
+            out.append(data[pos : pos + 1])
+            pos += 1
         while True:
             # A line is looked at PEM_MAX_LINE bytes at a time: a long one (many BEGIN lines
             # on one line of prose) costs each of its BEGIN lines no more than that.
@@ -286,44 +305,83 @@ class Redactor:
                 return pos  # what follows the END line is judged with the END line before it
             if end_marker is not None:
                 before = data[pos : end_marker.start()]  # key material may run on into the END line
-                masked = self._pem_line(stream, before) if before.strip() else before
+                if _PEM_PREFIX_RX.fullmatch(self._pem_part.get(stream, b"") + before):
+                    masked: bytes | None = before  # its line number or indentation
+                else:
+                    masked = self._pem_line(stream, before)
                 if masked is None:
                     return pos
                 out.append(masked)
                 out.append(end_marker.group())
                 del self._pem[stream]
+                self._pem_part.pop(stream, None)
                 return end_marker.end()
             if brk is None and not final and limit == len(data):
                 return pos  # the line may go on in the next read
-            masked = self._pem_line(stream, data[pos:line_end])
-            if masked is None:
-                return pos
-            out.append(masked)
-            if brk is None:  # a piece of a line longer than PEM_MAX_LINE, or the last one at a release
+            if brk is None:
+                # A piece: the start of a line longer than PEM_MAX_LINE, or of a line not yet
+                # whole when the pipes went quiet. It is judged as a line's start, and what
+                # follows it as that line's rest.
+                masked = self._pem_piece(stream, data[pos:line_end])
+                if masked is None:
+                    return pos
+                out.append(masked)
                 pos = line_end
                 if pos == len(data):
                     return pos
                 continue
+            masked = self._pem_line(stream, data[pos:line_end])
+            if masked is None:
+                return pos
+            out.append(masked)
             out.append(brk.group())
             pos = brk.end()
 
     def _pem_line(self, stream: str, line: bytes) -> bytes | None:
-        """A line inside a private key block as it goes out, or None when it is not part of
-        the key (the block ends before it)."""
+        """A line (or the rest of one whose start went out as a piece) inside a private key
+        block as it goes out, or None when it is not part of the key (the block ends before it)."""
         done = self._pem[stream]
-        if not line.strip():
+        part = self._pem_part.pop(stream, b"")
+        whole = part + line
+        if not whole.strip():
             return line
-        if not done and _PEM_HEADER.fullmatch(line):
-            # the other redaction still applies to it, in one piece (the line is whole)
-            return self.rx.sub(lambda m: MASK if m.end() > m.start() and m.group(PEM_GROUP) is None else m.group(),
-                               line)
-        m = _PEM_LINE.fullmatch(line)
-        if m is not None and (done or len(m.group(2)) >= PEM_FIRST_LINE_LEN):
+        if not done and _PEM_HEADER.fullmatch(whole):
+            return self._tokens_masked(line)
+        m = _PEM_LINE.fullmatch(whole)
+        if m is not None and (done or part or len(m.group(2)) >= PEM_FIRST_LINE_LEN):
             self._pem[stream] = done + 1
             self.masked += 1
+            if part:  # its start went out already, masked: the rest is masked as it is
+                return MASK if line.strip() else line
             return m.group(1) + MASK + m.group(3)
         del self._pem[stream]
         return None
+
+    def _pem_piece(self, stream: str, piece: bytes) -> bytes | None:
+        """The start of a line (or a further piece of it) inside a private key block as it goes
+        out; None when it cannot begin a line of the block (the block ends before it)."""
+        part = self._pem_part.get(stream, b"")
+        start = part + piece
+        p = _PEM_PREFIX_RX.match(start).end()  # type: ignore[union-attr]  # (it matches empty)
+        rest = start[p:]
+        if p == len(start) or rest.endswith((b"\\", b"\xe2", b"\xe2\x86")) and not rest.strip(b"\\\xe2\x86"):
+            out = piece  # indentation, a line number, or an escape, so far
+        elif not self._pem[stream] and any(h.startswith(rest) or rest.startswith(h) for h in _PEM_HEADER_NAMES):
+            out = self._tokens_masked(piece)
+        elif _PEM_LINE_OPEN.fullmatch(rest):
+            self.masked += 1
+            content = piece.rstrip(b"\\")  # an escape begun at its end stays whole
+            out = MASK + piece[len(content):] if content.strip() else piece
+        else:
+            del self._pem[stream]
+            self._pem_part.pop(stream, None)
+            return None
+        self._pem_part[stream] = start[-PEM_MAX_LINE:]
+        return out
+
+    def _tokens_masked(self, line: bytes) -> bytes:
+        """``line`` (a PEM header) with the other redaction applied, in one piece."""
+        return self.rx.sub(lambda m: MASK if m.end() > m.start() and m.group(PEM_GROUP) is None else m.group(), line)
 
     def mask(self, data: bytes) -> bytes:
         """``data`` whole (no state, nothing held back) with every secret masked."""
@@ -336,6 +394,7 @@ class Redactor:
             return self(whole, data, True)
         finally:
             self._pem.pop(whole, None)
+            self._pem_part.pop(whole, None)
             self._held.pop(whole, None)
 
     def mask_value(self, value: Any) -> Any:
@@ -405,6 +464,24 @@ def _line_open(data: bytes, pos: int) -> bool:
     """Whether the line at ``pos`` may go on in the next read: no line end in the rest of
     ``data``, which is shorter than PEM_MAX_LINE."""
     return len(data) - pos <= PEM_MAX_LINE and _PEM_BREAK.search(data, pos) is None
+
+
+def _context_start(data: bytes, start: int) -> int:
+    """Where what is held back must begin for a token at ``start`` to be found again in the
+    next read: before the "Bearer " or "Authorization: Basic " that its expression looks
+    behind for, and the bytes before "Bearer" that decide whether it continues a word."""
+    while True:
+        moved = start
+        # a "Bearer " or "uthorization: Basic " that ends at the start or runs across it
+        p = data.rfind(b"Bearer ", max(moved - 7, 0), moved + 6)
+        if 0 <= p < moved:
+            moved = max(p - 3, 0)  # the look-behinds see at most 3 bytes before "Bearer "
+        p = data.rfind(b"uthorization: Basic ", max(moved - 20, 0), moved + 19)
+        if 0 <= p < moved:
+            moved = p
+        if moved == start:
+            return start
+        start = moved
 
 
 def _pem_inside(data: bytes, m: re.Match[bytes]) -> re.Match[bytes] | None:

@@ -599,3 +599,40 @@ def test_mask_from_two_threads_at_once_keeps_each_ones_state() -> None:
     finally:
         sys.setswitchinterval(old)
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("token", [b"A" * 600, b"A" * 520 + b"/" + b"B" * 300, b"x.y" * 300])
+def test_a_bearer_token_longer_than_the_hold_back_is_masked_wherever_a_read_cuts_it(token: bytes) -> None:
+    line = b"Authorization: Bearer " + token + b"\n"
+    for cut in range(1, len(line), 7):
+        assert run(Redactor({}), [line[:cut], line[cut:]]) == b"Authorization: Bearer [REDACTED]\n", cut
+
+
+def test_a_private_key_double_escaped_tab_indented_or_line_numbered_is_masked() -> None:
+    import json
+
+    key, body = _pem(b"PRIVATE KEY", lines=3)
+    service_account = json.dumps({"type": "service_account", "private_key": key.decode()})
+    event = json.dumps({"type": "tool_result", "content": service_account}).encode()
+    out = Redactor({}).mask(event)
+    assert all(line not in out for line in body) and out.count(MASK) == len(body)
+    tabbed = json.dumps({"content": "\t" + key.decode().replace("\n", "\n\t")}).encode()
+    assert Redactor({}).mask(tabbed).count(MASK) == len(body)
+    for numbered in (b"".join(b"%6d\t" % i + line + b"\n" for i, line in enumerate(key.splitlines(), 1)),
+                     b"".join(b"%6d\xe2\x86\x92" % i + line + b"\n" for i, line in enumerate(key.splitlines(), 1)),
+                     b"".join(b"+" + line + b"\n" for line in key.splitlines())):
+        out = run(Redactor({}), [numbered])
+        assert out == _pem_masked(numbered, body), numbered[:40]
+        assert out.count(b"\n") == numbered.count(b"\n")
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\\n"])
+def test_a_quiet_second_anywhere_inside_a_key_line_leaks_nothing(eol: bytes) -> None:
+    key, body = _pem(b"RSA PRIVATE KEY", lines=3, eol=eol, headers=(b"Proc-Type: 4,ENCRYPTED",))
+    for cut in range(len(b"-----BEGIN RSA PRIVATE KEY-----") + 1, len(key) - 5):
+        r = Redactor({})
+        out = r("stdout", key[:cut], True) + r("stdout", key[cut:], False) + r("stdout", b"", True)
+        assert b"Proc-Type: 4,ENCRYPTED" in out, cut
+        for line in body:
+            for i in range(0, len(line) - 8, 8):
+                assert line[i : i + 8] not in out, (cut, out)
