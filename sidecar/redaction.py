@@ -79,10 +79,12 @@ _PEM_OPEN = re.compile(rb"[A-Z0-9 ]*-{0,4}\Z")  # what may follow -----BEGIN in 
 _PEM_BREAK = re.compile(rb"\r\n|\n|\r|\\+r\\+n|\\+n|\\+r")
 # What may come before a line of key material and stays: indentation (tabs escaped or not), a
 # line number as cat -n or an agent's file-reading tool print it (a tab, an arrow, ":" or
-# "|" after it), a diff's or a quote's - + or >.
+# "|" after it), a diff's - or a quote's >. (Not a diff's +, which a line of base64 may begin
+# with: an added line is masked with its +.)
 _SPACE = rb"(?:[ \t]|\\+t)"
-_PEM_PREFIX = (_SPACE + rb"*(?:[0-9]+(?:\t|\\+t|\xe2\x86\x92|\\+u2192|:|\|)" + _SPACE + rb"*)?(?:[-+>] ?)?")
+_PEM_PREFIX = (_SPACE + rb"*(?:[0-9]+(?:\t|\\+t|\xe2\x86\x92|\\+u2192|:|\|)" + _SPACE + rb"*)?(?:[->] ?)?")
 _PEM_PREFIX_RX = re.compile(_PEM_PREFIX)
+_PEM_END_PREFIX = re.compile(_PEM_PREFIX + rb"\+? ?")  # before an END line, a diff's + is one
 # PEM and OpenPGP armor headers (Proc-Type: 4,ENCRYPTED), before the key material
 _PEM_HEADER_NAMES = (b"Proc-Type:", b"DEK-Info:", b"Comment:", b"Version:", b"Hash:", b"Charset:")
 _PEM_HEADER = re.compile(_PEM_PREFIX + rb"(?:Proc-Type|DEK-Info|Comment|Version|Hash|Charset):[ \t]*[ -~]*")
@@ -305,7 +307,7 @@ class Redactor:
                 return pos  # what follows the END line is judged with the END line before it
             if end_marker is not None:
                 before = data[pos : end_marker.start()]  # key material may run on into the END line
-                if _PEM_PREFIX_RX.fullmatch(self._pem_part.get(stream, b"") + before):
+                if _PEM_END_PREFIX.fullmatch(self._pem_part.get(stream, b"") + before):
                     masked: bytes | None = before  # its line number or indentation
                 else:
                     masked = self._pem_line(stream, before)

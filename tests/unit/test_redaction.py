@@ -618,9 +618,11 @@ def test_a_private_key_double_escaped_tab_indented_or_line_numbered_is_masked() 
     assert all(line not in out for line in body) and out.count(MASK) == len(body)
     tabbed = json.dumps({"content": "\t" + key.decode().replace("\n", "\n\t")}).encode()
     assert Redactor({}).mask(tabbed).count(MASK) == len(body)
+    added = b"".join(b"+" + line + b"\n" for line in key.splitlines())  # a diff's +: masked with the line
+    assert run(Redactor({}), [added]).count(MASK) == len(body)
     for numbered in (b"".join(b"%6d\t" % i + line + b"\n" for i, line in enumerate(key.splitlines(), 1)),
                      b"".join(b"%6d\xe2\x86\x92" % i + line + b"\n" for i, line in enumerate(key.splitlines(), 1)),
-                     b"".join(b"+" + line + b"\n" for line in key.splitlines())):
+                     b"".join(b"-" + line + b"\n" for line in key.splitlines())):
         out = run(Redactor({}), [numbered])
         assert out == _pem_masked(numbered, body), numbered[:40]
         assert out.count(b"\n") == numbered.count(b"\n")
@@ -636,3 +638,11 @@ def test_a_quiet_second_anywhere_inside_a_key_line_leaks_nothing(eol: bytes) -> 
         for line in body:
             for i in range(0, len(line) - 8, 8):
                 assert line[i : i + 8] not in out, (cut, out)
+
+
+def test_a_key_line_that_begins_with_plus_or_slash_is_masked_whole() -> None:
+    lines = [b"+" + b"A" * 63, b"/" + b"B" * 63, b"-" + b"C" * 63]
+    key = b"-----BEGIN PRIVATE KEY-----\n" + b"\n".join(lines) + b"\n-----END PRIVATE KEY-----\n"
+    # + and / are base64 and go with the mask; a leading - is no base64: a diff's, it stays
+    assert run(Redactor({}), [key]) == (b"-----BEGIN PRIVATE KEY-----\n[REDACTED]\n[REDACTED]\n-[REDACTED]\n"
+                                        b"-----END PRIVATE KEY-----\n")
