@@ -218,10 +218,8 @@ class Redactor:
         pos = 0
         if stream in self._pem:
             pos = self._pem_block(stream, data, 0, final, out)
-            if stream in self._pem:  # the block goes on; a line not yet whole waits
-                if pos < len(data):
-                    self._held[stream] = data[pos:]
-                return b"".join(out)
+            if stream in self._pem:
+                return self._released(stream, data, pos, out)
         end = len(data) if final else _context_start(data, len(data) - self._holdback(data))
         full = self.user_patterns or self._any_secret(data)
         starts: list[int] = []
@@ -243,17 +241,11 @@ class Redactor:
                 if m.group(PEM_GROUP) is not None:
                     key = m
                     break
-                inner = _pem_inside(data, m)
-                if inner is not None and m.group() not in self._value_set:
-                    # a token run on into a private key's BEGIN line: the token is masked, the key found
-                    out.append(data[pos : m.start()])
-                    out.append(MASK)
-                    self.masked += 1
-                    pos = inner.start()
-                    key = inner
-                    break
-                if (not final and (m.end() > end or m.end() == len(data))
-                        and len(data) - m.start() <= MAX_HELD_SECRET and m.group() not in self._value_set):
+                token = m.group() not in self._value_set
+                # a token run on into a private key's BEGIN line: the token is masked, the key found
+                key = _pem_inside(data, m) if token else None
+                if (key is None and token and not final and (m.end() > end or m.end() == len(data))
+                        and len(data) - m.start() <= MAX_HELD_SECRET):
                     # A token reaching the end of the read, or into what is held back, may go
                     # on, or end otherwise, in the next read ("sk-...-----BEGIN PRIV"): it waits
                     # whole, with the "Bearer " its expression looks behind for. (An environment
@@ -263,6 +255,9 @@ class Redactor:
                 out.append(data[pos : m.start()])
                 out.append(MASK)
                 self.masked += 1
+                if key is not None:
+                    pos = key.start()
+                    break
                 pos = m.end()
             if key is None:
                 break
@@ -274,12 +269,14 @@ class Redactor:
             out.append(data[pos : key.end()])
             self._pem[stream] = 0
             pos = self._pem_block(stream, data, key.end(), final, out)
-            if stream in self._pem:
-                if pos < len(data):
-                    self._held[stream] = data[pos:]
-                return b"".join(out)
+            if stream in self._pem:  # the block goes on; a line not yet whole waits
+                return self._released(stream, data, pos, out)
         release = max(end, pos)
         out.append(data[pos:release])
+        return self._released(stream, data, release, out)
+
+    def _released(self, stream: str, data: bytes, release: int, out: list[bytes]) -> bytes:
+        """What goes out (``out``, ``data`` up to ``release``); the rest of ``data`` waits."""
         if release < len(data):
             self._held[stream] = data[release:]
         return b"".join(out)
