@@ -131,10 +131,34 @@ def signature(obj: dict[str, Any], secret: bytes | str) -> str:
     return hmac.new(secret, canonical(obj), hashlib.sha256).hexdigest()
 
 
+def _unsendable(value: Any) -> str | None:
+    """Why ``value`` cannot be signed as a command (None: it can): the sidecar parses integers
+    beyond 64 bits as floats and refuses NaN, infinities and deep nesting, so the signature it
+    computes would never match."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int) and not -(1 << 63) <= v < (1 << 64):
+            return f"integer {_short(v)} beyond 64 bits"
+        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
+            return f"{v} is not a JSON number"
+        if isinstance(v, dict | list):
+            if depth > MAX_DEPTH:
+                return f"nested deeper than {MAX_DEPTH} levels"
+            stack.extend((item, depth + 1) for item in (v.values() if isinstance(v, dict) else v))
+    return None
+
+
 def sign(obj: dict[str, Any], secret: bytes | str) -> dict[str, Any]:
     """``obj`` with ``sig`` added (any old ``sig`` replaced). Put ``ts`` in first: it is signed too.
     ``secret``: the secret file's bytes without its trailing newline (as the sidecar reads it),
-    or the same as a str."""
+    or the same as a str. ValueError for an object the sidecar would refuse whatever its
+    signature: an integer beyond 64 bits, NaN or an infinity, nesting past MAX_DEPTH levels."""
+    reason = _unsendable(obj)
+    if reason is not None:
+        raise ValueError(f"cannot sign this command: {reason}")
     signed = {k: v for k, v in obj.items() if k != "sig"}
     signed["sig"] = signature(signed, secret)
     return signed

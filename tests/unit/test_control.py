@@ -268,6 +268,28 @@ def test_signature_survives_the_wire_through_orjson(secure: config.Settings) -> 
     assert isinstance(run(json.dumps(signed, indent=2, ensure_ascii=False).encode(), secure), Command)
 
 
+def test_signed_integers_at_the_64_bit_limits_are_accepted(secure: config.Settings) -> None:
+    for value in ((1 << 64) - 1, -(1 << 63), 0, True):
+        result = run(orjson.dumps(sign({"cmd": "cancel", "ts": NOW, "n": [value]}, SECRET)), secure)
+        assert isinstance(result, Command), (value, result)
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [(1 << 64, "beyond 64 bits"), (-(1 << 63) - 1, "beyond 64 bits"), (float("nan"), "not a JSON number"),
+     (float("inf"), "not a JSON number"), ({"a": 10**30}, "beyond 64 bits"),
+     (json.loads("[" * 40 + "]" * 40), "nested deeper than 32")],
+)
+def test_sign_refuses_what_the_sidecar_would_refuse(secure: config.Settings, value: Any, needle: str) -> None:
+    obj = {"cmd": "cancel", "ts": NOW, "run_id": "r1", "extra": value}
+    with pytest.raises(ValueError, match=needle):
+        control.sign(obj, SECRET)
+    # Signed anyway, by hand, such a command never passes the check: the refusal is not too strict.
+    body = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    obj["sig"] = hmac.new(SECRET, body.encode(), hashlib.sha256).hexdigest()
+    assert not isinstance(run(body[:-1].encode() + b',"sig":"' + obj["sig"].encode() + b'"}', secure), Command)
+
+
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
