@@ -80,11 +80,15 @@ static inline uint64_t needs_care(uint64_t x) {
 typedef uint32_t bits_t;
 #define LOWEST(bits) ((Py_ssize_t)__builtin_ctz(bits))
 
-static inline bits_t any_of5(const unsigned char *p, char a, char b, char c, char d, char e) {
+/* Bytes equal to a, b, c, d or e, and bytes equal to f that have g six bytes later (p[0..21]
+ * are read). */
+static inline bits_t any_of5_or_pair(const unsigned char *p, char a, char b, char c, char d, char e, char f, char g) {
     __m128i x = _mm_loadu_si128((const __m128i *)p);
     __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(a)), _mm_cmpeq_epi8(x, _mm_set1_epi8(b))),
                              _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(c)), _mm_cmpeq_epi8(x, _mm_set1_epi8(d))));
-    m = _mm_or_si128(m, _mm_cmpeq_epi8(x, _mm_set1_epi8(e)));
+    __m128i y = _mm_loadu_si128((const __m128i *)(p + 6));
+    m = _mm_or_si128(m, _mm_or_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(e)),
+                                     _mm_and_si128(_mm_cmpeq_epi8(x, _mm_set1_epi8(f)), _mm_cmpeq_epi8(y, _mm_set1_epi8(g)))));
     return (bits_t)_mm_movemask_epi8(m);
 }
 
@@ -102,10 +106,12 @@ static inline bits_t care_bits(const unsigned char *p) {
 typedef uint64_t bits_t;
 #define LOWEST(bits) ((Py_ssize_t)(__builtin_ctzll(bits) >> 3))
 
-static inline bits_t any_of5(const unsigned char *p, char a, char b, char c, char d, char e) {
+/* As above; a flag above the lowest may be false, as with has_byte, and none is missed. */
+static inline bits_t any_of5_or_pair(const unsigned char *p, char a, char b, char c, char d, char e, char f, char g) {
     uint64_t x = load8(p);
     return has_byte(x, (unsigned char)a) | has_byte(x, (unsigned char)b) | has_byte(x, (unsigned char)c)
-           | has_byte(x, (unsigned char)d) | has_byte(x, (unsigned char)e);
+           | has_byte(x, (unsigned char)d) | has_byte(x, (unsigned char)e)
+           | (has_byte(x, (unsigned char)f) & has_byte(load8(p + 6), (unsigned char)g));
 }
 
 static inline bits_t care_bits(const unsigned char *p) { return needs_care(load8(p)); }
@@ -153,13 +159,13 @@ static int folds_to_p(unsigned char c) {
     return c == 'p' || c == 'o' || c == 'u' || c == 's' || c == 'r' || c == 'a' || c == 'b';
 }
 
-/* Every prefix is found by one of - _ A J B, which are rare in text (s, g and x, the bytes
+/* Every prefix is found by one of - _ A J B (or "b     "), which are rare in text (s, g and x, the bytes
  * most prefixes begin with, are not). Most are found by their last byte, looking back:
  * sk-, glpat- and x?x?- end with -, gh?_, github_pat_, [rs]k_live_, [rs]k_test_, hf_ and npm_
  * with _, A?IA with A, eyJ (a JWT) with J. Three are found by their first byte, looking
  * ahead: AIza (a Google API key), "-----BEGIN " (a private key's first line, which begins a
- * block, not a token), "Bearer " and "uthorization: Basic ", whose token begins after the
- * space (that is the start given). Of the bytes inside a prefix that are such bytes, none ends another prefix
+ * block, not a token), "Bearer " (in any case: a B, or a b with a space six bytes on) and
+ * "uthorization: Basic ", whose token begins after the space (that is the start given). Of the bytes inside a prefix that are such bytes, none ends another prefix
  * looking back (the _ of "github_", of "sk_"), and no prefix found looking back begins
  * before one found ahead at an earlier byte, so the starts come out in order; the same
  * start can come twice in a row ("Bearer sk-..."), and is kept once. */
@@ -202,7 +208,8 @@ static Py_ssize_t prefix_ending_at(const unsigned char *s, Py_ssize_t i) {
 static Py_ssize_t prefix_starting_at(const unsigned char *s, Py_ssize_t n, Py_ssize_t i) {
     if (s[i] == 'A' && i + 4 <= n && memcmp(s + i + 1, "Iza", 3) == 0)
         return i;
-    if (s[i] == 'B' && i + 7 <= n && memcmp(s + i + 1, "earer ", 6) == 0)
+    if ((s[i] | 0x20) == 'b' && i + 7 <= n && (s[i + 1] | 0x20) == 'e' && (s[i + 2] | 0x20) == 'a'
+        && (s[i + 3] | 0x20) == 'r' && (s[i + 4] | 0x20) == 'e' && (s[i + 5] | 0x20) == 'r' && s[i + 6] == ' ')
         return i + 7;
     if (s[i] == 'B' && i >= 14 && i + 6 <= n && memcmp(s + i + 1, "asic ", 5) == 0
         && memcmp(s + i - 14, "uthorization: ", 14) == 0)
@@ -221,8 +228,8 @@ static int push_start(Array *out, Py_ssize_t start) {
 static int scan_token_starts(const unsigned char *s, Py_ssize_t n, Array *out) {
     Py_ssize_t i = 0;
     while (i < n) {
-        if (i + BLOCK <= n) {
-            bits_t hits = any_of5(s + i, '-', '_', 'A', 'J', 'B');
+        if (i + BLOCK + 6 <= n) {
+            bits_t hits = any_of5_or_pair(s + i, '-', '_', 'A', 'J', 'B', 'b', ' ');
             if (hits == 0) {
                 i += BLOCK;
                 continue;

@@ -42,6 +42,7 @@ MULTILINE_PART_LEN = 16
 _KEY_MATERIAL = re.compile(rf"[A-Za-z0-9+/=_\-]{{{MULTILINE_PART_LEN},}}")
 
 # Token shapes, each long enough that ordinary words do not match.
+BEARER = rb"(?i:bearer)"  # an authentication scheme's name is case-insensitive (RFC 9110)
 BEARER_TOKEN = rb"[A-Za-z0-9\-._~+/]{16,}=*"
 BASIC_CREDENTIALS = rb"[A-Za-z0-9+/]{4,}={0,2}"
 TOKEN_PATTERNS: tuple[bytes, ...] = (
@@ -60,8 +61,10 @@ TOKEN_PATTERNS: tuple[bytes, ...] = (
     # after - or _ either: in a run such as "-eyJ-eyJ-eyJ..." each try would read to the run's
     # end and fail, quadratic time.
     rb"(?<![_\-])eyJ[A-Za-z0-9_\-]{10,}\.eyJ[A-Za-z0-9_\-]{10,}(?:\.[A-Za-z0-9_\-]*)?",
-    # an HTTP bearer token (RFC 6750): "Bearer " itself stays, where it does not continue a word
-    rb"(?:(?<![A-Za-z0-9_]Bearer )|(?<=\\[bfnrt]Bearer )|(?<=%[0-9A-Fa-f]{2}Bearer ))(?<=Bearer )" + BEARER_TOKEN,
+    # an HTTP bearer token (RFC 6750; the scheme's name in any case): "Bearer " itself stays,
+    # where it does not continue a word
+    rb"(?:(?<![A-Za-z0-9_]" + BEARER + rb" )|(?<=\\[bfnrt]" + BEARER + rb" )|(?<=%[0-9A-Fa-f]{2}" + BEARER + rb" ))"
+    rb"(?<=" + BEARER + rb" )" + BEARER_TOKEN,
     # HTTP basic credentials, base64 of user:password, in an (Proxy-)Authorization header (curl -v)
     rb"(?<=uthorization: Basic )" + BASIC_CREDENTIALS,
 )
@@ -101,11 +104,12 @@ PEM_MAX_LINE = 1 << 10
 # token expression run, anchored there.
 _FOLD = bytes.maketrans(b"ousrabS", b"ppppppK")
 RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_", b"glpat-", b"sk_live_", b"rk_live_", b"sk_test_",
-                                   b"rk_test_", b"hf_", b"npm_", b"AIza", b"eyJ", b"Bearer ", b"-----BEGIN ",
+                                   b"rk_test_", b"hf_", b"npm_", b"AIza", b"eyJ", b"-----BEGIN ",
                                    b"uthorization: Basic ")
-# A bearer token or basic credentials begin after their prefix, which the expression looks
-# behind for.
-_START_OFFSET = {b"Bearer ": 7, b"uthorization: Basic ": 20}
+# Basic credentials begin after their prefix, which the expression looks behind for; so does
+# a bearer token, after "Bearer " in any case (_BEARER_WORD).
+_START_OFFSET = {b"uthorization: Basic ": 20}
+_BEARER_WORD = re.compile(BEARER + rb" ")
 FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
 # Bytes outside a run of token characters; of what may be a JWT; a bearer token; basic
 # credentials. A run's start is found by searching the reversed tail for the first of these:
@@ -472,7 +476,7 @@ def _context_start(data: bytes, start: int) -> int:
     while True:
         moved = start
         # a "Bearer " or "uthorization: Basic " that ends at the start or runs across it
-        p = data.rfind(b"Bearer ", max(moved - 7, 0), moved + 6)
+        p = _rfind_bearer(data, max(moved - 7, 0), moved + 6)
         if 0 <= p < moved:
             moved = max(p - 3, 0)  # the look-behinds see at most 3 bytes before "Bearer "
         p = data.rfind(b"uthorization: Basic ", max(moved - 20, 0), moved + 19)
@@ -481,6 +485,14 @@ def _context_start(data: bytes, start: int) -> int:
         if moved == start:
             return start
         start = moved
+
+
+def _rfind_bearer(data: bytes, start: int, end: int) -> int:
+    """data.rfind(b"Bearer ", start, end), the word in any case."""
+    found = -1
+    for m in _BEARER_WORD.finditer(data, start, end):
+        found = m.start()
+    return found
 
 
 def _pem_inside(data: bytes, m: re.Match[bytes]) -> re.Match[bytes] | None:
@@ -513,9 +525,9 @@ def _shape_start(tail: bytes, start: int) -> int:
             run = _run_start(tail, moved, _NOT_JWT)
             if b"eyJ" in tail[run:]:
                 moved = run
-        if b"Bearer " in tail:
+        if _BEARER_WORD.search(tail):
             run = _run_start(tail, moved, _NOT_BEARER)
-            if tail.endswith(b"Bearer ", 0, run):
+            if run >= 7 and _BEARER_WORD.fullmatch(tail, run - 7, run):
                 # with the word "Bearer", and what it continues: that decides whether a token follows
                 moved = _run_start(tail, run - 1, _NOT_TOKEN)
         if b"uthorization:" in tail:
@@ -613,7 +625,7 @@ def _token_starts_py(data: bytes) -> list[int]:
     found = [p for p in RAW_PREFIXES if p in data]
     folded = data.translate(_FOLD)
     found_folded = [p for p in FOLDED_PREFIXES if p in folded]
-    if not found and not found_folded:
+    if not found and not found_folded and not _BEARER_WORD.search(data):
         return []
     starts: set[int] = set()
     for hay, prefixes in ((data, found), (folded, found_folded)):
@@ -623,6 +635,7 @@ def _token_starts_py(data: bytes) -> list[int]:
             while i >= 0:
                 starts.add(i + offset)
                 i = hay.find(prefix, i + 1)
+    starts.update(m.end() for m in _BEARER_WORD.finditer(data))
     return sorted(starts)
 
 

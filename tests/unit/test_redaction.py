@@ -77,9 +77,26 @@ def test_a_bearer_token_is_masked_and_the_word_bearer_stays() -> None:
     assert run(Redactor({}), [jwt_header]) == b'{"headers": {"authorization": "Bearer [REDACTED]"}}\n'
 
 
+@pytest.mark.parametrize("word", [b"bearer", b"BEARER", b"bEaReR"])
+def test_the_word_bearer_in_any_case_is_followed_by_a_masked_token(word: bytes) -> None:
+    """The scheme's name is case-insensitive in HTTP: requests libraries and hand-written
+    headers send it in lower case too."""
+    text = (b'{"authorization": "' + word + b' ya29.a0AfH6SMB-x3k9q_Z~long+token/value=="}\n'
+            b"curl -H 'authorization: " + word + b" 0123456789abcdef0123' https://api\n"
+            b"the " + word + b" of this note\n")
+    expected = (b'{"authorization": "' + word + b' [REDACTED]"}\n'
+                b"curl -H 'authorization: " + word + b" [REDACTED]' https://api\n"
+                b"the " + word + b" of this note\n")
+    for r in (Redactor({}), Redactor({"API_KEY": "hunter2hunter2xx"})):  # the anchored scan, the whole expression
+        assert run(r, [text]) == expected
+    for i in range(1, len(text)):
+        assert run(Redactor({}), [text[:i], text[i:]]) == expected, i
+
+
 @pytest.mark.parametrize("text", [b"sk-short", b"task-list of things", b"AKIA alone", b"ghp_short", b"xoxb-1",
                                   b"the risk-assessment-document-for-the-new-project",
                                   b"Bearer tokens are described in RFC 6750", b"Bearer authentication",
+                                  b"the bearer of this message", b"xbearer 0123456789abcdef0123",
                                   b"AIzaSyD-AbCdEfGhIjKlMnOpQrStUvWxYz_01234 (one too many)",
                                   b"AIzaSyD-AbCdEfGhIjKlMnOpQrStUvWxYz_012 (one too few)",
                                   b"header only eyJhbGciOiJIUzI1NiJ9 and eyJhbGciOiJIUzI1NiJ9.notpayload"])
@@ -329,6 +346,7 @@ def test_reads_cut_anywhere_mask_what_one_read_masks(env: dict[str, str]) -> Non
               b"%3D", b"%", b"\\", b"Loading...", b"AIza", b"sk-", b"a.b", b"+", b"=", BEARER + b" ", b"hunter2",
               b"-----BEGIN PRIVATE KEY-----", b"-----BEGIN RSA ", b"PRIVATE KEY-----", b"-----END PRIVATE KEY-----",
               b"MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", b"Zm9v==", b"\r\n", b"\\r\\n", b"Proc-Type: 4,ENCRYPTED", b"\\/",
+              b"bearer ", b"BEARER", b"beaRer ", b"b",
               b"Authorization: Basic ", b"Authorization:", b"uthorization: Basic YWRtaW46aHVudGVyMg== ", b"Basic ",
               *(b" " + t + b" " for t in TOKENS.values())]
     for _ in range(3000):

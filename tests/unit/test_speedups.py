@@ -33,6 +33,7 @@ PIECES = [
     b"A", b"x", b"k", b"_", b"h", b"I", b"K", b"S", b"glpat-", b"glpa", b"hf_", b"f_", b"npm_", b"np",
     b"sk_live_", b"rk_test_", b"sk_", b"_live_", b"test_", b"sk_lived_", b"hello world ", b"AIza", b"AIz", b"Iza",
     b"eyJ", b"ey", b"J", b"B", b"Bearer ", b"Bearer", b"earer ", b"Bearer\n", b"Authorization: ", b"Basic ",
+    b"bearer ", b"BEARER ", b"bEARER ", b"b", b"EARER ", b"Bearer\t", b"\xe2bearer ",
     b"uthorization: Basic ", b"-----BEGIN ", b"-----BEGIN", b"-", b"\xc3\xa9", b"\xe2\x80\xa8",
     b"\xf0\x9f\x98\x80", b"\xf4\x8f\xbf\xbf", b"\xed\x9f\xbf", b"\xee\x80\x80",
     # invalid UTF-8: surrogates, overlong forms, past U+10FFFF, truncated, stray bytes
@@ -83,6 +84,8 @@ def check_candidates(cands: list[tuple[int, bytes, int]], lines: list[str], base
     b"sk_live_", b"rk_test_", b"xk_live_", b"sk_tost_", b"k_live_", b"sk_live_sk_test_hf_", b"AIza", b"AIz",
     b"AKIAIza", b"ASIAIzaAIza", b"eyJ", b"yJ", b"eyeyJ", b"Bearer ", b"Bearer", b"Bearer sk-", b"Bearer AIza",
     b"Bearer eyJ", b"BBearer Bearer ", b"0123456789abcBearer ", b"0123456789abcdeAIza", b"0123456789abcdefeyJ",
+    b"bearer ", b"BEARER ", b"bEaReR ", b"bbearer bearer ", b"0123456789abcdebearer ", b"0123456789abcdebEARER x",
+    b"bearer", b"bearer\x00", b"Bearer!", b"\xc2bearer ",
     b"Authorization: Basic ", b"uthorization: Basic ", b"thorization: Basic ", b"Authorization: Basic",
     b"Authorization: Basic sk-", b"------BEGIN ", b"-----BEGIN ", b"-----BEGIN", b"sk-----BEGIN ",
 ])
