@@ -91,7 +91,8 @@ class Runtime:
         self.batcher.deliver_here = self.sender.deliver_here
         self.started_at = time.time()
         self.agent_pid: int | None = None
-        self.commands: queue.SimpleQueue[control.Command] = queue.SimpleQueue()
+        # Commands and rejections in the order they came: the statuses they cause keep it.
+        self.commands: queue.SimpleQueue[control.Command | control.Rejection] = queue.SimpleQueue()
         self.main_thread = threading.get_ident()  # where run() waits for the agent and applies them
         self.cancelled = False
         self.paused = False
@@ -114,7 +115,7 @@ class Runtime:
             s,
             connect=self.control_connection,
             on_command=self.command,
-            on_reject=self.rejected,
+            on_reject=self.command,
         )
         self.sender.on_master_switch = self.control.master_moved
 
@@ -290,6 +291,7 @@ class Runtime:
         }
 
     def rejected(self, rej: control.Rejection) -> None:
+        """Main thread: report a rejected command (log and status, within their budget)."""
         # the reason may quote the command (an unknown cmd): the log is masked as the status is
         reason = self.redactor.mask_value(rej.reason) if self.redactor is not None else rej.reason
         if not self._reject_budget.take():
@@ -301,8 +303,8 @@ class Runtime:
             meta["command"] = {k: v for k, v in rej.raw.items() if k != "sig"}
         self.status("control_rejected", **meta)
 
-    def command(self, cmd: control.Command) -> None:
-        """Control thread: queue ``cmd`` for the main thread and wake it."""
+    def command(self, cmd: control.Command | control.Rejection) -> None:
+        """Control thread: queue ``cmd`` (or its rejection) for the main thread and wake it."""
         self.commands.put(cmd)
         signals.wake(self.main_thread)
 
@@ -319,6 +321,9 @@ class Runtime:
                 cmd = self.commands.get_nowait()
             except queue.Empty:
                 return
+            if isinstance(cmd, control.Rejection):
+                self.rejected(cmd)
+                continue
             agent = sup.agent
             # the first cancel is always told: it ends the run
             first_cancel = cmd.cmd == "cancel" and not self.cancelled
@@ -346,6 +351,17 @@ class Runtime:
                 # SIGCONT also when the agent (or anyone) stopped the group on its own
                 agent.signal_group(signal.SIGCONT)
                 self.woken(agent.pid)
+
+    def report_late_rejections(self) -> None:
+        """Main thread, once the agent has exited and the listener stopped: the rejections it
+        queued are still reported; commands come too late to carry out."""
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(cmd, control.Rejection):
+                self.rejected(cmd)
 
     def woken(self, pid: int) -> None:
         """The agent's group was sent SIGCONT (a resume, a signal command or a forwarded signal,
@@ -468,6 +484,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
     sup = signals.Supervisor(agent, s.kill_grace_s, on_signal=on_signal, on_kill=on_kill)
     exited: Exited = sup.wait(tick=lambda: rt.on_tick(sup))
     rt.control.stop()
+    rt.report_late_rejections()
     reader.stop_after(s.pipe_grace_s)
     stops = 0
     drain_deadline = time.monotonic() + s.drain_timeout_s

@@ -267,6 +267,26 @@ def test_a_command_too_deep_to_report_is_still_rejected_in_order(redis_server: R
     assert statuses[-1]["status"] == "cancelled"
 
 
+def test_statuses_of_commands_and_rejections_keep_the_order_the_commands_came_in(redis_server: RedisServer,
+                                                                                   start_sidecar: Any) -> None:
+    """A rejection is reported by the thread that carries out commands, after what came before it."""
+    client = redis_server.client()
+    proc = _start_ready(start_sidecar, client, redis_server.url, "ord")
+    with client.pipeline(transaction=False) as pipe:  # one write: the sidecar reads them together
+        for payload in ({"cmd": "pause"}, {"cmd": "bogus-1"}, {"cmd": "resume"}, {"cmd": "bogus-2"}):
+            pipe.publish("run:ord:control", json.dumps(payload))
+        assert pipe.execute() == [1, 1, 1, 1]
+    wait_until(lambda: len(_states(client, "ord")) >= 6, timeout=5)
+    client.publish("run:ord:control", json.dumps({"cmd": "cancel"}))
+    assert proc.finish(timeout=30).returncode == 0
+    statuses = runs.statuses(client, "ord")
+    told = [(m["status"], m["metadata"].get("command", {}).get("cmd")) for m in statuses[2:-1]]
+    assert told == [("paused", None), ("control_rejected", "bogus-1"), ("running", None),
+                    ("control_rejected", "bogus-2")], told
+    assert [m["metadata"]["command"]["cmd"] for m in statuses if m["status"] == "control_rejected"] == \
+        ["bogus-1", "bogus-2"]
+
+
 def test_heartbeat_counts_the_agents_orphans(redis_server: RedisServer, start_sidecar: Any) -> None:
     """Processes the agent left behind (re-parented to the sidecar) still count as the agent's."""
     sub = redis_server.client().pubsub()
