@@ -26,6 +26,7 @@ from .transport import Sender, TargetPipe, cluster_enabled, idem_key, open_conne
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
     from .resp import Connection
@@ -313,9 +314,9 @@ class Runtime:
         self.apply_commands(sup)
         self.pass_held_state()
 
-    def apply_commands(self, sup: signals.Supervisor) -> None:
-        """Main thread, on every supervisor tick (each command wakes it): carry out what the
-        control channel asked."""
+    def _queued_commands(self) -> Iterator[control.Command]:
+        """Main thread: the queued commands, in order; the rejections among them are reported
+        on the way."""
         while True:
             try:
                 cmd = self.commands.get_nowait()
@@ -323,7 +324,13 @@ class Runtime:
                 return
             if isinstance(cmd, control.Rejection):
                 self.rejected(cmd)
-                continue
+            else:
+                yield cmd
+
+    def apply_commands(self, sup: signals.Supervisor) -> None:
+        """Main thread, on every supervisor tick (each command wakes it): carry out what the
+        control channel asked."""
+        for cmd in self._queued_commands():
             agent = sup.agent
             # the first cancel is always told: it ends the run
             first_cancel = cmd.cmd == "cancel" and not self.cancelled
@@ -355,13 +362,8 @@ class Runtime:
     def report_late_rejections(self) -> None:
         """Main thread, once the agent has exited and the listener stopped: the rejections it
         queued are still reported; commands come too late to carry out."""
-        while True:
-            try:
-                cmd = self.commands.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(cmd, control.Rejection):
-                self.rejected(cmd)
+        for _too_late in self._queued_commands():
+            pass
 
     def woken(self, pid: int) -> None:
         """The agent's group was sent SIGCONT (a resume, a signal command or a forwarded signal,
