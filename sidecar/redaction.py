@@ -625,7 +625,9 @@ def _token_starts_py(data: bytes) -> list[int]:
     found = [p for p in RAW_PREFIXES if p in data]
     folded = data.translate(_FOLD)
     found_folded = [p for p in FOLDED_PREFIXES if p in folded]
-    if not found and not found_folded and not _BEARER_WORD.search(data):
+    lowered = data.lower()
+    bearer = b"bearer " in lowered
+    if not found and not found_folded and not bearer:
         return []
     starts: set[int] = set()
     for hay, prefixes in ((data, found), (folded, found_folded)):
@@ -635,7 +637,10 @@ def _token_starts_py(data: bytes) -> list[int]:
             while i >= 0:
                 starts.add(i + offset)
                 i = hay.find(prefix, i + 1)
-    starts.update(m.end() for m in _BEARER_WORD.finditer(data))
+    i = lowered.find(b"bearer ") if bearer else -1
+    while i >= 0:
+        starts.add(i + 7)
+        i = lowered.find(b"bearer ", i + 1)
     return sorted(starts)
 
 
