@@ -21,8 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import orjson
-
 from agent_wrapper.events import Output
 
 from . import log, protocol
@@ -46,12 +44,13 @@ def _left(deadline: float | None) -> float | None:
 
 
 class Channel:
-    __slots__ = ("key", "stream", "header", "structured", "next_seq", "open", "opened_at")
+    __slots__ = ("key", "stream", "header", "header_json", "structured", "next_seq", "open", "opened_at")
 
     def __init__(self, key: str, stream: str, header: dict[str, Any], structured: bool) -> None:
         self.key = key
         self.stream = stream
         self.header = header
+        self.header_json = protocol.encode_object(header)[:-1]  # every payload's first bytes
         self.structured = structured
         self.next_seq = 1
         self.open = protocol.Lines()
@@ -297,11 +296,13 @@ class Batcher:
                 objects: list[dict[str, Any]] | None = None) -> Encoded:
         texts = protocol.texts_of(batch) if self.per_line_json else None  # else encode_batch takes the fastest way
         payload = protocol.encode_batch(ch.header, first, batch, structured=ch.structured,
-                                        threshold=-1, texts=texts, objects=objects)
+                                        threshold=-1, texts=texts, objects=objects, header_json=ch.header_json)
         pubs = self._per_line(batch, texts) if texts is not None else None
         return ch.key, first, batch.n, batch.nbytes, payload, pubs
 
     def _per_line(self, batch: protocol.Lines, texts: protocol.Texts) -> list[bytes]:
+        import orjson
+
         out: list[bytes] = []
         runs = batch.ts
         run = 0

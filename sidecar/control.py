@@ -30,13 +30,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from types import SimpleNamespace
 
-import orjson
-
 from agent_wrapper.values import Frozen
 
 from . import log
 from .config import Settings
-from .protocol import json_depth
+from .protocol import json_depth, json_unsafe
 from .resp import Connection, ReplyError
 
 TYPE_CHECKING = False
@@ -131,32 +129,14 @@ def signature(obj: dict[str, Any], secret: bytes | str) -> str:
     return hmac.new(secret, canonical(obj), hashlib.sha256).hexdigest()
 
 
-def _unsendable(value: Any) -> str | None:
-    """Why ``value`` cannot be signed as a command (None: it can): the sidecar parses integers
-    beyond 64 bits as floats and refuses NaN, infinities and deep nesting, so the signature it
-    computes would never match."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, int) and not -(1 << 63) <= v < (1 << 64):
-            return f"integer {_short(v)} beyond 64 bits"
-        if isinstance(v, float) and (v != v or v in (float("inf"), float("-inf"))):
-            return f"{v} is not a JSON number"
-        if isinstance(v, dict | list):
-            if depth > MAX_DEPTH:
-                return f"nested deeper than {MAX_DEPTH} levels"
-            stack.extend((item, depth + 1) for item in (v.values() if isinstance(v, dict) else v))
-    return None
-
-
 def sign(obj: dict[str, Any], secret: bytes | str) -> dict[str, Any]:
     """``obj`` with ``sig`` added (any old ``sig`` replaced). Put ``ts`` in first: it is signed too.
     ``secret``: the secret file's bytes without its trailing newline (as the sidecar reads it),
     or the same as a str. ValueError for an object the sidecar would refuse whatever its
     signature: an integer beyond 64 bits, NaN or an infinity, nesting past MAX_DEPTH levels."""
-    reason = _unsendable(obj)
+    # the sidecar parses integers beyond 64 bits as floats and refuses NaN, infinities and
+    # deep nesting: the signature it computes would never match
+    reason = json_unsafe(obj, MAX_DEPTH)
     if reason is not None:
         raise ValueError(f"cannot sign this command: {reason}")
     signed = {k: v for k, v in obj.items() if k != "sig"}
@@ -256,6 +236,8 @@ def parse(payload: bytes, *, settings: Settings, now: float, seen: ReplayCache) 
     valid message addressed to another variation or agent. ``now`` is wall-clock Unix seconds."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         return Rejection(f"payload too large ({len(payload)} bytes, limit {MAX_PAYLOAD_BYTES})", None)
+    import orjson  # at the first command: its import costs every start ~10 ms
+
     try:
         obj = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:

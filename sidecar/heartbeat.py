@@ -27,8 +27,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import orjson
-
 from . import log, protocol
 from .config import Settings
 from .resp import Connection, ReplyError
@@ -258,7 +256,7 @@ class Heartbeat:
             stats = self._stats()
             msg = build(self.settings, pid=pid, tree_metrics=metrics, stats=dict(stats),
                         started_at=self.started_at, now=time.time())
-            payload = orjson.dumps(msg, default=str)
+            payload = protocol.encode_object(msg)
         except Exception as exc:
             if not self._build_failed:
                 log.error("heartbeat could not be built", error=repr(exc))

@@ -1,19 +1,23 @@
-"""Wire format v1: one self-describing payload per batch, JSON by orjson, zstd above a threshold.
+"""Wire format v1: one self-describing payload per batch, JSON, zstd above a threshold.
 
 The encoding is recognisable from the first bytes: a zstd frame starts with the magic
 28 B5 2F FD, an uncompressed payload with ``{``. See docs/PROTOCOL.md.
+
+orjson and zstandard are imported where they are first needed, not at start: orjson's import
+(it imports dataclasses, inspect and uuid) and zstandard's would cost every start ~15 ms,
+while a run whose output the native module encodes, in payloads below the compression
+threshold, needs neither. Control-plane messages (status, gap, tokens, heartbeat) are a few a
+second and use the standard library's json.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import threading
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
-
-import orjson
-import zstandard
 
 from agent_wrapper.values import Frozen, Value
 
@@ -33,8 +37,7 @@ BATCH = "batch"
 STATUS = "status"
 GAP = "gap"
 
-_local = threading.local()  # each thread's zstd compressor
-_decompressor = zstandard.ZstdDecompressor()
+_local = threading.local()  # each thread's zstd compressor and decompressor
 
 
 class ProtocolError(ValueError):
@@ -51,6 +54,8 @@ def compress(raw: bytes) -> bytes:
     objects are not, so each thread has its own."""
     c = getattr(_local, "zstd", None)
     if c is None:
+        import zstandard
+
         c = _local.zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
     return c.compress(raw)  # type: ignore[no-any-return]
 
@@ -72,6 +77,8 @@ MAX_PAYLOAD_BYTES = 256 << 20
 
 def decompress(payload: bytes) -> bytes:
     if payload[:4] == ZSTD_MAGIC:
+        import zstandard
+
         try:
             # Frames written by ZstdCompressor.compress carry their content size.
             size = zstandard.frame_content_size(payload)
@@ -79,7 +86,10 @@ def decompress(payload: bytes) -> bytes:
                 raise ProtocolError("zstd payload without its content size")
             if size > MAX_PAYLOAD_BYTES:
                 raise ProtocolError(f"zstd payload of {size} bytes, more than {MAX_PAYLOAD_BYTES}")
-            return _decompressor.decompress(payload, max_output_size=MAX_PAYLOAD_BYTES)
+            d = getattr(_local, "unzstd", None)
+            if d is None:
+                d = _local.unzstd = zstandard.ZstdDecompressor()
+            return d.decompress(payload, max_output_size=MAX_PAYLOAD_BYTES)  # type: ignore[no-any-return]
         except (zstandard.ZstdError, MemoryError) as exc:
             raise ProtocolError(f"corrupt zstd payload: {exc!r}") from exc
     return payload
@@ -87,6 +97,8 @@ def decompress(payload: bytes) -> bytes:
 
 def decode(payload: bytes) -> dict[str, Any]:
     """Decode any v1 payload (batch, status, gap) into a dict."""
+    import orjson
+
     try:
         obj = orjson.loads(decompress(payload))
     except orjson.JSONDecodeError as exc:
@@ -233,10 +245,30 @@ def native_lines(batch: Lines, *, structured: bool = True,
     for cands, spliced in found:
         if spliced is None:
             entries = _spliced_objects(cands, parsed)
-            spliced = orjson.dumps(entries)[1:-1] if entries else b""
+            if entries:
+                import orjson
+
+                spliced = orjson.dumps(entries)[1:-1]
+            else:
+                spliced = b""
         if spliced:
             objects.append(spliced)
     return b"".join(parts), n, partial, b"[" + b",".join(objects) + b"]" if objects else b""
+
+
+def batch_message(header_json: bytes, seq: int, n: int, array: bytes, ts: list[tuple[int, float]],
+                  partial: list[int], spliced: bytes) -> bytes:
+    """A batch message from native_lines' parts, byte for byte what orjson writes for it."""
+    # %r of a float: its shortest repr, valid JSON when finite (time.time() always is), and
+    # what orjson writes for Unix times
+    parts = [header_json, b',"seq":%d,"n":%d,"lines":' % (seq, n), array, b',"ts":[',
+             b",".join([b"[%d,%r]" % (i, float(t)) for i, t in ts]), b"]"]
+    if partial:
+        parts += (b',"partial":[', b",".join([b"%d" % i for i in partial]), b"]")
+    if spliced:
+        parts += (b',"json":', spliced)
+    parts.append(b"}")
+    return b"".join(parts)
 
 
 def encode_batch(
@@ -248,22 +280,22 @@ def encode_batch(
     threshold: int,
     texts: Texts | None = None,
     objects: list[dict[str, Any]] | None = None,
+    header_json: bytes | None = None,
 ) -> bytes:
-    """Encode one batch. ``header`` holds the constant fields (v, type, ids, channel, stream).
-    Without ``texts`` the native module builds the ``lines`` array when it can."""
+    """Encode one batch. ``header`` holds the constant fields (v, type, ids, channel, stream),
+    ``header_json`` its JSON without the closing brace, when the caller keeps it.
+    Without ``texts`` the native module builds the ``lines`` array when it can, and the
+    payload is written here, as orjson would write it, without orjson."""
     native = native_lines(batch, structured=structured, parsed=objects) if texts is None else None
-    json_objects: Any = None
     if native is not None:
         array, n, partial, spliced = native
-        lines: Any = orjson.Fragment(array)
-        b64: list[int] = []
-        if spliced:
-            json_objects = orjson.Fragment(spliced)
-    else:
-        t = texts if texts is not None else texts_of(batch)
-        lines, n, partial, b64 = t.lines, len(t.lines), t.partial, t.b64
-        if structured:
-            json_objects = _json_objects(t.lines, t.b64, objects) or None
+        message = batch_message(header_json or encode_object(header)[:-1], seq, n, array, batch.ts, partial, spliced)
+        return compress_if_large(message, threshold)
+    import orjson
+
+    t = texts if texts is not None else texts_of(batch)
+    lines, n, partial, b64 = t.lines, len(t.lines), t.partial, t.b64
+    json_objects = _json_objects(t.lines, t.b64, objects) or None if structured else None
     msg = dict(header)
     msg["seq"] = seq
     msg["n"] = n
@@ -322,6 +354,8 @@ def _spliced_objects(candidates: Sequence[tuple[int, str | bytes, int]],
     event (and those orjson had to decide on), not every JSON object. The others are parsed
     by orjson: the native module leaves numbers with exponents, escaped surrogates, deep
     nesting, and what is not JSON to it."""
+    import orjson
+
     out: list[list[Any]] = []
     for i, text, kind in candidates:
         if kind == 1 or (kind == 2 and parsed is None):
@@ -337,6 +371,8 @@ def _spliced_objects(candidates: Sequence[tuple[int, str | bytes, int]],
 
 def _parsed_object(text: str | bytes) -> dict[str, Any] | None:
     """``text`` (one line, without CRs) as a JSON object no deeper than MAX_JSON_DEPTH, or None."""
+    import orjson
+
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -351,9 +387,41 @@ def _parsed_object(text: str | bytes) -> dict[str, Any] | None:
     return obj
 
 
+def json_unsafe(value: Any, max_depth: int = MAX_JSON_DEPTH) -> str | None:
+    """Why ``value`` does not round-trip through the readers' JSON parsers (None: it does): an
+    integer beyond 64 bits (orjson reads it as a float), NaN or an infinity (not JSON),
+    nesting past ``max_depth`` levels, a key that is not a string."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str | bool) or v is None:
+            continue
+        if isinstance(v, int):
+            if not -(1 << 63) <= v < (1 << 64):
+                text = str(v)
+                return f"integer {text[:20]}{'...' if len(text) > 20 else ''} beyond 64 bits"
+        elif isinstance(v, float):
+            if v != v or v in (float("inf"), float("-inf")):
+                return f"{v} is not a JSON number"
+        elif isinstance(v, dict | list | tuple):
+            if depth > max_depth:
+                return f"nested deeper than {max_depth} levels"
+            if isinstance(v, dict):
+                if not all(isinstance(k, str) for k in v):
+                    return "a key that is not a string"
+                stack.extend((item, depth + 1) for item in v.values())
+            else:
+                stack.extend((item, depth + 1) for item in v)
+    return None
+
+
 def encode_object(obj: dict[str, Any]) -> bytes:
-    """Small control-plane messages (status, gap): never compressed."""
-    return orjson.dumps(obj)
+    """Small control-plane messages (status, gap, tokens): never compressed. ValueError for
+    what json_unsafe names, or a value JSON has no form for."""
+    reason = json_unsafe(obj, 255)  # orjson's limit, where the messages' readers parse them
+    if reason is not None:
+        raise ValueError(reason)
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 class Record(Frozen):

@@ -21,8 +21,6 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 
-import orjson
-
 from . import log
 from .items import Item
 
@@ -84,6 +82,8 @@ class ProducerDir:
 
 
 def encode_frame(item: Item) -> bytes:
+    import orjson  # only when output goes to disk: its import costs every start ~10 ms
+
     header = orjson.dumps(
         {"k": item.key, "p": item.producer, "f": item.first, "l": item.last, "r": item.records,
          "b": item.raw_bytes, "t": item.kind, "n": -1 if item.pubs is None else len(item.pubs)}
@@ -96,6 +96,8 @@ def encode_frame(item: Item) -> bytes:
 
 
 def decode_body(body: bytes) -> Item:
+    import orjson
+
     (hlen,) = _U32.unpack_from(body, 0)
     h = orjson.loads(body[4 : 4 + hlen])
     pos = 4 + hlen

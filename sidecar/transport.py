@@ -10,11 +10,10 @@ pub/sub message either (except with --transport pubsub or --wire per-line-json).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
-
-import orjson
 
 from . import log
 from .batcher import Batcher
@@ -708,7 +707,7 @@ class Sender:
                 continue
             publish_inline = s.use_pubsub and it.pubs is None
             if it.kind == "status":
-                msg = orjson.loads(it.payload)
+                msg = json.loads(it.payload)
                 run = str(msg.get("run_id", ""))
                 # As the status key names the run (a spool replayed with other flags keeps its keys)
                 tagged = status_key_tagged(s, it.key, msg)
@@ -750,7 +749,7 @@ class Sender:
 
     @staticmethod
     def _tokens_command(it: Item, ttl: int, cluster: bool, prev: int = 0) -> tuple[Any, ...]:
-        msg = orjson.loads(it.payload)
+        msg = json.loads(it.payload)
         pairs: list[Any] = []
         for f in TOKEN_TOTAL_FIELDS:
             v = msg.get(f)

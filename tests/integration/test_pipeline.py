@@ -15,8 +15,8 @@ import orjson
 import pytest
 import redis
 
-from sidecar import protocol
-from tests.helpers import run_sidecar
+from sidecar import _native, protocol
+from tests.helpers import run_process, run_sidecar
 from tests.integration import runs
 from tests.redis_harness import RedisServer
 
@@ -158,6 +158,38 @@ def test_small_payloads_stay_uncompressed(redis_server: RedisServer, redis_clien
     assert all(p[:1] == b"{" for p in payloads)
     status = runs.raw_payloads(redis_client, runs.keys("small")["status"])
     assert all(p[:1] == b"{" for p in status)
+
+
+def _imported(stderr: bytes) -> set[str]:
+    """The modules a ``python -X importtime`` run imported, from its stderr."""
+    return {line.rsplit(b"|", 1)[1].strip().decode() for line in stderr.splitlines()
+            if line.startswith(b"import time:") and line.count(b"|") == 2}
+
+
+def test_a_plain_text_run_imports_neither_orjson_nor_zstandard(redis_server: RedisServer,
+                                                              redis_client: redis.Redis) -> None:
+    """Their imports would cost every start ~15 ms: output the native module encodes, in
+    payloads below the compression threshold, needs neither (PROTOCOL: the same bytes)."""
+    agent = ["sh", "-c", "echo one; echo 'two {\"a\": 1'; printf three"]
+    argv = ["--redis-url", redis_server.url, "--run-id", "imp", "--no-echo", "--", *agent]
+    cp = run_process([sys.executable, "-X", "importtime", "-m", "sidecar", *argv])
+    assert cp.returncode == 0
+    modules = _imported(cp.stderr)
+    assert {"sidecar.app", "sidecar.protocol", "json"} <= modules  # what the check reads is there
+    if _native.speedups is not None:
+        assert not {"orjson", "zstandard"} & modules
+    recs = runs.records(redis_client, runs.keys("imp")["stdout"])
+    assert b"".join(r.data for r in recs) == b'one\ntwo {"a": 1\nthree'
+    assert [m["status"] for m in runs.statuses(redis_client, "imp")] == ["starting", "running", "exited"]
+    # An object that may carry an event is parsed (orjson); a large batch is compressed.
+    agent = ["sh", "-c", "echo '{\"type\": \"x\"}'; echo '{\"usage\": {\"input_tokens\": 5}}'; seq 1 2000"]
+    cp = run_process([sys.executable, "-X", "importtime", "-m", "sidecar", "--redis-url", redis_server.url,
+                      "--run-id", "imp2", "--no-echo", "--", *agent])
+    assert cp.returncode == 0
+    assert {"orjson", "zstandard"} <= _imported(cp.stderr)
+    recs = runs.records(redis_client, runs.keys("imp2")["stdout"])
+    assert [r.json for r in recs[:3]] == [{"type": "x"}, {"usage": {"input_tokens": 5}}, None]
+    assert len(recs) == 2002
 
 
 def test_structured_json_lines_stay_structured(redis_server: RedisServer, redis_client: redis.Redis,

@@ -235,6 +235,44 @@ def test_precomputed_texts_give_same_payload() -> None:
     assert encode_batch(HEADER, 3, batch, structured=True, threshold=-1, texts=texts) == plain
 
 
+@pytest.mark.skipif(protocol._speedups is None, reason="native module not built")
+def test_the_payload_written_without_orjson_is_what_orjson_writes() -> None:
+    """The native path writes the message itself (orjson's import would cost every start):
+    byte for byte what orjson writes for the same message, with Unix times as time.time()
+    gives them, partial records, JSON objects, non-ASCII ids and text."""
+    rnd = random.Random(5)
+    header = dict(HEADER, agent_id="agent-\u00e9\u2603", channel="run:r\u00fc:output:0")
+    header_json = protocol.encode_object(header)[:-1]
+    words = [b"plain", b'{"a": [1, 2.5, null]}', b"\xc3\xa9t\xc3\xa9", b"tab\there", b'quote " and \\', b""]
+    for _ in range(500):
+        lines = [b" ".join(rnd.choices(words, k=rnd.randint(0, 4))) for _ in range(rnd.randint(1, 30))]
+        partial = [len(lines) - 1] if rnd.random() < 0.3 else []
+        ts = sorted({(rnd.randint(0, len(lines) - 1), 1.7e9 + rnd.random() * 1e8) for _ in range(rnd.randint(1, 3))})
+        batch = lines_batch(lines, partial, ts)
+        seq = rnd.randint(1, 10**12)
+        written = encode_batch(header, seq, batch, structured=True, threshold=-1, header_json=header_json)
+        assert encode_batch(header, seq, batch, structured=True, threshold=-1) == written
+        # the orjson path (texts given)
+        assert encode_batch(header, seq, batch, structured=True, threshold=-1,
+                            texts=protocol.texts_of(batch)) == written
+
+
+def test_control_plane_messages_are_what_orjson_writes_and_refuse_what_it_refused() -> None:
+    msg = {"v": 1, "type": "status", "run_id": "r\u00e9", "seq": 2, "status": "running",
+           "metadata": {"pid": 12, "note": "tab\t\u2603 \"q\" \x01", "f": 0.5, "none": None, "ok": True,
+                        "big": (1 << 64) - 1, "neg": -(1 << 63), "list": [1, [2, {"x": []}]]}}
+    assert protocol.encode_object(msg) == orjson.dumps(msg)
+    for bad, reason in (((1 << 64), "beyond 64 bits"), (float("nan"), "not a JSON number"),
+                        ({1: "x"}, "not a string"), ("\ud800", "surrogates")):
+        with pytest.raises(ValueError, match=reason):
+            protocol.encode_object({"metadata": {"x": bad}})
+    deep: Any = []
+    for _ in range(300):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested deeper than 255"):
+        protocol.encode_object({"metadata": deep})
+
+
 # -- compression -------------------------------------------------------------------------
 
 
