@@ -26,6 +26,39 @@ def usage_error(message: str, prog: str = "agent-sidecar") -> NoReturn:
 
 REDACT_PATTERN = "--redact-pattern"  # the one repeatable flag (argparse: action="append")
 
+# Packages a run imports after its agent has started, or only when it first needs them
+# (protocol.py): one missing must stop the sidecar before the agent starts, not in the
+# middle of the run.
+RUN_PACKAGES = ("hiredis", "orjson", "zstandard")
+
+
+def missing_error(missing: list[str], note: str) -> int:
+    """Say which packages are missing, in one line; the exit status to return."""
+    try:
+        os.write(2, f"agent-sidecar: error: Python packages missing: {', '.join(missing)} (install agent-sidecar "
+                    f"with its dependencies, e.g. pip install .){note}\n".encode())
+    except OSError:
+        pass
+    return 1
+
+
+def missing_packages(names: Sequence[str] = RUN_PACKAGES) -> list[str]:
+    """The packages among ``names`` that no import finder can find (found, not imported)."""
+    missing = []
+    for name in names:
+        if sys.modules.get(name) is not None:
+            continue
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            try:
+                if find is not None and find(name, None) is not None:
+                    break
+            except (ImportError, ValueError):
+                continue
+        else:
+            missing.append(name)
+    return missing
+
 
 def quick_parse(opts: Sequence[str]) -> dict[str, Any] | None:
     """The values argparse would give for ``opts`` (see argv.run_parser), when every flag is
@@ -112,6 +145,9 @@ def subcommand(name: str, args: list[str]) -> int:
     raised in the middle of an extension module's initialisation can crash the interpreter."""
     import signal
 
+    missing = missing_packages(("orjson", "redis", "zstandard"))
+    if missing:
+        return missing_error(missing, "")
     if name == "tail":
         from .tail import main as run_it
     else:
@@ -154,6 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = config.build(values, dict(os.environ), tuple(command))
     except UsageError as exc:
         usage_error(str(exc))
+    missing = missing_packages()
+    if missing:
+        return missing_error(missing, "; the agent was not started")
     # The agent starts before the sidecar imports and wires its Redis side: its output waits
     # in the pipes meanwhile, and start-up overlaps with the agent's own.
     from agent_wrapper import signals

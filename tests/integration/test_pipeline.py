@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from sidecar import _native, protocol
-from tests.helpers import run_process, run_sidecar
+from tests.helpers import REPO_ROOT, run_process, run_sidecar
 from tests.integration import runs
 from tests.redis_harness import RedisServer
 
@@ -284,6 +284,24 @@ def test_malformed_url_is_usage_error_and_agent_not_started(tmp_path: Path) -> N
         lines = cp.stderr.decode().strip().splitlines()
         assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in cp.stderr.decode()
         assert not marker.exists()
+
+
+def test_missing_packages_stop_the_sidecar_before_the_agent_starts(tmp_path: Path) -> None:
+    """Without site-packages (python -S) the packages the run imports late are missing: one
+    line names them and the agent is not started (it would run with its output going nowhere)."""
+    marker = tmp_path / "started"
+    env = {"PYTHONPATH": str(REPO_ROOT)}
+    cp = run_process([sys.executable, "-S", "-m", "sidecar", "--run-id", "m", "--", "touch", str(marker)], env=env)
+    assert cp.returncode == 1
+    assert cp.stderr.decode().splitlines() == [
+        "agent-sidecar: error: Python packages missing: hiredis, orjson, zstandard (install agent-sidecar with "
+        "its dependencies, e.g. pip install .); the agent was not started"]
+    assert not marker.exists()
+    cp = run_process([sys.executable, "-S", "-m", "sidecar", "tail", "m"], env=env)
+    assert cp.returncode == 1
+    assert cp.stderr.decode().splitlines() == [
+        "agent-sidecar: error: Python packages missing: orjson, redis, zstandard (install agent-sidecar with "
+        "its dependencies, e.g. pip install .)"]
 
 
 def test_bad_option_values_are_usage_errors(tmp_path: Path) -> None:
