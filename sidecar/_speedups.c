@@ -28,6 +28,13 @@
  *       the outer brackets (b"" for none), and the list is empty; otherwise it is None and
  *       the list holds them all. splice 0: always None; 3: none wanted (b"", an empty list).
  *
+ *   pack_commands(commands: list[tuple | list]) -> bytes | None
+ *       The commands in RESP, one after another: what sidecar.resp.pack_py gives for each
+ *       (bytes as they are, str as UTF-8, int and float as their str()). None when an argument
+ *       is of another type (a bool, None, a subclass), a str cannot be UTF-8 (surrogates), an
+ *       int does not fit in 64 bits, or `commands` is not a list of tuples and lists: the
+ *       caller then packs in Python.
+ *
  *   set_child_subreaper() -> bool
  *       prctl(PR_SET_CHILD_SUBREAPER, 1) (Linux; False elsewhere or when refused), called before
  *       the agent is spawned: without it agent_wrapper.signals imports ctypes, which costs
@@ -802,6 +809,127 @@ done:
     return result;
 }
 
+/* -- pack_commands ------------------------------------------------------------------------ */
+
+/* Decimal digits of v into buf (at least 21 bytes), returns their count. */
+static Py_ssize_t put_int(char *buf, long long v) {
+    char tmp[24];
+    Py_ssize_t n = 0, k = 0;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        tmp[n++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        buf[k++] = '-';
+    while (n)
+        buf[k++] = tmp[--n];
+    return k;
+}
+
+/* One argument's bytes: a pointer into the object or into `num` (digits of an int), or into
+ * *owned (a float's repr, to be freed). 0, or -1 to give up (the caller returns None). */
+static int arg_bytes(PyObject *a, char num[24], const char **data, Py_ssize_t *len, char **owned) {
+    if (PyBytes_CheckExact(a)) {
+        *data = PyBytes_AS_STRING(a);
+        *len = PyBytes_GET_SIZE(a);
+        return 0;
+    }
+    if (PyUnicode_CheckExact(a)) {
+        *data = PyUnicode_AsUTF8AndSize(a, len);
+        if (*data == NULL) {
+            PyErr_Clear();
+            return -1;
+        }
+        return 0;
+    }
+    if (PyLong_CheckExact(a)) {
+        int overflow = 0;
+        long long v = PyLong_AsLongLongAndOverflow(a, &overflow);
+        if (overflow || (v == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return -1;
+        }
+        *len = put_int(num, v);
+        *data = num;
+        return 0;
+    }
+    if (PyFloat_CheckExact(a)) {
+        *owned = PyOS_double_to_string(PyFloat_AS_DOUBLE(a), 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
+        if (*owned == NULL) {
+            PyErr_Clear();
+            return -1;
+        }
+        *data = *owned;
+        *len = (Py_ssize_t)strlen(*owned);
+        return 0;
+    }
+    return -1;
+}
+
+/* "<c><n>\r\n" at w; returns the end. */
+static char *put_header(char *w, char c, Py_ssize_t n) {
+    *w++ = c;
+    w += put_int(w, (long long)n);
+    *w++ = '\r';
+    *w++ = '\n';
+    return w;
+}
+
+/* Two passes over the arguments: the size, then the bytes (a float's repr made twice). */
+static PyObject *pack_commands(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyList_CheckExact(arg))
+        Py_RETURN_NONE;
+    PyObject *out = NULL;
+    char *w = NULL;
+    for (int pass = 0; pass < 2; pass++) {
+        Py_ssize_t size = 0;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(arg); i++) {
+            PyObject *cmd = PyList_GET_ITEM(arg, i);
+            if (!PyTuple_CheckExact(cmd) && !PyList_CheckExact(cmd)) {
+                Py_XDECREF(out);
+                Py_RETURN_NONE;
+            }
+            Py_ssize_t argc = PySequence_Fast_GET_SIZE(cmd);
+            PyObject **items = PySequence_Fast_ITEMS(cmd);
+            if (pass)
+                w = put_header(w, '*', argc);
+            else
+                size += 1 + 20 + 2;
+            for (Py_ssize_t j = 0; j < argc; j++) {
+                char num[24];
+                const char *data;
+                Py_ssize_t len;
+                char *owned = NULL;
+                if (arg_bytes(items[j], num, &data, &len, &owned) < 0) {
+                    Py_XDECREF(out);
+                    Py_RETURN_NONE;
+                }
+                if (pass) {
+                    w = put_header(w, '$', len);
+                    memcpy(w, data, (size_t)len);
+                    w += len;
+                    *w++ = '\r';
+                    *w++ = '\n';
+                } else {
+                    size += 1 + 20 + 2 + len + 2;
+                }
+                PyMem_Free(owned);
+            }
+        }
+        if (!pass) {
+            out = PyBytes_FromStringAndSize(NULL, size);
+            if (out == NULL)
+                return NULL;
+            w = PyBytes_AS_STRING(out);
+        }
+    }
+    if (_PyBytes_Resize(&out, w - PyBytes_AS_STRING(out)) < 0)
+        return NULL;
+    return out;
+}
+
 static PyObject *set_child_subreaper(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -817,6 +945,7 @@ static PyMethodDef methods[] = {
     {"count_lf", count_lf, METH_O, "How many LF bytes the data holds."},
     {"contains_any", contains_any, METH_VARARGS, "Whether any of the needles occurs in the data."},
     {"lines_json", lines_json, METH_VARARGS, "Records of a segment as comma-joined JSON strings."},
+    {"pack_commands", pack_commands, METH_O, "Commands in RESP, as sidecar.resp.pack_py packs each; None to pack in Python."},
     {"set_child_subreaper", set_child_subreaper, METH_NOARGS, "prctl(PR_SET_CHILD_SUBREAPER, 1); False if refused."},
     {NULL, NULL, 0, NULL},
 };

@@ -256,13 +256,24 @@ def native_lines(batch: Lines, *, structured: bool = True,
     return b"".join(parts), n, partial, b"[" + b",".join(objects) + b"]" if objects else b""
 
 
+def ts_micro(t: float) -> float:
+    """A capture time to the microsecond, as a batch carries it."""
+    return round(t * 1_000_000) / 1_000_000
+
+
+def ts_json(t: float) -> bytes:
+    """ts_micro(t) as orjson writes it (its shortest repr: the microseconds without trailing
+    zeros, for any time from 0.0001 s after 1970 until 2242), without the cost of that repr
+    (~10,000 instructions)."""
+    sec, us = divmod(round(t * 1_000_000), 1_000_000)
+    return b"%d.%s" % (sec, (b"%06d" % us).rstrip(b"0")) if us else b"%d.0" % sec
+
+
 def batch_message(header_json: bytes, seq: int, n: int, array: bytes, ts: list[tuple[int, float]],
                   partial: list[int], spliced: bytes) -> bytes:
     """A batch message from native_lines' parts, byte for byte what orjson writes for it."""
-    # %r of a float: its shortest repr, valid JSON when finite (time.time() always is), and
-    # what orjson writes for Unix times
     parts = [header_json, b',"seq":%d,"n":%d,"lines":' % (seq, n), array, b',"ts":[',
-             b",".join([b"[%d,%r]" % (i, float(t)) for i, t in ts]), b"]"]
+             b",".join([b"[%d,%s]" % (i, ts_json(t)) for i, t in ts]), b"]"]
     if partial:
         parts += (b',"partial":[', b",".join([b"%d" % i for i in partial]), b"]")
     if spliced:
@@ -300,7 +311,7 @@ def encode_batch(
     msg["seq"] = seq
     msg["n"] = n
     msg["lines"] = lines
-    msg["ts"] = batch.ts
+    msg["ts"] = [(i, ts_micro(t)) for i, t in batch.ts]
     if partial:
         msg["partial"] = partial
     if b64:

@@ -15,6 +15,8 @@ import hiredis
 
 from agent_wrapper.values import Frozen
 
+from ._native import speedups as _speedups
+
 _pack_command = hiredis.pack_command
 
 TYPE_CHECKING = False
@@ -93,7 +95,16 @@ def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
         return pack_py(args)
 
 
+# The native packer: what pack_py gives, in one call for all the commands of a pipeline
+# (hiredis's took ~24,000 instructions for the PING and the append of a lone line, ~7,000 here).
+_pack_commands = getattr(_speedups, "pack_commands", None)
+
+
 def pack_many(commands: list[tuple[Any, ...]]) -> bytes:
+    if _pack_commands is not None:
+        packed = _pack_commands(commands)
+        if packed is not None:
+            return packed  # type: ignore[no-any-return]
     if len(commands) == 1:
         return pack(commands[0])
     return b"".join([pack(c) for c in commands])
