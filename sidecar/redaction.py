@@ -92,6 +92,9 @@ _PEM_END_PREFIX = re.compile(_PEM_PREFIX + rb"\+? ?")  # before an END line, a d
 _PEM_HEADER_NAMES = (b"Proc-Type:", b"DEK-Info:", b"Comment:", b"Version:", b"Hash:", b"Charset:")
 _PEM_HEADER = re.compile(_PEM_PREFIX + rb"(?:Proc-Type|DEK-Info|Comment|Version|Hash|Charset):[ \t]*[ -~]*")
 _PEM_LINE = re.compile(rb"(" + _PEM_PREFIX + rb")((?:[A-Za-z0-9+/=]|\\+/)+)(" + _SPACE + rb"*)")
+# Key material that ends a quoted string (a key cut short inside JSON or a repr: "...\nMIIE...",
+# 'MIIE...'): what is masked of a last line that is not whole key material.
+_PEM_LAST = re.compile(rb"(" + _PEM_PREFIX + rb")((?:[A-Za-z0-9+/=]|\\+/)+)(?=\\*[\"'])")
 # The start of a line of key material, cut before its end (an escape may have begun).
 _PEM_LINE_OPEN = re.compile(rb"(?:[A-Za-z0-9+/=]|\\+/)*\\*" + _SPACE + rb"*")
 PEM_FIRST_LINE_LEN = 16  # the first line of key material is this long at least (64 or 70 as a rule)
@@ -325,17 +328,21 @@ class Redactor:
                 # A piece: the start of a line longer than PEM_MAX_LINE, or of a line not yet
                 # whole when the pipes went quiet. It is judged as a line's start, and what
                 # follows it as that line's rest.
+                done = self._pem[stream]
+                fresh = stream not in self._pem_part
                 masked = self._pem_piece(stream, data[pos:line_end])
                 if masked is None:
-                    return pos
+                    return pos + self._pem_string_end(data[pos:line_end], done, fresh, out)
                 out.append(masked)
                 pos = line_end
                 if pos == len(data):
                     return pos
                 continue
+            done = self._pem[stream]
+            fresh = stream not in self._pem_part
             masked = self._pem_line(stream, data[pos:line_end])
             if masked is None:
-                return pos
+                return pos + self._pem_string_end(data[pos:line_end], done, fresh, out)
             out.append(masked)
             out.append(brk.group())
             pos = brk.end()
@@ -359,6 +366,17 @@ class Redactor:
             return m.group(1) + MASK + m.group(3)
         del self._pem[stream]
         return None
+
+    def _pem_string_end(self, line: bytes, done: int, fresh: bool, out: list[bytes]) -> int:
+        """A line that ended the block: when key material begins it and a closing quote follows
+        (a key cut short inside a JSON string or a repr), the material is masked (appended to
+        ``out``) and its length returned; the rest of the line is ordinary text. Else 0."""
+        m = _PEM_LAST.match(line) if fresh else None
+        if m is None or not (done or len(m.group(2)) >= PEM_FIRST_LINE_LEN):
+            return 0
+        self.masked += 1
+        out.append(m.group(1) + MASK)
+        return m.end()
 
     def _pem_piece(self, stream: str, piece: bytes) -> bytes | None:
         """The start of a line (or a further piece of it) inside a private key block as it goes

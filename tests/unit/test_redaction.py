@@ -346,7 +346,8 @@ def test_reads_cut_anywhere_mask_what_one_read_masks(env: dict[str, str]) -> Non
               b"%3D", b"%", b"\\", b"Loading...", b"AIza", b"sk-", b"a.b", b"+", b"=", BEARER + b" ", b"hunter2",
               b"-----BEGIN PRIVATE KEY-----", b"-----BEGIN RSA ", b"PRIVATE KEY-----", b"-----END PRIVATE KEY-----",
               b"MIIEvQIBADANBgkqhkiG9w0BAQEFAASC", b"Zm9v==", b"\r\n", b"\\r\\n", b"Proc-Type: 4,ENCRYPTED", b"\\/",
-              b"bearer ", b"BEARER", b"beaRer ", b"b",
+              b"bearer ", b"BEARER", b"beaRer ", b"b", b'", "x": 1}', b"'", b'\\"',
+              b"MIIEvQIBADANBgkqhkiG9w0BAQEFAASC\"",
               b"Authorization: Basic ", b"Authorization:", b"uthorization: Basic YWRtaW46aHVudGVyMg== ", b"Basic ",
               *(b" " + t + b" " for t in TOKENS.values())]
     for _ in range(3000):
@@ -624,6 +625,29 @@ def test_a_bearer_token_longer_than_the_hold_back_is_masked_wherever_a_read_cuts
     line = b"Authorization: Bearer " + token + b"\n"
     for cut in range(1, len(line), 7):
         assert run(Redactor({}), [line[:cut], line[cut:]]) == b"Authorization: Bearer [REDACTED]\n", cut
+
+
+def test_a_private_key_cut_short_inside_a_string_has_its_last_line_masked_too() -> None:
+    """A tool's output truncated inside a JSON string, or a key printed as a Python repr: the
+    key material before the closing quote is masked, and the rest of the line is ordinary text."""
+    import json
+
+    key, body = _pem(b"PRIVATE KEY", lines=4)
+    cut = key[: key.index(body[2]) + 40].decode()
+    event = json.dumps({"result": cut, "truncated": True, "auth": "sk-ant-" + "a1" * 12}).encode() + b"\n"
+    nested = json.dumps({"tool": json.dumps({"out": cut})}).encode() + b"\n"
+    shown = b"print(" + repr(cut.encode()).encode() + b")\n"
+    for text in (event, nested, shown):
+        whole = Redactor({})("stdout", text, True)
+        for line in body[:2]:
+            assert line not in whole, text
+        assert body[2][:40] not in whole and body[2][:16] not in whole, whole
+        assert whole.count(MASK) == (4 if text is event else 3), whole
+        for i in range(1, len(text)):
+            assert run(Redactor({}), [text[:i], text[i:]]) == whole, i
+    # Quoted, a BEGIN line alone or with a short word after it masks nothing.
+    for text in (b'"-----BEGIN PRIVATE KEY-----" marks it\n', b'"-----BEGIN PRIVATE KEY-----\\nabc" ok\n'):
+        assert Redactor({})("stdout", text, True) == text
 
 
 def test_a_private_key_double_escaped_tab_indented_or_line_numbered_is_masked() -> None:
