@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 USAGE = "python -m sidecar [OPTIONS] -- CMD [ARG...]\n       python -m sidecar tail RUN_ID [...]\n" \
-        "       python -m sidecar replay [--spool-dir DIR] [...]"
+        "       python -m sidecar replay [--spool-dir DIR] [...]\n       python -m sidecar acl-rules [OPTIONS]"
 
 
 def usage_error(message: str, prog: str = "agent-sidecar") -> NoReturn:
@@ -165,31 +165,58 @@ def subcommand(name: str, args: list[str]) -> int:
     return run_it(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    open_std_fds()
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("tail", "replay"):
-        return subcommand(args[0], args[1:])
-    if "--" in args:
-        i = args.index("--")
-        opts, command = args[:i], args[i + 1 :]
-    else:
-        opts, command = args, []
+def run_values(opts: list[str]) -> dict[str, Any]:
+    """The run command's options, parsed (argparse exits on --help or a malformed flag)."""
     values = quick_parse(opts)
     if values is None:
         from .argv import run_parser
 
         values = vars(run_parser().parse_args(opts))
-    if not command:
-        usage_error("no agent command given: put it after --, e.g. python -m sidecar -- python agent.py")
+    return values
+
+
+def run_settings(values: dict[str, Any], command: tuple[str, ...]) -> Any:
+    """The run command's settings from its parsed options and the environment; a usage
+    error exits."""
     from . import config
 
     try:
         if values.get("redact_patterns"):
             values["redact_patterns"] = tuple(values["redact_patterns"])
-        settings = config.build(values, dict(os.environ), tuple(command))
+        return config.build(values, dict(os.environ), command)
     except UsageError as exc:
         usage_error(str(exc))
+
+
+def acl_rules(opts: list[str]) -> int:
+    """Print, one a line, the ACL rules of a Redis user for the sidecar these options make."""
+    if "--" in opts:
+        usage_error("acl-rules takes the run command's options, no agent command")
+    s = run_settings(run_values(opts), ("true",))
+    if s.run_id_generated or s.agent_id_generated:
+        usage_error("acl-rules needs the run's ids: --run-id (RUN_ID) and --agent-id (AGENT_ID or POD_NAME)")
+    from .acl import rules
+
+    sys.stdout.write("".join(f"{rule}\n" for rule in rules(s)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    open_std_fds()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("tail", "replay"):
+        return subcommand(args[0], args[1:])
+    if args and args[0] == "acl-rules":
+        return acl_rules(args[1:])
+    if "--" in args:
+        i = args.index("--")
+        opts, command = args[:i], args[i + 1 :]
+    else:
+        opts, command = args, []
+    values = run_values(opts)
+    if not command:
+        usage_error("no agent command given: put it after --, e.g. python -m sidecar -- python agent.py")
+    settings = run_settings(values, tuple(command))
     missing = missing_packages()
     if missing:
         return missing_error(missing, "; the agent was not started")

@@ -454,3 +454,70 @@ def test_a_user_refused_publish_inside_the_script_gets_the_stream_written_and_a_
     assert cp.returncode == 0
     assert runs.stream_bytes(client, "run:nopub:output:0") == b"".join(b"line %d\n" % i for i in range(1, 6))
     assert cp.stderr.count(b"the ACL user may not run a command of the sidecar's scripts") == 1, cp.stderr
+
+
+# -- a user per agent (python -m sidecar acl-rules) ----------------------------------------
+
+
+def _agent_user(acl_server: AclServer, name: str, *opts: str) -> tuple[str, list[str]]:
+    """Create user ``name`` with the rules acl-rules prints for ``opts``; its password and rules."""
+    cp = run_process([sys.executable, "-m", "sidecar", "acl-rules", *opts], env={"RUN_ID": None, "AGENT_ID": None})
+    assert cp.returncode == 0, cp.stderr
+    rules = cp.stdout.decode().splitlines()
+    password = secrets.token_hex(16)
+    assert acl_server.client("admin").execute_command("ACL", "SETUSER", name, "on", f">{password}", *rules) == b"OK"
+    acl_server.passwords[name] = password
+    return password, rules
+
+
+@pytest.mark.parametrize("hash_tag", [False, True])
+def test_a_user_per_agent_from_acl_rules_ships_its_run_and_nothing_else(acl_server: AclServer,
+                                                                        hash_tag: bool) -> None:
+    run_id, agent_id = "acl-own[1]*", "pod-7"
+    opts = ["--run-id", run_id, "--agent-id", agent_id, "--variation-id", "2", *(["--cluster-hash-tag"] * hash_tag)]
+    _agent_user(acl_server, "sidecar-own", *opts)
+    cp = run_sidecar([*opts, "--redis-url", acl_server.url, "--no-echo", "--heartbeat-interval", "0.2", "--",
+                      sys.executable, "-c", AGENT + "import time; time.sleep(0.5)\n"],
+                     env=acl_server.env("sidecar-own"), timeout=120)
+    stderr = cp.stderr.decode(errors="replace")
+    assert cp.returncode == 0, stderr
+    assert "noperm" not in stderr.lower() and "permission" not in stderr.lower() and "refused" not in stderr, stderr
+    assert acl_server.acl_log("sidecar-own") == []
+    admin = acl_server.client("admin")
+    run_key = f"{{{run_id}}}" if hash_tag else run_id
+    out = runs.stream_bytes(admin, f"run:{run_key}:output:2")
+    assert out.startswith(b"out 0\nout 1\n") and out.endswith(b"last line\n") and out.count(b"\n") == 203
+    assert admin.hget(f"run:{run_key}:tokens", "input_tokens") == b"10"
+    assert admin.hget(f"run:{run_key}:variation:2", "status") == b"exited"
+    assert admin.hget(f"run:{run_key}:variation:2", "last_heartbeat")  # the heartbeat's HSET went through
+
+    # With the agent's password: no other run, variation or agent, no publishing on control.
+    c = acl_server.client("sidecar-own")
+    for action in (
+        lambda: c.xadd(f"run:{run_key}x:output:2", {"d": "x"}),
+        lambda: c.xadd(f"run:{run_key}:output:3", {"d": "x"}),
+        lambda: c.xadd("run:acl-own1:output:2", {"d": "x"}),  # the [1] and * of the id match only themselves
+        lambda: c.hset("run:other:variation:0", "status", "x"),
+        lambda: c.expire("run:other:status", 1),
+        lambda: c.set("agent:pod-8:alive", "1"),
+        lambda: c.set(f"run:{run_key}:output:2", "x"),  # SET only on its liveness key
+        lambda: c.publish(f"run:{run_key}:control", "{}"),
+        lambda: c.publish("run:other:output:0", "{}"),
+        lambda: c.publish("agent:pod-8:heartbeat", "{}"),
+        lambda: c.xrange(f"run:{run_key}:output:2"),
+    ):
+        assert_refused(action)
+    refused_subscribe(c, "run:other:control")
+    assert c.set("agent:pod-7:alive", "1", ex=5)
+    subscribe(c, channel=f"run:{run_key}:control").close()
+
+
+def test_acl_rules_needs_the_ids_and_takes_no_agent_command() -> None:
+    env = {"RUN_ID": None, "AGENT_ID": None, "POD_NAME": None}
+    for args in (["acl-rules"], ["acl-rules", "--run-id", "r"], ["acl-rules", "--run-id", "r", "--agent-id", "a",
+                                                                  "--", "true"], ["acl-rules", "--bogus"]):
+        cp = run_process([sys.executable, "-m", "sidecar", *args], env=env)
+        assert cp.returncode == 2 and len(cp.stderr.decode().strip().splitlines()) == 1, (args, cp.stderr)
+        assert cp.stdout == b""
+    cp = run_process([sys.executable, "-m", "sidecar", "acl-rules"], env={**env, "RUN_ID": "r", "POD_NAME": "p"})
+    assert cp.returncode == 0 and "~run:r:output:0" in cp.stdout.decode().splitlines()
