@@ -250,10 +250,16 @@ class Batcher:
         for ch, first, batch in work:
             objects: list[dict[str, Any]] | None = [] if ch.structured and self.on_object else None
             encoded: list[Encoded] = []
-            for part in protocol.split_lines(batch, self.max_records):
+            for part in [batch] if batch.n <= self.max_records else protocol.split_lines(batch, self.max_records):
                 encoded.append(self._encode(ch, first, part, objects))
                 first += part.n
-            compress = any(protocol.compressible(e[4], self.threshold) for e in encoded)
+            # protocol.compressible, inline: a lone line takes this path once a line
+            threshold = self.threshold
+            compress = False
+            for e in encoded:
+                if 0 <= threshold < len(e[4]):
+                    compress = True
+                    break
             with self.lock:
                 inline = not compress and not self._compressing
                 if not inline:
@@ -286,7 +292,8 @@ class Batcher:
         """Compress what is large enough, queue the items in order, then report the batch's
         JSON objects."""
         for key, first, n, nbytes, payload, pubs in encoded:
-            payload = protocol.compress_if_large(payload, self.threshold)
+            if 0 <= self.threshold < len(payload):  # protocol.compress_if_large, inline
+                payload = protocol.compress(payload)
             self.outbox.put(Item(key, self.producer, first, first + n - 1, payload, n, nbytes, pubs), wake=wake)
         if objects and self.on_object is not None:
             for obj in objects:

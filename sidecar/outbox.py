@@ -43,6 +43,7 @@ class Outbox:
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.room = threading.Condition(self.lock)
+        self._room_waiters = 0  # producers waiting in put: ack wakes them only when there are some
         self._q: deque[Item | DiskRef] = deque()
         self._ndisk = 0  # length of the disk prefix of _q
         self.unreadable_records = 0  # records of spool frames that could not be read back
@@ -74,7 +75,11 @@ class Outbox:
                                 # and frees it many times a second
                                 self._paused_told = now
                                 log.warning(f"{self.full_text()}: pausing reads, the agent will block on write")
-                        self.room.wait(0.5)
+                        self._room_waiters += 1
+                        try:
+                            self.room.wait(0.5)
+                        finally:
+                            self._room_waiters -= 1
                     self.blocked_since = None
                 else:
                     while self._full(item.size) and self._drop_oldest():
@@ -292,7 +297,8 @@ class Outbox:
             for _ in range(n):
                 self._remove_at(0)
             self._inflight -= n
-            self.room.notify_all()
+            if self._room_waiters:
+                self.room.notify_all()
 
     def release_inflight(self) -> None:
         with self.lock:

@@ -301,7 +301,7 @@ def encode_batch(
     if native is not None:
         array, n, partial, spliced = native
         message = batch_message(header_json or encode_object(header)[:-1], seq, n, array, batch.ts, partial, spliced)
-        return compress_if_large(message, threshold)
+        return message if threshold < 0 else compress_if_large(message, threshold)
     import orjson
 
     t = texts if texts is not None else texts_of(batch)

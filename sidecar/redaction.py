@@ -227,7 +227,8 @@ class Redactor:
             pos = self._pem_block(stream, data, 0, final, out)
             if stream in self._pem:
                 return self._released(stream, data, pos, out)
-        end = len(data) if final else _context_start(data, len(data) - self._holdback(data))
+        # Nothing is held back after a line end (_holdback gives 0, and no "Bearer " ends there).
+        end = len(data) if final or data[-1:] == b"\n" else _context_start(data, len(data) - self._holdback(data))
         full = self.user_patterns or self._any_secret(data)
         starts: list[int] = []
         if not full:
@@ -506,11 +507,9 @@ def _context_start(data: bytes, start: int) -> int:
 
 
 def _rfind_bearer(data: bytes, start: int, end: int) -> int:
-    """data.rfind(b"Bearer ", start, end), the word in any case."""
-    found = -1
-    for m in _BEARER_WORD.finditer(data, start, end):
-        found = m.start()
-    return found
+    """data.rfind(b"Bearer ", start, end), the word in any case (a window of a few bytes)."""
+    p = data[start:end].lower().rfind(b"bearer ")
+    return p + start if p >= 0 else -1
 
 
 def _pem_inside(data: bytes, m: re.Match[bytes]) -> re.Match[bytes] | None:

@@ -183,8 +183,12 @@ def taken_for_standalone(settings: Settings, target: Target | None) -> bool:
 
 def reveals_cluster(settings: Settings, target: Target, replies: list[Any]) -> bool:
     """In auto mode, a standalone target whose replies say it is a cluster node."""
-    return taken_for_standalone(settings, target) and any(
-        isinstance(r, ReplyError) and r.code in CLUSTER_CUES for r in replies)
+    if not taken_for_standalone(settings, target):
+        return False
+    for r in replies:  # a loop, not any(): this runs once a lone line
+        if isinstance(r, ReplyError) and r.code in CLUSTER_CUES:
+            return True
+    return False
 
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
@@ -432,6 +436,8 @@ class Sender:
         on_recovered: Callable[[float, int, int], None] | None = None,
     ) -> None:
         self.settings = settings
+        # What _send asks of the settings for every item, computed once (properties).
+        self._ttl, self._use_stream, self._use_pubsub = settings.ttl_s, settings.use_stream, settings.use_pubsub
         self.outbox = outbox
         self.batcher = batcher
         self.on_degraded = on_degraded
@@ -686,12 +692,12 @@ class Sender:
         return list(target.seeds) if isinstance(target, ClusterTarget) else []
 
     def _send(self, items: list[Item], timeout: float | None = None) -> None:
-        target = self._target_for()
+        target = self._target or self._target_for()
         if self._cluster_seen and type(target) is Target:
             target = self._to_cluster()
         cluster = isinstance(target, ClusterTarget)
         s = self.settings
-        ttl = s.ttl_s
+        ttl = self._ttl
         maxlen = s.max_stream_len
         publish_mode = 2 if s.pubsub == "sharded" else 1
         publish_cmd = "SPUBLISH" if s.pubsub == "sharded" else "PUBLISH"
@@ -705,7 +711,7 @@ class Sender:
                 tokens_at.append(len(cmds))
                 cmds.append(self._tokens_command(it, ttl, cluster, prev))
                 continue
-            publish_inline = s.use_pubsub and it.pubs is None
+            publish_inline = self._use_pubsub and it.pubs is None
             if it.kind == "status":
                 msg = json.loads(it.payload)
                 run = str(msg.get("run_id", ""))
@@ -714,13 +720,13 @@ class Sender:
                 vkey = variation_key(f"{{{run}}}" if tagged else run, str(msg.get("variation_id", "")))
                 cmds.append(("EVALSHA", VARIATION_SHA, 1, vkey, str(msg.get("timestamp", "")), ttl,
                              *status_hash_fields(msg)))
-            if s.use_stream:
+            if self._use_stream:
                 cmds.append(("EVALSHA", APPEND_SHA, 2, it.key, idem_key(it.key, cluster), it.producer, it.first,
                              it.last, it.payload, maxlen, publish_mode if publish_inline else 0, ttl, prev,
                              1 if it.kind == "gap" else 0))
             elif publish_inline:
                 cmds.append((publish_cmd, it.key, it.payload))
-            if s.use_pubsub and it.pubs is not None:
+            if self._use_pubsub and it.pubs is not None:
                 cmds.extend((publish_cmd, it.key, msg) for msg in it.pubs)
         if not cluster:
             # Redis writes the replies of one event-loop round last-queued-first: with this
@@ -730,13 +736,17 @@ class Sender:
             replies = target.execute([("PING",), *cmds], s.min_replicas_ack, timeout=timeout)[1:]
         else:
             replies = target.execute(cmds, s.min_replicas_ack, timeout=timeout)
-        if reveals_cluster(s, target, replies):
-            # Appends are idempotent, so sending the items again through the slot map is safe.
-            # The commands are built again: on a cluster the :idem keys have other names (sent as
-            # they were, they would be refused as CROSSSLOT and retried, with a warning).
-            self._to_cluster()
-            self._send(items, timeout)
-            return
+        for reply in replies:  # a loop, not a call: this runs once a lone line, and errors are rare
+            if isinstance(reply, ReplyError):
+                if reveals_cluster(s, target, replies):
+                    # Appends are idempotent, so sending the items again through the slot map is
+                    # safe. The commands are built again: on a cluster the :idem keys have other
+                    # names (sent as they were, they would be refused as CROSSSLOT and retried,
+                    # with a warning).
+                    self._to_cluster()
+                    self._send(items, timeout)
+                    return
+                break
         for reply in replies:
             if isinstance(reply, ReplyError):
                 if reply.code == "NOSCRIPT":
