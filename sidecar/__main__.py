@@ -12,7 +12,6 @@ EARLY_BLOCKED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.
                            signal.SIGUSR2, signal.SIGWINCH, signal.SIGCHLD})
 
 
-
 def entry() -> None:
     """``python -m sidecar`` and the ``agent-sidecar`` console script."""
     signal.pthread_sigmask(signal.SIG_BLOCK, EARLY_BLOCKED)

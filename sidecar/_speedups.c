@@ -166,15 +166,16 @@ static int folds_to_p(unsigned char c) {
     return c == 'p' || c == 'o' || c == 'u' || c == 's' || c == 'r' || c == 'a' || c == 'b';
 }
 
-/* Every prefix is found by one of - _ A J B (or "b     "), which are rare in text (s, g and x, the bytes
- * most prefixes begin with, are not). Most are found by their last byte, looking back:
- * sk-, glpat- and x?x?- end with -, gh?_, github_pat_, [rs]k_live_, [rs]k_test_, hf_ and npm_
- * with _, A?IA with A, eyJ (a JWT) with J. Three are found by their first byte, looking
- * ahead: AIza (a Google API key), "-----BEGIN " (a private key's first line, which begins a
- * block, not a token), "Bearer " (in any case: a B, or a b with a space six bytes on) and
- * "uthorization: Basic ", whose token begins after the space (that is the start given). Of the bytes inside a prefix that are such bytes, none ends another prefix
- * looking back (the _ of "github_", of "sk_"), and no prefix found looking back begins
- * before one found ahead at an earlier byte, so the starts come out in order; the same
+/* Every prefix is found by one of - _ A J B, which are rare in text (s, g and x, the bytes
+ * most prefixes begin with, are not), or by a b with a space six bytes on. Most are found by
+ * their last byte, looking back: sk-, glpat- and x?x?- end with -, gh?_, github_pat_,
+ * [rs]k_live_, [rs]k_test_, hf_ and npm_ with _, A?IA with A, eyJ (a JWT) with J. Four are
+ * found by their first byte, looking ahead: AIza (a Google API key), "-----BEGIN " (a private
+ * key's first line, which begins a block, not a token), "Bearer " (in any case: a B, or a b
+ * with a space six bytes on) and "uthorization: Basic ", whose token begins after the space
+ * (that is the start given). Of the bytes inside a prefix that are such bytes, none ends
+ * another prefix looking back (the _ of "github_", of "sk_"), and no prefix found looking back
+ * begins before one found ahead at an earlier byte, so the starts come out in order; the same
  * start can come twice in a row ("Bearer sk-..."), and is kept once. */
 static Py_ssize_t prefix_ending_at(const unsigned char *s, Py_ssize_t i) {
     switch (s[i]) {
@@ -830,41 +831,31 @@ static Py_ssize_t put_int(char *buf, long long v) {
 /* One argument's bytes: a pointer into the object or into `num` (digits of an int), or into
  * *owned (a float's repr, to be freed). 0, or -1 to give up (the caller returns None). */
 static int arg_bytes(PyObject *a, char num[24], const char **data, Py_ssize_t *len, char **owned) {
+    *data = NULL;
     if (PyBytes_CheckExact(a)) {
         *data = PyBytes_AS_STRING(a);
         *len = PyBytes_GET_SIZE(a);
-        return 0;
-    }
-    if (PyUnicode_CheckExact(a)) {
+    } else if (PyUnicode_CheckExact(a)) {
         *data = PyUnicode_AsUTF8AndSize(a, len);
-        if (*data == NULL) {
-            PyErr_Clear();
-            return -1;
-        }
-        return 0;
-    }
-    if (PyLong_CheckExact(a)) {
+    } else if (PyLong_CheckExact(a)) {
         int overflow = 0;
         long long v = PyLong_AsLongLongAndOverflow(a, &overflow);
-        if (overflow || (v == -1 && PyErr_Occurred())) {
-            PyErr_Clear();
-            return -1;
+        if (!overflow && !(v == -1 && PyErr_Occurred())) {
+            *len = put_int(num, v);
+            *data = num;
         }
-        *len = put_int(num, v);
-        *data = num;
-        return 0;
-    }
-    if (PyFloat_CheckExact(a)) {
+    } else if (PyFloat_CheckExact(a)) {
         *owned = PyOS_double_to_string(PyFloat_AS_DOUBLE(a), 'r', 0, Py_DTSF_ADD_DOT_0, NULL);
-        if (*owned == NULL) {
-            PyErr_Clear();
-            return -1;
+        if (*owned != NULL) {
+            *data = *owned;
+            *len = (Py_ssize_t)strlen(*owned);
         }
-        *data = *owned;
-        *len = (Py_ssize_t)strlen(*owned);
-        return 0;
     }
-    return -1;
+    if (*data == NULL) {
+        PyErr_Clear(); /* surrogates, an int beyond 64 bits, no memory: packed in Python */
+        return -1;
+    }
+    return 0;
 }
 
 /* "<c><n>\r\n" at w; returns the end. */

@@ -256,16 +256,20 @@ def native_lines(batch: Lines, *, structured: bool = True,
     return b"".join(parts), n, partial, b"[" + b",".join(objects) + b"]" if objects else b""
 
 
+def _micros(t: float) -> int:
+    return round(t * 1_000_000)
+
+
 def ts_micro(t: float) -> float:
     """A capture time to the microsecond, as a batch carries it."""
-    return round(t * 1_000_000) / 1_000_000
+    return _micros(t) / 1_000_000
 
 
 def ts_json(t: float) -> bytes:
     """ts_micro(t) as orjson writes it (its shortest repr: the microseconds without trailing
     zeros, for any time from 0.0001 s after 1970 until 2242), without the cost of that repr
     (~10,000 instructions)."""
-    sec, us = divmod(round(t * 1_000_000), 1_000_000)
+    sec, us = divmod(_micros(t), 1_000_000)
     return b"%d.%s" % (sec, (b"%06d" % us).rstrip(b"0")) if us else b"%d.0" % sec
 
 

@@ -91,12 +91,13 @@ _PEM_END_PREFIX = re.compile(_PEM_PREFIX + rb"\+? ?")  # before an END line, a d
 # PEM and OpenPGP armor headers (Proc-Type: 4,ENCRYPTED), before the key material
 _PEM_HEADER_NAMES = (b"Proc-Type:", b"DEK-Info:", b"Comment:", b"Version:", b"Hash:", b"Charset:")
 _PEM_HEADER = re.compile(_PEM_PREFIX + rb"(?:Proc-Type|DEK-Info|Comment|Version|Hash|Charset):[ \t]*[ -~]*")
-_PEM_LINE = re.compile(rb"(" + _PEM_PREFIX + rb")((?:[A-Za-z0-9+/=]|\\+/)+)(" + _SPACE + rb"*)")
+_KEY_CHAR = rb"(?:[A-Za-z0-9+/=]|\\+/)"  # base64, a / escaped in JSON as \/
+_PEM_LINE = re.compile(rb"(" + _PEM_PREFIX + rb")(" + _KEY_CHAR + rb"+)(" + _SPACE + rb"*)")
 # Key material that ends a quoted string (a key cut short inside JSON or a repr: "...\nMIIE...",
 # 'MIIE...'): what is masked of a last line that is not whole key material.
-_PEM_LAST = re.compile(rb"(" + _PEM_PREFIX + rb")((?:[A-Za-z0-9+/=]|\\+/)+)(?=\\*[\"'])")
+_PEM_LAST = re.compile(rb"(" + _PEM_PREFIX + rb")(" + _KEY_CHAR + rb"+)(?=\\*[\"'])")
 # The start of a line of key material, cut before its end (an escape may have begun).
-_PEM_LINE_OPEN = re.compile(rb"(?:[A-Za-z0-9+/=]|\\+/)*\\*" + _SPACE + rb"*")
+_PEM_LINE_OPEN = re.compile(_KEY_CHAR + rb"*\\*" + _SPACE + rb"*")
 PEM_FIRST_LINE_LEN = 16  # the first line of key material is this long at least (64 or 70 as a rule)
 # A line of key material waits for its end to be masked whole, up to this size.
 PEM_MAX_LINE = 1 << 10
@@ -110,9 +111,9 @@ RAW_PREFIXES: tuple[bytes, ...] = (b"sk-", b"github_pat_", b"glpat-", b"sk_live_
                                    b"rk_test_", b"hf_", b"npm_", b"AIza", b"eyJ", b"-----BEGIN ",
                                    b"uthorization: Basic ")
 # Basic credentials begin after their prefix, which the expression looks behind for; so does
-# a bearer token, after "Bearer " in any case (_BEARER_WORD).
+# a bearer token, after "Bearer " in any case (looked for in a lower-cased copy).
 _START_OFFSET = {b"uthorization: Basic ": 20}
-_BEARER_WORD = re.compile(BEARER + rb" ")
+_BEARER_WORD = b"bearer "
 FOLDED_PREFIXES: tuple[bytes, ...] = (b"ghp_", b"AKIA", b"xpxp-")
 # Bytes outside a run of token characters; of what may be a JWT; a bearer token; basic
 # credentials. A run's start is found by searching the reversed tail for the first of these:
@@ -325,26 +326,21 @@ class Redactor:
                 return end_marker.end()
             if brk is None and not final and limit == len(data):
                 return pos  # the line may go on in the next read
+            # Without a break, a piece: the start of a line longer than PEM_MAX_LINE, or of a
+            # line not yet whole when the pipes went quiet. It is judged as a line's start, and
+            # what follows it as that line's rest.
+            line = data[pos:line_end]
+            done = self._pem[stream]
+            fresh = stream not in self._pem_part
+            masked = self._pem_piece(stream, line) if brk is None else self._pem_line(stream, line)
+            if masked is None:
+                return pos + self._pem_string_end(line, done, fresh, out)
+            out.append(masked)
             if brk is None:
-                # A piece: the start of a line longer than PEM_MAX_LINE, or of a line not yet
-                # whole when the pipes went quiet. It is judged as a line's start, and what
-                # follows it as that line's rest.
-                done = self._pem[stream]
-                fresh = stream not in self._pem_part
-                masked = self._pem_piece(stream, data[pos:line_end])
-                if masked is None:
-                    return pos + self._pem_string_end(data[pos:line_end], done, fresh, out)
-                out.append(masked)
                 pos = line_end
                 if pos == len(data):
                     return pos
                 continue
-            done = self._pem[stream]
-            fresh = stream not in self._pem_part
-            masked = self._pem_line(stream, data[pos:line_end])
-            if masked is None:
-                return pos + self._pem_string_end(data[pos:line_end], done, fresh, out)
-            out.append(masked)
             out.append(brk.group())
             pos = brk.end()
 
@@ -508,7 +504,7 @@ def _context_start(data: bytes, start: int) -> int:
 
 def _rfind_bearer(data: bytes, start: int, end: int) -> int:
     """data.rfind(b"Bearer ", start, end), the word in any case (a window of a few bytes)."""
-    p = data[start:end].lower().rfind(b"bearer ")
+    p = data[start:end].lower().rfind(_BEARER_WORD)
     return p + start if p >= 0 else -1
 
 
@@ -542,9 +538,9 @@ def _shape_start(tail: bytes, start: int) -> int:
             run = _run_start(tail, moved, _NOT_JWT)
             if b"eyJ" in tail[run:]:
                 moved = run
-        if _BEARER_WORD.search(tail):
+        if _BEARER_WORD in tail.lower():
             run = _run_start(tail, moved, _NOT_BEARER)
-            if run >= 7 and _BEARER_WORD.fullmatch(tail, run - 7, run):
+            if tail[max(run - 7, 0) : run].lower() == _BEARER_WORD:
                 # with the word "Bearer", and what it continues: that decides whether a token follows
                 moved = _run_start(tail, run - 1, _NOT_TOKEN)
         if b"uthorization:" in tail:
@@ -643,7 +639,7 @@ def _token_starts_py(data: bytes) -> list[int]:
     folded = data.translate(_FOLD)
     found_folded = [p for p in FOLDED_PREFIXES if p in folded]
     lowered = data.lower()
-    bearer = b"bearer " in lowered
+    bearer = _BEARER_WORD in lowered
     if not found and not found_folded and not bearer:
         return []
     starts: set[int] = set()
@@ -654,10 +650,10 @@ def _token_starts_py(data: bytes) -> list[int]:
             while i >= 0:
                 starts.add(i + offset)
                 i = hay.find(prefix, i + 1)
-    i = lowered.find(b"bearer ") if bearer else -1
+    i = lowered.find(_BEARER_WORD) if bearer else -1
     while i >= 0:
         starts.add(i + 7)
-        i = lowered.find(b"bearer ", i + 1)
+        i = lowered.find(_BEARER_WORD, i + 1)
     return sorted(starts)
 
 

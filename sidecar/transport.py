@@ -183,12 +183,8 @@ def taken_for_standalone(settings: Settings, target: Target | None) -> bool:
 
 def reveals_cluster(settings: Settings, target: Target, replies: list[Any]) -> bool:
     """In auto mode, a standalone target whose replies say it is a cluster node."""
-    if not taken_for_standalone(settings, target):
-        return False
-    for r in replies:  # a loop, not any(): this runs once a lone line
-        if isinstance(r, ReplyError) and r.code in CLUSTER_CUES:
-            return True
-    return False
+    return taken_for_standalone(settings, target) and any(
+        isinstance(r, ReplyError) and r.code in CLUSTER_CUES for r in replies)
 
 # Failures worth waiting out: the server is away, restarting, loading, read-only after a
 # failover, out of memory, or refusing our credentials (they may be fixed meanwhile).
