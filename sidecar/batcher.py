@@ -24,6 +24,7 @@ from collections.abc import Callable
 from agent_wrapper.events import Output
 
 from . import log, protocol
+from ._native import speedups as _speedups
 from .items import Item
 from .outbox import Outbox
 
@@ -85,6 +86,10 @@ class Batcher:
         # Delivers what the outbox holds from the calling thread, or returns False (see
         # Sender.deliver_here): a lone line sealed by the reader then needs no other thread.
         self.deliver_here: Callable[[], bool] | None = None
+        # Takes a lone line's item, sealed and encoded by the reader with nothing else under
+        # way, and delivers it from the calling thread or queues it (see Sender.deliver_lone).
+        self.deliver_lone: Callable[[Item], None] | None = None
+        self._lines_json = getattr(_speedups, "lines_json", None)
         # Sections take the lock itself (a C-level context manager); the condition is for
         # wait and notify. Re-entrant: a section may call another that takes it.
         self.lock = threading.RLock()
@@ -158,6 +163,14 @@ class Batcher:
                 self.cond.notify_all()
         if not work:
             return
+        lone = self.deliver_lone
+        if lone is not None and len(work) == 1:
+            item = self._lone(*work[0])
+            if item is not None:
+                with self.lock:
+                    self._sealed_bytes -= item.raw_bytes
+                lone(item)
+                return
         direct = self.deliver_here
         self._ship(work, wake=direct is None)
         if direct is not None and not direct():
@@ -273,6 +286,28 @@ class Batcher:
                 self._sealed_bytes -= batch.nbytes
                 if waiting:
                     self.cond.notify_all()  # the reader may be waiting for room
+
+    def _lone(self, ch: Channel, first: int, batch: protocol.Lines) -> Item | None:
+        """A lone batch's item, encoded with one native call: the bytes _ship queues for it.
+        None when _ship must take it: more than one run of lines, a partial line, bytes that
+        are not UTF-8, a JSON object that may carry an event, a payload to compress,
+        per-line messages, no native module."""
+        lines_json = self._lines_json
+        if lines_json is None or len(batch.segments) != 1 or self.per_line_json or batch.n > self.max_records:
+            return None
+        data, _count, partial = batch.segments[0]
+        if partial or len(batch.ts) != 1:
+            return None
+        splice = protocol.SPLICE_NONE if not ch.structured else \
+            protocol.SPLICE_PLAIN if self.on_object is not None else protocol.SPLICE_ALL
+        got = lines_json(data, False, 0, splice)
+        if got is None or got[3] is None:
+            return None
+        array, n, _cands, spliced = got
+        payload = protocol.lone_message(ch.header_json, first, n, array, batch.ts[0][1], spliced)
+        if 0 <= self.threshold < len(payload):
+            return None
+        return Item(ch.key, self.producer, first, first + n - 1, payload, n, batch.nbytes)
 
     def _compress_run(self) -> None:
         while True:

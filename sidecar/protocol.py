@@ -269,7 +269,7 @@ def ts_json(t: float) -> bytes:
     """ts_micro(t) as orjson writes it (its shortest repr: the microseconds without trailing
     zeros, for any time from 0.0001 s after 1970 until 2242), without the cost of that repr
     (~10,000 instructions)."""
-    sec, us = divmod(_micros(t), 1_000_000)
+    sec, us = divmod(round(t * 1_000_000), 1_000_000)  # _micros, inline: once a lone line
     return b"%d.%s" % (sec, (b"%06d" % us).rstrip(b"0")) if us else b"%d.0" % sec
 
 
@@ -284,6 +284,14 @@ def batch_message(header_json: bytes, seq: int, n: int, array: bytes, ts: list[t
         parts += (b',"json":', spliced)
     parts.append(b"}")
     return b"".join(parts)
+
+
+def lone_message(header_json: bytes, seq: int, n: int, array: bytes, t: float, spliced: bytes) -> bytes:
+    """batch_message for one run of whole lines captured at ``t``, from ``lines_json``'s
+    output (the array without its brackets, the spliced objects without theirs): one format
+    instead of a list joined (a lone line takes this path)."""
+    return b'%b,"seq":%d,"n":%d,"lines":[%b],"ts":[[0,%b]]%b}' % (
+        header_json, seq, n, array, ts_json(t), b',"json":[%b]' % spliced if spliced else b"")
 
 
 def encode_batch(

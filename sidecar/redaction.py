@@ -211,6 +211,8 @@ class Redactor:
         self.token_rx = re.compile(b"|".join(b"(?:" + p + b")" for p in [*shapes, pem]))
         self.max_token = max(max_token, max((len(v) for v in self.values), default=0))
         self._held: dict[str, bytes] = {}
+        # _token_starts, bound once (its call costs a lone line as much as the native scan)
+        self._token_starts = _speedups.token_starts if _speedups is not None else _token_starts_py
         # Streams inside a private key block: how many lines of it were masked; and the start
         # of a line that went out as a piece (a quiet second, a long line), for judging its rest.
         self._pem: dict[str, int] = {}
@@ -230,10 +232,10 @@ class Redactor:
                 return self._released(stream, data, pos, out)
         # Nothing is held back after a line end (_holdback gives 0, and no "Bearer " ends there).
         end = len(data) if final or data[-1:] == b"\n" else _context_start(data, len(data) - self._holdback(data))
-        full = self.user_patterns or self._any_secret(data)
+        full = self.user_patterns or self.values and self._any_secret(data)
         starts: list[int] = []
         if not full:
-            starts = _token_starts(data)
+            starts = self._token_starts(data)
             if not starts and not pos:
                 if end < len(data):
                     self._held[stream] = data[end:]

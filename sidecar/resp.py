@@ -208,17 +208,23 @@ class Connection:
         """
         if self._sock is None:
             self.connect()
+        return self.exchange(pack_many(commands), len(commands), timeout)
+
+    def exchange(self, packed: bytes, count: int, timeout: float | None = None) -> list[Any]:
+        """``pipeline`` for commands packed already (``pack_many``): ``count`` replies. The
+        connection must be open."""
         sock = self._sock
-        assert sock is not None
+        if sock is None:
+            raise ConnectionResetError("not connected")
         try:
             want = self.socket_timeout if timeout is None else timeout
             if want != self._timeout:  # settimeout costs a system call: only on a change
                 sock.settimeout(want)
                 self._timeout = want
-            sock.sendall(pack_many(commands))
+            sock.sendall(packed)
             replies: list[Any] = []
             reader = self._reader
-            while len(replies) < len(commands):
+            while len(replies) < count:
                 reply = reader.gets()
                 if reply is False:
                     data = sock.recv(1 << 16)

@@ -20,7 +20,7 @@ from .batcher import Batcher
 from .config import Settings, mask_url, split_hosts
 from .items import Item
 from .outbox import Outbox
-from .resp import Connection, Endpoint, ReplyError, client_name, parse_url
+from .resp import Connection, Endpoint, ReplyError, client_name, pack_many, parse_url
 from .topology import ClusterTarget, SentinelTarget, Target, has_hash_tag, parse_sentinel_url
 
 TYPE_CHECKING = False
@@ -434,12 +434,18 @@ class Sender:
         self.settings = settings
         # What _send asks of the settings for every item, computed once (properties).
         self._ttl, self._use_stream, self._use_pubsub = settings.ttl_s, settings.use_stream, settings.use_pubsub
+        # deliver_lone's publish mode for the append script; -1: that path is not taken (no
+        # stream, or each batch waits for replicas)
+        self._lone_publish = -1 if settings.min_replicas_ack or not self._use_stream else \
+            (2 if settings.pubsub == "sharded" else 1) if self._use_pubsub else 0
+        self._idem_keys: dict[str, str] = {}  # stream key -> its idempotency key off a cluster
         self.outbox = outbox
         self.batcher = batcher
         self.on_degraded = on_degraded
         self.on_recovered = on_recovered
         self.stats = Stats()
         self._stop = threading.Event()  # deliver what is queued, then stop
+        self._stopping = False  # _stop is set (read once a lone line: Event.is_set is Python code)
         self._abandon = threading.Event()  # stop now, even mid-retry
         self._target: Target | None = None
         self._last_error = ""
@@ -463,12 +469,14 @@ class Sender:
     def finish(self) -> None:
         """No more input will come: deliver everything, then end."""
         self._stop.set()
+        self._stopping = True
         self.outbox.notify()
 
     def abandon(self) -> None:
         """Stop now, even mid-retry or mid-read: what is not acknowledged stays queued."""
         self._abandon.set()
         self._stop.set()
+        self._stopping = True
         self.outbox.notify()
         target = self._target
         if target is not None:
@@ -546,6 +554,56 @@ class Sender:
             return False
         finally:
             self._turn.release()
+
+    def deliver_lone(self, item: Item) -> None:
+        """Queue ``item``, a lone line's batch that the pipe reader sealed while nothing else
+        was under way, and deliver it from the calling thread where deliver_here would: on a
+        shorter path, one append on a connection to one server (not a cluster), the queue's
+        bookkeeping in one call each way. Otherwise, and when the round trip fails or a reply
+        is an error, the sender thread is woken to deliver it as usual (what deliver_here
+        leaves to it)."""
+        outbox = self.outbox
+        if (self._lone_publish >= 0 and self.stats.down_since is None and not self._stopping
+                and time.monotonic() >= self._direct_after and self._turn.acquire(blocking=False)):
+            try:
+                target = self._target
+                conn = target.conn if target is not None else None
+                # Target.ready(), inline; the other targets' own
+                if (conn is not None and not self._cluster_seen and type(target) is not ClusterTarget
+                        and (conn._sock is not None if type(target) is Target else target.ready())  # type: ignore[union-attr]
+                        and outbox.put_taken(item)):
+                    key = item.key
+                    idem = self._idem_keys.get(key)
+                    if idem is None:
+                        idem = self._idem_keys[key] = idem_key(key)
+                    try:
+                        replies = conn.exchange(pack_many([
+                            ("PING",),
+                            ("EVALSHA", APPEND_SHA, 2, key, idem, item.producer, item.first, item.last, item.payload,
+                             self.settings.max_stream_len, self._lone_publish, self._ttl, 0, 0)]), 2, DIRECT_TIMEOUT_S)
+                        failed = type(replies[0]) is ReplyError or type(replies[1]) is ReplyError
+                    except RETRYABLE as exc:
+                        log.debug("direct delivery failed; the sender thread takes over", error=repr(exc))
+                        failed = True
+                    except Exception as exc:  # a bug must not stop the pipe reader
+                        log.error("unexpected error in a direct delivery; the sender thread takes over",
+                                  error=repr(exc))
+                        failed = True
+                    if failed:  # the sender thread sends it again, and reports what it finds
+                        self._direct_failed()
+                        outbox.notify()
+                        return
+                    stats = self.stats  # _delivered, inline: Redis was not down
+                    stats.connected = True
+                    stats.last_ok = time.time()
+                    stats.items_shipped += 1
+                    stats.records_shipped += item.records
+                    stats.bytes_shipped += item.raw_bytes
+                    outbox.ack_taken(item)
+                    return
+            finally:
+                self._turn.release()
+        outbox.put(item)
 
     def _direct_failed(self) -> None:
         """What deliver_here took goes back to the outbox; the sender thread delivers for a while."""

@@ -14,8 +14,8 @@ import pytest
 
 from agent_wrapper.events import STDERR, STDOUT, Output
 from agent_wrapper.lines import LineSplitter, Segment
+from sidecar import _native, protocol
 from sidecar import batcher as batcher_mod
-from sidecar import protocol
 from sidecar.batcher import Batcher, Channel
 from sidecar.items import Item
 from sidecar.outbox import Outbox
@@ -582,3 +582,89 @@ def test_without_per_line_json_no_pubs(make: Make) -> None:
     b.add(out([b"x"]))
     assert b.close(timeout=5.0)
     assert queued(ob)[0].pubs is None
+
+
+# -- a lone line's shorter path (deliver_lone) ---------------------------------------------
+
+NATIVE = _native.speedups is not None  # the short path encodes with the native module, or is not taken
+
+LONE_CASES = {
+    "one line": [b"token 7 of the answer\n"],
+    "a few lines in one read": [b"first\nsecond, with \"quotes\" and \\ and \x01\ntabs\there\n"],
+    "CRLF and unicode": ["caf\u00e9 \u2014 \U0001F600\r\n".encode()],
+    "a JSON object line": [b'{"type":"assistant","message":{"text":"hi"}}\n'],
+    "an event line (parsed on the usual path)": [b'{"usage":{"input_tokens":3,"output_tokens":5}}\n'],
+    "bytes that are not UTF-8 (base64 on the usual path)": [b"bad \xff\xfe bytes\n"],
+    "a partial line": [b"no line end yet"],
+    "two reads in one batch": [b"one\n", b"two\n"],
+    "lines past the compression threshold": [b"x" * 300 + b"\n"],
+}
+
+
+@pytest.mark.parametrize("case", list(LONE_CASES))
+@pytest.mark.parametrize("stream", [STDOUT, STDERR])
+@pytest.mark.parametrize("events_wanted", [False, True])
+def test_a_lone_batch_is_queued_byte_for_byte_as_the_usual_path_queues_it(
+        make: Make, case: str, stream: str, events_wanted: bool) -> None:
+    """The same reads through a batcher with deliver_lone and through one without: the same
+    items (key, sequence numbers, payload bytes, counts), and the same objects reported for
+    events. Whatever the short path cannot encode as the usual path would goes the usual way."""
+    results = []
+    for lone in (True, False):
+        b, ob = make(threshold=400)
+        objects: list[dict[str, Any]] = []
+        if events_wanted:
+            b.on_object = objects.append
+        delivered: list[Item] = []
+        if lone:
+            b.deliver_lone = delivered.append
+        items: list[Item] = []
+        for i in range(3):  # three lone batches: the sequence numbers go on
+            for k, data in enumerate(LONE_CASES[case]):
+                partial = not data.endswith(b"\n")
+                n = 1 if partial else data.count(b"\n")
+                b.add(Output(stream, 1700000000.123456 + i + k / 10, [(data, n, partial)], n, len(data)))
+            before = len(delivered)
+            b.on_quiet(True)
+            if len(delivered) == before:
+                wait_for(ob, 1)
+            items += delivered[before:] + queued(ob)
+        results.append(([(it.key, it.producer, it.first, it.last, it.payload, it.records, it.raw_bytes, it.pubs,
+                           it.kind, it.size) for it in items], objects, len(delivered)))
+    short = case in ("one line", "a few lines in one read", "CRLF and unicode", "a JSON object line") or \
+        case.startswith("an event line") and (stream == STDERR or not events_wanted)
+    assert results[0][2] == (3 if short and NATIVE else 0)  # batches that took the short path
+    assert results[0][:2] == results[1][:2]
+    per_batch = results[0][0][0][5]
+    assert [it[2] for it in results[0][0]] == [1, 1 + per_batch, 1 + 2 * per_batch]
+
+
+def test_the_short_path_is_taken_for_plain_lines_and_json_objects(make: Make) -> None:
+    """Not a path that only ever falls back: plain lines, and JSON objects that carry no
+    event, go to deliver_lone, encoded there."""
+    b, ob = make(start=False)
+    b.on_object = lambda _obj: None
+    delivered: list[Item] = []
+    b.deliver_lone = delivered.append
+    for data in (b"plain\n", b'{"type":"assistant"}\n', b"a\nb\n"):
+        b.add(Output(STDOUT, 1700000000.5, [(data, data.count(b"\n"), False)], data.count(b"\n"), len(data)))
+        b.on_quiet(True)
+    if not NATIVE:
+        assert delivered == [] and len(ob) >= 1  # the usual path: the first batch waits in the outbox
+        return
+    assert [(it.first, it.last) for it in delivered] == [(1, 1), (2, 2), (3, 4)]
+    assert decoded(delivered[1])["json"] == [[0, {"type": "assistant"}]]
+    assert decoded(delivered[2])["lines"] == ["a", "b"]
+    assert len(ob) == 0
+    assert b._sealed_bytes == 0
+
+
+def test_a_lone_line_waits_for_a_batch_still_in_the_outbox(make: Make) -> None:
+    """The short path is only for a batch with nothing under way before it."""
+    b, ob = make(start=False)
+    delivered: list[Item] = []
+    b.deliver_lone = delivered.append
+    ob.put(Item("other", PRODUCER, 1, 1, b"busy"))
+    b.add(out([b"x"]))
+    b.on_quiet(True)
+    assert delivered == []

@@ -649,3 +649,46 @@ def test_a_late_acknowledgement_after_spill_all_changes_nothing(make_spool: Call
     assert len(ob) == 2 and ob.spooled_records() == 0
     assert spans(contents(ob)) == [("gap", "out", 1, 20), ("status", "status", 1, 1)]
     assert sp.bytes == sum(len(encode_frame(it)) for it in (gap_factory("out", 1, 20), status(1)))
+
+
+# -- put_taken / ack_taken: a lone item put and handed out in one step ------------------------
+
+def test_put_taken_then_ack_taken_leaves_the_outbox_as_put_take_ack_does() -> None:
+    ob, usual = Outbox(10_000, None, "block", gap_factory), Outbox(10_000, None, "block", gap_factory)
+    it = batch(1)
+    assert ob.put_taken(it)
+    usual.put(batch(1))
+    assert [x.first for x in usual.take(10, 1 << 20)] == [1]
+    state = (ob.mem_bytes, ob.waiting_records, ob.waiting_bytes, ob._inflight, len(ob))
+    assert state == (usual.mem_bytes, usual.waiting_records, usual.waiting_bytes, usual._inflight, len(usual))
+    assert ob.take(10, 1 << 20) == []  # in flight already
+    ob.ack_taken(it)
+    usual.ack(1)
+    state = (ob.mem_bytes, ob.waiting_records, ob.waiting_bytes, ob._inflight, len(ob))
+    assert state == (0, 0, 0, 0, 0) == (usual.mem_bytes, usual.waiting_records, usual.waiting_bytes,
+                                        usual._inflight, len(usual))
+
+
+def test_put_taken_declines_behind_waiting_items_while_durable_or_too_large(spool: Spool) -> None:
+    ob = Outbox(10_000, None, "block", gap_factory)
+    ob.put(batch(1))
+    assert not ob.put_taken(batch(6))
+    assert spans(drain(ob)) == [("batch", "out", 1, 5)]
+    assert not Outbox(50, None, "block", gap_factory).put_taken(batch(1))  # 100 bytes over a 50-byte buffer
+    durable = Outbox(10_000, spool, "block", gap_factory)
+    durable.set_durable(True)
+    assert not durable.put_taken(batch(1))
+    assert len(durable) == 0
+
+
+def test_ack_taken_of_an_item_spilled_to_disk_meanwhile_releases_its_frame(spool: Spool) -> None:
+    """Another thread's put may push the item in flight onto the spool (memory over budget):
+    its acknowledgement then removes the disk entry."""
+    ob = Outbox(150, spool, "block", gap_factory)
+    it = batch(1)
+    assert ob.put_taken(it)
+    ob.put(status(1))  # 100 + 80 bytes: the oldest memory item moves to disk
+    assert ob._ndisk == 1
+    ob.ack_taken(it)
+    assert ob._ndisk == 0 and spool.bytes == 0
+    assert spans(drain(ob)) == [("status", "status", 1, 1)]

@@ -5,9 +5,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
+
 from sidecar.config import build
 from sidecar.items import Item
 from sidecar.outbox import Outbox
+from sidecar.resp import ReplyError
 from sidecar.transport import DIRECT_TIMEOUT_S, Sender
 
 
@@ -149,3 +152,108 @@ def test_a_replayed_status_names_its_variation_hash_as_its_own_key_was_named() -
     custom = plain.replace(status_channel="agent:{agent_id}:status")
     assert status_key_tagged(custom, "agent:worker-7:status", msg) is False
     assert status_key_tagged(custom.replace(cluster_hash_tag=True), "agent:worker-7:status", msg) is True
+
+
+# -- deliver_lone: the same, for an item the reader has not queued yet -----------------------
+
+class FakeConn:
+    def __init__(self, replies: list[Any] | None = None, fail: bool = False) -> None:
+        self.replies = [b"PONG", 1] if replies is None else replies
+        self.fail = fail
+        self.calls: list[tuple[bytes, int, float | None, int]] = []
+
+    def exchange(self, packed: bytes, count: int, timeout: float | None = None) -> list[Any]:
+        self.calls.append((packed, count, timeout, threading.get_ident()))
+        if self.fail:
+            raise ConnectionResetError("connection closed by Redis")
+        return self.replies
+
+
+def lone_sender(conn: FakeConn, **settings: Any) -> Sender:
+    target = FakeTarget()
+    target.conn = conn  # type: ignore[attr-defined]
+    return sender_with(target, **settings)
+
+
+def test_deliver_lone_sends_the_append_from_the_calling_thread() -> None:
+    from sidecar.resp import pack_py
+    from sidecar.transport import APPEND_SHA
+
+    conn = FakeConn()
+    sender = lone_sender(conn)
+    item = lone_line(7)
+    sender.deliver_lone(item)
+    s = sender.settings
+    expected = pack_py(("PING",)) + pack_py(("EVALSHA", APPEND_SHA, 2, item.key, item.key + ":idem", "p", 7, 7,
+                                             item.payload, s.max_stream_len, 1, s.ttl_s, 0, 0))
+    assert conn.calls == [(expected, 2, DIRECT_TIMEOUT_S, threading.get_ident())]
+    assert sender.outbox.empty() and sender.outbox.waiting_records == 0 and sender.outbox.mem_bytes == 0
+    assert (sender.stats.records_shipped, sender.stats.bytes_shipped, sender.stats.items_shipped) == (1, 6, 1)
+
+
+def test_deliver_lone_sends_what_the_usual_path_sends() -> None:
+    """The append of deliver_lone is the command _send builds for the same item, behind the
+    same PING, for each publishing mode."""
+    from sidecar.resp import pack_many
+
+    sent: list[list[tuple[Any, ...]]] = []
+
+    class Recording(FakeTarget):
+        def execute(self, cmds: list[tuple[Any, ...]], _acks: int, timeout: float | None = None) -> list[int]:
+            sent.append(cmds)
+            return [b"PONG"] + [1] * (len(cmds) - 1)
+
+    for settings in ({}, {"pubsub": "sharded"}, {"transport": "stream"}):
+        conn = FakeConn()
+        sender = lone_sender(conn, **settings)
+        usual = sender_with(Recording(), **settings)
+        sender.deliver_lone(lone_line(3))
+        usual._send([lone_line(3)])
+        assert conn.calls[0][0] == pack_many(sent.pop()), settings
+
+
+def test_deliver_lone_queues_the_item_while_the_sender_thread_is_sending() -> None:
+    conn = FakeConn()
+    sender = lone_sender(conn)
+    with sender._turn:
+        sender.deliver_lone(lone_line(1))
+    assert conn.calls == []
+    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1]
+
+
+def test_deliver_lone_queues_the_item_for_replicas_without_a_stream_or_with_redis_down() -> None:
+    conn = FakeConn()
+    replicas = lone_sender(conn, min_replicas_ack=1)
+    no_stream = lone_sender(conn, transport="pubsub")
+    down = lone_sender(conn)
+    down.stats.down_since = 1.0
+    for sender in (replicas, no_stream, down):
+        sender.deliver_lone(lone_line(1))
+        assert len(sender.outbox) == 1
+    assert conn.calls == []
+
+
+def test_deliver_lone_behind_queued_items_queues_the_item_after_them() -> None:
+    conn = FakeConn()
+    sender = lone_sender(conn)
+    sender.outbox.put(lone_line(1), wake=False)
+    sender.deliver_lone(lone_line(2))
+    assert conn.calls == []
+    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1, 2]
+
+
+@pytest.mark.parametrize("conn", [FakeConn(fail=True), FakeConn([b"PONG", ReplyError("NOSCRIPT No matching script")]),
+                                  FakeConn([ReplyError("NOAUTH Authentication required."), 1])],
+                         ids=["connection lost", "error reply", "error reply to the PING"])
+def test_a_failed_lone_delivery_leaves_the_item_and_the_next_lines_to_the_sender_thread(conn: FakeConn) -> None:
+    sender = lone_sender(conn)
+    sender.deliver_lone(lone_line(1))
+    assert len(conn.calls) == 1
+    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1]  # queued, not in flight
+    sender.outbox.release_inflight()
+    assert sender.stats.records_shipped == 0
+    conn.fail, conn.replies = False, [b"PONG", 1]
+    sender.deliver_lone(lone_line(2))  # paused after the failure
+    assert len(conn.calls) == 1
+    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1, 2]
+    assert not sender._turn.locked()
