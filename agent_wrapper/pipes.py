@@ -46,6 +46,10 @@ class PipeReader:
     splitting, and may hold some back until the next call (for example a redactor that
     must see across read boundaries). ``count_lf`` counts the LFs of a run of lines, as
     ``bytes.count`` does (see LineSplitter).
+    ``lone(stream, data, ts)`` may take the records of a read that ends a quiet spell (one
+    stream ready, a short read, not a burst being gathered) when they are whole lines with
+    nothing of the stream held in the splitter: it returns True when it took them, standing
+    for the sink's Output and ``on_quiet(True)``; False leaves them to the usual way.
     """
 
     def __init__(
@@ -58,8 +62,10 @@ class PipeReader:
         filter: Filter | None = None,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         count_lf: Callable[[bytes], int] | None = None,
+        lone: Callable[[str, bytes, float], bool] | None = None,
     ) -> None:
         self._fds = dict(fds)
+        self._lone = lone
         self._sink = sink
         self._on_quiet = on_quiet
         self._echo = echo or {}
@@ -145,6 +151,8 @@ class PipeReader:
                 window_reads += 1
                 quiet = True
                 closed = False
+                # A read that may end a quiet spell: quiet, and no pause, follow if it is short
+                lone = self._lone is not None and len(ready) == 1 and not gathering and window_reads < BUSY_READS
                 for fd, _ev in ready:
                     name = by_fd.get(fd)
                     if name is None:
@@ -158,14 +166,15 @@ class PipeReader:
                         closed = True
                         continue
                     if len(chunk) == READ_SIZE:
-                        quiet = False
-                    self._handle(name, chunk, time.time())
+                        quiet = lone = False
+                    if self._handle(name, chunk, time.time(), lone):
+                        quiet = None  # taken by lone: on_quiet(True) is not called
                 # A stream that just closed handed on its last bytes: report quiet at once.
                 pause = quiet and not closed and (gathering or window_reads >= BUSY_READS)
                 if pause:
                     gathering = True
                     quiet = False  # more is on its way: look again after GATHER_S
-                if self._on_quiet is not None:
+                if self._on_quiet is not None and quiet is not None:
                     self._on_quiet(quiet)
                 if pause and by_fd:
                     time.sleep(GATHER_S)
@@ -182,16 +191,18 @@ class PipeReader:
                 except OSError:
                     pass
 
-    def _handle(self, name: str, chunk: bytes, ts: float) -> None:
+    def _handle(self, name: str, chunk: bytes, ts: float, lone: bool = False) -> bool:
+        """True when ``lone`` (see run) took the records."""
         self.bytes_read += len(chunk)
         if self._filter is not None:
             chunk = self._filter(name, chunk, False)
-        self._pass_on(name, chunk, ts)
+        return self._pass_on(name, chunk, ts, lone)
 
-    def _pass_on(self, name: str, chunk: bytes, ts: float) -> None:
-        """Filtered bytes: to the echo, then split into records for the sink."""
+    def _pass_on(self, name: str, chunk: bytes, ts: float, lone: bool = False) -> bool:
+        """Filtered bytes: to the echo, then split into records for the sink, or to ``lone``
+        when it may take them and does."""
         if not chunk:
-            return
+            return False
         echo_fd = self._echo.get(name)
         if echo_fd is not None:
             try:
@@ -200,7 +211,12 @@ class PipeReader:
                 self.echo_dropped += exc.dropped
                 self.echo_closed.append(name)
                 del self._echo[name]
-        self._emit(name, ts, self._splitters[name].feed(chunk))
+        splitter = self._splitters[name]
+        if (lone and chunk[-1:] == b"\n" and not splitter._pending and len(chunk) <= splitter.max_line_bytes
+                and self._lone(name, chunk, ts)):  # type: ignore[misc]
+            return True
+        self._emit(name, ts, splitter.feed(chunk))
+        return False
 
     def _release(self, name: str, ts: float) -> None:
         """What the filter holds back for ``name`` goes out now."""

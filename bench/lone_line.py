@@ -44,12 +44,14 @@ def run_lines(url: str, lines: int) -> float:
     rt.batcher.start()
     r, w = os.pipe()
     count_lf = _native.speedups.count_lf if _native.speedups is not None else None
-    reader = PipeReader({STDOUT: r}, rt.sink, on_quiet=rt.batcher.on_quiet, filter=rt.redactor, count_lf=count_lf)
+    reader = PipeReader({STDOUT: r}, rt.sink, on_quiet=rt.batcher.on_quiet, filter=rt.redactor, count_lf=count_lf,
+                        lone=rt.batcher.lone_read)
 
     def one(i: int) -> None:
-        reader._handle(STDOUT, b"%.6f token %d of the model's answer, streamed as it comes\n" % (time.time(), i),
-                       time.time())
-        rt.batcher.on_quiet(True)
+        # as the reader's loop hands on a short read that ends a quiet spell
+        if not reader._handle(STDOUT, b"%.6f token %d of the model's answer, streamed as it comes\n"
+                              % (time.time(), i), time.time(), True):
+            rt.batcher.on_quiet(True)
         while rt.sender.stats.records_shipped < i + 1:  # the first goes through the sender thread
             time.sleep(0.0005)
 

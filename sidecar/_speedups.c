@@ -49,6 +49,9 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <poll.h>
+#include <sys/socket.h>
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
@@ -716,15 +719,16 @@ static char *decimal(char *w, Py_ssize_t v) {
 
 /* The candidates as orjson writes [[index, text], ...] with each text spliced in, without the
  * outer brackets; NULL with an exception set. */
-static PyObject *spliced_objects(const unsigned char *s, const Array *cands) {
-    Py_ssize_t count = cands->len / 3, size = 0;
-    for (Py_ssize_t k = 0; k < count; k++)
+static Py_ssize_t objects_bound(const Array *cands) {
+    Py_ssize_t size = 0;
+    for (Py_ssize_t k = 0; k < cands->len / 3; k++)
         size += cands->v[3 * k + 2] - cands->v[3 * k + 1] + 24; /* "[", 20 digits at most, ",", "]", "," */
-    PyObject *out = PyBytes_FromStringAndSize(NULL, size);
-    if (out == NULL)
-        return NULL;
-    char *w = PyBytes_AS_STRING(out);
-    for (Py_ssize_t k = 0; k < count; k++) {
+    return size;
+}
+
+/* The candidates' [index,object] pairs, comma-joined, at w (room for objects_bound); the end. */
+static char *write_objects(char *w, const unsigned char *s, const Array *cands) {
+    for (Py_ssize_t k = 0; k < cands->len / 3; k++) {
         const Py_ssize_t *c = cands->v + 3 * k;
         if (k)
             *w++ = ',';
@@ -735,6 +739,14 @@ static PyObject *spliced_objects(const unsigned char *s, const Array *cands) {
         w += c[2] - c[1];
         *w++ = ']';
     }
+    return w;
+}
+
+static PyObject *spliced_objects(const unsigned char *s, const Array *cands) {
+    PyObject *out = PyBytes_FromStringAndSize(NULL, objects_bound(cands));
+    if (out == NULL)
+        return NULL;
+    char *w = write_objects(PyBytes_AS_STRING(out), s, cands);
     if (_PyBytes_Resize(&out, w - PyBytes_AS_STRING(out)) < 0)
         return NULL;
     return out;
@@ -921,6 +933,198 @@ static PyObject *pack_commands(PyObject *self, PyObject *arg) {
     return out;
 }
 
+/* -- lone lines ---------------------------------------------------------------------------- */
+
+/* "<digits>" of a capture time in microseconds (>= 0), as sidecar.protocol.ts_json writes it:
+ * seconds, a dot, the microseconds without trailing zeros ("0" for none). */
+static char *put_ts(char *w, long long us) {
+    w += put_int(w, us / 1000000);
+    *w++ = '.';
+    long long frac = us % 1000000;
+    if (frac == 0) {
+        *w++ = '0';
+        return w;
+    }
+    char digits[6];
+    for (int k = 5; k >= 0; k--) {
+        digits[k] = (char)('0' + frac % 10);
+        frac /= 10;
+    }
+    int len = 6;
+    while (digits[len - 1] == '0')
+        len--;
+    memcpy(w, digits, (size_t)len);
+    return w + len;
+}
+
+static PyObject *lone_payload(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *data, *head;
+    Py_ssize_t seq, max_records, threshold;
+    long long us;
+    int splice;
+    if (!PyArg_ParseTuple(args, "SSnLinn", &data, &head, &seq, &us, &splice, &max_records, &threshold))
+        return NULL;
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
+    Py_ssize_t n = PyBytes_GET_SIZE(data), hn = PyBytes_GET_SIZE(head);
+    if (n == 0 || s[n - 1] != '\n' || us < 0 || seq < 0 || splice < 1 || splice > 3 || n > (PY_SSIZE_T_MAX - 2) / 6)
+        Py_RETURN_NONE;
+    Array cands = {NULL, 0, 0}, kinds = {NULL, 0, 0};
+    Py_ssize_t records = 0, len = -2;
+    PyObject *out = NULL;
+    char *buf = PyMem_RawMalloc((size_t)json_bound(s, n));
+    if (buf != NULL)
+        len = write_lines(s, n, 0, 0, buf, &records, &cands, &kinds);
+    if (len == -2) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int ok = len >= 0 && records <= max_records;
+    for (Py_ssize_t k = 0; ok && splice != 3 && k < kinds.len; k++)
+        ok = kinds.v[k] == 1 || (kinds.v[k] == 2 && splice == 2);
+    if (!ok) {
+        out = Py_None;
+        Py_INCREF(out);
+        goto done;
+    }
+    Py_ssize_t objects = splice != 3 ? objects_bound(&cands) : 0; /* the json array's bytes at most */
+    Py_ssize_t size = hn + 16 + 20 + 5 + 20 + 10 + len + 12 + 24 + 2 + (objects ? 10 + objects : 0) + 1;
+    PyObject *payload = PyBytes_FromStringAndSize(NULL, size);
+    if (payload == NULL)
+        goto done;
+    char *w = PyBytes_AS_STRING(payload);
+    memcpy(w, PyBytes_AS_STRING(head), (size_t)hn);
+    w += hn;
+    memcpy(w, ",\"seq\":", 7);
+    w = decimal(w + 7, seq);
+    memcpy(w, ",\"n\":", 5);
+    w = decimal(w + 5, records);
+    memcpy(w, ",\"lines\":[", 10);
+    w += 10;
+    memcpy(w, buf, (size_t)len);
+    w += len;
+    memcpy(w, "],\"ts\":[[0,", 11);
+    w = put_ts(w + 11, us);
+    *w++ = ']';
+    *w++ = ']';
+    if (objects) {
+        memcpy(w, ",\"json\":[", 9);
+        w = write_objects(w + 9, s, &cands);
+        *w++ = ']';
+    }
+    *w++ = '}';
+    if (_PyBytes_Resize(&payload, w - PyBytes_AS_STRING(payload)) < 0)
+        goto done;
+    if (threshold >= 0 && PyBytes_GET_SIZE(payload) > threshold) {
+        Py_DECREF(payload);
+        out = Py_None;
+        Py_INCREF(out);
+        goto done;
+    }
+    out = Py_BuildValue("(Nn)", payload, records);
+done:
+    PyMem_RawFree(buf);
+    PyMem_RawFree(cands.v);
+    PyMem_RawFree(kinds.v);
+    return out;
+}
+
+/* Where a simple reply (+, -, :) that starts at buf[i] ends (after its CRLF); 0 when it is not
+ * complete in buf[..n], -1 when it is of another type. */
+static Py_ssize_t simple_reply_end(const char *buf, Py_ssize_t i, Py_ssize_t n) {
+    if (i >= n)
+        return 0;
+    if (buf[i] != '+' && buf[i] != '-' && buf[i] != ':')
+        return -1;
+    const char *lf = memchr(buf + i, '\n', (size_t)(n - i));
+    return lf == NULL ? 0 : lf - buf + 1;
+}
+
+/* Waits up to timeout_ms (< 0: no limit) for fd to be ready; 0, or an errno value. */
+static int wait_fd(int fd, short events, int timeout_ms) {
+    struct pollfd p = {fd, events, 0};
+    for (;;) {
+        int r = poll(&p, 1, timeout_ms);
+        if (r > 0)
+            return 0;
+        if (r == 0)
+            return ETIMEDOUT;
+        if (errno != EINTR)
+            return errno;
+    }
+}
+
+static PyObject *lone_exchange(PyObject *self, PyObject *args) {
+    (void)self;
+    int fd, timeout_ms;
+    PyObject *prefix, *payload, *suffix;
+    long long first, last;
+    if (!PyArg_ParseTuple(args, "iSLLSSi", &fd, &prefix, &first, &last, &payload, &suffix, &timeout_ms))
+        return NULL;
+    Py_ssize_t pn = PyBytes_GET_SIZE(prefix), dn = PyBytes_GET_SIZE(payload), sn = PyBytes_GET_SIZE(suffix);
+    if (dn > PY_SSIZE_T_MAX - pn - sn - 128)
+        return PyErr_NoMemory();
+    char *cmd = PyMem_RawMalloc((size_t)(pn + sn + dn + 128));
+    if (cmd == NULL)
+        return PyErr_NoMemory();
+    char *w = cmd, num[24];
+    memcpy(w, PyBytes_AS_STRING(prefix), (size_t)pn);
+    w += pn;
+    long long args2[2] = {first, last};
+    for (int k = 0; k < 2; k++) {
+        Py_ssize_t len = put_int(num, args2[k]);
+        w = put_header(w, '$', len);
+        memcpy(w, num, (size_t)len);
+        w += len;
+        *w++ = '\r';
+        *w++ = '\n';
+    }
+    w = put_header(w, '$', dn);
+    memcpy(w, PyBytes_AS_STRING(payload), (size_t)dn);
+    w += dn;
+    *w++ = '\r';
+    *w++ = '\n';
+    memcpy(w, PyBytes_AS_STRING(suffix), (size_t)sn);
+    w += sn;
+    char reply[512];
+    Py_ssize_t got = 0, end1 = 0, end2 = 0;
+    int err = 0;
+    PyThreadState *released = PyEval_SaveThread();
+    for (const char *p = cmd; p < w && !err;) {
+        ssize_t k = send(fd, p, (size_t)(w - p), MSG_NOSIGNAL);
+        if (k >= 0)
+            p += k;
+        else if (errno == EAGAIN || errno == EWOULDBLOCK)
+            err = wait_fd(fd, POLLOUT, timeout_ms);
+        else if (errno != EINTR)
+            err = errno;
+    }
+    if (!err) /* the replies take a round trip: wait for them rather than try a read first */
+        err = wait_fd(fd, POLLIN, timeout_ms);
+    while (!err) {
+        end1 = simple_reply_end(reply, 0, got);
+        end2 = end1 > 0 ? simple_reply_end(reply, end1, got) : 0;
+        if (end1 < 0 || end2 != 0 || got == (Py_ssize_t)sizeof reply)
+            break; /* both replies, or not what this reads: the caller reads on */
+        ssize_t k = recv(fd, reply + got, sizeof reply - (size_t)got, 0);
+        if (k > 0)
+            got += k;
+        else if (k == 0)
+            err = ECONNRESET;
+        else if (errno == EAGAIN || errno == EWOULDBLOCK)
+            err = wait_fd(fd, POLLIN, timeout_ms);
+        else if (errno != EINTR)
+            err = errno;
+    }
+    PyEval_RestoreThread(released);
+    PyMem_RawFree(cmd);
+    if (err)
+        return Py_BuildValue("(ii)", 1, err);
+    if (end2 == got && end1 == 7 && memcmp(reply, "+PONG\r\n", 7) == 0 && reply[7] == ':')
+        return Py_BuildValue("(iO)", 0, Py_None);
+    return Py_BuildValue("(iy#)", 2, reply, got);
+}
+
 static PyObject *set_child_subreaper(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
@@ -936,6 +1140,8 @@ static PyMethodDef methods[] = {
     {"count_lf", count_lf, METH_O, "How many LF bytes the data holds."},
     {"contains_any", contains_any, METH_VARARGS, "Whether any of the needles occurs in the data."},
     {"lines_json", lines_json, METH_VARARGS, "Records of a segment as comma-joined JSON strings."},
+    {"lone_payload", lone_payload, METH_VARARGS, "The batch message of one run of whole lines, or None."},
+    {"lone_exchange", lone_exchange, METH_VARARGS, "PING and one append on a socket, and their replies."},
     {"pack_commands", pack_commands, METH_O, "Commands in RESP, as sidecar.resp.pack_py packs each; None to pack in Python."},
     {"set_child_subreaper", set_child_subreaper, METH_NOARGS, "prctl(PR_SET_CHILD_SUBREAPER, 1); False if refused."},
     {NULL, NULL, 0, NULL},

@@ -91,6 +91,7 @@ class Runtime:
         self.redactor = redaction.from_settings(_secrets_env(s), s.redact_patterns, s.redact)
         self.batcher.deliver_here = self.sender.deliver_here
         self.batcher.deliver_lone = self.sender.deliver_lone
+        self.batcher.send_lone = self.sender.send_lone
         self.started_at = time.time()
         self.agent_pid: int | None = None
         # Commands and rejections in the order they came: the statuses they cause keep it.
@@ -469,6 +470,7 @@ def run(s: Settings, launched: Agent | SpawnFailed) -> int:
         filter=rt.redactor,
         max_line_bytes=s.max_line_bytes,
         count_lf=_native.speedups.count_lf if _native.speedups is not None else None,
+        lone=rt.batcher.lone_read,
     )
     reader.start()
 

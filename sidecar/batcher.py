@@ -90,6 +90,10 @@ class Batcher:
         # way, and delivers it from the calling thread or queues it (see Sender.deliver_lone).
         self.deliver_lone: Callable[[Item], None] | None = None
         self._lines_json = getattr(_speedups, "lines_json", None)
+        self._lone_payload = getattr(_speedups, "lone_payload", None)
+        # Ships a lone read's batch from the calling thread, or queues it (Sender.send_lone):
+        # (key, producer, first seq, records, raw bytes, payload)
+        self.send_lone: Callable[[str, str, int, int, int, bytes], None] | None = None
         # Sections take the lock itself (a C-level context manager); the condition is for
         # wait and notify. Re-entrant: a section may call another that takes it.
         self.lock = threading.RLock()
@@ -137,6 +141,39 @@ class Batcher:
                 self.cond.notify_all()
                 while self._sealed_bytes > self.sealed_max_bytes and not self._closing:
                     self.cond.wait(0.5)
+
+    def lone_read(self, stream: str, data: bytes, ts: float) -> bool:
+        """``add`` and ``on_quiet(True)`` for the records of one read (``data``, whole lines)
+        on a quiet pipe, on a short path: with nothing open, sealed or on its way to Redis,
+        one native call writes their batch (``_speedups.lone_payload``: the bytes ``_ship``
+        queues for it), and ``send_lone`` ships it. False, with nothing changed, when the
+        usual path must take them: something is under way, or a record is not UTF-8 or may
+        carry an event, the payload is to be compressed, per-line messages are wanted, or
+        the native module is missing."""
+        encode = self._lone_payload
+        send = self.send_lone
+        if encode is None or send is None or self.per_line_json:
+            return False
+        with self.lock:
+            if self._encoding or self._compressing or self._sealed or self._closing or not self.outbox.idle():
+                return False
+            for ch in self.channels.values():
+                if ch.open.n:
+                    return False
+            ch = self.channels[stream]
+            first = ch.next_seq
+            splice = protocol.SPLICE_NONE if not ch.structured else \
+                protocol.SPLICE_PLAIN if self.on_object is not None else protocol.SPLICE_ALL
+            got = encode(data, ch.header_json, first, round(ts * 1_000_000), splice, self.max_records, self.threshold)
+            if got is None:
+                return False
+            payload, n = got
+            ch.next_seq = first + n
+            self.records_in += n
+            self.bytes_in += len(data)
+            self._quiet = True
+        send(ch.key, self.producer, first, n, len(data), payload)
+        return True
 
     def on_quiet(self, quiet: bool) -> None:
         """The reader drained the pipes (or not). On a quiet pipe with nothing on its way to

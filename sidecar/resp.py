@@ -134,6 +134,9 @@ class Connection:
         self.ssl_context = ssl_context
         self.client_name = client_name
         self._sock: socket.socket | None = None
+        # The socket's descriptor while connected without TLS (the native module writes and
+        # reads it itself: _speedups.lone_exchange); -1 otherwise.
+        self.plain_fd = -1
         self._timeout: float | None = None  # what the socket's timeout is set to
         self._reader = hiredis.Reader(replyError=ReplyError)
         self._interrupted = False  # interrupt() was called: no new session on this object
@@ -171,6 +174,7 @@ class Connection:
         sock.settimeout(self.socket_timeout)
         self._timeout = self.socket_timeout
         self._sock = sock
+        self.plain_fd = -1 if ep.tls else sock.fileno()
         if self._interrupted:  # interrupt() came before there was a socket to shut down
             self.close()
             raise ConnectionAbortedError("connection interrupted")
@@ -192,6 +196,7 @@ class Connection:
                 raise
 
     def close(self) -> None:
+        self.plain_fd = -1
         if self._sock is not None:
             try:
                 self._sock.close()
@@ -222,23 +227,48 @@ class Connection:
                 sock.settimeout(want)
                 self._timeout = want
             sock.sendall(packed)
-            replies: list[Any] = []
-            reader = self._reader
-            while len(replies) < count:
-                reply = reader.gets()
-                if reply is False:
-                    data = sock.recv(1 << 16)
-                    if not data:
-                        raise ConnectionResetError("connection closed by Redis")
-                    reader.feed(data)
-                    continue
-                replies.append(reply)
-            return replies
+            return self._replies(sock, b"", count)
         except (OSError, hiredis.ProtocolError) as exc:
-            self.close()
-            if isinstance(exc, hiredis.ProtocolError):
-                raise ProtocolViolation(str(exc)) from exc
+            self._broken(exc)
             raise
+
+    def replies_after(self, data: bytes, count: int, timeout: float) -> list[Any]:
+        """``count`` replies, the first bytes of which (``data``) were read from the socket
+        already (by _speedups.lone_exchange, with ``timeout``); failures as in ``exchange``."""
+        sock = self._sock
+        if sock is None:
+            raise ConnectionResetError("not connected")
+        try:
+            if timeout != self._timeout:
+                sock.settimeout(timeout)
+                self._timeout = timeout
+            return self._replies(sock, data, count)
+        except (OSError, hiredis.ProtocolError) as exc:
+            self._broken(exc)
+            raise
+
+    def _broken(self, exc: BaseException) -> None:
+        """A socket error or a reply hiredis cannot parse: whether the server applied the
+        commands is unknown, the connection is closed. The latter is raised as ProtocolViolation."""
+        self.close()
+        if isinstance(exc, hiredis.ProtocolError):
+            raise ProtocolViolation(str(exc)) from exc
+
+    def _replies(self, sock: socket.socket, data: bytes, count: int) -> list[Any]:
+        reader = self._reader
+        if data:
+            reader.feed(data)
+        replies: list[Any] = []
+        while len(replies) < count:
+            reply = reader.gets()
+            if reply is False:
+                data = sock.recv(1 << 16)
+                if not data:
+                    raise ConnectionResetError("connection closed by Redis")
+                reader.feed(data)
+                continue
+            replies.append(reply)
+        return replies
 
     def send(self, *commands: tuple[Any, ...]) -> None:
         """Write commands without reading replies (pub/sub: SUBSCRIBE, then ``read``)."""

@@ -11,16 +11,18 @@ pub/sub message either (except with --transport pubsub or --wire per-line-json).
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
 
 from . import log
+from ._native import speedups as _speedups
 from .batcher import Batcher
 from .config import Settings, mask_url, split_hosts
 from .items import Item
 from .outbox import Outbox
-from .resp import Connection, Endpoint, ReplyError, client_name, pack_many, parse_url
+from .resp import Connection, Endpoint, ReplyError, client_name, pack_many, pack_py, parse_url
 from .topology import ClusterTarget, SentinelTarget, Target, has_hash_tag, parse_sentinel_url
 
 TYPE_CHECKING = False
@@ -199,8 +201,10 @@ MAX_PIPELINE_BYTES = 8 << 20
 # long for each socket operation; past it the connection is dropped and the sender thread
 # takes over (appends are idempotent), so the reader is back at the pipe soon in any case.
 DIRECT_TIMEOUT_S = 0.025
+DIRECT_TIMEOUT_MS = round(DIRECT_TIMEOUT_S * 1000)  # the same, for the native module
 # After a direct delivery failed, the sender thread delivers everything for this long.
 DIRECT_PAUSE_S = 5.0
+_lone_exchange = getattr(_speedups, "lone_exchange", None)
 
 
 def idem_key(stream_key: str, cluster: bool = False) -> str:
@@ -439,6 +443,8 @@ class Sender:
         self._lone_publish = -1 if settings.min_replicas_ack or not self._use_stream else \
             (2 if settings.pubsub == "sharded" else 1) if self._use_pubsub else 0
         self._idem_keys: dict[str, str] = {}  # stream key -> its idempotency key off a cluster
+        # stream key -> (producer, the PING and the append before its seqs, after its payload)
+        self._lone_cmds: dict[str, tuple[str, bytes, bytes]] = {}
         self.outbox = outbox
         self.batcher = batcher
         self.on_degraded = on_degraded
@@ -554,6 +560,67 @@ class Sender:
             return False
         finally:
             self._turn.release()
+
+    def send_lone(self, key: str, producer: str, first: int, n: int, nbytes: int, payload: bytes) -> None:
+        """The batch of a lone read that the pipe reader encoded with nothing else under way
+        (Batcher.lone_read): written to Redis from the calling thread by one native call
+        (_speedups.lone_exchange sends the PING and the append and reads their replies) where
+        deliver_lone would deliver it, on a connection without TLS; otherwise handed to
+        deliver_lone as an item. A failed round trip or an error reply leaves the item to the
+        sender thread, and this path to it for DIRECT_PAUSE_S, as in deliver_here."""
+        exchange = _lone_exchange
+        if (exchange is not None and self._lone_publish >= 0 and self.stats.down_since is None
+                and not self._stopping and time.monotonic() >= self._direct_after
+                and self._turn.acquire(blocking=False)):
+            try:
+                target = self._target
+                conn = target.conn if target is not None else None
+                if (conn is not None and conn.plain_fd >= 0 and not self._cluster_seen
+                        and type(target) is not ClusterTarget and (type(target) is Target or target.ready())  # type: ignore[union-attr]
+                        and self.outbox.idle()):
+                    cmd = self._lone_cmds.get(key)
+                    if cmd is None or cmd[0] is not producer:
+                        cmd = self._lone_cmds[key] = self._lone_command(key, producer)
+                    status, extra = exchange(conn.plain_fd, cmd[1], first, first + n - 1, payload, cmd[2],
+                                             DIRECT_TIMEOUT_MS)
+                    if status == 2:  # the replies are not both read, or not the usual ones
+                        status = self._lone_replies(conn, extra)
+                    elif status == 1:
+                        conn.close()
+                        log.debug("direct delivery failed; the sender thread takes over", error=os.strerror(extra))
+                    if status == 0:
+                        stats = self.stats  # _delivered, inline: Redis was not down
+                        stats.connected = True
+                        stats.last_ok = time.time()
+                        stats.items_shipped += 1
+                        stats.records_shipped += n
+                        stats.bytes_shipped += nbytes
+                        return
+                    self._direct_after = time.monotonic() + DIRECT_PAUSE_S
+            except Exception as exc:  # a bug must not stop the pipe reader: the sender thread takes over
+                self._direct_after = time.monotonic() + DIRECT_PAUSE_S
+                log.error("unexpected error in a direct delivery; the sender thread takes over", error=repr(exc))
+            finally:
+                self._turn.release()
+        self.deliver_lone(Item(key, producer, first, first + n - 1, payload, n, nbytes))
+
+    def _lone_command(self, key: str, producer: str) -> tuple[str, bytes, bytes]:
+        """What _send packs for one batch of ``key`` behind its PING, around the sequence
+        numbers and the payload."""
+        def bulk(*args: Any) -> bytes:
+            return b"".join(pack_py((a,))[4:] for a in args)  # without the array's header, *1
+
+        head = pack_py(("PING",)) + b"*14\r\n" + bulk("EVALSHA", APPEND_SHA, 2, key, idem_key(key), producer)
+        return producer, head, bulk(self.settings.max_stream_len, self._lone_publish, self._ttl, 0, 0)
+
+    def _lone_replies(self, conn: Connection, data: bytes) -> int:
+        """0 when the replies that begin with ``data`` are no errors; 1 otherwise."""
+        try:
+            replies = conn.replies_after(data, 2, DIRECT_TIMEOUT_S)
+        except RETRYABLE as exc:
+            log.debug("direct delivery failed; the sender thread takes over", error=repr(exc))
+            return 1
+        return 1 if any(type(r) is ReplyError for r in replies) else 0
 
     def deliver_lone(self, item: Item) -> None:
         """Queue ``item``, a lone line's batch that the pipe reader sealed while nothing else

@@ -601,39 +601,52 @@ LONE_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(LONE_CASES))
+@pytest.mark.parametrize(("entry", "case"), [("on_quiet", c) for c in LONE_CASES] +
+                         [("lone_read", c) for c in LONE_CASES if len(LONE_CASES[c]) == 1])  # one read at a time
 @pytest.mark.parametrize("stream", [STDOUT, STDERR])
 @pytest.mark.parametrize("events_wanted", [False, True])
-def test_a_lone_batch_is_queued_byte_for_byte_as_the_usual_path_queues_it(
-        make: Make, case: str, stream: str, events_wanted: bool) -> None:
-    """The same reads through a batcher with deliver_lone and through one without: the same
-    items (key, sequence numbers, payload bytes, counts), and the same objects reported for
-    events. Whatever the short path cannot encode as the usual path would goes the usual way."""
+def test_a_lone_batch_is_shipped_byte_for_byte_as_the_usual_path_queues_it(
+        make: Make, case: str, stream: str, events_wanted: bool, entry: str) -> None:
+    """The same reads through a batcher with the short paths and through one without: the
+    same items (key, sequence numbers, payload bytes, counts), and the same objects reported
+    for events. The reads are handed to on_quiet's (add, then on_quiet: deliver_lone takes
+    the item), or to lone_read (the pipe reader's: send_lone takes the batch) with add and
+    on_quiet where it declines. Whatever a short path cannot encode as the usual path would
+    goes the usual way."""
     results = []
     for lone in (True, False):
         b, ob = make(threshold=400)
         objects: list[dict[str, Any]] = []
         if events_wanted:
             b.on_object = objects.append
-        delivered: list[Item] = []
+        shipped: list[Item] = []  # what a short path shipped
         if lone:
-            b.deliver_lone = delivered.append
+            b.deliver_lone = shipped.append
+
+            def send_lone(key: str, producer: str, first: int, n: int, nbytes: int, payload: bytes,
+                          shipped: list[Item] = shipped) -> None:
+                shipped.append(Item(key, producer, first, first + n - 1, payload, n, nbytes))
+
+            b.send_lone = send_lone
         items: list[Item] = []
         for i in range(3):  # three lone batches: the sequence numbers go on
+            before = len(shipped)
             for k, data in enumerate(LONE_CASES[case]):
                 partial = not data.endswith(b"\n")
                 n = 1 if partial else data.count(b"\n")
-                b.add(Output(stream, 1700000000.123456 + i + k / 10, [(data, n, partial)], n, len(data)))
-            before = len(delivered)
+                ts = 1700000000.123456 + i + k / 10
+                if not (lone and entry == "lone_read" and b.lone_read(stream, data, ts)):
+                    b.add(Output(stream, ts, [(data, n, partial)], n, len(data)))
             b.on_quiet(True)
-            if len(delivered) == before:
+            if len(shipped) == before:
                 wait_for(ob, 1)
-            items += delivered[before:] + queued(ob)
+            items += shipped[before:] + queued(ob)
+        assert b.records_in == 3 * sum(max(1, d.count(b"\n")) for d in LONE_CASES[case])
         results.append(([(it.key, it.producer, it.first, it.last, it.payload, it.records, it.raw_bytes, it.pubs,
-                           it.kind, it.size) for it in items], objects, len(delivered)))
+                          it.kind, it.size) for it in items], objects, len(shipped)))
     short = case in ("one line", "a few lines in one read", "CRLF and unicode", "a JSON object line") or \
         case.startswith("an event line") and (stream == STDERR or not events_wanted)
-    assert results[0][2] == (3 if short and NATIVE else 0)  # batches that took the short path
+    assert results[0][2] == (3 if short and NATIVE else 0)  # batches that took a short path
     assert results[0][:2] == results[1][:2]
     per_batch = results[0][0][0][5]
     assert [it[2] for it in results[0][0]] == [1, 1 + per_batch, 1 + 2 * per_batch]
@@ -668,3 +681,19 @@ def test_a_lone_line_waits_for_a_batch_still_in_the_outbox(make: Make) -> None:
     b.add(out([b"x"]))
     b.on_quiet(True)
     assert delivered == []
+
+
+def test_lone_read_declines_while_anything_is_open_or_under_way(make: Make) -> None:
+    b, ob = make(start=False)
+    sent: list[tuple[Any, ...]] = []
+    b.send_lone = lambda *args: sent.append(args)
+    b.add(out([b"open on stderr"], stream=STDERR))
+    assert not b.lone_read(STDOUT, b"x\n", 1.0)  # a batch is open
+    b.on_quiet(True)
+    assert len(ob) == 1  # the open batch went out the usual way, and waits in the outbox
+    assert not b.lone_read(STDOUT, b"x\n", 1.0)
+    queued(ob)
+    assert b.lone_read(STDOUT, b"x\n", 1.0) is NATIVE
+    assert [(a[0], a[2], a[3]) for a in sent] == ([(OUT_KEY, 1, 1)] if NATIVE else [])
+    b.per_line_json = True
+    assert not b.lone_read(STDOUT, b"y\n", 2.0)

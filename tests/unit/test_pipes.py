@@ -210,3 +210,85 @@ def test_a_deadline_years_ahead_is_waited_for_in_pieces() -> None:
         assert reader.join(10)
     finally:
         os.close(w)
+
+
+# -- lone: a short read that ends a quiet spell, taken whole by the consumer ------------------
+
+class LoneRecorder(Recorder):
+    def __init__(self, accept: bool) -> None:
+        super().__init__()
+        self.accept = accept
+
+    def lone(self, name: str, data: bytes, ts: float) -> bool:
+        assert name == "stdout" and ts > 0
+        self.events.append(("lone", data))
+        return self.accept
+
+    def all_data(self) -> bytes:
+        """What went to the sink and what lone took, in the order it was handed on."""
+        out = []
+        for ev in self.events:
+            if isinstance(ev, Output):
+                out.extend(seg[0] for seg in ev.segments)
+            elif isinstance(ev, tuple) and ev[0] == "lone" and self.accept:
+                out.append(ev[1])
+        return b"".join(out)
+
+
+def read_child_lone(code: str, accept: bool) -> LoneRecorder:
+    rec = LoneRecorder(accept)
+    r, w = os.pipe()
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=w)
+    os.close(w)
+    reader = PipeReader({"stdout": r}, rec.sink, on_quiet=rec.on_quiet, lone=rec.lone)
+    reader.start()
+    assert child.wait(timeout=60) == 0
+    assert reader.join(30)
+    return rec
+
+
+STREAMED = ("import os, time\n"
+            "for i in range(20):\n"
+            "    os.write(1, b'token %d of the answer\\n' % i)\n"
+            "    time.sleep(0.02)\n")
+
+
+def test_lines_written_apart_are_each_taken_whole_by_lone() -> None:
+    rec = read_child_lone(STREAMED, accept=True)
+    expected = b"".join(b"token %d of the answer\n" % i for i in range(20))
+    taken = [ev[1] for ev in rec.events if isinstance(ev, tuple) and ev[0] == "lone"]
+    assert b"".join(taken) == expected and all(t.endswith(b"\n") for t in taken)
+    assert rec.reads() == 0  # nothing went to the sink: lone took every read
+    end = next(i for i, ev in enumerate(rec.events) if isinstance(ev, StreamClosed))
+    assert ("quiet", True) not in rec.events[:end]  # lone stands for on_quiet(True), until the end
+
+
+def test_what_lone_declines_goes_the_usual_way() -> None:
+    rec = read_child_lone(STREAMED, accept=False)
+    assert rec.all_data() == rec.data() == b"".join(b"token %d of the answer\n" % i for i in range(20))
+    offered = [ev for ev in rec.events if isinstance(ev, tuple) and ev[0] == "lone"]
+    assert len(offered) == rec.reads()  # each read was offered, then handed on
+    quiet_after = [rec.events[i + 2] for i, ev in enumerate(rec.events[:-2])
+                   if isinstance(ev, tuple) and ev[0] == "lone"]
+    assert quiet_after == [("quiet", True)] * len(offered)  # offered, handed to the sink, reported quiet
+
+
+def test_a_line_in_pieces_and_a_burst_keep_their_bytes_and_order() -> None:
+    """A read without a line end is never offered (its rest would follow in another read);
+    nor is a read of a burst being gathered. Whatever lone took and the sink got, in order,
+    is the agent's output."""
+    code = ("import os, time\n"
+            "for i in range(10):\n"
+            "    os.write(1, b'part of line %d, ' % i)\n"
+            "    time.sleep(0.01)\n"
+            "    os.write(1, b'its end\\n')\n"
+            "    time.sleep(0.01)\n"
+            "for i in range(20000):\n"
+            "    os.write(1, b'x%d\\n' % i)\n")
+    rec = read_child_lone(code, accept=True)
+    expected = b"".join(b"part of line %d, its end\n" % i for i in range(10)) + \
+        b"".join(b"x%d\n" % i for i in range(20000))
+    assert rec.all_data() == expected
+    offered = [ev[1] for ev in rec.events if isinstance(ev, tuple) and ev[0] == "lone"]
+    assert all(d.endswith(b"\n") and not d.startswith(b"its end") for d in offered)
+    assert rec.reads() > 0  # the pieces and the burst went to the sink

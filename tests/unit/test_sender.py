@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from sidecar import _native
 from sidecar.config import build
 from sidecar.items import Item
 from sidecar.outbox import Outbox
-from sidecar.resp import ReplyError
+from sidecar.resp import Connection, Endpoint, ReplyError, pack_many
+from sidecar.topology import Target
 from sidecar.transport import DIRECT_TIMEOUT_S, Sender
 
 
@@ -257,3 +261,130 @@ def test_a_failed_lone_delivery_leaves_the_item_and_the_next_lines_to_the_sender
     assert len(conn.calls) == 1
     assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1, 2]
     assert not sender._turn.locked()
+
+
+# -- send_lone: the append written and its replies read by the native module -----------------
+
+needs_native = pytest.mark.skipif(_native.speedups is None, reason="the native module is not built")
+
+
+class Peer:
+    """A socket pair: the sender's connection on one end, the test as Redis on the other."""
+
+    def __init__(self) -> None:
+        self.ours, self.theirs = socket.socketpair()
+        self.theirs.settimeout(5)
+        self.conn = Connection(Endpoint())
+        self.conn._sock = self.ours
+        self.conn.plain_fd = self.ours.fileno()
+        self.ours.settimeout(5.0)  # as Connection.connect leaves it
+
+    def expect(self, n: int) -> bytes:
+        got = b""
+        while len(got) < n:
+            got += self.theirs.recv(1 << 16)
+        return got
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+
+
+@pytest.fixture
+def peer() -> Iterator[Peer]:
+    p = Peer()
+    yield p
+    p.close()
+
+
+def plain_sender(peer: Peer, **settings: Any) -> Sender:
+    s = build({"run_id": "dh"}, {}, ("x",)).replace(**settings)
+    sender = Sender(s, Outbox(1 << 20, None, "block", lambda k, a, b: Item(k, "p", a, b, b"")), None)
+    target = Target(Endpoint(), lambda ep: Connection(ep), lambda conn: None)
+    target.conn = peer.conn
+    sender._target = target
+    return sender
+
+
+def answer_in_thread(peer: Peer, expected_len: int, reply: bytes) -> tuple[threading.Thread, list[bytes]]:
+    got: list[bytes] = []
+
+    def run() -> None:
+        got.append(peer.expect(expected_len))
+        if reply:
+            peer.theirs.sendall(reply)
+        else:
+            peer.theirs.shutdown(socket.SHUT_RDWR)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, got
+
+
+def usual_bytes(item: Item, **settings: Any) -> bytes:
+    """What _send writes for ``item`` alone."""
+    sent: list[list[tuple[Any, ...]]] = []
+
+    class Recording(FakeTarget):
+        def execute(self, cmds: list[tuple[Any, ...]], _acks: int, timeout: float | None = None) -> list[int]:
+            sent.append(cmds)
+            return [b"PONG"] + [1] * (len(cmds) - 1)
+
+    sender_with(Recording(), **settings)._send([item])
+    return pack_many(sent[0])
+
+
+@needs_native
+@pytest.mark.parametrize("settings", [{}, {"pubsub": "sharded"}, {"transport": "stream"}])
+def test_send_lone_writes_what_the_usual_path_writes_and_counts_the_delivery(peer: Peer, settings: Any) -> None:
+    sender = plain_sender(peer, **settings)
+    item = Item("run:dh:output:0", "p", 41, 43, b'{"type":"batch","lines":["a","b","c"]}', 3, 6)
+    expected = usual_bytes(item, **settings)
+    t, got = answer_in_thread(peer, len(expected), b"+PONG\r\n:1\r\n")
+    sender.send_lone(item.key, "p", 41, 3, 6, item.payload)
+    t.join(5)
+    assert got == [expected]
+    assert (sender.stats.records_shipped, sender.stats.bytes_shipped, sender.stats.items_shipped) == (3, 6, 1)
+    assert sender.outbox.empty() and not sender._turn.locked()
+
+
+@needs_native
+def test_send_lone_reads_on_past_an_unusual_reply(peer: Peer) -> None:
+    """Replies the native module does not check itself (a bulk string here) are read to the
+    end by the connection's parser: not an error, so delivered."""
+    sender = plain_sender(peer)
+    item = lone_line(1)
+    t, _got = answer_in_thread(peer, len(usual_bytes(item)), b"+PONG\r\n$2\r\nok\r\n")
+    sender.send_lone(item.key, "p", 1, 1, 6, item.payload)
+    t.join(5)
+    assert sender.stats.records_shipped == 1 and sender.outbox.empty()
+
+
+@needs_native
+@pytest.mark.parametrize("reply", [b"+PONG\r\n-NOSCRIPT No matching script. Please use EVAL.\r\n",
+                                   b"-NOAUTH Authentication required.\r\n-NOAUTH Authentication required.\r\n",
+                                   b""], ids=["error reply", "error reply to the PING", "connection closed"])
+def test_a_failed_send_lone_leaves_the_item_and_the_next_lines_to_the_sender_thread(peer: Peer, reply: bytes) -> None:
+    sender = plain_sender(peer)
+    item = lone_line(1)
+    t, _got = answer_in_thread(peer, len(usual_bytes(item)), reply)
+    sender.send_lone(item.key, "p", 1, 1, 6, item.payload)
+    t.join(5)
+    assert [(it.first, it.payload) for it in sender.outbox.take(10, 1 << 20)] == [(1, item.payload)]
+    sender.outbox.release_inflight()
+    assert sender.stats.records_shipped == 0
+    assert (peer.conn.plain_fd == -1) is (reply == b"")  # a lost connection is closed
+    sender.send_lone(item.key, "p", 2, 1, 6, b"next")  # paused: queued, not sent
+    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1, 2]
+    assert not sender._turn.locked()
+
+
+def test_send_lone_hands_the_item_to_deliver_lone_without_a_plain_socket(peer: Peer) -> None:
+    """TLS (no descriptor the native module may write to), or no native module: deliver_lone's
+    Python path, with an item equal to the one the batch stands for."""
+    sender = plain_sender(peer)
+    peer.conn.plain_fd = -1
+    handed: list[Item] = []
+    sender.deliver_lone = handed.append  # type: ignore[method-assign]
+    sender.send_lone("run:dh:output:0", "p", 5, 2, 9, b"payload")
+    assert handed == [Item("run:dh:output:0", "p", 5, 6, b"payload", 2, 9)]

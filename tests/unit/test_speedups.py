@@ -11,6 +11,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import orjson
@@ -543,3 +544,160 @@ def test_pack_commands_is_what_pack_py_packs() -> None:
     assert sp.pack_commands([("PING",), ("GET", "k")]) == b"*1\r\n$4\r\nPING\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
     assert sp.pack_commands((("PING",),)) is None  # a tuple of commands: packed in Python
     assert sp.pack_commands(["PING"]) is None
+
+
+# -- lone_payload / lone_exchange: a lone read's batch, written and sent in one call each -------
+
+HEAD = b'{"v":1,"run_id":"r","variation_id":"0","type":"batch","channel":"run:r:output:0","stream":"stdout"'
+
+
+def _usual_payload(data: bytes, seq: int, t: float, splice: int) -> bytes | None:
+    """What the batcher's usual path queues for one read of whole lines (protocol.encode_batch
+    on the native path, or the Python code where the native module declines), None where it
+    parses objects for events (the lone path leaves those to it)."""
+    parsed: list[dict[str, Any]] | None = [] if splice == protocol.SPLICE_PLAIN else None
+    batch = protocol.Lines(segments=[(data, data.count(b"\n"), False)], ts=[(0, t)], n=data.count(b"\n"),
+                           nbytes=len(data))
+    got = sp.lines_json(data, False, 0, splice)
+    if got is None or got[3] is None:
+        return None
+    header = orjson.loads(HEAD + b"}")
+    return protocol.encode_batch(header, seq, batch, structured=splice != protocol.SPLICE_NONE, threshold=-1,
+                                 objects=parsed, header_json=HEAD)
+
+
+def test_lone_payload_is_the_usual_batch_message_on_random_reads() -> None:
+    rnd = random.Random(21)
+    agent_lines = _agent_text().make_block(400, seed=9).splitlines(keepends=True)
+    taken = declined = 0
+    for _ in range(4000):
+        if rnd.random() < 0.5:
+            data = b"".join(rnd.choice(agent_lines) for _ in range(rnd.randint(1, 4)))
+        else:
+            data = b"".join(random_bytes(rnd, 12) + b"\n" for _ in range(rnd.randint(1, 3)))
+        seq = rnd.choice([1, 2, 999, 10**12])
+        t = rnd.choice([1700000000.0, 1795962014.068139, 1.5, 0.000001, rnd.uniform(0, 4e9)])
+        splice = rnd.choice([protocol.SPLICE_PLAIN, protocol.SPLICE_ALL, protocol.SPLICE_NONE])
+        got = sp.lone_payload(data, HEAD, seq, round(t * 1_000_000), splice, 1000, -1)
+        expected = _usual_payload(data, seq, t, splice)
+        if got is None:
+            declined += 1
+            assert expected is None or not data.endswith(b"\n"), data
+            continue
+        taken += 1
+        assert got == (expected, data.count(b"\n")), data
+        orjson.loads(got[0])
+    assert taken > 2500 and declined > 100
+
+
+@pytest.mark.parametrize(("data", "max_records", "threshold"), [
+    (b"a\nb\nc\n", 2, -1),  # more records than a batch may hold
+    (b"x" * 200 + b"\n", 1000, 250),  # a payload above the compression threshold
+    (b"no line end", 1000, -1),
+    (b"", 1000, -1),
+    (b"bad \xff\n", 1000, -1),
+])
+def test_lone_payload_declines_what_the_usual_path_must_take(data: bytes, max_records: int, threshold: int) -> None:
+    assert sp.lone_payload(data, HEAD, 1, 1, protocol.SPLICE_ALL, max_records, threshold) is None
+
+
+def test_lone_payload_takes_bytes_only() -> None:
+    with pytest.raises(TypeError):
+        sp.lone_payload(bytearray(b"x\n"), HEAD, 1, 1, 3, 10, -1)
+    assert sp.lone_payload(b"x\n", HEAD, 1, -5, 3, 10, -1) is None  # before 1970: the usual path
+
+
+class FakeRedis:
+    """The other end of a socket pair: reads what the sidecar sends, answers what it is told."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.ours, self.theirs = socket.socketpair()
+        self.ours.setblocking(False)  # as a socket with a timeout is
+        self.got = b""
+
+    def receive(self, n: int) -> bytes:
+        while len(self.got) < n:
+            self.got += self.theirs.recv(1 << 20)
+        return self.got
+
+    def receive_until(self, end: bytes) -> bytes:
+        while not self.got.endswith(end):
+            self.got += self.theirs.recv(1 << 20)
+        return self.got
+
+    def close(self) -> None:
+        self.ours.close()
+        self.theirs.close()
+
+
+def _exchange(server: FakeRedis, payload: bytes = b'{"p":1}', timeout_ms: int = 2000) -> Any:
+    from sidecar.resp import pack_py
+
+    prefix = pack_py(("PING",)) + b"*14\r\n" + b"".join(pack_py((a,))[4:] for a in ("EVALSHA", "f" * 40, 2, "k",
+                                                                                 "k:idem", "p"))
+    suffix = b"".join(pack_py((a,))[4:] for a in (1000, 1, 86400, 0, 0))
+    return sp.lone_exchange(server.ours.fileno(), prefix, 5, 7, payload, suffix, timeout_ms)
+
+
+@pytest.mark.parametrize(("replies", "expected"), [
+    ([b"+PONG\r\n:1\r\n"], (0, None)),
+    ([b"+PONG\r\n", b":1", b"\r\n"], (0, None)),  # in pieces
+    ([b"+PONG\r\n-NOSCRIPT No matching script\r\n"], (2, b"+PONG\r\n-NOSCRIPT No matching script\r\n")),
+    ([b"-NOAUTH Authentication required.\r\n-NOAUTH Authentication required.\r\n"],
+     (2, b"-NOAUTH Authentication required.\r\n-NOAUTH Authentication required.\r\n")),
+    ([b"+PONG\r\n$2\r\nok\r\n"], None),  # a bulk reply: what was read so far, the caller reads on
+    ([b"+PONG\r\n:1\r\n:2\r\n"], (2, b"+PONG\r\n:1\r\n:2\r\n")),  # more than asked for
+])
+def test_lone_exchange_sends_the_append_and_reads_both_replies(replies: list[bytes], expected: Any) -> None:
+    from sidecar.resp import pack_py
+
+    server = FakeRedis()
+    payload = b'{"lines":["x"]}'
+    try:
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(_exchange(server, payload)))
+        t.start()
+        sent = pack_py(("PING",)) + pack_py(("EVALSHA", "f" * 40, 2, "k", "k:idem", "p", 5, 7, payload, 1000, 1,
+                                             86400, 0, 0))
+        assert server.receive(len(sent)) == sent
+        for piece in replies:
+            server.theirs.sendall(piece)
+            time.sleep(0.01)  # separate reads (not needed for the outcome)
+        t.join(5)
+        if expected is None:
+            joined = b"".join(replies)
+            assert result[0][0] == 2 and len(result[0][1]) > 7 and joined.startswith(result[0][1])
+        else:
+            assert result == [expected]
+    finally:
+        server.close()
+
+
+def test_lone_exchange_reports_a_closed_connection_a_timeout_and_a_large_payload() -> None:
+    import errno
+
+    server = FakeRedis()
+    try:
+        server.theirs.close()
+        assert _exchange(server) in ((1, errno.ECONNRESET), (1, errno.EPIPE))
+    finally:
+        server.close()
+    server = FakeRedis()
+    try:
+        assert _exchange(server, timeout_ms=30) == (1, errno.ETIMEDOUT)  # no reply
+    finally:
+        server.close()
+    server = FakeRedis()
+    try:  # more than the socket buffer takes at once: written as the peer reads
+        big = b"y" * (4 << 20)
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(_exchange(server, big)))
+        t.start()
+        got = server.receive_until(b"$5\r\n86400\r\n$1\r\n0\r\n$1\r\n0\r\n")
+        server.theirs.sendall(b"+PONG\r\n:1\r\n")
+        t.join(10)
+        assert result == [(0, None)] and big in got
+    finally:
+        server.close()
