@@ -55,6 +55,9 @@
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* SIGPIPE is ignored by Python anyway */
+#endif
 
 /* Eight bytes at a time: a word of plain bytes is handled in one step. */
 #define ONES 0x0101010101010101ULL
