@@ -4,9 +4,10 @@
     python bench/lone_line.py --callgrind [--redis-url URL]
 
 An in-process loop builds the sidecar's runtime as a run does (batcher, outbox, sender,
-redaction on), hands the pipe reader one line at a time as a read would, reports the pipe
-quiet, and waits until Redis has confirmed the line: the reader then writes it itself (what
-happens at 100 lines/s). Without --callgrind it prints the CPU time a line takes in this
+redaction on), hands the pipe reader one line at a time as its loop hands on a short read
+that ends a quiet spell, and waits until Redis has confirmed the line: the reader then
+writes it itself (what happens at 100 lines/s; the first line goes through the sender
+thread, which opens the connection). Without --callgrind it prints the CPU time a line takes in this
 process (all threads), which moves with the machine. With --callgrind it runs itself twice
 under `valgrind --tool=callgrind` (200 and 700 lines) and prints the difference per line in
 instructions, which does not move: the way to compare two versions of the path.

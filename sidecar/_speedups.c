@@ -35,12 +35,29 @@
  *       int does not fit in 64 bits, or `commands` is not a list of tuples and lists: the
  *       caller then packs in Python.
  *
+ *   lone_payload(data: bytes, head: bytes, seq: int, us: int, splice: int, max_records: int,
+ *                threshold: int) -> tuple[bytes, int] | None
+ *       The batch message of one read of whole lines captured at `us` microseconds, and its
+ *       record count: what sidecar.batcher's usual path queues for it (head: the header's
+ *       JSON without its closing brace; splice as for lines_json, 1 to 3). None where that
+ *       path must take it: a record that is not valid UTF-8, or (splice 1) may carry an
+ *       event, more than max_records records, a payload above threshold (>= 0) to compress.
+ *
+ *   lone_exchange(fd: int, prefix: bytes, first: int, last: int, payload: bytes, suffix: bytes,
+ *                 timeout_ms: int) -> tuple[int, int | bytes | None]
+ *       Sends prefix (a PING and the start of an append), the append's sequence numbers and
+ *       payload as bulk strings, and suffix on the socket fd, then reads the two replies, the
+ *       GIL released, each wait at most timeout_ms. (0, None): +PONG and an integer, nothing
+ *       more; (1, errno): the connection failed or timed out (ECONNRESET when closed);
+ *       (2, bytes): what was read, to be parsed by the caller (an error, another type, more).
+ *
  *   set_child_subreaper() -> bool
  *       prctl(PR_SET_CHILD_SUBREAPER, 1) (Linux; False elsewhere or when refused), called before
  *       the agent is spawned: without it agent_wrapper.signals imports ctypes, which costs
  *       every start a millisecond or two before the agent runs.
  *
- * Each only reads `data` and writes into buffers sized before the first write. token_starts,
+ * Each only reads `data` and writes into buffers sized before the first write; lone_exchange
+ * also writes to and reads from the socket it is given, with the GIL released. token_starts,
  * contains_any and lines_json release the GIL while they scan a segment of 4 KiB or more
  * (bytes only, which no other thread can change meanwhile), so that the reader and the encoder
  * threads can run on two cores at once.
