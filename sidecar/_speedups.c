@@ -75,6 +75,9 @@
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0 /* SIGPIPE is ignored by Python anyway */
 #endif
+#ifndef MSG_DONTWAIT
+#define MSG_DONTWAIT 0 /* the descriptor of a socket with a timeout is non-blocking anyway */
+#endif
 
 /* Eight bytes at a time: a word of plain bytes is handled in one step. */
 #define ONES 0x0101010101010101ULL
@@ -979,15 +982,19 @@ static char *put_ts(char *w, long long us) {
 
 static PyObject *lone_payload(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *data, *head;
+    PyObject *data, *head, *when;
     Py_ssize_t seq, max_records, threshold;
-    long long us;
-    int splice;
-    if (!PyArg_ParseTuple(args, "SSnLinn", &data, &head, &seq, &us, &splice, &max_records, &threshold))
+    int splice, overflow = 0;
+    if (!PyArg_ParseTuple(args, "SSnO!inn", &data, &head, &seq, &PyLong_Type, &when, &splice, &max_records,
+                          &threshold))
+        return NULL;
+    long long us = PyLong_AsLongLongAndOverflow(when, &overflow); /* a time beyond 64 bits: Python's path */
+    if (us == -1 && PyErr_Occurred())
         return NULL;
     const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(data);
     Py_ssize_t n = PyBytes_GET_SIZE(data), hn = PyBytes_GET_SIZE(head);
-    if (n == 0 || s[n - 1] != '\n' || us < 0 || seq < 0 || splice < 1 || splice > 3 || n > (PY_SSIZE_T_MAX - 2) / 6)
+    if (n == 0 || s[n - 1] != '\n' || overflow || us < 0 || seq < 0 || splice < 1 || splice > 3 ||
+        n > (PY_SSIZE_T_MAX - 2) / 6)
         Py_RETURN_NONE;
     Array cands = {NULL, 0, 0}, kinds = {NULL, 0, 0};
     Py_ssize_t records = 0, len = -2;
@@ -1111,7 +1118,7 @@ static PyObject *lone_exchange(PyObject *self, PyObject *args) {
     int err = 0;
     PyThreadState *released = PyEval_SaveThread();
     for (const char *p = cmd; p < w && !err;) {
-        ssize_t k = send(fd, p, (size_t)(w - p), MSG_NOSIGNAL);
+        ssize_t k = send(fd, p, (size_t)(w - p), MSG_NOSIGNAL | MSG_DONTWAIT);
         if (k >= 0)
             p += k;
         else if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -1126,7 +1133,7 @@ static PyObject *lone_exchange(PyObject *self, PyObject *args) {
         end2 = end1 > 0 ? simple_reply_end(reply, end1, got) : 0;
         if (end1 < 0 || end2 != 0 || got == (Py_ssize_t)sizeof reply)
             break; /* both replies, or not what this reads: the caller reads on */
-        ssize_t k = recv(fd, reply + got, sizeof reply - (size_t)got, 0);
+        ssize_t k = recv(fd, reply + got, sizeof reply - (size_t)got, MSG_DONTWAIT);
         if (k > 0)
             got += k;
         else if (k == 0)

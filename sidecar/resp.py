@@ -242,7 +242,10 @@ class Connection:
             if timeout != self._timeout:
                 sock.settimeout(timeout)
                 self._timeout = timeout
-            return self._replies(sock, data, count)
+            replies = self._replies(sock, data, count)
+            if self._reader.gets() is not False:  # a reply no command asked for: out of step
+                raise ProtocolViolation("more replies than commands")
+            return replies
         except (OSError, hiredis.ProtocolError) as exc:
             self._broken(exc)
             raise

@@ -516,9 +516,11 @@ class Sender:
                     self.batcher.notify_idle()
             except Exception as exc:
                 # A bug must neither take the agent down nor lose output: keep what waits
-                # queued, say so once, and try again after a pause.
-                self.outbox.release_inflight()
-                self._drop_client()
+                # queued, say so once, and try again after a pause. Under _turn: the pipe
+                # reader may be delivering on this connection (send_lone writes its descriptor).
+                with self._turn:
+                    self.outbox.release_inflight()
+                    self._drop_client()
                 if failures == 0:
                     log.error("unexpected error while sending; retrying", error=repr(exc))
                 failures += 1
@@ -572,6 +574,7 @@ class Sender:
         if (exchange is not None and self._lone_publish >= 0 and self.stats.down_since is None
                 and not self._stopping and time.monotonic() >= self._direct_after
                 and self._turn.acquire(blocking=False)):
+            conn = None
             try:
                 target = self._target
                 conn = target.conn if target is not None else None
@@ -599,6 +602,8 @@ class Sender:
                     self._direct_after = time.monotonic() + DIRECT_PAUSE_S
             except Exception as exc:  # a bug must not stop the pipe reader: the sender thread takes over
                 self._direct_after = time.monotonic() + DIRECT_PAUSE_S
+                if conn is not None:
+                    conn.close()  # replies may be left unread
                 log.error("unexpected error in a direct delivery; the sender thread takes over", error=repr(exc))
             finally:
                 self._turn.release()

@@ -35,6 +35,9 @@ class FakeTarget:
     def close(self) -> None:
         pass
 
+    def interrupt(self) -> None:
+        pass
+
 
 def sender_with(target: FakeTarget, **settings: Any) -> Sender:
     s = build({"run_id": "dh"}, {}, ("x",)).replace(**settings)
@@ -363,7 +366,8 @@ def test_send_lone_reads_on_past_an_unusual_reply(peer: Peer) -> None:
 @needs_native
 @pytest.mark.parametrize("reply", [b"+PONG\r\n-NOSCRIPT No matching script. Please use EVAL.\r\n",
                                    b"-NOAUTH Authentication required.\r\n-NOAUTH Authentication required.\r\n",
-                                   b""], ids=["error reply", "error reply to the PING", "connection closed"])
+                                   b"+PONG\r\n$2\r\nok\r\n:7\r\n", b""],
+                         ids=["error reply", "error reply to the PING", "a reply too many", "connection closed"])
 def test_a_failed_send_lone_leaves_the_item_and_the_next_lines_to_the_sender_thread(peer: Peer, reply: bytes) -> None:
     sender = plain_sender(peer)
     item = lone_line(1)
@@ -373,7 +377,8 @@ def test_a_failed_send_lone_leaves_the_item_and_the_next_lines_to_the_sender_thr
     assert [(it.first, it.payload) for it in sender.outbox.take(10, 1 << 20)] == [(1, item.payload)]
     sender.outbox.release_inflight()
     assert sender.stats.records_shipped == 0
-    assert (peer.conn.plain_fd == -1) is (reply == b"")  # a lost connection is closed
+    # a lost connection, or one out of step with its replies, is closed
+    assert (peer.conn.plain_fd == -1) is (reply == b"" or reply.endswith(b":7\r\n"))
     sender.send_lone(item.key, "p", 2, 1, 6, b"next")  # paused: queued, not sent
     assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1, 2]
     assert not sender._turn.locked()
@@ -388,3 +393,39 @@ def test_send_lone_hands_the_item_to_deliver_lone_without_a_plain_socket(peer: P
     sender.deliver_lone = handed.append  # type: ignore[method-assign]
     sender.send_lone("run:dh:output:0", "p", 5, 2, 9, b"payload")
     assert handed == [Item("run:dh:output:0", "p", 5, 6, b"payload", 2, 9)]
+
+
+def test_the_sender_thread_survives_a_bug_and_cleans_up_under_its_turn() -> None:
+    """The items of a delivery that hit a bug are handed out again and delivered; the
+    cleanup holds _turn, so that the pipe reader is not delivering on the connection it drops."""
+    import time
+
+    target = FakeTarget()
+    sender = sender_with(target)
+    locked_at_release: list[bool] = []
+    release = sender.outbox.release_inflight
+
+    def recording_release() -> None:
+        locked_at_release.append(sender._turn.locked())
+        release()
+
+    sender.outbox.release_inflight = recording_release  # type: ignore[method-assign]
+    deliver = sender._deliver
+    calls: list[int] = []
+
+    def buggy_once(items: list[Item]) -> bool:
+        calls.append(len(items))
+        if len(calls) == 1:
+            raise RuntimeError("bug")
+        return deliver(items)
+
+    sender._deliver = buggy_once  # type: ignore[method-assign]
+    sender.outbox.put(lone_line(1))
+    sender.start()
+    deadline = time.monotonic() + 10
+    while sender.stats.records_shipped < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sender.abandon()
+    assert sender.join(5)
+    assert sender.stats.records_shipped == 1 and calls == [1, 1]
+    assert locked_at_release == [True]

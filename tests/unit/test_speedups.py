@@ -605,6 +605,7 @@ def test_lone_payload_takes_bytes_only() -> None:
     with pytest.raises(TypeError):
         sp.lone_payload(bytearray(b"x\n"), HEAD, 1, 1, 3, 10, -1)
     assert sp.lone_payload(b"x\n", HEAD, 1, -5, 3, 10, -1) is None  # before 1970: the usual path
+    assert sp.lone_payload(b"x\n", HEAD, 1, 2**70, 3, 10, -1) is None  # beyond 64 bits: the same
 
 
 class FakeRedis:
@@ -684,11 +685,13 @@ def test_lone_exchange_reports_a_closed_connection_a_timeout_and_a_large_payload
         assert _exchange(server) in ((1, errno.ECONNRESET), (1, errno.EPIPE))
     finally:
         server.close()
-    server = FakeRedis()
-    try:
-        assert _exchange(server, timeout_ms=30) == (1, errno.ETIMEDOUT)  # no reply
-    finally:
-        server.close()
+    for blocking in (False, True):  # the descriptor's mode does not matter: no reply, a timeout
+        server = FakeRedis()
+        server.ours.setblocking(blocking)
+        try:
+            assert _exchange(server, timeout_ms=30) == (1, errno.ETIMEDOUT)
+        finally:
+            server.close()
     server = FakeRedis()
     try:  # more than the socket buffer takes at once: written as the peer reads
         big = b"y" * (4 << 20)
