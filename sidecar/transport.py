@@ -565,32 +565,38 @@ class Sender:
 
     def send_lone(self, key: str, producer: str, first: int, n: int, nbytes: int, payload: bytes) -> None:
         """The batch of a lone read that the pipe reader encoded with nothing else under way
-        (Batcher.lone_read): written to Redis from the calling thread by one native call
-        (_speedups.lone_exchange sends the PING and the append and reads their replies) where
-        deliver_lone would deliver it, on a connection without TLS; otherwise handed to
-        deliver_lone as an item. A failed round trip or an error reply leaves the item to the
-        sender thread, and this path to it for DIRECT_PAUSE_S, as in deliver_here."""
-        exchange = _lone_exchange
-        if (exchange is not None and self._lone_publish >= 0 and self.stats.down_since is None
-                and not self._stopping and time.monotonic() >= self._direct_after
-                and self._turn.acquire(blocking=False)):
+        (Batcher.lone_read), written to Redis from the calling thread where deliver_here would
+        deliver it: the PING and the append go out and their replies are read by one native
+        call (_speedups.lone_exchange) on a connection without TLS, by the connection's own
+        round trip with TLS. Otherwise it is handed to deliver_lone as an item. A failed round
+        trip or an error reply leaves the item to the sender thread, and this path to it for
+        DIRECT_PAUSE_S, as in deliver_here."""
+        if (self._lone_publish >= 0 and self.stats.down_since is None and not self._stopping
+                and time.monotonic() >= self._direct_after and self._turn.acquire(blocking=False)):
             conn = None
             try:
                 target = self._target
                 conn = target.conn if target is not None else None
-                if (conn is not None and conn.plain_fd >= 0 and not self._cluster_seen
+                if (conn is not None and (conn.plain_fd >= 0 or conn.connected) and not self._cluster_seen
                         and type(target) is not ClusterTarget and (type(target) is Target or target.ready())  # type: ignore[union-attr]
                         and self.outbox.idle()):
                     cmd = self._lone_cmds.get(key)
                     if cmd is None or cmd[0] is not producer:
                         cmd = self._lone_cmds[key] = self._lone_command(key, producer)
-                    status, extra = exchange(conn.plain_fd, cmd[1], first, first + n - 1, payload, cmd[2],
-                                             DIRECT_TIMEOUT_MS)
-                    if status == 2:  # the replies are not both read, or not the usual ones
-                        status = self._lone_replies(conn, extra)
-                    elif status == 1:
-                        conn.close()
-                        log.debug("direct delivery failed; the sender thread takes over", error=os.strerror(extra))
+                    last = first + n - 1
+                    exchange = _lone_exchange
+                    if conn.plain_fd >= 0 and exchange is not None:
+                        status, extra = exchange(conn.plain_fd, cmd[1], first, last, payload, cmd[2], DIRECT_TIMEOUT_MS)
+                        if status == 2:  # the replies are not both read, or not the usual ones
+                            status = self._lone_replies(conn, read=extra)
+                        elif status == 1:
+                            conn.close()
+                            log.debug("direct delivery failed; the sender thread takes over",
+                                      error=os.strerror(extra))
+                    else:  # TLS: the same bytes through the ssl socket
+                        a, b = b"%d" % first, b"%d" % last
+                        status = self._lone_replies(conn, send=b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+                            cmd[1], len(a), a, len(b), b, len(payload), payload, cmd[2]))
                     if status == 0:
                         stats = self.stats  # _delivered, inline: Redis was not down
                         stats.connected = True
@@ -618,10 +624,15 @@ class Sender:
         head = pack_py(("PING",)) + b"*14\r\n" + bulk("EVALSHA", APPEND_SHA, 2, key, idem_key(key), producer)
         return producer, head, bulk(self.settings.max_stream_len, self._lone_publish, self._ttl, 0, 0)
 
-    def _lone_replies(self, conn: Connection, data: bytes) -> int:
-        """0 when the replies that begin with ``data`` are no errors; 1 otherwise."""
+    def _lone_replies(self, conn: Connection, *, read: bytes = b"", send: bytes = b"") -> int:
+        """The two replies, the first bytes of which were ``read`` already, or to the commands
+        ``send`` sends: 0 when neither is an error, 1 otherwise (also when the round trip
+        failed: the connection is closed then)."""
         try:
-            replies = conn.replies_after(data, 2, DIRECT_TIMEOUT_S)
+            if send:
+                replies = conn.exchange(send, 2, DIRECT_TIMEOUT_S)
+            else:
+                replies = conn.replies_after(read, 2, DIRECT_TIMEOUT_S)
         except RETRYABLE as exc:
             log.debug("direct delivery failed; the sender thread takes over", error=repr(exc))
             return 1

@@ -65,6 +65,19 @@ def test_tls_with_verification_and_client_certificate(redis_factory: Any, pki: P
     assert out.stdout == b"over tls\n"
 
 
+def test_lines_written_apart_arrive_one_by_one_over_tls(redis_factory: Any, pki: Path, tmp_path: Path) -> None:
+    """An agent streaming lines: over TLS the pipe reader delivers each lone line through the
+    connection's own round trip (the native one needs a plain socket), in order, byte for byte."""
+    srv, port = _tls_server(redis_factory, pki)
+    code = "import os, time\nfor i in range(20):\n    os.write(1, b'tls line %d\\n' % i)\n    time.sleep(0.02)\n"
+    cp = run_sidecar(["--redis-url", f"rediss://127.0.0.1:{port}/0", "--redis-ca-file", str(pki / "ca.pem"),
+                      "--run-id", "tlslone", "--no-echo", "--", sys.executable, "-c", code])
+    assert cp.returncode == 0, cp.stderr
+    client = srv.client()
+    assert runs.stream_bytes(client, "run:tlslone:output:0") == b"".join(b"tls line %d\n" % i for i in range(20))
+    assert client.xlen("run:tlslone:output:0") >= 10  # sent as they came, not gathered at the end
+
+
 def test_the_ca_file_adds_to_the_system_cas(redis_factory: Any, pki: Path, tmp_path: Path) -> None:
     """SSL_CERT_FILE stands in for the system's CAs, which sign the server's certificate; a CA
     file that does not is added to them, it does not replace them."""

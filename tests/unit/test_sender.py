@@ -384,11 +384,26 @@ def test_a_failed_send_lone_leaves_the_item_and_the_next_lines_to_the_sender_thr
     assert not sender._turn.locked()
 
 
-def test_send_lone_hands_the_item_to_deliver_lone_without_a_plain_socket(peer: Peer) -> None:
-    """TLS (no descriptor the native module may write to), or no native module: deliver_lone's
-    Python path, with an item equal to the one the batch stands for."""
+@pytest.mark.parametrize("reply", [b"+PONG\r\n:1\r\n", b"+PONG\r\n-NOSCRIPT No matching script.\r\n"])
+def test_send_lone_over_tls_sends_the_same_bytes_through_the_connection(peer: Peer, reply: bytes) -> None:
+    """Without a descriptor the native module may write to (TLS), the connection's own round
+    trip sends what lone_exchange would; an error reply leaves the item to the sender thread."""
     sender = plain_sender(peer)
-    peer.conn.plain_fd = -1
+    peer.conn.plain_fd = -1  # as with TLS
+    item = Item("run:dh:output:0", "p", 5, 6, b'{"lines":["a","b"]}', 2, 4)
+    expected = usual_bytes(item)
+    t, got = answer_in_thread(peer, len(expected), reply)
+    sender.send_lone(item.key, "p", 5, 2, 4, item.payload)
+    t.join(5)
+    assert got == [expected]
+    delivered = reply.endswith(b":1\r\n")
+    assert sender.stats.records_shipped == (2 if delivered else 0)
+    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == ([] if delivered else [5])
+
+
+def test_send_lone_hands_the_item_to_deliver_lone_without_an_open_connection(peer: Peer) -> None:
+    sender = plain_sender(peer)
+    peer.conn.close()
     handed: list[Item] = []
     sender.deliver_lone = handed.append  # type: ignore[method-assign]
     sender.send_lone("run:dh:output:0", "p", 5, 2, 9, b"payload")
