@@ -677,6 +677,12 @@ class Bench:
         self.extra_args: list[str] = []  # for one measurement (redaction off, replica acks)
         self.extra_env: dict[str, str | None] = {}  # for one measurement (None: unset)
         self.replica_url: str | None = None
+        # A spool directory of the benchmark's own: the default one may hold what other
+        # sidecars of this machine left, which every start would scan (and import orjson for).
+        self.spool_dir = tempfile.mkdtemp(prefix="bench-spool-")
+
+    def close(self) -> None:
+        shutil.rmtree(self.spool_dir, ignore_errors=True)
 
     # -- helpers
 
@@ -705,6 +711,8 @@ class Bench:
             run_id,
             "--redis-url",
             self.url,
+            "--spool-dir",
+            self.spool_dir,
             *self.sidecar_args,
             *self.extra_args,
             "--",
@@ -1416,10 +1424,13 @@ def main(argv: list[str] | None = None) -> int:
         url = args.redis_url or server.url  # type: ignore[union-attr]
         log(f"redis: {public_url(url)}{' (throwaway)' if server else ''}; python: {PY}")
         bench = Bench(url, sizes, args.sidecar_arg, log)
-        bench.replica_url = replica.url if replica else None
-        bench.r.ping()
-        env = environment(bench.r, url, args.sidecar_arg)
-        bench.run_all(args.only)
+        try:
+            bench.replica_url = replica.url if replica else None
+            bench.r.ping()
+            env = environment(bench.r, url, args.sidecar_arg)
+            bench.run_all(args.only)
+        finally:
+            bench.close()
     except (RuntimeError, redis.RedisError) as exc:
         log(f"!!! cannot run the benchmark: {exc}")
         return 1
