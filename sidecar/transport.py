@@ -644,9 +644,15 @@ class Sender:
         shorter path, one append on a connection to one server (not a cluster), the queue's
         bookkeeping in one call each way. Otherwise, and when the round trip fails or a reply
         is an error, the sender thread is woken to deliver it as usual (what deliver_here
-        leaves to it)."""
+        leaves to it). Without a stream (pub/sub only), or with replicas to wait for, it is
+        deliver_here's to deliver or decline."""
         outbox = self.outbox
-        if (self._lone_publish >= 0 and self.stats.down_since is None and not self._stopping
+        if self._lone_publish < 0:
+            outbox.put(item, wake=False)
+            if not self.deliver_here():
+                outbox.notify()
+            return
+        if (self.stats.down_since is None and not self._stopping
                 and time.monotonic() >= self._direct_after and self._turn.acquire(blocking=False)):
             try:
                 target = self._target

@@ -228,15 +228,36 @@ def test_deliver_lone_queues_the_item_while_the_sender_thread_is_sending() -> No
     assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1]
 
 
-def test_deliver_lone_queues_the_item_for_replicas_without_a_stream_or_with_redis_down() -> None:
+def test_deliver_lone_queues_the_item_for_replicas_or_with_redis_down() -> None:
     conn = FakeConn()
     replicas = lone_sender(conn, min_replicas_ack=1)
-    no_stream = lone_sender(conn, transport="pubsub")
     down = lone_sender(conn)
     down.stats.down_since = 1.0
-    for sender in (replicas, no_stream, down):
+    for sender in (replicas, down):
         sender.deliver_lone(lone_line(1))
         assert len(sender.outbox) == 1
+        assert sender._target.calls == []  # type: ignore[union-attr]
+    assert conn.calls == []
+
+
+def test_deliver_lone_without_a_stream_publishes_from_the_calling_thread() -> None:
+    """Pub/sub only: no append for the short path to write; deliver_here's PUBLISH, from the
+    calling thread all the same."""
+    conn = FakeConn()
+    sender = lone_sender(conn, transport="pubsub")
+    sent: list[list[tuple[Any, ...]]] = []
+    target = sender._target
+    execute = target.execute  # type: ignore[union-attr]
+
+    def recording(cmds: list[tuple[Any, ...]], acks: int, timeout: float | None = None) -> list[int]:
+        sent.append(cmds)
+        return execute(cmds, acks, timeout)
+
+    target.execute = recording  # type: ignore[union-attr]
+    sender.deliver_lone(lone_line(1))
+    assert sender.outbox.empty() and sender.stats.records_shipped == 1
+    assert [c[0] for c in sent[0]] == ["PING", "PUBLISH"]
+    assert target.calls[0][1:] == (DIRECT_TIMEOUT_S, threading.get_ident())  # type: ignore[union-attr]
     assert conn.calls == []
 
 
