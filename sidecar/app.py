@@ -90,7 +90,6 @@ class Runtime:
         self.sender = Sender(s, self.outbox, self.batcher, on_degraded=self.degraded, on_recovered=self.recovered)
         self.redactor = redaction.from_settings(_secrets_env(s), s.redact_patterns, s.redact)
         self.batcher.deliver_here = self.sender.deliver_here
-        self.batcher.deliver_lone = self.sender.deliver_lone
         self.batcher.send_lone = self.sender.send_lone
         self.started_at = time.time()
         self.agent_pid: int | None = None

@@ -86,13 +86,9 @@ class Batcher:
         # Delivers what the outbox holds from the calling thread, or returns False (see
         # Sender.deliver_here): a lone line sealed by the reader then needs no other thread.
         self.deliver_here: Callable[[], bool] | None = None
-        # Takes a lone line's item, sealed and encoded by the reader with nothing else under
-        # way, and delivers it from the calling thread or queues it (see Sender.deliver_lone).
-        self.deliver_lone: Callable[[Item], None] | None = None
-        self._lines_json = getattr(_speedups, "lines_json", None)
         self._lone_payload = getattr(_speedups, "lone_payload", None)
-        # Ships a lone read's batch from the calling thread, or queues it (Sender.send_lone):
-        # (key, producer, first seq, records, raw bytes, payload)
+        # Ships a lone batch from the calling thread, or queues it (Sender.send_lone): (key,
+        # producer, first seq, records, raw bytes, payload)
         self.send_lone: Callable[[str, str, int, int, int, bytes], None] | None = None
         # Sections take the lock itself (a C-level context manager); the condition is for
         # wait and notify. Re-entrant: a section may call another that takes it.
@@ -150,9 +146,8 @@ class Batcher:
         usual path must take them: something is under way, or a record is not UTF-8 or may
         carry an event, the payload is to be compressed, per-line messages are wanted, or
         the native module is missing."""
-        encode = self._lone_payload
         send = self.send_lone
-        if encode is None or send is None or self.per_line_json:
+        if send is None:
             return False
         with self.lock:
             if self._encoding or self._compressing or self._sealed or self._closing or not self.outbox.idle():
@@ -162,9 +157,7 @@ class Batcher:
                     return False
             ch = self.channels[stream]
             first = ch.next_seq
-            splice = protocol.SPLICE_NONE if not ch.structured else \
-                protocol.SPLICE_PLAIN if self.on_object is not None else protocol.SPLICE_ALL
-            got = encode(data, ch.header_json, first, round(ts * 1_000_000), splice, self.max_records, self.threshold)
+            got = self._lone_encode(ch, first, data, ts)
             if got is None:
                 return False
             payload, n = got
@@ -200,13 +193,16 @@ class Batcher:
                 self.cond.notify_all()
         if not work:
             return
-        lone = self.deliver_lone
-        if lone is not None and len(work) == 1:
-            item = self._lone(*work[0])
-            if item is not None:
+        send = self.send_lone
+        if send is not None and len(work) == 1:
+            ch, first, batch = work[0]
+            data, _count, partial = batch.segments[0]
+            got = None if len(batch.segments) != 1 or partial or len(batch.ts) != 1 else \
+                self._lone_encode(ch, first, data, batch.ts[0][1])
+            if got is not None:
                 with self.lock:
-                    self._sealed_bytes -= item.raw_bytes
-                lone(item)
+                    self._sealed_bytes -= batch.nbytes
+                send(ch.key, self.producer, first, got[1], batch.nbytes, got[0])
                 return
         direct = self.deliver_here
         self._ship(work, wake=direct is None)
@@ -324,27 +320,18 @@ class Batcher:
                 if waiting:
                     self.cond.notify_all()  # the reader may be waiting for room
 
-    def _lone(self, ch: Channel, first: int, batch: protocol.Lines) -> Item | None:
-        """A lone batch's item, encoded with one native call: the bytes _ship queues for it.
-        None when _ship must take it: more than one run of lines, a partial line, bytes that
-        are not UTF-8, a JSON object that may carry an event, a payload to compress,
-        per-line messages, no native module."""
-        lines_json = self._lines_json
-        if lines_json is None or len(batch.segments) != 1 or self.per_line_json or batch.n > self.max_records:
-            return None
-        data, _count, partial = batch.segments[0]
-        if partial or len(batch.ts) != 1:
+    def _lone_encode(self, ch: Channel, first: int, data: bytes, ts: float) -> tuple[bytes, int] | None:
+        """The batch message of one run of whole lines captured at ``ts``, with one native call
+        (the bytes _ship queues for it), and its record count. None when _ship must take it:
+        a record that is not UTF-8 or may carry an event, a payload to compress, per-line
+        messages, no native module."""
+        encode = self._lone_payload
+        if encode is None or self.per_line_json:
             return None
         splice = protocol.SPLICE_NONE if not ch.structured else \
             protocol.SPLICE_PLAIN if self.on_object is not None else protocol.SPLICE_ALL
-        got = lines_json(data, False, 0, splice)
-        if got is None or got[3] is None:
-            return None
-        array, n, _cands, spliced = got
-        payload = protocol.lone_message(ch.header_json, first, n, array, batch.ts[0][1], spliced)
-        if 0 <= self.threshold < len(payload):
-            return None
-        return Item(ch.key, self.producer, first, first + n - 1, payload, n, batch.nbytes)
+        return encode(data, ch.header_json, first, round(ts * 1_000_000), splice,  # type: ignore[no-any-return]
+                      self.max_records, self.threshold)
 
     def _compress_run(self) -> None:
         while True:

@@ -268,34 +268,6 @@ class Outbox:
             self._inflight = i
         return out
 
-    def put_taken(self, item: Item) -> bool:
-        """``put`` then ``take`` of ``item`` alone, when nothing else waits or is in flight
-        and it stays in memory (not durable, within the buffer): ``ack(1)`` or
-        ``release_inflight`` follow. False, with nothing changed, otherwise."""
-        with self.lock:
-            if self._q or self._durable or self._final or item.size > self.mem_max:
-                return False
-            self._q.append(item)
-            self.mem_bytes += item.size
-            self.waiting_records += item.records
-            self.waiting_bytes += item.raw_bytes
-            self._inflight = 1
-            return True
-
-    def ack_taken(self, item: Item) -> None:
-        """``ack(1)`` after ``put_taken(item)``."""
-        with self.lock:
-            if self._final or not self._q or self._q[0] is not item:
-                self.ack(1)  # not as put_taken left it: the usual way
-                return
-            self._q.popleft()
-            self.mem_bytes -= item.size
-            self.waiting_records -= item.records
-            self.waiting_bytes -= item.raw_bytes
-            self._inflight -= 1
-            if self._room_waiters:
-                self.room.notify_all()
-
     def _unreadable(self, ref: DiskRef, exc: BaseException) -> None:
         """One error per segment file for its frames that cannot be read back (a spool deleted
         or truncated under the sidecar would otherwise give one line per frame)."""

@@ -286,14 +286,6 @@ def batch_message(header_json: bytes, seq: int, n: int, array: bytes, ts: list[t
     return b"".join(parts)
 
 
-def lone_message(header_json: bytes, seq: int, n: int, array: bytes, t: float, spliced: bytes) -> bytes:
-    """batch_message for one run of whole lines captured at ``t``, from ``lines_json``'s
-    output (the array without its brackets, the spliced objects without theirs): one format
-    instead of a list joined (a lone line takes this path)."""
-    return b'%b,"seq":%d,"n":%d,"lines":[%b],"ts":[[0,%b]]%b}' % (
-        header_json, seq, n, array, ts_json(t), b',"json":[%b]' % spliced if spliced else b"")
-
-
 def encode_batch(
     header: dict[str, Any],
     seq: int,

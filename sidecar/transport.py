@@ -22,7 +22,7 @@ from .batcher import Batcher
 from .config import Settings, mask_url, split_hosts
 from .items import Item
 from .outbox import Outbox
-from .resp import Connection, Endpoint, ReplyError, client_name, pack_many, pack_py, parse_url
+from .resp import Connection, Endpoint, ReplyError, client_name, pack_py, parse_url
 from .topology import ClusterTarget, SentinelTarget, Target, has_hash_tag, parse_sentinel_url
 
 TYPE_CHECKING = False
@@ -438,11 +438,10 @@ class Sender:
         self.settings = settings
         # What _send asks of the settings for every item, computed once (properties).
         self._ttl, self._use_stream, self._use_pubsub = settings.ttl_s, settings.use_stream, settings.use_pubsub
-        # deliver_lone's publish mode for the append script; -1: that path is not taken (no
+        # send_lone's publish mode for the append script; -1: that path is not taken (no
         # stream, or each batch waits for replicas)
         self._lone_publish = -1 if settings.min_replicas_ack or not self._use_stream else \
             (2 if settings.pubsub == "sharded" else 1) if self._use_pubsub else 0
-        self._idem_keys: dict[str, str] = {}  # stream key -> its idempotency key off a cluster
         # stream key -> (producer, the PING and the append before its seqs, after its payload)
         self._lone_cmds: dict[str, tuple[str, bytes, bytes]] = {}
         self.outbox = outbox
@@ -568,9 +567,10 @@ class Sender:
         (Batcher.lone_read), written to Redis from the calling thread where deliver_here would
         deliver it: the PING and the append go out and their replies are read by one native
         call (_speedups.lone_exchange) on a connection without TLS, by the connection's own
-        round trip with TLS. Otherwise it is handed to deliver_lone as an item. A failed round
-        trip or an error reply leaves the item to the sender thread, and this path to it for
-        DIRECT_PAUSE_S, as in deliver_here."""
+        round trip with TLS. Otherwise (no stream, replicas to wait for, no open connection,
+        something queued) it is queued as an item for deliver_here to deliver or decline. A
+        failed round trip or an error reply leaves the item to the sender thread, and this
+        path to it for DIRECT_PAUSE_S, as in deliver_here."""
         if (self._lone_publish >= 0 and self.stats.down_since is None and not self._stopping
                 and time.monotonic() >= self._direct_after and self._turn.acquire(blocking=False)):
             conn = None
@@ -613,7 +613,9 @@ class Sender:
                 log.error("unexpected error in a direct delivery; the sender thread takes over", error=repr(exc))
             finally:
                 self._turn.release()
-        self.deliver_lone(Item(key, producer, first, first + n - 1, payload, n, nbytes))
+        self.outbox.put(Item(key, producer, first, first + n - 1, payload, n, nbytes), wake=False)
+        if not self.deliver_here():
+            self.outbox.notify()
 
     def _lone_command(self, key: str, producer: str) -> tuple[str, bytes, bytes]:
         """What _send packs for one batch of ``key`` behind its PING, around the sequence
@@ -637,62 +639,6 @@ class Sender:
             log.debug("direct delivery failed; the sender thread takes over", error=repr(exc))
             return 1
         return 1 if any(type(r) is ReplyError for r in replies) else 0
-
-    def deliver_lone(self, item: Item) -> None:
-        """Queue ``item``, a lone line's batch that the pipe reader sealed while nothing else
-        was under way, and deliver it from the calling thread where deliver_here would: on a
-        shorter path, one append on a connection to one server (not a cluster), the queue's
-        bookkeeping in one call each way. Otherwise, and when the round trip fails or a reply
-        is an error, the sender thread is woken to deliver it as usual (what deliver_here
-        leaves to it). Without a stream (pub/sub only), or with replicas to wait for, it is
-        deliver_here's to deliver or decline."""
-        outbox = self.outbox
-        if self._lone_publish < 0:
-            outbox.put(item, wake=False)
-            if not self.deliver_here():
-                outbox.notify()
-            return
-        if (self.stats.down_since is None and not self._stopping
-                and time.monotonic() >= self._direct_after and self._turn.acquire(blocking=False)):
-            try:
-                target = self._target
-                conn = target.conn if target is not None else None
-                # Target.ready(), inline; the other targets' own
-                if (conn is not None and not self._cluster_seen and type(target) is not ClusterTarget
-                        and (conn._sock is not None if type(target) is Target else target.ready())  # type: ignore[union-attr]
-                        and outbox.put_taken(item)):
-                    key = item.key
-                    idem = self._idem_keys.get(key)
-                    if idem is None:
-                        idem = self._idem_keys[key] = idem_key(key)
-                    try:
-                        replies = conn.exchange(pack_many([
-                            ("PING",),
-                            ("EVALSHA", APPEND_SHA, 2, key, idem, item.producer, item.first, item.last, item.payload,
-                             self.settings.max_stream_len, self._lone_publish, self._ttl, 0, 0)]), 2, DIRECT_TIMEOUT_S)
-                        failed = type(replies[0]) is ReplyError or type(replies[1]) is ReplyError
-                    except RETRYABLE as exc:
-                        log.debug("direct delivery failed; the sender thread takes over", error=repr(exc))
-                        failed = True
-                    except Exception as exc:  # a bug must not stop the pipe reader
-                        log.error("unexpected error in a direct delivery; the sender thread takes over",
-                                  error=repr(exc))
-                        failed = True
-                    if failed:  # the sender thread sends it again, and reports what it finds
-                        self._direct_failed()
-                        outbox.notify()
-                        return
-                    stats = self.stats  # _delivered, inline: Redis was not down
-                    stats.connected = True
-                    stats.last_ok = time.time()
-                    stats.items_shipped += 1
-                    stats.records_shipped += item.records
-                    stats.bytes_shipped += item.raw_bytes
-                    outbox.ack_taken(item)
-                    return
-            finally:
-                self._turn.release()
-        outbox.put(item)
 
     def _direct_failed(self) -> None:
         """What deliver_here took goes back to the outbox; the sender thread delivers for a while."""

@@ -1,4 +1,4 @@
-"""A lone line on a quiet pipe, delivered by the pipe reader itself (Sender.deliver_lone),
+"""A lone line on a quiet pipe, delivered by the pipe reader itself (Sender.send_lone),
 against a real redis-server: every line arrives once, in order, byte for byte, also when the
 server forgets the sidecar's scripts or drops its connection between two lines."""
 
@@ -88,7 +88,7 @@ def test_a_lone_line_goes_the_usual_way_when_the_reader_cannot_deliver_it(
     """A round trip that fails on the reader's side (here: every native exchange reports a
     timeout) leaves each line to the sender thread, which connects again and delivers it."""
     if _native.speedups is None:
-        pytest.skip("the native module is not built: the reader's round trip is deliver_lone's")
+        pytest.skip("the native module is not built: the reader offers no lone batch")
     monkeypatch.setattr(transport, "DIRECT_PAUSE_S", 0.0)  # each line tries the short path
     rt, reader, direct = runtime(redis_server.url, "lone2")
     failed: list[bytes] = []

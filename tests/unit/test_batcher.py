@@ -584,9 +584,17 @@ def test_without_per_line_json_no_pubs(make: Make) -> None:
     assert queued(ob)[0].pubs is None
 
 
-# -- a lone line's shorter path (deliver_lone) ---------------------------------------------
+# -- a lone line's shorter path (send_lone) ------------------------------------------------
 
 NATIVE = _native.speedups is not None  # the short path encodes with the native module, or is not taken
+
+
+def shipping_into(shipped: list[Item]) -> Callable[[str, str, int, int, int, bytes], None]:
+    """A send_lone that records each batch as the item the usual path would queue."""
+    def send_lone(key: str, producer: str, first: int, n: int, nbytes: int, payload: bytes) -> None:
+        shipped.append(Item(key, producer, first, first + n - 1, payload, n, nbytes))
+
+    return send_lone
 
 LONE_CASES = {
     "one line": [b"token 7 of the answer\n"],
@@ -609,9 +617,9 @@ def test_a_lone_batch_is_shipped_byte_for_byte_as_the_usual_path_queues_it(
         make: Make, case: str, stream: str, events_wanted: bool, entry: str) -> None:
     """The same reads through a batcher with the short paths and through one without: the
     same items (key, sequence numbers, payload bytes, counts), and the same objects reported
-    for events. The reads are handed to on_quiet's (add, then on_quiet: deliver_lone takes
-    the item), or to lone_read (the pipe reader's: send_lone takes the batch) with add and
-    on_quiet where it declines. Whatever a short path cannot encode as the usual path would
+    for events. The reads are handed to on_quiet (add, then on_quiet, which hands a lone
+    batch to send_lone), or to lone_read (the pipe reader's: send_lone takes the batch) with
+    add and on_quiet where it declines. Whatever a short path cannot encode as the usual path would
     goes the usual way."""
     results = []
     for lone in (True, False):
@@ -621,13 +629,7 @@ def test_a_lone_batch_is_shipped_byte_for_byte_as_the_usual_path_queues_it(
             b.on_object = objects.append
         shipped: list[Item] = []  # what a short path shipped
         if lone:
-            b.deliver_lone = shipped.append
-
-            def send_lone(key: str, producer: str, first: int, n: int, nbytes: int, payload: bytes,
-                          shipped: list[Item] = shipped) -> None:
-                shipped.append(Item(key, producer, first, first + n - 1, payload, n, nbytes))
-
-            b.send_lone = send_lone
+            b.send_lone = shipping_into(shipped)
         items: list[Item] = []
         for i in range(3):  # three lone batches: the sequence numbers go on
             before = len(shipped)
@@ -654,11 +656,11 @@ def test_a_lone_batch_is_shipped_byte_for_byte_as_the_usual_path_queues_it(
 
 def test_the_short_path_is_taken_for_plain_lines_and_json_objects(make: Make) -> None:
     """Not a path that only ever falls back: plain lines, and JSON objects that carry no
-    event, go to deliver_lone, encoded there."""
+    event, go to send_lone, encoded there."""
     b, ob = make(start=False)
     b.on_object = lambda _obj: None
     delivered: list[Item] = []
-    b.deliver_lone = delivered.append
+    b.send_lone = shipping_into(delivered)
     for data in (b"plain\n", b'{"type":"assistant"}\n', b"a\nb\n"):
         b.add(Output(STDOUT, 1700000000.5, [(data, data.count(b"\n"), False)], data.count(b"\n"), len(data)))
         b.on_quiet(True)
@@ -676,7 +678,7 @@ def test_a_lone_line_waits_for_a_batch_still_in_the_outbox(make: Make) -> None:
     """The short path is only for a batch with nothing under way before it."""
     b, ob = make(start=False)
     delivered: list[Item] = []
-    b.deliver_lone = delivered.append
+    b.send_lone = shipping_into(delivered)
     ob.put(Item("other", PRODUCER, 1, 1, b"busy"))
     b.add(out([b"x"]))
     b.on_quiet(True)
@@ -689,11 +691,11 @@ def test_lone_read_declines_while_anything_is_open_or_under_way(make: Make) -> N
     b.send_lone = lambda *args: sent.append(args)
     b.add(out([b"open on stderr"], stream=STDERR))
     assert not b.lone_read(STDOUT, b"x\n", 1.0)  # a batch is open
-    b.on_quiet(True)
-    assert len(ob) == 1  # the open batch went out the usual way, and waits in the outbox
-    assert not b.lone_read(STDOUT, b"x\n", 1.0)
+    b.on_quiet(True)  # it goes out: to send_lone, or the usual way to the outbox
+    ob.put(Item("other", PRODUCER, 1, 1, b"busy"))
+    assert not b.lone_read(STDOUT, b"x\n", 1.0)  # something waits for Redis
     queued(ob)
     assert b.lone_read(STDOUT, b"x\n", 1.0) is NATIVE
-    assert [(a[0], a[2], a[3]) for a in sent] == ([(OUT_KEY, 1, 1)] if NATIVE else [])
+    assert [(a[0], a[2], a[3]) for a in sent] == ([(LOG_KEY, 1, 1), (OUT_KEY, 1, 1)] if NATIVE else [])
     b.per_line_json = True
     assert not b.lone_read(STDOUT, b"y\n", 2.0)

@@ -161,9 +161,13 @@ def test_a_replayed_status_names_its_variation_hash_as_its_own_key_was_named() -
     assert status_key_tagged(custom.replace(cluster_hash_tag=True), "agent:worker-7:status", msg) is True
 
 
-# -- deliver_lone: the same, for an item the reader has not queued yet -----------------------
+# -- send_lone: the same, for a batch the reader has not queued yet (here the connection's own
+#    round trip, as with TLS; the native one is tested below) --------------------------------
 
 class FakeConn:
+    plain_fd = -1  # no socket for the native module: the connection's own round trip
+    connected = True
+
     def __init__(self, replies: list[Any] | None = None, fail: bool = False) -> None:
         self.replies = [b"PONG", 1] if replies is None else replies
         self.fail = fail
@@ -182,14 +186,18 @@ def lone_sender(conn: FakeConn, **settings: Any) -> Sender:
     return sender_with(target, **settings)
 
 
-def test_deliver_lone_sends_the_append_from_the_calling_thread() -> None:
+def send(sender: Sender, item: Item) -> None:
+    sender.send_lone(item.key, item.producer, item.first, item.records, item.raw_bytes, item.payload)
+
+
+def test_send_lone_sends_the_append_from_the_calling_thread() -> None:
     from sidecar.resp import pack_py
     from sidecar.transport import APPEND_SHA
 
     conn = FakeConn()
     sender = lone_sender(conn)
     item = lone_line(7)
-    sender.deliver_lone(item)
+    send(sender, item)
     s = sender.settings
     expected = pack_py(("PING",)) + pack_py(("EVALSHA", APPEND_SHA, 2, item.key, item.key + ":idem", "p", 7, 7,
                                              item.payload, s.max_stream_len, 1, s.ttl_s, 0, 0))
@@ -198,8 +206,8 @@ def test_deliver_lone_sends_the_append_from_the_calling_thread() -> None:
     assert (sender.stats.records_shipped, sender.stats.bytes_shipped, sender.stats.items_shipped) == (1, 6, 1)
 
 
-def test_deliver_lone_sends_what_the_usual_path_sends() -> None:
-    """The append of deliver_lone is the command _send builds for the same item, behind the
+def test_send_lone_sends_what_the_usual_path_sends() -> None:
+    """The append of send_lone is the command _send builds for the same item, behind the
     same PING, for each publishing mode."""
     from sidecar.resp import pack_many
 
@@ -214,33 +222,33 @@ def test_deliver_lone_sends_what_the_usual_path_sends() -> None:
         conn = FakeConn()
         sender = lone_sender(conn, **settings)
         usual = sender_with(Recording(), **settings)
-        sender.deliver_lone(lone_line(3))
+        send(sender, lone_line(3))
         usual._send([lone_line(3)])
         assert conn.calls[0][0] == pack_many(sent.pop()), settings
 
 
-def test_deliver_lone_queues_the_item_while_the_sender_thread_is_sending() -> None:
+def test_send_lone_queues_the_item_while_the_sender_thread_is_sending() -> None:
     conn = FakeConn()
     sender = lone_sender(conn)
     with sender._turn:
-        sender.deliver_lone(lone_line(1))
+        send(sender, lone_line(1))
     assert conn.calls == []
     assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1]
 
 
-def test_deliver_lone_queues_the_item_for_replicas_or_with_redis_down() -> None:
+def test_send_lone_queues_the_item_for_replicas_or_with_redis_down() -> None:
     conn = FakeConn()
     replicas = lone_sender(conn, min_replicas_ack=1)
     down = lone_sender(conn)
     down.stats.down_since = 1.0
     for sender in (replicas, down):
-        sender.deliver_lone(lone_line(1))
+        send(sender, lone_line(1))
         assert len(sender.outbox) == 1
         assert sender._target.calls == []  # type: ignore[union-attr]
     assert conn.calls == []
 
 
-def test_deliver_lone_without_a_stream_publishes_from_the_calling_thread() -> None:
+def test_send_lone_without_a_stream_publishes_from_the_calling_thread() -> None:
     """Pub/sub only: no append for the short path to write; deliver_here's PUBLISH, from the
     calling thread all the same."""
     conn = FakeConn()
@@ -254,20 +262,23 @@ def test_deliver_lone_without_a_stream_publishes_from_the_calling_thread() -> No
         return execute(cmds, acks, timeout)
 
     target.execute = recording  # type: ignore[union-attr]
-    sender.deliver_lone(lone_line(1))
+    send(sender, lone_line(1))
     assert sender.outbox.empty() and sender.stats.records_shipped == 1
     assert [c[0] for c in sent[0]] == ["PING", "PUBLISH"]
     assert target.calls[0][1:] == (DIRECT_TIMEOUT_S, threading.get_ident())  # type: ignore[union-attr]
     assert conn.calls == []
 
 
-def test_deliver_lone_behind_queued_items_queues_the_item_after_them() -> None:
+def test_send_lone_behind_queued_items_goes_after_them() -> None:
+    """Not the short path: the batch is queued behind them, and deliver_here delivers all in
+    order, from the calling thread."""
     conn = FakeConn()
     sender = lone_sender(conn)
     sender.outbox.put(lone_line(1), wake=False)
-    sender.deliver_lone(lone_line(2))
+    send(sender, lone_line(2))
     assert conn.calls == []
-    assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1, 2]
+    assert sender._target.calls == [(3, DIRECT_TIMEOUT_S, threading.get_ident())]  # type: ignore[union-attr]
+    assert sender.outbox.empty() and sender.stats.records_shipped == 2
 
 
 @pytest.mark.parametrize("conn", [FakeConn(fail=True), FakeConn([b"PONG", ReplyError("NOSCRIPT No matching script")]),
@@ -275,16 +286,17 @@ def test_deliver_lone_behind_queued_items_queues_the_item_after_them() -> None:
                          ids=["connection lost", "error reply", "error reply to the PING"])
 def test_a_failed_lone_delivery_leaves_the_item_and_the_next_lines_to_the_sender_thread(conn: FakeConn) -> None:
     sender = lone_sender(conn)
-    sender.deliver_lone(lone_line(1))
+    send(sender, lone_line(1))
     assert len(conn.calls) == 1
     assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1]  # queued, not in flight
     sender.outbox.release_inflight()
     assert sender.stats.records_shipped == 0
     conn.fail, conn.replies = False, [b"PONG", 1]
-    sender.deliver_lone(lone_line(2))  # paused after the failure
+    send(sender, lone_line(2))  # paused after the failure
     assert len(conn.calls) == 1
     assert [it.first for it in sender.outbox.take(10, 1 << 20)] == [1, 2]
     assert not sender._turn.locked()
+    assert sender._target.calls == []  # type: ignore[union-attr]  # nor deliver_here, paused
 
 
 # -- send_lone: the append written and its replies read by the native module -----------------
@@ -422,13 +434,13 @@ def test_send_lone_over_tls_sends_the_same_bytes_through_the_connection(peer: Pe
     assert [it.first for it in sender.outbox.take(10, 1 << 20)] == ([] if delivered else [5])
 
 
-def test_send_lone_hands_the_item_to_deliver_lone_without_an_open_connection(peer: Peer) -> None:
+def test_send_lone_queues_the_item_without_an_open_connection(peer: Peer) -> None:
+    """The first line of a run: no connection yet, deliver_here declines too; the sender
+    thread (woken) opens one and delivers the item, equal to the one the batch stands for."""
     sender = plain_sender(peer)
     peer.conn.close()
-    handed: list[Item] = []
-    sender.deliver_lone = handed.append  # type: ignore[method-assign]
     sender.send_lone("run:dh:output:0", "p", 5, 2, 9, b"payload")
-    assert handed == [Item("run:dh:output:0", "p", 5, 6, b"payload", 2, 9)]
+    assert sender.outbox.take(10, 1 << 20) == [Item("run:dh:output:0", "p", 5, 6, b"payload", 2, 9)]
 
 
 def test_the_sender_thread_survives_a_bug_and_cleans_up_under_its_turn() -> None:
